@@ -1,0 +1,1 @@
+"""Local emulators of the external services the bot talks to (Discord, Segmind)."""

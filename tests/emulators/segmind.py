@@ -1,0 +1,807 @@
+"""A Segmind API emulator (v1 sync, v2 submit + poll, credits) on 127.0.0.1 for tests.
+
+It behaves like the documented API (see ``/work/shared/reference/segmind-api.md``): ``x-api-key``
+auth, strict body validation per the model's page, real input downloads (decoded with Pillow) and
+real output images (Pillow, deterministic for inputs + seed), and injectable faults.
+
+Routes::
+
+    POST /v1/{model}                      generate, answer the image bytes (other methods: 405 HTML)
+    POST /v2/{model}                      queue a job: {request_id, status, status_url, response_url}
+    GET  /v2/requests/{request_id}/status {status: QUEUED|PROCESSING|COMPLETED|FAILED[, error]}
+    GET  /v2/requests/{request_id}        {status, output: <image url>, metrics}
+    GET  /v1/get-user-credits             {credits, free-credits}
+    GET  /_emu/files/{name}               outputs of v2 jobs and images given to host_image()
+
+Faults (``fail_next``, ``hang_next``, ``reset_next``, ``garbage_next``, ``oversize_next``) are
+queued and consumed, first in first out, by the generation POSTs (``/v1/{model}`` and
+``/v2/{model}``). On v2, a status/hang/reset fault hits the submit; garbage/oversize replace the
+job's output image. ``fail_v2_next`` makes the next v2 job end FAILED.
+
+Bookkeeping: ``calls`` holds one :class:`CallRecord` per generation POST. A call is *charged*
+when the emulator generated (billed) an image for it: a v1 200 (also garbage/oversize answers,
+since the API answered 200), a v1 request whose connection was dropped by ``reset_next`` after
+the body was read (the generation ran; the client just never saw it), and a v2 job that reached
+COMPLETED. Times are ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from PIL import Image, ImageOps
+
+ASPECT_RATIOS: tuple[str, ...] = (
+    "match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2",
+    "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2",
+)
+OUTPUT_FORMATS = ("jpg", "png")
+BODY_KEYS = frozenset(
+    {"prompt", "input_image_1", "input_image_2", "aspect_ratio", "output_format",
+     "safety_tolerance", "seed"}
+)
+SEED_MAX = 4_294_967_295
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+
+DEFAULT_ERRORS: dict[int, str] = {
+    400: "Bad Request: invalid parameters",
+    401: "Unauthorized: invalid or missing API key",
+    403: "Forbidden: insufficient permissions",
+    404: "Model not found",
+    405: "Method Not Allowed",
+    406: "Insufficient credits. Please add credits to continue.",
+    422: "Unprocessable Entity: validation failed",
+    429: "Rate limit exceeded. Please try again later.",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+_CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+
+
+@dataclass
+class CallRecord:
+    """One generation POST the emulator received."""
+
+    time: float
+    method: str
+    path: str
+    api: str
+    payload: Any = None
+    status: int | None = None
+    charged: bool = False
+    request_id: str | None = None
+    fault: str | None = None
+    finished: float | None = None
+
+
+@dataclass
+class _Fault:
+    kind: str  # status | hang | reset | garbage | oversize
+    times: int
+    status: int = 0
+    error: str = ""
+    headers: dict[str, str] | None = None
+    garbage: str = ""
+    target_bytes: int = 0
+
+
+@dataclass
+class _Job:
+    request_id: str
+    payload: dict[str, Any]
+    record: CallRecord
+    created: float
+    state: str = "QUEUED"
+    error: str | None = None
+    fail_http_status: int = 422
+    output_name: str | None = None
+    output_fault: _Fault | None = None
+    fail_with: str | None = None
+    fail_status: int = 422
+    started: float | None = None
+    done_at: float | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class SegmindEmulator:
+    """An in-process Segmind API. Use ``async with SegmindEmulator(api_key=...) as emu``."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "test-segmind-key",
+        models: tuple[str, ...] = ("multi-image-kontext-max", "multi-image-kontext-pro"),
+        latency: float = 0.0,
+        credits: float = 1000.0,
+        cost: float = 0.1,
+        result_ttl_s: float = 3600.0,
+        output_long_side: int = 256,
+    ) -> None:
+        self.api_key = api_key
+        self.models = set(models)
+        self.latency = latency
+        self.credits = credits
+        self.cost = cost
+        self.result_ttl_s = result_ttl_s
+        self.output_long_side = output_long_side
+
+        self.calls: list[CallRecord] = []
+        self.requests_log: list[tuple[float, str, str, int | None]] = []
+        self.in_flight = 0
+        self.peak_concurrency = 0
+        self.started_times: list[float] = []
+
+        self._faults: list[_Fault] = []
+        self._v2_failures: list[tuple[str, int]] = []
+        self._jobs: dict[str, _Job] = {}
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self._oversize_cache: dict[tuple[int, str], bytes] = {}
+        self._runner: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._stopping = asyncio.Event()
+        self.port: int | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>`` (after :meth:`start`)."""
+        if self.port is None:
+            raise RuntimeError("SegmindEmulator is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> SegmindEmulator:
+        """Listen on a random loopback port."""
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_get("/v1/get-user-credits", self._credits)
+        app.router.add_post("/v1/{model}", self._v1_generate)
+        app.router.add_route("*", "/v1/{model}", self._method_not_allowed)
+        app.router.add_get("/v2/requests/{rid}/status", self._v2_status)
+        app.router.add_get("/v2/requests/{rid}", self._v2_response)
+        app.router.add_post("/v2/{model}", self._v2_submit)
+        app.router.add_route("*", "/v2/{model}", self._method_not_allowed)
+        app.router.add_get("/_emu/files/{name}", self._file)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        return self
+
+    async def stop(self) -> None:
+        """Release hung requests, cancel running jobs, close everything."""
+        self._stopping.set()
+        for job in self._jobs.values():
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> SegmindEmulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- fault control ---------------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        status: int,
+        *,
+        times: int = 1,
+        error: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """The next ``times`` generation POSTs answer ``status`` with ``{"error": error}``.
+
+        A 429 without explicit headers carries ``x-rate-limit-reset-at-utc`` one second ahead.
+        A 405 answers an HTML page, like the real API.
+        """
+        self._faults.append(_Fault("status", times, status=status,
+                                   error=error or DEFAULT_ERRORS.get(status, f"HTTP {status}"),
+                                   headers=headers))
+
+    def hang_next(self, times: int = 1) -> None:
+        """The next ``times`` generation POSTs are read and never answered (until stop)."""
+        self._faults.append(_Fault("hang", times))
+
+    def reset_next(self, times: int = 1) -> None:
+        """The next ``times`` generation POSTs: body read, generation billed, connection dropped."""
+        self._faults.append(_Fault("reset", times))
+
+    def garbage_next(self, kind: str = "html", *, times: int = 1) -> None:
+        """The next ``times`` generations answer 200 with a body that is not the asked image.
+
+        ``kind``: ``html``, ``json``, ``truncated`` (first half of a real image), ``empty``,
+        ``wrong_format`` (a GIF labelled as the asked format), ``swapped_format`` (a valid image
+        of the *other* format, e.g. PNG when JPEG was asked: a tolerant client accepts it).
+        """
+        kinds = {"html", "json", "truncated", "empty", "wrong_format", "swapped_format"}
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {sorted(kinds)}")
+        self._faults.append(_Fault("garbage", times, garbage=kind))
+
+    def oversize_next(self, target_bytes: int, *, times: int = 1) -> None:
+        """The next ``times`` generations answer a valid (noisy) image of ≥ ``target_bytes``."""
+        self._faults.append(_Fault("oversize", times, target_bytes=int(target_bytes)))
+
+    def fail_v2_next(self, error: str = "Generation failed", *, http_status: int = 422) -> None:
+        """The next v2 job ends FAILED with ``error`` (its status answered with ``http_status``)."""
+        self._v2_failures.append((error, http_status))
+
+    def clear_faults(self) -> None:
+        """Forget every queued fault."""
+        self._faults.clear()
+        self._v2_failures.clear()
+
+    def _take_fault(self) -> _Fault | None:
+        if not self._faults:
+            return None
+        fault = self._faults[0]
+        fault.times -= 1
+        if fault.times <= 0:
+            self._faults.pop(0)
+        return fault
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    @property
+    def charged_count(self) -> int:
+        """How many generation calls were billed."""
+        return sum(1 for c in self.calls if c.charged)
+
+    async def wait_calls(self, n: int, timeout: float = 5.0) -> list[CallRecord]:
+        """Wait until at least ``n`` generation calls arrived (``TimeoutError`` otherwise)."""
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < n:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"expected {n} calls, got {len(self.calls)}")
+            await asyncio.sleep(0.01)
+        return list(self.calls)
+
+    def reset_stats(self) -> None:
+        """Forget calls, logs and peaks (jobs and files stay)."""
+        self.calls.clear()
+        self.requests_log.clear()
+        self.started_times.clear()
+        self.peak_concurrency = self.in_flight
+
+    def host_image(self, data: bytes, name: str | None = None) -> str:
+        """Serve ``data`` at a URL on this emulator (inputs for tests without Discord)."""
+        name = name or f"{uuid.uuid4().hex}.{_sniff(data) or 'bin'}"
+        ctype = _CONTENT_TYPES.get(_sniff(data) or "", "application/octet-stream")
+        self._files[name] = (data, ctype)
+        return f"{self.base_url}/_emu/files/{name}"
+
+    def job_state(self, request_id: str) -> str | None:
+        """The state of a v2 job (None when unknown)."""
+        job = self._jobs.get(request_id)
+        return job.state if job else None
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.peak_concurrency = max(self.peak_concurrency, self.in_flight)
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+
+    def _record(self, request: web.Request, api: str) -> CallRecord:
+        now = time.monotonic()
+        record = CallRecord(time=now, method=request.method, path=request.path, api=api)
+        self.calls.append(record)
+        self.started_times.append(now)
+        return record
+
+    def _log(self, request: web.Request, status: int | None) -> None:
+        self.requests_log.append((time.monotonic(), request.method, request.path, status))
+
+    @staticmethod
+    def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response({"error": message}, status=status, headers=headers)
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        key = request.headers.get("x-api-key")
+        if key is None and request.headers.get("Authorization", "").lower().startswith("bearer"):
+            return self._error(401, "Unauthorized: use the x-api-key header (bearer not supported)")
+        if not key or key != self.api_key:
+            return self._error(401, DEFAULT_ERRORS[401])
+        return None
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True when the emulator is stopping."""
+        if seconds <= 0:
+            return self._stopping.is_set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    def _success_headers(self, rid: str, seed: int, elapsed: float) -> dict[str, str]:
+        return {
+            "x-request-id": rid,
+            "x-remaining-credits": f"{self.credits:.4f}",
+            "x-cost": f"{self.cost:g}",
+            "x-seed-value": str(seed),
+            "x-generation-time": f"{elapsed:.3f}",
+        }
+
+    def _charge(self, record: CallRecord) -> None:
+        record.charged = True
+        self.credits = round(self.credits - self.cost, 6)
+
+    @staticmethod
+    def _validate(payload: Any) -> str | None:
+        """The error message for a body that breaks the model's schema, else None."""
+        if not isinstance(payload, dict):
+            return "Request body must be a JSON object"
+        unknown = sorted(set(payload) - BODY_KEYS)
+        if unknown:
+            return f"Unknown parameter(s): {', '.join(unknown)}"
+        for key in ("prompt", "input_image_1", "input_image_2"):
+            if key not in payload:
+                return f"{key} is required"
+            if not isinstance(payload[key], str):
+                return f"{key} must be a string"
+        if not payload["prompt"].strip():
+            return "prompt must not be empty"
+        for key in ("input_image_1", "input_image_2"):
+            if not payload[key].startswith(("http://", "https://")):
+                return f"{key} must be an http(s) URI"
+        if "aspect_ratio" in payload and payload["aspect_ratio"] not in ASPECT_RATIOS:
+            return f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}"
+        if "output_format" in payload and payload["output_format"] not in OUTPUT_FORMATS:
+            return "output_format must be one of jpg, png"
+        if "safety_tolerance" in payload:
+            value = payload["safety_tolerance"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2:
+                return "safety_tolerance must be an integer between 0 and 2"
+        if "seed" in payload:
+            value = payload["seed"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+                return f"seed must be an integer between 0 and {SEED_MAX}"
+        return None
+
+    async def _read_payload(self, request: web.Request) -> tuple[Any, str | None]:
+        raw = await request.read()
+        try:
+            return json.loads(raw), None
+        except (ValueError, UnicodeDecodeError):
+            return None, "Request body must be valid JSON"
+
+    async def _fetch_input(self, which: str, url: str) -> bytes:
+        assert self._client is not None
+        try:
+            async with self._client.get(url) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"{which}: could not download the image (HTTP {resp.status})")
+                data = await resp.content.read(MAX_INPUT_BYTES + 1)
+        except aiohttp.ClientError as exc:
+            raise ValueError(f"{which}: could not download the image ({exc})") from None
+        except TimeoutError:
+            raise ValueError(f"{which}: timed out downloading the image") from None
+        if len(data) > MAX_INPUT_BYTES:
+            raise ValueError(f"{which}: image too large")
+        try:
+            await asyncio.to_thread(_decode_check, data)
+        except Exception:  # noqa: BLE001 - any decoder failure means "not an image"
+            raise ValueError(f"{which}: not a valid image (PNG, JPEG or WebP)") from None
+        return data
+
+    async def _fetch_inputs(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
+        first, second = await asyncio.gather(
+            self._fetch_input("input_image_1", payload["input_image_1"]),
+            self._fetch_input("input_image_2", payload["input_image_2"]),
+        )
+        return first, second
+
+    async def _render(self, payload: dict[str, Any], img1: bytes, img2: bytes) -> bytes:
+        return await asyncio.to_thread(
+            _render, img1, img2, payload.get("aspect_ratio", "16:9"),
+            payload.get("output_format", "jpg"), int(payload.get("seed", 42)),
+            self.output_long_side,
+        )
+
+    async def _faulty_body(self, fault: _Fault, fmt: str, seed: int) -> tuple[bytes, str]:
+        """``(body, content_type)`` of a garbage/oversize fault."""
+        if fault.kind == "oversize":
+            key = (fault.target_bytes, fmt)
+            if key not in self._oversize_cache:
+                self._oversize_cache[key] = await asyncio.to_thread(
+                    _noisy_image, fault.target_bytes, fmt
+                )
+            return self._oversize_cache[key], _CONTENT_TYPES[fmt]
+        kind = fault.garbage
+        if kind == "html":
+            return b"<html><head><title>Oops</title></head><body>Try later</body></html>", (
+                "text/html"
+            )
+        if kind == "json":
+            return b'{"status": "success", "message": "queued"}', "application/json"
+        if kind == "empty":
+            return b"", _CONTENT_TYPES[fmt]
+        if kind == "wrong_format":
+            return await asyncio.to_thread(_solid, "gif", seed), _CONTENT_TYPES[fmt]
+        if kind == "swapped_format":
+            other = "png" if fmt == "jpg" else "jpg"
+            return await asyncio.to_thread(_solid, other, seed), _CONTENT_TYPES[other]
+        whole = await asyncio.to_thread(_solid, fmt, seed)  # truncated
+        return whole[: len(whole) // 2], _CONTENT_TYPES[fmt]
+
+    async def _fault_response(
+        self, request: web.Request, fault: _Fault, record: CallRecord
+    ) -> web.StreamResponse:
+        """Answer a status/hang/reset fault (the ones that hit the request itself)."""
+        record.fault = fault.kind if fault.kind != "status" else f"status:{fault.status}"
+        if fault.kind == "hang":
+            await self._stopping.wait()
+            record.status = 503
+            return self._error(503, "emulator stopping")
+        if fault.kind == "reset":
+            self._charge(record)
+            record.status = None
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            raise asyncio.CancelledError  # the connection is gone: nothing to answer
+        headers = dict(fault.headers or {})
+        if fault.status == 429 and not headers:
+            reset_at = datetime.now(UTC) + timedelta(seconds=1)
+            headers["x-rate-limit-reset-at-utc"] = reset_at.isoformat().replace("+00:00", "Z")
+        record.status = fault.status
+        if fault.status == 405:
+            return web.Response(status=405, text=_html_page(405, fault.error),
+                                content_type="text/html", headers=headers)
+        return self._error(fault.status, fault.error, headers)
+
+    # --- handlers --------------------------------------------------------------------------------
+
+    async def _method_not_allowed(self, request: web.Request) -> web.Response:
+        self._log(request, 405)
+        return web.Response(status=405, text=_html_page(405, "Method Not Allowed"),
+                            content_type="text/html")
+
+    async def _credits(self, request: web.Request) -> web.Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            self._log(request, denied.status)
+            return denied
+        self._log(request, 200)
+        return web.json_response({"credits": round(self.credits, 4), "free-credits": 0})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        item = self._files.get(name)
+        if item is None:
+            self._log(request, 404)
+            return web.Response(status=404, text="Not Found")
+        self._log(request, 200)
+        data, ctype = item
+        return web.Response(body=data, content_type=ctype)
+
+    async def _v1_generate(self, request: web.Request) -> web.StreamResponse:
+        record = self._record(request, "v1")
+        self._enter()
+        try:
+            return await self._v1_inner(request, record)
+        finally:
+            record.finished = time.monotonic()
+            self._leave()
+            self._log(request, record.status)
+
+    async def _v1_inner(self, request: web.Request, record: CallRecord) -> web.StreamResponse:
+        started = time.monotonic()
+        payload, bad_json = await self._read_payload(request)
+        record.payload = payload
+        fault = self._take_fault()
+        if fault is not None and fault.kind in ("status", "hang", "reset"):
+            return await self._fault_response(request, fault, record)
+        response = await self._precheck(request, payload, bad_json)
+        if response is not None:
+            record.status = response.status
+            return response
+        try:
+            img1, img2 = await self._fetch_inputs(payload)
+        except ValueError as exc:
+            record.status = 400
+            return self._error(400, str(exc))
+        if await self._pause(self.latency):
+            record.status = 503
+            return self._error(503, "emulator stopping")
+        fmt = payload.get("output_format", "jpg")
+        seed = int(payload.get("seed", 42))
+        rid = uuid.uuid4().hex
+        record.request_id = rid
+        if fault is not None:  # garbage / oversize
+            record.fault = f"{fault.kind}:{fault.garbage}" if fault.garbage else fault.kind
+            body, ctype = await self._faulty_body(fault, fmt, seed)
+        else:
+            body, ctype = await self._render(payload, img1, img2), _CONTENT_TYPES[fmt]
+        self._charge(record)
+        record.status = 200
+        return web.Response(
+            body=body, content_type=ctype,
+            headers=self._success_headers(rid, seed, time.monotonic() - started),
+        )
+
+    async def _precheck(
+        self, request: web.Request, payload: Any, bad_json: str | None
+    ) -> web.Response | None:
+        """Auth, model, body and credits checks shared by v1 and v2 submits."""
+        denied = self._auth_error(request)
+        if denied is not None:
+            return denied
+        if request.match_info["model"] not in self.models:
+            return self._error(404, f"Model not found: {request.match_info['model']}")
+        problem = bad_json or self._validate(payload)
+        if problem is not None:
+            return self._error(400, problem)
+        if self.credits < self.cost:
+            return self._error(406, DEFAULT_ERRORS[406])
+        return None
+
+    # --- v2 --------------------------------------------------------------------------------------
+
+    async def _v2_submit(self, request: web.Request) -> web.StreamResponse:
+        record = self._record(request, "v2")
+        self._enter()
+        handed_over = False
+        try:
+            payload, bad_json = await self._read_payload(request)
+            record.payload = payload
+            fault = self._take_fault()
+            if fault is not None and fault.kind in ("status", "hang", "reset"):
+                return await self._fault_response(request, fault, record)
+            response = await self._precheck(request, payload, bad_json)
+            if response is not None:
+                record.status = response.status
+                return response
+            rid = uuid.uuid4().hex
+            record.request_id = rid
+            job = _Job(request_id=rid, payload=payload, record=record, created=time.monotonic(),
+                       output_fault=fault)
+            if fault is not None:
+                record.fault = f"{fault.kind}:{fault.garbage}" if fault.garbage else fault.kind
+            if self._v2_failures:
+                job.fail_with, job.fail_status = self._v2_failures.pop(0)
+            self._jobs[rid] = job
+            job.task = asyncio.create_task(self._run_job(job))
+            handed_over = True
+            record.status = 200
+            base = self.base_url
+            return web.json_response(
+                {
+                    "request_id": rid,
+                    "status": "QUEUED",
+                    "status_url": f"{base}/v2/requests/{rid}/status",
+                    "response_url": f"{base}/v2/requests/{rid}",
+                },
+                headers={"x-request-id": rid},
+            )
+        finally:
+            if not handed_over:
+                record.finished = time.monotonic()
+                self._leave()
+            self._log(request, record.status)
+
+    async def _run_job(self, job: _Job) -> None:
+        try:
+            await asyncio.sleep(0)
+            try:
+                img1, img2 = await self._fetch_inputs(job.payload)
+            except ValueError as exc:
+                job.state, job.error, job.fail_status = "FAILED", str(exc), 422
+                return
+            job.state = "PROCESSING"
+            job.started = time.monotonic()
+            if await self._pause(self.latency):
+                job.state, job.error = "FAILED", "emulator stopping"
+                return
+            if job.fail_with is not None:
+                job.state, job.error = "FAILED", job.fail_with
+                return
+            fmt = job.payload.get("output_format", "jpg")
+            seed = int(job.payload.get("seed", 42))
+            if job.output_fault is not None:
+                body, ctype = await self._faulty_body(job.output_fault, fmt, seed)
+            else:
+                body, ctype = await self._render(job.payload, img1, img2), _CONTENT_TYPES[fmt]
+            name = f"out-{job.request_id}.{fmt}"
+            self._files[name] = (body, ctype)
+            job.output_name = name
+            self._charge(job.record)
+            job.state = "COMPLETED"
+        except asyncio.CancelledError:
+            job.state, job.error = "FAILED", "emulator stopped"
+            raise
+        finally:
+            job.done_at = time.monotonic()
+            job.record.finished = job.done_at
+            self._leave()
+
+    def _live_job(self, rid: str) -> _Job | None:
+        job = self._jobs.get(rid)
+        if job is None:
+            return None
+        if job.done_at is not None and time.monotonic() - job.done_at > self.result_ttl_s:
+            del self._jobs[rid]
+            if job.output_name:
+                self._files.pop(job.output_name, None)
+            return None
+        return job
+
+    async def _v2_status(self, request: web.Request) -> web.Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            self._log(request, denied.status)
+            return denied
+        job = self._live_job(request.match_info["rid"])
+        if job is None:
+            self._log(request, 404)
+            return self._error(404, "Request not found")
+        body: dict[str, Any] = {"request_id": job.request_id, "status": job.state}
+        status = 200
+        if job.state == "FAILED":
+            body["error"] = job.error
+            status = job.fail_status
+        self._log(request, status)
+        return web.json_response(body, status=status, headers={"x-request-id": job.request_id})
+
+    async def _v2_response(self, request: web.Request) -> web.Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            self._log(request, denied.status)
+            return denied
+        job = self._live_job(request.match_info["rid"])
+        if job is None:
+            self._log(request, 404)
+            return self._error(404, "Request not found")
+        headers = {"x-request-id": job.request_id}
+        if job.state == "FAILED":
+            self._log(request, job.fail_status)
+            return web.json_response(
+                {"request_id": job.request_id, "status": "FAILED", "error": job.error},
+                status=job.fail_status, headers=headers,
+            )
+        if job.state != "COMPLETED":
+            self._log(request, 200)
+            return web.json_response(
+                {"request_id": job.request_id, "status": job.state, "output": None},
+                headers=headers,
+            )
+        seed = int(job.payload.get("seed", 42))
+        assert job.done_at is not None and job.started is not None
+        headers.update(self._success_headers(job.request_id, seed, job.done_at - job.started))
+        self._log(request, 200)
+        return web.json_response(
+            {
+                "request_id": job.request_id,
+                "status": "COMPLETED",
+                "output": f"{self.base_url}/_emu/files/{job.output_name}",
+                "metrics": {
+                    "queue_time": round(job.started - job.created, 3),
+                    "inference_time": round(job.done_at - job.started, 3),
+                },
+            },
+            headers=headers,
+        )
+
+
+# --- images (run in threads) -------------------------------------------------------------------
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+def _decode_check(data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format not in ("PNG", "JPEG", "WEBP"):
+            raise ValueError(f"unsupported format {img.format}")
+        img.load()
+
+
+def _save(img: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    if fmt == "jpg":
+        img.convert("RGB").save(out, "JPEG", quality=90)
+    elif fmt == "png":
+        img.save(out, "PNG")
+    elif fmt == "gif":
+        img.convert("P").save(out, "GIF")
+    else:
+        img.save(out, fmt.upper())
+    return out.getvalue()
+
+
+def _output_size(aspect: str, first: tuple[int, int], long_side: int) -> tuple[int, int]:
+    if aspect == "match_input_image":
+        rw, rh = first
+    else:
+        a, _, b = aspect.partition(":")
+        rw, rh = int(a), int(b)
+    if rw >= rh:
+        return long_side, max(8, round(long_side * rh / rw))
+    return max(8, round(long_side * rw / rh)), long_side
+
+
+def _render(img1: bytes, img2: bytes, aspect: str, fmt: str, seed: int, long_side: int) -> bytes:
+    """The two inputs side by side at the aspect's size, tinted by a seed-chosen colour."""
+    with Image.open(io.BytesIO(img1)) as a, Image.open(io.BytesIO(img2)) as b:
+        first = a.convert("RGB")
+        second = b.convert("RGB")
+    width, height = _output_size(aspect, first.size, long_side)
+    half = max(1, width // 2)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(ImageOps.fit(first, (half, height)), (0, 0))
+    canvas.paste(ImageOps.fit(second, (width - half, height)), (half, 0))
+    rng = random.Random(seed)
+    tint = Image.new("RGB", (width, height), (rng.randrange(256), rng.randrange(256),
+                                              rng.randrange(256)))
+    return _save(Image.blend(canvas, tint, 0.25), fmt)
+
+
+def _solid(fmt: str, seed: int) -> bytes:
+    rng = random.Random(seed)
+    img = Image.new("RGB", (64, 48), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    for x in range(0, 64, 4):  # some detail so that the file is not trivially small
+        img.putpixel((x, x % 48), (255 - x, x * 3 % 256, 128))
+    return _save(img, fmt)
+
+
+def _noisy_image(target_bytes: int, fmt: str) -> bytes:
+    """A valid image of at least ``target_bytes`` (random noise barely compresses)."""
+    per_pixel = 3.0 if fmt == "png" else 1.5
+    side = max(16, int((target_bytes / per_pixel) ** 0.5) + 1)
+    rng = random.Random(target_bytes)
+    while True:
+        img = Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+        out = io.BytesIO()
+        if fmt == "png":
+            img.save(out, "PNG", compress_level=1)
+        else:
+            img.save(out, "JPEG", quality=95)
+        data = out.getvalue()
+        if len(data) >= target_bytes:
+            return data
+        side = int(side * 1.25) + 1
+
+
+def _html_page(status: int, message: str) -> str:
+    return (
+        f"<html><head><title>{status} {message}</title></head>"
+        f"<body><center><h1>{status} {message}</h1></center><hr><center>nginx</center>"
+        "</body></html>"
+    )
