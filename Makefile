@@ -1,0 +1,39 @@
+# Kontext Bot. `make run` runs the bot, `make test` runs every test; each first creates the
+# virtualenv (.venv) and installs what is missing. Only Python 3.11+ and make are needed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run sync test lint demo bench audit clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) bot.py
+
+sync: $(STAMP)
+	$(PY) bot.py sync
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(PY) -m devtools.demo
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+audit: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check pip-audit==2.10.1
+	$(VENV)/bin/pip-audit -r requirements.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output

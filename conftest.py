@@ -1,0 +1,8 @@
+"""Root conftest: makes the repository importable (``bot``, ``cogs``, ``kontext``, ``tests``)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
