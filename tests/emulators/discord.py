@@ -1491,6 +1491,8 @@ class DiscordEmulator:
         cmd.setdefault("type", 1)
         cmd.setdefault("description", "")
         cmd.setdefault("default_member_permissions", None)
+        if isinstance(cmd["default_member_permissions"], int):  # Discord answers with a string
+            cmd["default_member_permissions"] = str(cmd["default_member_permissions"])
         cmd.setdefault("nsfw", False)
         if cmd["type"] == 1:
             cmd.setdefault("options", [])
@@ -3532,7 +3534,11 @@ def _validate_command(cmd: Any) -> dict[str, Any]:
                 "Context menu commands cannot have options",
             )
     dmp = cmd.get("default_member_permissions")
-    if dmp is not None and not (isinstance(dmp, str) and dmp.isdigit()):
+    # Discord documents a string but accepts a non-negative integer too (discord.py sends one)
+    if dmp is not None and not (
+        (isinstance(dmp, str) and dmp.isdigit())
+        or (isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0)
+    ):
         _add_error(
             errors,
             ["default_member_permissions"],

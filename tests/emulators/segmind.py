@@ -86,6 +86,8 @@ class CallRecord:
     request_id: str | None = None
     fault: str | None = None
     finished: float | None = None
+    #: the bytes answered (v1 200) or served as the output (v2), so tests can compare them
+    image: bytes | None = None
 
 
 @dataclass
@@ -543,6 +545,7 @@ class SegmindEmulator:
             body, ctype = await self._render(payload, img1, img2), _CONTENT_TYPES[fmt]
         self._charge(record)
         record.status = 200
+        record.image = body
         return web.Response(
             body=body, content_type=ctype,
             headers=self._success_headers(rid, seed, time.monotonic() - started),

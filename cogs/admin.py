@@ -1,0 +1,287 @@
+"""``/kontext-admin``: credits, settings and stats for server admins (Manage Server by default)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.common import ASPECT_NAMES, locale_of
+from kontext.i18n import t
+from kontext.settings import ASPECT_RATIOS
+from kontext.store import GuildSettings, StatsWindow
+
+if TYPE_CHECKING:
+    from bot import KontextBot
+
+log = logging.getLogger("kontext.cogs.admin")
+
+SETTING_KEYS = (
+    "starting_credits",
+    "credits_per_image",
+    "daily_free_credits",
+    "cooldown_seconds",
+    "jobs_per_member",
+    "max_safety_tolerance",
+    "default_aspect_ratio",
+    "showcase_channel_id",
+    "showcase_requires_approval",
+    "allowed_channel_ids",
+    "exempt_role_ids",
+    "blocked_words",
+    "confirm_quote",
+)
+ID_RE = re.compile(r"\d{15,21}")
+CLEAR_WORDS = {"none", "clear", "-", "off"}
+
+
+def parse_ids(text: str) -> tuple[int, ...]:
+    """Channel or role mentions / raw ids in ``text``; "none" gives an empty tuple."""
+    if text.strip().lower() in CLEAR_WORDS:
+        return ()
+    return tuple(dict.fromkeys(int(m) for m in ID_RE.findall(text)))
+
+
+def parse_words(text: str) -> tuple[str, ...]:
+    """Comma-separated words or phrases; "none" gives an empty tuple."""
+    if text.strip().lower() in CLEAR_WORDS:
+        return ()
+    return tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+
+
+def describe_settings(gs: GuildSettings, locale: str | None) -> discord.Embed:
+    """Every per-server setting with its current value."""
+
+    def ids(values: tuple[int, ...], fmt: str) -> str:
+        return ", ".join(fmt.format(v) for v in values) or t("admin.none", locale)
+
+    embed = discord.Embed(title=t("admin.settings_title", locale), colour=discord.Colour.blurple())
+    rows: list[tuple[str, str]] = [
+        ("starting_credits", str(gs.starting_credits)),
+        ("credits_per_image", str(gs.credits_per_image)),
+        ("daily_free_credits", str(gs.daily_free_credits)),
+        ("cooldown_seconds", f"{gs.cooldown_seconds} s"),
+        ("jobs_per_member", str(gs.jobs_per_member)),
+        ("max_safety_tolerance", str(gs.max_safety_tolerance)),
+        ("default_aspect_ratio", ASPECT_NAMES.get(gs.default_aspect_ratio, gs.default_aspect_ratio)),
+        (
+            "showcase_channel_id",
+            f"<#{gs.showcase_channel_id}>" if gs.showcase_channel_id else t("admin.none", locale),
+        ),
+        ("showcase_requires_approval", t("admin.yes" if gs.showcase_requires_approval else "admin.no", locale)),
+        ("allowed_channel_ids", ids(gs.allowed_channel_ids, "<#{}>") if gs.allowed_channel_ids else t("admin.anywhere", locale)),
+        ("exempt_role_ids", ids(gs.exempt_role_ids, "<@&{}>")),
+        ("blocked_words", ", ".join(f"`{w}`" for w in gs.blocked_words) or t("admin.none", locale)),
+        ("confirm_quote", t("admin.yes" if gs.confirm_quote else "admin.no", locale)),
+    ]
+    for key, value in rows:
+        embed.add_field(name=t(f"setting.{key}", locale), value=value[:1024])
+    return embed
+
+
+def describe_window(window: StatsWindow, locale: str | None) -> str:
+    lines = [
+        t("admin.stats_line", locale, generations=window.generations, credits=window.credits_spent, usd=f"{window.usd_spent:.2f}", refunds=window.refunds),
+    ]
+    if window.failures_by_cause:
+        causes = ", ".join(f"{c}: {n}" for c, n in sorted(window.failures_by_cause.items(), key=lambda kv: -kv[1]))
+        lines.append(t("admin.stats_failures", locale, causes=causes))
+    if window.top_members:
+        top = ", ".join(f"<@{uid}> ({n})" for uid, n in window.top_members)
+        lines.append(t("admin.stats_top", locale, top=top))
+    return "\n".join(lines)
+
+
+@app_commands.guild_only()
+@app_commands.default_permissions(manage_guild=True)
+class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage Kontext credits, settings and stats"):
+    """The admin commands. Hidden from members without Manage Server unless a server changes it."""
+
+    def __init__(self, bot: KontextBot) -> None:
+        super().__init__()
+        self.bot = bot
+
+    async def _ephemeral(self, interaction: discord.Interaction, text: str | None = None, **kwargs: Any) -> None:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True, **kwargs)
+        else:
+            await interaction.response.send_message(text, ephemeral=True, **kwargs)
+
+    @app_commands.command(name="grant", description="Give credits to a member")
+    @app_commands.describe(member="Who gets the credits", amount="How many", reason="Shown in their history")
+    async def grant(
+        self,
+        interaction: discord.Interaction,
+        member: discord.Member,
+        amount: app_commands.Range[int, 1, 1_000_000],
+        reason: app_commands.Range[str, 1, 200] | None = None,
+    ) -> None:
+        assert interaction.guild_id is not None
+        balance = await self.bot.store.grant(
+            interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
+        )
+        log.info("admin %s granted %d to %s in %s", interaction.user.id, amount, member.id, interaction.guild_id)
+        await self._ephemeral(
+            interaction,
+            t("admin.granted", locale_of(interaction), amount=amount, member=member.mention, balance=balance),
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+
+    @app_commands.command(name="revoke", description="Take credits from a member")
+    @app_commands.describe(member="Whose credits", amount="How many (never below zero)", reason="Shown in their history")
+    async def revoke(
+        self,
+        interaction: discord.Interaction,
+        member: discord.Member,
+        amount: app_commands.Range[int, 1, 1_000_000],
+        reason: app_commands.Range[str, 1, 200] | None = None,
+    ) -> None:
+        assert interaction.guild_id is not None
+        revoked, balance = await self.bot.store.revoke(
+            interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
+        )
+        log.info("admin %s revoked %d from %s in %s", interaction.user.id, revoked, member.id, interaction.guild_id)
+        await self._ephemeral(
+            interaction,
+            t("admin.revoked", locale_of(interaction), amount=revoked, member=member.mention, balance=balance),
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+
+    @app_commands.command(name="balance", description="See a member's credits")
+    async def balance(self, interaction: discord.Interaction, member: discord.Member) -> None:
+        assert interaction.guild_id is not None
+        status = await self.bot.store.member_status(interaction.guild_id, member.id)
+        await self._ephemeral(
+            interaction,
+            t(
+                "admin.balance",
+                locale_of(interaction),
+                member=member.mention,
+                balance=status.balance,
+                inflight=status.inflight,
+                cooldown=int(status.cooldown_remaining + 0.999),
+            ),
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+
+    @app_commands.command(name="settings", description="Show or change this server's Kontext settings")
+    @app_commands.describe(
+        starting_credits="Credits a new member starts with",
+        credits_per_image="Price of one image in credits",
+        daily_free_credits="Top-up each UTC day to this many credits (0 = off)",
+        cooldown_seconds="Seconds between a member's jobs",
+        jobs_per_member="Jobs one member may have in flight",
+        max_safety_tolerance="Highest safety tolerance members may pick",
+        default_aspect_ratio="Aspect ratio when a member picks none",
+        showcase_channel="Channel where members can share results",
+        showcase_requires_approval="Shared results wait for a moderator's approval",
+        allowed_channels="Channels where /kontext works (mentions; 'none' = anywhere)",
+        exempt_roles="Roles without cooldown (mentions; 'none' to clear)",
+        blocked_words="Comma-separated words refused in prompts ('none' to clear)",
+        confirm_quote="Members confirm a quote before each job",
+        reset="Put one setting back to the bot's default",
+    )
+    @app_commands.choices(
+        default_aspect_ratio=[app_commands.Choice(name=ASPECT_NAMES[a], value=a) for a in ASPECT_RATIOS],
+        max_safety_tolerance=[app_commands.Choice(name=f"{n}", value=n) for n in (0, 1, 2)],
+        reset=[app_commands.Choice(name=k, value=k) for k in SETTING_KEYS],
+    )
+    async def settings(
+        self,
+        interaction: discord.Interaction,
+        starting_credits: app_commands.Range[int, 0, 1_000_000] | None = None,
+        credits_per_image: app_commands.Range[int, 0, 1_000_000] | None = None,
+        daily_free_credits: app_commands.Range[int, 0, 1_000_000] | None = None,
+        cooldown_seconds: app_commands.Range[int, 0, 86_400] | None = None,
+        jobs_per_member: app_commands.Range[int, 1, 10] | None = None,
+        max_safety_tolerance: app_commands.Choice[int] | None = None,
+        default_aspect_ratio: app_commands.Choice[str] | None = None,
+        showcase_channel: discord.TextChannel | None = None,
+        showcase_requires_approval: bool | None = None,
+        allowed_channels: str | None = None,
+        exempt_roles: str | None = None,
+        blocked_words: str | None = None,
+        confirm_quote: bool | None = None,
+        reset: app_commands.Choice[str] | None = None,
+    ) -> None:
+        assert interaction.guild_id is not None
+        locale = locale_of(interaction)
+        changes: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "starting_credits": starting_credits,
+                "credits_per_image": credits_per_image,
+                "daily_free_credits": daily_free_credits,
+                "cooldown_seconds": cooldown_seconds,
+                "jobs_per_member": jobs_per_member,
+                "max_safety_tolerance": max_safety_tolerance.value if max_safety_tolerance else None,
+                "default_aspect_ratio": default_aspect_ratio.value if default_aspect_ratio else None,
+                "showcase_channel_id": showcase_channel.id if showcase_channel else None,
+                "showcase_requires_approval": showcase_requires_approval,
+                "allowed_channel_ids": parse_ids(allowed_channels) if allowed_channels is not None else None,
+                "exempt_role_ids": parse_ids(exempt_roles) if exempt_roles is not None else None,
+                "blocked_words": parse_words(blocked_words) if blocked_words is not None else None,
+                "confirm_quote": confirm_quote,
+            }.items()
+            if v is not None
+        }
+        store = self.bot.store
+        try:
+            if reset is not None:
+                await store.reset_guild_setting(interaction.guild_id, interaction.user.id, reset.value)
+            if changes:
+                gs = await store.update_guild_settings(interaction.guild_id, interaction.user.id, **changes)
+            else:
+                gs = await store.get_guild_settings(interaction.guild_id)
+        except ValueError as exc:
+            await self._ephemeral(interaction, t("admin.invalid", locale, why=str(exc)))
+            return
+        if changes or reset is not None:
+            log.info(
+                "admin %s changed settings in %s: %s%s",
+                interaction.user.id,
+                interaction.guild_id,
+                ", ".join(changes),
+                f" (reset {reset.value})" if reset else "",
+            )
+        text = t("admin.saved", locale) if changes or reset is not None else None
+        await self._ephemeral(interaction, text, embed=describe_settings(gs, locale))
+
+    @app_commands.command(name="stats", description="Generations, spend and failures: today and the last 30 days")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        assert interaction.guild_id is not None
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        locale = locale_of(interaction)
+        stats = await self.bot.store.stats(interaction.guild_id)
+        budget = await self.bot.store.budget_status()
+        embed = discord.Embed(title=t("admin.stats_title", locale), colour=discord.Colour.gold())
+        embed.add_field(name=t("admin.today", locale), value=describe_window(stats.today, locale)[:1024], inline=False)
+        embed.add_field(name=t("admin.last_30", locale), value=describe_window(stats.last_30_days, locale)[:1024], inline=False)
+        embed.add_field(
+            name=t("admin.budget", locale),
+            value=t("admin.budget_value", locale, used=f"{budget.reserved_usd:.2f}", cap=f"{budget.cap_usd:.2f}"),
+            inline=False,
+        )
+        await interaction.followup.send(embed=embed, ephemeral=True)
+
+
+class AdminCog(commands.Cog, name="Admin"):
+    """Holds the ``/kontext-admin`` group."""
+
+    def __init__(self, bot: KontextBot) -> None:
+        self.bot = bot
+        self.group = AdminGroup(bot)
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.group)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.group.name)
+
+
+async def setup(bot: KontextBot) -> None:
+    await bot.add_cog(AdminCog(bot))

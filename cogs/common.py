@@ -1,0 +1,265 @@
+"""Shared pieces of the Discord adapter: replying with errors, and the job sinks.
+
+A *sink* is how the core pipeline talks to a member: :class:`InteractionSink` answers through
+the interaction (status edits, the result, ephemeral errors) and falls back to the channel when
+the interaction token has died; :class:`ChannelSink` talks through the channel only (jobs
+recovered after a restart).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from kontext.errors import InputError, KontextError, ResultNotDelivered
+from kontext.i18n import t
+from kontext.pipeline import Delivery, ResultInfo
+
+if TYPE_CHECKING:
+    from bot import KontextBot
+
+log = logging.getLogger("kontext.cogs")
+
+ASPECT_NAMES: dict[str, str] = {
+    "match_input_image": "Match input image",
+    "1:1": "Square 1:1",
+    "16:9": "Widescreen 16:9",
+    "9:16": "Vertical 9:16",
+    "4:3": "Classic 4:3",
+    "3:4": "Classic portrait 3:4",
+    "3:2": "Photo 3:2",
+    "2:3": "Photo portrait 2:3",
+    "4:5": "Portrait 4:5",
+    "5:4": "Landscape 5:4",
+    "21:9": "Ultrawide 21:9",
+    "9:21": "Ultra tall 9:21",
+    "2:1": "Panorama 2:1",
+    "1:2": "Tall 1:2",
+}
+SAFETY_NAMES: dict[int, str] = {0: "Strict", 1: "Moderate", 2: "Permissive"}
+TOKEN_DEAD_CODES = {10015, 10062, 50027}  # unknown webhook / interaction, invalid webhook token
+BAR_WIDTH = 12
+
+
+def locale_of(interaction: discord.Interaction) -> str:
+    return str(interaction.locale.value if interaction.locale else "en-US")
+
+
+def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """``▰▰▰▱▱▱`` for ``fraction`` in 0..1."""
+    fraction = min(1.0, max(0.0, fraction))
+    full = round(fraction * width)
+    return "▰" * full + "▱" * (width - full)
+
+
+def token_dead(exc: discord.HTTPException) -> bool:
+    """True when the interaction's token can no longer be used."""
+    return exc.code in TOKEN_DEAD_CODES or exc.status == 401 or isinstance(exc, discord.NotFound)
+
+
+async def reply_error(interaction: discord.Interaction, error: KontextError) -> None:
+    """Tell the member what went wrong, ephemerally, in their language."""
+    text = error.user_message(locale_of(interaction))
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as exc:
+        log.warning("could not send an error reply (%s): %s", exc.status, error.cause)
+
+
+def not_allowed() -> KontextError:
+    return InputError("check failed", key="error.not_allowed")
+
+
+def result_filename(result: ResultInfo) -> str:
+    return f"kontext-{result.spec.job_id}.{result.image.filename_ext}"
+
+
+def result_embed(result: ResultInfo, locale: str | None) -> discord.Embed:
+    """The card under a result: prompt, inputs, settings, seed, time, credits left."""
+    spec = result.spec
+    prompt = spec.prompt if len(spec.prompt) <= 1000 else spec.prompt[:999] + "…"
+    embed = discord.Embed(description=prompt, colour=discord.Colour.blurple())
+    embed.set_author(name=t("embed.title", locale))
+    embed.set_image(url=f"attachment://{result_filename(result)}")
+    embed.set_thumbnail(url=spec.image_1.url)
+    embed.add_field(
+        name=t("embed.inputs", locale),
+        value=f"[{t('embed.image', locale, n=1)}]({spec.image_1.url}) · "
+        f"[{t('embed.image', locale, n=2)}]({spec.image_2.url})",
+        inline=False,
+    )
+    embed.add_field(name=t("embed.aspect_ratio", locale), value=ASPECT_NAMES.get(spec.aspect_ratio, spec.aspect_ratio))
+    embed.add_field(name=t("embed.seed", locale), value=f"`{spec.seed}`")
+    embed.add_field(name=t("embed.format", locale), value=result.image.format.upper())
+    embed.add_field(name=t("embed.safety", locale), value=SAFETY_NAMES.get(spec.safety_tolerance, "?"))
+    embed.add_field(name=t("embed.time", locale), value=f"{result.total_seconds:.1f} s")
+    if result.balance_after >= 0:
+        embed.add_field(name=t("embed.credits_left", locale), value=str(result.balance_after))
+    embed.add_field(name=t("embed.maker", locale), value=f"<@{spec.user_id}>")
+    footer = t("embed.footer", locale)
+    if result.image.reencoded:
+        footer += " · " + t("embed.reencoded", locale)
+    embed.set_footer(text=footer)
+    return embed
+
+
+def result_file(result: ResultInfo) -> discord.File:
+    return discord.File(io.BytesIO(result.image.data), filename=result_filename(result))
+
+
+def result_view(bot: KontextBot, result: ResultInfo) -> discord.ui.View | None:
+    """The buttons under a result (from the results cog, when loaded)."""
+    cog = bot.get_cog("Results")
+    make = getattr(cog, "result_view", None)
+    return make(result.spec) if make else None
+
+
+class ChannelSink:
+    """Talks to a member through a channel (no interaction): recovered jobs, dead tokens."""
+
+    def __init__(
+        self, bot: KontextBot, channel_id: int, user_id: int, locale: str | None, *, job_id: int
+    ) -> None:
+        self.bot = bot
+        self.channel_id = channel_id
+        self.user_id = user_id
+        self.locale = locale
+        self.job_id = job_id
+
+    async def channel(self) -> discord.abc.Messageable:
+        channel = self.bot.get_channel(self.channel_id)
+        if channel is None:
+            channel = await self.bot.fetch_channel(self.channel_id)
+        return channel  # type: ignore[return-value]
+
+    @property
+    def upload_limit(self) -> int:
+        channel = self.bot.get_channel(self.channel_id)
+        guild = getattr(channel, "guild", None)
+        return guild.filesize_limit if guild is not None else 10 * 1024 * 1024
+
+    async def queued(self, position: int, total: int, eta_s: float) -> None:
+        return None
+
+    async def generating(self, elapsed_s: float, estimate_s: float) -> None:
+        return None
+
+    async def deliver(self, result: ResultInfo) -> Delivery:
+        try:
+            channel = await self.channel()
+            kwargs: dict[str, Any] = {}
+            view = result_view(self.bot, result)
+            if view is not None:
+                kwargs["view"] = view
+            msg = await channel.send(
+                content=f"<@{self.user_id}>",
+                embed=result_embed(result, self.locale),
+                file=result_file(result),
+                allowed_mentions=discord.AllowedMentions(users=True),
+                **kwargs,
+            )
+        except discord.HTTPException as exc:
+            raise ResultNotDelivered(f"channel post failed: HTTP {exc.status} code {exc.code}") from exc
+        return Delivery(msg.id, msg.channel.id)
+
+    async def failed(self, error: KontextError, *, refunded: int) -> None:
+        channel = await self.channel()
+        await channel.send(
+            f"<@{self.user_id}> {error.user_message(self.locale)}",
+            allowed_mentions=discord.AllowedMentions(users=True),
+        )
+
+
+class InteractionSink:
+    """Talks to a member through their interaction, with the channel as the fallback.
+
+    The interaction is deferred ephemerally: queue position, progress and errors edit that
+    private message; the result goes out as a public follow-up (after one edit of the original,
+    so that Discord does not turn the follow-up into the ephemeral "thinking" message), and the
+    private message then links to it. When the token has died (15 minutes, or a restart), the
+    result is posted in the channel with a mention instead.
+    """
+
+    def __init__(self, bot: KontextBot, interaction: discord.Interaction, *, job_id: int) -> None:
+        self.bot = bot
+        self.interaction = interaction
+        self.locale = locale_of(interaction)
+        self.fallback = ChannelSink(
+            bot, interaction.channel_id or 0, interaction.user.id, self.locale, job_id=job_id
+        )
+        self.dead = False
+
+    @property
+    def upload_limit(self) -> int:
+        return int(self.interaction.filesize_limit)
+
+    async def _status(self, text: str, **kwargs: Any) -> bool:
+        if self.dead:
+            return False
+        try:
+            await self.interaction.edit_original_response(content=text, **kwargs)
+            return True
+        except discord.HTTPException as exc:
+            if token_dead(exc):
+                self.dead = True
+            log.debug("status edit failed: %s", exc)
+            return False
+
+    async def queued(self, position: int, total: int, eta_s: float) -> None:
+        await self._status(
+            t("status.queued", self.locale, position=position, total=total, eta=round(eta_s))
+        )
+
+    async def generating(self, elapsed_s: float, estimate_s: float) -> None:
+        if elapsed_s < 0:
+            await self._status(t("status.handed_over", self.locale))
+            return
+        bar = progress_bar(elapsed_s / estimate_s if estimate_s > 0 else 0.0)
+        await self._status(
+            t(
+                "status.generating",
+                self.locale,
+                bar=bar,
+                elapsed=round(elapsed_s),
+                estimate=round(estimate_s),
+            )
+        )
+
+    async def deliver(self, result: ResultInfo) -> Delivery:
+        if not self.dead and await self._status(t("status.posting", self.locale)):
+            kwargs: dict[str, Any] = {}
+            view = result_view(self.bot, result)
+            if view is not None:
+                kwargs["view"] = view
+            try:
+                msg = await self.interaction.followup.send(
+                    embed=result_embed(result, self.locale),
+                    file=result_file(result),
+                    wait=True,
+                    **kwargs,
+                )
+            except discord.HTTPException as exc:
+                if not token_dead(exc):
+                    raise ResultNotDelivered(
+                        f"post failed: HTTP {exc.status} code {exc.code}"
+                    ) from exc
+                log.info(
+                    "job %s: interaction token dead; posting through the channel",
+                    result.spec.job_id,
+                )
+                self.dead = True
+            else:
+                await self._status(t("status.posted", self.locale, url=msg.jump_url))
+                return Delivery(msg.id, msg.channel.id)
+        return await self.fallback.deliver(result)
+
+    async def failed(self, error: KontextError, *, refunded: int) -> None:
+        if await self._status(error.user_message(self.locale), embed=None, view=None):
+            return
+        await self.fallback.failed(error, refunded=refunded)

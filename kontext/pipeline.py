@@ -1,0 +1,566 @@
+"""One job's life: check → reserve → queue → call the API → deliver → commit, or refund.
+
+:class:`JobPipeline` is discord-free. The Discord side hands it a :class:`JobSpec` (what to make)
+and a :class:`JobSink` (how to talk to the member: progress, the result, a failure); the pipeline
+owns the money rules:
+
+* nothing is charged before both inputs passed their checks;
+* credits are reserved (atomically, idempotently per interaction id) before the job is queued;
+* the charge is committed only after the image was posted;
+* every other end refunds, and the member is told why in plain words;
+* in async API mode a job whose request id is stored survives a restart: it is resumed and
+  posted, never refunded, since the owner already paid for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from kontext import images
+from kontext.errors import (
+    ApiError,
+    ApiRateLimited,
+    JobAlreadyExists,
+    KontextError,
+    ServicePaused,
+    ShuttingDown,
+)
+from kontext.metrics import Metrics
+from kontext.queue import JobQueue
+from kontext.segmind import GenerationRequest, GenerationResult, SegmindClient, SubmittedJob
+from kontext.settings import Settings
+from kontext.store import Job, Reservation, ReserveRequest, Store
+
+log = logging.getLogger("kontext.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """One input image as Discord gave it."""
+
+    url: str
+    filename: str = "image"
+    size: int | None = None
+    content_type: str | None = None
+    attachment_id: int | None = None
+    message_id: int | None = None  # the message that carries it, to refetch a fresh URL
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """Everything needed to run (or rerun) one generation."""
+
+    job_id: int
+    guild_id: int
+    channel_id: int
+    user_id: int
+    prompt: str
+    image_1: InputImage
+    image_2: InputImage
+    aspect_ratio: str = "match_input_image"
+    output_format: str = "jpg"
+    safety_tolerance: int = 1
+    seed: int = 42
+    locale: str | None = None
+    exempt_from_cooldown: bool = False
+    application_id: int | None = None
+    interaction_token: str | None = None
+    parent_job_id: int | None = None
+    source: str = "slash"
+
+    def params(self) -> dict[str, Any]:
+        """The job's parameters as stored in the database (no token)."""
+        return {
+            "prompt": self.prompt,
+            "image_1": asdict(self.image_1),
+            "image_2": asdict(self.image_2),
+            "aspect_ratio": self.aspect_ratio,
+            "output_format": self.output_format,
+            "safety_tolerance": self.safety_tolerance,
+            "seed": self.seed,
+            "source": self.source,
+        }
+
+    def request(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt,
+            image_1_url=self.image_1.url,
+            image_2_url=self.image_2.url,
+            aspect_ratio=self.aspect_ratio,
+            output_format=self.output_format,
+            safety_tolerance=self.safety_tolerance,
+            seed=self.seed,
+        )
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobSpec:
+        """Rebuild the spec of a stored job (after a restart, or for a button)."""
+        p = job.params
+        return cls(
+            job_id=job.id,
+            guild_id=job.guild_id,
+            channel_id=job.channel_id,
+            user_id=job.user_id,
+            prompt=p["prompt"],
+            image_1=InputImage(**p["image_1"]),
+            image_2=InputImage(**p["image_2"]),
+            aspect_ratio=p.get("aspect_ratio", "match_input_image"),
+            output_format=p.get("output_format", "jpg"),
+            safety_tolerance=int(p.get("safety_tolerance", 1)),
+            seed=int(p.get("seed", job.seed or 0)),
+            locale=job.locale,
+            application_id=job.application_id,
+            interaction_token=job.interaction_token,
+            parent_job_id=job.parent_job_id,
+            source=p.get("source", "slash"),
+        )
+
+
+@dataclass(slots=True)
+class ResultInfo:
+    """What the sink needs to post a result."""
+
+    spec: JobSpec
+    image: images.FittedImage
+    generation: GenerationResult
+    api_seconds: float
+    total_seconds: float
+    balance_after: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where the result was posted."""
+
+    message_id: int
+    channel_id: int
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """How a job ended, for callers and tests."""
+
+    job_id: int
+    status: str  # posted | refunded | rejected | duplicate | handed_over
+    cause: str | None = None
+    error: KontextError | None = None
+    delivery: Delivery | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class JobSink(Protocol):
+    """How the pipeline talks to the member. Implemented by the Discord adapter."""
+
+    @property
+    def upload_limit(self) -> int:
+        """Largest attachment, in bytes, the result may have."""
+        ...
+
+    async def queued(self, position: int, total: int, eta_s: float) -> None:
+        """The job waits at ``position`` of ``total``."""
+
+    async def generating(self, elapsed_s: float, estimate_s: float) -> None:
+        """The API is working on it."""
+
+    async def deliver(self, result: ResultInfo) -> Delivery:
+        """Post the result; raise ResultNotDelivered when it cannot be posted."""
+        ...
+
+    async def failed(self, error: KontextError, *, refunded: int) -> None:
+        """Tell the member the job stopped (``refunded`` credits were given back)."""
+
+
+class JobPipeline:
+    """Runs jobs for the whole process."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        client: SegmindClient,
+        queue: JobQueue,
+        http: aiohttp.ClientSession,
+        worker_id: str,
+        progress_interval_s: float = 3.0,
+        probe_interval_s: float = 60.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.store = store
+        self.client = client
+        self.queue = queue
+        self.http = http
+        self.worker_id = worker_id
+        self.progress_interval_s = progress_interval_s
+        self.probe_interval_s = probe_interval_s
+        self._clock = clock
+        self.accepting = True
+        self.handing_over = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._active: dict[int, asyncio.Task[Any]] = {}
+        self.outcomes: dict[str, int] = {}
+        self.on_outcome: Callable[[JobOutcome], None] | None = None
+
+    # --- entry points ---------------------------------------------------------------------------
+
+    def ensure_accepting(self) -> None:
+        """Raise when new jobs are refused right now (restart, account paused)."""
+        if not self.accepting:
+            raise ShuttingDown("not accepting")
+        if self.queue.paused:
+            raise ServicePaused("API account paused")
+
+    async def run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
+        """Run one new job to its end. Never raises a KontextError; tells ``sink`` instead."""
+        t0 = self._clock()
+        timings: dict[str, float] = {}
+        try:
+            self.ensure_accepting()
+            await self.check_inputs(spec)
+            timings["checked"] = self._clock() - t0
+            reservation = await self.store.reserve(self._reserve_request(spec))
+            timings["reserved"] = self._clock() - t0
+        except JobAlreadyExists:
+            log.info("job %s: duplicate delivery, already handled", spec.job_id)
+            return self._finish(JobOutcome(spec.job_id, "duplicate", cause="duplicate"))
+        except KontextError as err:
+            log.info("job %s refused: %s (%s)", spec.job_id, err.cause, err.detail)
+            await self._tell(sink, err, refunded=0)
+            return self._finish(JobOutcome(spec.job_id, "rejected", err.cause, err))
+
+        active = _Active(spec=spec, sink=sink, reservation=reservation, t0=t0, timings=timings)
+        try:
+            ticket = self.queue.submit(
+                spec.job_id, (spec.guild_id, spec.user_id), lambda: self._execute(active)
+            )
+        except KontextError as err:
+            return await self._refund(active, err)
+
+        progress = asyncio.create_task(self._report_queue(ticket, sink))
+        try:
+            return await ticket.result()
+        except KontextError as err:  # withdrawn while waiting (shutdown, account paused)
+            return await self._refund(active, err)
+        except asyncio.CancelledError:
+            if ticket.cancel(ShuttingDown("cancelled")):
+                await asyncio.shield(self._refund(active, ShuttingDown("cancelled")))
+            raise
+        finally:
+            progress.cancel()
+
+    async def resume(self, job: Job, sink: JobSink) -> JobOutcome:
+        """Finish a job another (dead) process left behind.
+
+        In async mode with a stored request id the result is fetched and posted; otherwise the
+        job is refunded and the member told.
+        """
+        spec = JobSpec.from_job(job)
+        reservation = Reservation(
+            job_id=job.id, cost=job.cost_credits, balance_after=-1, cooldown_until=None
+        )
+        active = _Active(spec=spec, sink=sink, reservation=reservation, t0=self._clock(), timings={})
+        active.request_id = job.api_request_id
+        active.status_url = job.api_status_url
+        active.response_url = job.api_response_url
+        if self.settings.segmind_api_mode == "async" and job.api_request_id:
+            log.info("job %s: resuming API request %s", job.id, job.api_request_id)
+            return await self._execute(active, resume=True)
+        return await self._refund(active, ShuttingDown("process restarted"), restarted=True)
+
+    async def check_inputs(self, spec: JobSpec) -> None:
+        """Download and check both images; raises InputError before any money moves."""
+        s = self.settings
+        await asyncio.gather(
+            *(
+                images.fetch_and_check(
+                    self.http,
+                    img.url,
+                    which=n,
+                    declared_size=img.size,
+                    max_bytes=s.max_image_bytes,
+                    max_pixels=s.max_image_pixels,
+                )
+                for n, img in ((1, spec.image_1), (2, spec.image_2))
+            )
+        )
+
+    # --- shutdown and health ----------------------------------------------------------------------
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop taking jobs, let running ones finish within ``grace_s``, then stop the rest.
+
+        Waiting jobs are refunded at once. Running jobs that do not finish in time are
+        cancelled: refunded in sync mode; in async mode, once their request id is stored, they
+        are handed over to the next process (left running, not refunded).
+        """
+        self.accepting = False
+        left = self.queue.close(ShuttingDown("restarting"))
+        if left:
+            log.info("shutdown: %d waiting job(s) withdrawn and refunded", len(left))
+            await asyncio.sleep(0)  # let their owners run the refunds
+        finished = await self.queue.wait_running(grace_s)
+        if not finished:
+            running = self.queue.running_tasks()
+            log.warning("shutdown: %d job(s) still running after %.0f s", len(running), grace_s)
+            self.handing_over = self.settings.segmind_api_mode == "async"
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        await self.queue.aclose()
+
+    def pause_for_account(self, err: ApiError) -> None:
+        """The API account needs the owner: hold new jobs and probe until it works again."""
+        if self.queue.paused:
+            return
+        log.error(
+            "PAUSING new jobs: the Segmind account needs attention (%s, HTTP %s): %s",
+            err.cause,
+            err.status,
+            err.detail,
+        )
+        self.queue.pause()
+        self.queue.withdraw_all(ServicePaused("account paused"))
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe_account())
+
+    async def _probe_account(self) -> None:
+        while self.queue.paused:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                credits = await self.client.account_credits()
+            except ApiError as err:
+                log.warning("account probe: still failing (%s)", err.cause)
+                continue
+            except Exception:  # noqa: BLE001 - a probe must never die
+                log.exception("account probe failed")
+                continue
+            if credits is None or credits > 0:
+                log.warning("account probe: the Segmind account works again; resuming jobs")
+                self.queue.resume()
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    def _reserve_request(self, spec: JobSpec) -> ReserveRequest:
+        return ReserveRequest(
+            job_id=spec.job_id,
+            guild_id=spec.guild_id,
+            channel_id=spec.channel_id,
+            user_id=spec.user_id,
+            params=spec.params(),
+            seed=spec.seed,
+            locale=spec.locale,
+            application_id=spec.application_id,
+            interaction_token=spec.interaction_token,
+            exempt_from_cooldown=spec.exempt_from_cooldown,
+            worker_id=self.worker_id,
+            parent_job_id=spec.parent_job_id,
+        )
+
+    async def _report_queue(self, ticket: Any, sink: JobSink) -> None:
+        """Tell the member their place while the job waits, at most every few seconds."""
+        last: tuple[int, int] | None = None
+        last_at = 0.0
+        while ticket.waiting:
+            pos, total = ticket.position()
+            now = self._clock()
+            if pos and (pos, total) != last and now - last_at >= self.progress_interval_s:
+                last, last_at = (pos, total), now
+                with contextlib.suppress(Exception):
+                    await sink.queued(pos, total, ticket.eta_seconds())
+            ticket.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ticket.changed.wait(), timeout=self.progress_interval_s)
+
+    async def _report_generating(self, active: _Active, started: float) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await active.sink.generating(
+                    self._clock() - started, self.queue.estimate_duration()
+                )
+            await asyncio.sleep(self.progress_interval_s)
+
+    async def _call_api(self, active: _Active, resume: bool) -> GenerationResult:
+        spec = active.spec
+
+        async def submitted(job: SubmittedJob) -> None:
+            active.request_id = job.request_id
+            await self.store.set_api_request(
+                spec.job_id, job.request_id, job.status_url, job.response_url
+            )
+
+        for attempt in range(1, 6):
+            try:
+                if resume:
+                    assert active.request_id is not None
+                    return await self.client.resume(
+                        active.request_id, active.status_url, active.response_url
+                    )
+                return await self.client.generate(spec.request(), on_submitted=submitted)
+            except ApiRateLimited as err:
+                # a 429 is never billed: slow the whole queue down and try again
+                wait = min(60.0, err.retry_after or 5.0 * attempt)
+                self.queue.slow_down(wait)
+                if attempt == 5:
+                    raise
+                log.warning("job %s: rate limited, retrying in %.1f s", spec.job_id, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def _execute(self, active: _Active, *, resume: bool = False) -> JobOutcome:
+        """Call the API, deliver, commit; refund on anything else. Runs inside a queue slot."""
+        spec = active.spec
+        started = self._clock()
+        active.timings["started"] = started - active.t0
+        ticker = asyncio.create_task(self._report_generating(active, started))
+        try:
+            if not resume:
+                await self.store.mark_running(spec.job_id)
+            result = await self._call_api(active, resume)
+            api_seconds = self._clock() - started
+            active.api_charged = True
+            self.queue.record_duration(api_seconds)
+            self.metrics.api_latency.observe(api_seconds)
+            await self.store.mark_api_charged(spec.job_id)
+            active.timings["api_done"] = self._clock() - active.t0
+            ticker.cancel()
+            fitted = await images.fit_to_limit_async(
+                result.image, output_format=result.output_format, limit_bytes=active.sink.upload_limit
+            )
+            info = ResultInfo(
+                spec=spec,
+                image=fitted,
+                generation=result,
+                api_seconds=api_seconds,
+                total_seconds=self._clock() - active.t0,
+                balance_after=active.reservation.balance_after,
+                cost=active.reservation.cost,
+            )
+            delivery = await active.sink.deliver(info)
+            active.timings["delivered"] = self._clock() - active.t0
+            await self._commit(spec, delivery, api_seconds)
+            self.metrics.credits_spent.inc(active.reservation.cost)
+            log.info(
+                "job %s posted: %.1f s API, %.1f s total, %d bytes%s",
+                spec.job_id,
+                api_seconds,
+                self._clock() - active.t0,
+                len(fitted.data),
+                " (re-encoded)" if fitted.reencoded else "",
+            )
+            return self._finish(
+                JobOutcome(spec.job_id, "posted", delivery=delivery, timings=active.timings)
+            )
+        except asyncio.CancelledError:
+            ticker.cancel()
+            if self.handing_over and active.request_id:
+                log.info("job %s handed over to the next process", spec.job_id)
+                await asyncio.shield(self._tell_handover(active))
+                self._finish(JobOutcome(spec.job_id, "handed_over"))
+            else:
+                await asyncio.shield(self._refund(active, ShuttingDown("cancelled while running")))
+            raise
+        except ApiError as err:
+            ticker.cancel()
+            if err.account_problem:
+                self.pause_for_account(err)
+            return await self._refund(active, err)
+        except KontextError as err:
+            ticker.cancel()
+            return await self._refund(active, err)
+        except Exception as exc:  # a bug: the member still gets their credits back
+            ticker.cancel()
+            log.exception("job %s failed unexpectedly", spec.job_id)
+            err = KontextError(f"{type(exc).__name__}")
+            return await self._refund(active, err)
+
+    async def _commit(self, spec: JobSpec, delivery: Delivery, api_seconds: float) -> None:
+        for attempt in range(1, 4):
+            try:
+                await self.store.commit(
+                    spec.job_id,
+                    result_message_id=delivery.message_id,
+                    result_channel_id=delivery.channel_id,
+                    duration_s=api_seconds,
+                )
+                return
+            except Exception:
+                log.exception("job %s: commit failed (attempt %d)", spec.job_id, attempt)
+                await asyncio.sleep(0.5 * attempt)
+
+    async def _refund(
+        self, active: _Active, err: KontextError, *, restarted: bool = False
+    ) -> JobOutcome:
+        spec = active.spec
+        refunded = 0
+        try:
+            if await self.store.refund(
+                spec.job_id,
+                cause=err.cause,
+                clear_cooldown=not err.members_fault,
+                api_charged=active.api_charged,
+            ):
+                refunded = active.reservation.cost
+        except Exception:
+            log.exception("job %s: refund failed; recovery will retry it", spec.job_id)
+        log.info(
+            "job %s refunded %d credit(s): %s (%s)", spec.job_id, refunded, err.cause, err.detail
+        )
+        if restarted:
+            err = _Restarted(credits=refunded)
+        elif isinstance(err, ShuttingDown):
+            err = _Restarted(credits=refunded)
+        await self._tell(active.sink, err, refunded=refunded)
+        return self._finish(JobOutcome(spec.job_id, "refunded", err.cause, err, timings=active.timings))
+
+    async def _tell(self, sink: JobSink, err: KontextError, *, refunded: int) -> None:
+        try:
+            await sink.failed(err, refunded=refunded)
+        except Exception:
+            log.exception("could not tell the member about %s", err.cause)
+
+    async def _tell_handover(self, active: _Active) -> None:
+        with contextlib.suppress(Exception):
+            await active.sink.generating(-1.0, self.queue.estimate_duration())
+
+    def _finish(self, outcome: JobOutcome) -> JobOutcome:
+        self.outcomes[outcome.status] = self.outcomes.get(outcome.status, 0) + 1
+        self.metrics.job_finished(outcome.status, outcome.cause)
+        if self.on_outcome is not None:
+            with contextlib.suppress(Exception):
+                self.on_outcome(outcome)
+        return outcome
+
+
+class _Restarted(ShuttingDown):
+    """A job stopped by a restart; the message says the credits came back."""
+
+    key = "bot.restarted_refund"
+
+    def __init__(self, *, credits: int) -> None:
+        super().__init__("restart", credits=credits)
+
+
+@dataclass(slots=True)
+class _Active:
+    spec: JobSpec
+    sink: JobSink
+    reservation: Reservation
+    t0: float
+    timings: dict[str, float]
+    api_charged: bool = False
+    request_id: str | None = None
+    status_url: str | None = None
+    response_url: str | None = None

@@ -1,0 +1,278 @@
+"""Workers (multi-process recovery), server statistics and the ledger's invariant checks."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+
+from kontext.db import ACTIVE_STATES, budget_days, jobs, ledger, members, workers
+from kontext.store_base import StoreBase, job_from_row
+from kontext.store_types import GuildStats, Job, StatsWindow, day_start, usd_to_micros, utc_day
+
+_j = jobs.c
+_w = workers.c
+DAY = 86_400.0
+
+
+class AdminMixin(StoreBase):
+    """Workers, ``claim_orphans``, ``stats`` and ``check_invariants``."""
+
+    # --- workers --------------------------------------------------------------------------------
+
+    async def register_worker(self, worker_id: str) -> None:
+        """Announce a live worker (a bot process). Worker ids must be unique per process start."""
+        now = self.now()
+        async with self.db.write() as conn:
+            stmt = self._insert(workers).values(
+                id=worker_id, started_at=now, heartbeat_at=now, retired_at=None
+            )
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["id"],
+                    set_={"started_at": now, "heartbeat_at": now, "retired_at": None},
+                )
+            )
+
+    async def heartbeat(self, worker_id: str) -> bool:
+        """Mark the worker alive now; False when it is unknown or retired."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                update(workers)
+                .where(_w.id == worker_id, _w.retired_at.is_(None))
+                .values(heartbeat_at=self.now())
+                .returning(_w.id)
+            )
+            return result.first() is not None
+
+    async def retire_worker(self, worker_id: str) -> None:
+        """Mark the worker gone (clean shutdown): its unfinished jobs become claimable at once."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(workers)
+                .where(_w.id == worker_id, _w.retired_at.is_(None))
+                .values(retired_at=self.now())
+            )
+
+    async def claim_orphans(self, worker_id: str, *, stale_after_s: float) -> list[Job]:
+        """Take over every unfinished job whose worker is missing, retired or silent.
+
+        A worker is silent when its last heartbeat is older than ``stale_after_s``. Jobs with no
+        worker are orphans too; the caller's own jobs never are. Each job is moved with a
+        conditional ``UPDATE … WHERE worker_id = <old owner>``, so when several processes claim
+        at once every job goes to exactly one of them. Returns the claimed jobs (the caller
+        refunds or resumes them).
+        """
+        async with self.db.write() as conn:
+            now = self.now()
+            live = select(_w.id).where(
+                _w.retired_at.is_(None), _w.heartbeat_at >= now - stale_after_s
+            )
+            candidates = (
+                await conn.execute(
+                    select(_j.id, _j.worker_id)
+                    .where(
+                        _j.state.in_(ACTIVE_STATES),
+                        or_(_j.worker_id.is_(None), _j.worker_id.not_in(live)),
+                        or_(_j.worker_id.is_(None), _j.worker_id != worker_id),
+                    )
+                    .order_by(_j.created_at, _j.id)
+                )
+            ).all()
+            claimed: list[Job] = []
+            for cand in candidates:
+                row = (
+                    await conn.execute(
+                        update(jobs)
+                        .where(
+                            _j.id == cand.id,
+                            _j.state.in_(ACTIVE_STATES),
+                            _j.worker_id.is_not_distinct_from(cand.worker_id),
+                        )
+                        .values(worker_id=worker_id)
+                        .returning(*jobs.columns)
+                    )
+                ).first()
+                if row is not None:
+                    claimed.append(job_from_row(row))
+            return claimed
+
+    # --- stats ------------------------------------------------------------------------------------
+
+    async def stats(self, guild_id: int) -> GuildStats:
+        """Generations, spend, failures by cause and top members: today and the last 30 days."""
+        now = self.now()
+        today_start = day_start(now)
+        return GuildStats(
+            today=await self._window(guild_id, today_start),
+            last_30_days=await self._window(guild_id, today_start - 29 * DAY),
+        )
+
+    async def _window(self, guild_id: int, since: float) -> StatsWindow:
+        base = (_j.guild_id == guild_id, _j.created_at >= since)
+        posted = _j.state == "posted"
+        async with self.db.read() as conn:
+            generations, credits = (
+                await conn.execute(
+                    select(func.count(), func.coalesce(func.sum(_j.cost_credits), 0)).where(
+                        *base, posted
+                    )
+                )
+            ).one()
+            usd_micros = await conn.scalar(
+                select(func.coalesce(func.sum(_j.cost_usd_micros), 0)).where(
+                    *base, or_(posted, _j.api_charged.is_(True))
+                )
+            )
+            failures = await conn.execute(
+                select(_j.failure_cause, func.count())
+                .where(*base, _j.state.in_(("failed", "refunded")))
+                .group_by(_j.failure_cause)
+            )
+            failures_by_cause = {str(cause or "unknown"): int(n) for cause, n in failures}
+            n_generations = func.count().label("n")
+            top = await conn.execute(
+                select(_j.user_id, n_generations)
+                .where(*base, posted)
+                .group_by(_j.user_id)
+                .order_by(n_generations.desc(), _j.user_id)
+                .limit(5)
+            )
+            top_members = [(int(user), int(n)) for user, n in top]
+            refunds = await conn.scalar(select(func.count()).where(*base, _j.state == "refunded"))
+        return StatsWindow(
+            generations=int(generations),
+            credits_spent=int(credits),
+            usd_spent=int(usd_micros or 0) / 1_000_000,
+            failures_by_cause=failures_by_cause,
+            top_members=top_members,
+            refunds=int(refunds or 0),
+        )
+
+    # --- invariants -------------------------------------------------------------------------------
+
+    async def check_invariants(self) -> list[str]:
+        """Every broken money rule found (empty when all hold). A diagnostic: scans the tables."""
+        problems: list[str] = []
+        async with self.db.read() as conn:
+            member_rows = (await conn.execute(select(members))).all()
+            sums = {
+                (g, u): (int(total), int(last_id))
+                for g, u, total, last_id in await conn.execute(
+                    select(
+                        ledger.c.guild_id,
+                        ledger.c.user_id,
+                        func.sum(ledger.c.delta),
+                        func.max(ledger.c.id),
+                    ).group_by(ledger.c.guild_id, ledger.c.user_id)
+                )
+            }
+            last_after = {
+                i: int(after)
+                for i, after in await conn.execute(
+                    select(ledger.c.id, ledger.c.balance_after).where(
+                        ledger.c.id.in_([last for _, last in sums.values()] or [-1])
+                    )
+                )
+            }
+            per_job: dict[int, Counter[str]] = defaultdict(Counter)
+            job_delta: dict[tuple[int, str], int] = defaultdict(int)
+            for job_id, kind, n, total in await conn.execute(
+                select(ledger.c.job_id, ledger.c.kind, func.count(), func.sum(ledger.c.delta))
+                .where(ledger.c.job_id.is_not(None))
+                .group_by(ledger.c.job_id, ledger.c.kind)
+            ):
+                per_job[int(job_id)][kind] = int(n)
+                job_delta[(int(job_id), kind)] = int(total)
+            job_rows = (
+                await conn.execute(
+                    select(
+                        _j.id,
+                        _j.guild_id,
+                        _j.user_id,
+                        _j.state,
+                        _j.cost_credits,
+                        _j.cost_usd_micros,
+                        _j.created_at,
+                        _j.api_charged,
+                    )
+                )
+            ).all()
+            budget_rows = (await conn.execute(select(budget_days))).all()
+
+        active: Counter[tuple[int, int]] = Counter()
+        budget_expected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for job in job_rows:
+            problems.extend(_job_problems(job, per_job.get(int(job.id), Counter()), job_delta))
+            if job.state in ACTIVE_STATES:
+                active[(job.guild_id, job.user_id)] += 1
+            if job.state in (*ACTIVE_STATES, "posted") or job.api_charged:
+                day = budget_expected[utc_day(job.created_at)]
+                day[0] += int(job.cost_usd_micros)
+                day[1] += 1
+        known_jobs = {int(j.id) for j in job_rows}
+        for job_id in per_job.keys() - known_jobs:
+            problems.append(f"ledger rows for unknown job {job_id}")
+
+        for m in member_rows:
+            who = f"member {m.guild_id}/{m.user_id}"
+            if m.balance < 0:
+                problems.append(f"{who}: negative balance {m.balance}")
+            if m.inflight < 0:
+                problems.append(f"{who}: negative inflight {m.inflight}")
+            total, last_id = sums.get((m.guild_id, m.user_id), (0, None))
+            if total != m.balance:
+                problems.append(f"{who}: balance {m.balance} != ledger sum {total}")
+            if last_id is not None and last_after.get(last_id) != m.balance:
+                problems.append(f"{who}: last balance_after {last_after.get(last_id)} != balance")
+            if m.inflight != active[(m.guild_id, m.user_id)]:
+                problems.append(
+                    f"{who}: inflight {m.inflight} != active jobs {active[(m.guild_id, m.user_id)]}"
+                )
+
+        cap = usd_to_micros(self.settings.daily_budget_usd)
+        seen_days = set()
+        for b in budget_rows:
+            seen_days.add(b.day)
+            if b.reserved_micros < 0 or b.generations < 0:
+                problems.append(f"budget {b.day}: negative ({b.reserved_micros}, {b.generations})")
+            if b.reserved_micros > cap:
+                problems.append(f"budget {b.day}: reserved {b.reserved_micros} > cap {cap}")
+            expected = budget_expected.get(b.day, [0, 0])
+            if [int(b.reserved_micros), int(b.generations)] != expected:
+                problems.append(
+                    f"budget {b.day}: (reserved, generations) = "
+                    f"({b.reserved_micros}, {b.generations}), jobs say {tuple(expected)}"
+                )
+        for day in budget_expected.keys() - seen_days:
+            problems.append(f"budget {day}: no row but jobs reserved budget that day")
+        return problems
+
+
+def _job_problems(
+    job: Any, kinds: Counter[str], job_delta: dict[tuple[int, str], int]
+) -> list[str]:
+    """The broken rules of one job, given the count of its ledger rows per kind."""
+    out: list[str] = []
+    name = f"job {job.id} ({job.state})"
+    if kinds["reserve"] != 1:
+        out.append(f"{name}: {kinds['reserve']} reserve rows")
+    elif job_delta[(int(job.id), "reserve")] != -int(job.cost_credits):
+        out.append(f"{name}: reserve delta != -cost")
+    if kinds["commit"] > 1 or kinds["refund"] > 1:
+        out.append(f"{name}: {kinds['commit']} commit rows, {kinds['refund']} refund rows")
+    if kinds["commit"] and kinds["refund"]:
+        out.append(f"{name}: both committed and refunded")
+    if job.state == "posted" and kinds["commit"] != 1:
+        out.append(f"{name}: posted without a commit row")
+    if job.state in ("refunded", "failed") and kinds["refund"] != 1:
+        out.append(f"{name}: ended without a refund row")
+    if kinds["refund"] and job_delta[(int(job.id), "refund")] != int(job.cost_credits):
+        out.append(f"{name}: refund delta != cost")
+    if job.state in ACTIVE_STATES and (kinds["commit"] or kinds["refund"]):
+        out.append(f"{name}: active but has a commit/refund row")
+    other = set(kinds) - {"reserve", "commit", "refund"}
+    if other:
+        out.append(f"{name}: unexpected ledger kinds {sorted(other)}")
+    return out

@@ -1,0 +1,163 @@
+"""The value types the :class:`kontext.store.Store` takes and returns (re-exported there)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+MICROS_PER_USD = 1_000_000
+
+
+def usd_to_micros(usd: float) -> int:
+    """Whole micro-dollars for ``usd`` (0.10 → 100000)."""
+    return int(round(usd * MICROS_PER_USD))
+
+
+def utc_day(ts: float) -> str:
+    """The UTC day of epoch seconds ``ts`` as ``YYYY-MM-DD``."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+
+
+def day_start(ts: float) -> float:
+    """Epoch seconds of 00:00 UTC of the day containing ``ts``."""
+    d = dt.datetime.fromtimestamp(ts, dt.UTC)
+    return d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class GuildSettings:
+    """One server's settings, with the process defaults filled in where the server has none."""
+
+    guild_id: int
+    starting_credits: int
+    credits_per_image: int
+    daily_free_credits: int
+    cooldown_seconds: int
+    jobs_per_member: int
+    max_safety_tolerance: int
+    default_aspect_ratio: str
+    showcase_channel_id: int | None = None
+    showcase_requires_approval: bool = False
+    allowed_channel_ids: tuple[int, ...] = ()
+    exempt_role_ids: tuple[int, ...] = ()
+    blocked_words: tuple[str, ...] = ()
+    confirm_quote: bool = False
+    #: the keys this server set itself (the others are process defaults)
+    overridden: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """What :meth:`Store.reserve` needs to create a job and charge for it."""
+
+    job_id: int
+    guild_id: int
+    channel_id: int
+    user_id: int
+    params: dict[str, Any]
+    seed: int
+    locale: str | None = None
+    application_id: int | None = None
+    interaction_token: str | None = field(default=None, repr=False)
+    exempt_from_cooldown: bool = False
+    worker_id: str | None = None
+    parent_job_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A successful reservation: the job exists and ``cost`` credits are held."""
+
+    job_id: int
+    cost: int
+    balance_after: int
+    cooldown_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """A member's credits as ``/credits`` shows them."""
+
+    balance: int
+    cooldown_remaining: float
+    inflight: int
+    exists: bool
+    #: free credits the member gets at the next job today (daily top-up not yet claimed)
+    daily_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger row."""
+
+    id: int
+    delta: int
+    kind: str
+    reason: str | None
+    job_id: int | None
+    actor_id: int | None
+    balance_after: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job row, ``params`` decoded. ``interaction_token`` is kept out of ``repr``."""
+
+    id: int
+    guild_id: int
+    channel_id: int
+    user_id: int
+    state: str
+    params: dict[str, Any]
+    seed: int | None
+    cost_credits: int
+    cost_usd_micros: int
+    cooldown_until: float | None
+    locale: str | None
+    application_id: int | None
+    interaction_token: str | None = field(repr=False)
+    worker_id: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    duration_s: float | None
+    api_request_id: str | None
+    api_status_url: str | None
+    api_response_url: str | None
+    api_charged: bool
+    result_message_id: int | None
+    result_channel_id: int | None
+    failure_cause: str | None
+    parent_job_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsWindow:
+    """Activity of one server over a time window."""
+
+    generations: int
+    credits_spent: int
+    usd_spent: float
+    failures_by_cause: dict[str, int]
+    top_members: list[tuple[int, int]]
+    refunds: int
+
+
+@dataclass(frozen=True, slots=True)
+class GuildStats:
+    """``/kontext-admin stats``."""
+
+    today: StatsWindow
+    last_30_days: StatsWindow
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """Today's spend against the owner's daily cap (all servers)."""
+
+    day: str
+    reserved_usd: float
+    cap_usd: float
+    generations: int

@@ -1,0 +1,254 @@
+"""Throwaway databases for tests: a SQLite file, a Postgres schema, or a whole Postgres database.
+
+* :func:`temp_sqlite_url` — ``sqlite:////tmp/…/kontext.db``.
+* :func:`temp_postgres_schema` — a fresh schema in the test database; yields ``(url, engine_kwargs)``
+  (the schema is selected with ``server_settings={"search_path": …}``, so it only works for a
+  :class:`~kontext.store.Store` opened in this process with those ``engine_kwargs``).
+* :func:`temp_postgres_url` — ``CREATE DATABASE kontext_test_<random>``; yields a plain
+  ``DATABASE_URL`` a separate bot process can use.
+* :func:`open_test_store` — a :class:`~kontext.store.Store` on a fresh database of either backend.
+* :func:`ensure_postgres` — skip (or fail, when ``KONTEXT_REQUIRE_POSTGRES=1``) without a server.
+
+Postgres comes from ``KONTEXT_TEST_POSTGRES_URL`` (default
+``postgresql://postgres@127.0.0.1:5432/test``).
+
+Run as a script (``python -m tests.dbutil reserve-worker URL CONFIG_JSON``) it is the helper
+process of the multi-process tests: it reserves a list of job ids concurrently and prints a JSON
+summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+BACKENDS: tuple[str, ...] = ("sqlite", "postgres")
+#: 2025-03-01 12:00:00 UTC — tests start at noon so a day boundary is 12 h away.
+CLOCK_START = 1_740_830_400.0
+
+_pg_reason: dict[str, str | None] = {}
+
+
+class FakeClock:
+    """An injectable clock: ``clock()`` returns the time, ``advance(s)`` moves it on."""
+
+    def __init__(self, start: float = CLOCK_START) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds``."""
+        self.t += seconds
+
+
+def make_settings(**overrides: Any) -> Any:
+    """Settings for tests (a dummy token, cooldown 60 s, starting credits 10, overrides)."""
+    from kontext.settings import Settings
+
+    return Settings(discord_token="test-token", **overrides)
+
+
+def postgres_base_url() -> str:
+    """The Postgres server tests use."""
+    return os.environ.get("KONTEXT_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
+
+
+def postgres_required() -> bool:
+    """True when a missing Postgres must fail the tests instead of skipping them."""
+    return os.environ.get("KONTEXT_REQUIRE_POSTGRES", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _dsn(url: str) -> str:
+    """A libpq/asyncpg DSN for a SQLAlchemy-style Postgres URL."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return u.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def postgres_unavailable_reason(url: str | None = None) -> str | None:
+    """None when the Postgres server answers, else why not (cached per URL)."""
+    import asyncpg
+
+    url = url or postgres_base_url()
+    if url not in _pg_reason:
+        try:
+            conn = await asyncpg.connect(_dsn(url), timeout=5)
+            await conn.close()
+            _pg_reason[url] = None
+        except Exception as exc:  # any failure means "not available"
+            _pg_reason[url] = f"no Postgres at {url}: {type(exc).__name__}: {exc}"
+    return _pg_reason[url]
+
+
+async def ensure_postgres(url: str | None = None) -> None:
+    """Skip the calling test when Postgres is down — or fail when it is required."""
+    import pytest
+
+    reason = await postgres_unavailable_reason(url)
+    if reason is None:
+        return
+    if postgres_required():
+        pytest.fail(f"KONTEXT_REQUIRE_POSTGRES=1 but {reason}")
+    pytest.skip(f"{reason} (set KONTEXT_TEST_POSTGRES_URL, or KONTEXT_REQUIRE_POSTGRES=1 to fail)")
+
+
+@asynccontextmanager
+async def temp_sqlite_url(directory: str | os.PathLike[str] | None = None) -> AsyncIterator[str]:
+    """A ``DATABASE_URL`` for a new SQLite file (deleted afterwards when the dir is ours)."""
+    if directory is not None:
+        path = Path(directory) / f"kontext-{uuid.uuid4().hex[:12]}.db"
+        yield f"sqlite:///{path}"
+        return
+    with tempfile.TemporaryDirectory(prefix="kontext-test-") as tmp:
+        yield f"sqlite:///{Path(tmp) / 'kontext.db'}"
+
+
+@asynccontextmanager
+async def temp_postgres_schema(
+    base_url: str | None = None,
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A fresh schema: yields ``(url, engine_kwargs)`` for :meth:`Store.open`; dropped after."""
+    import asyncpg
+
+    url = base_url or postgres_base_url()
+    schema = f"kontext_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(_dsn(url), timeout=10)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    try:
+        yield url, {"connect_args": {"server_settings": {"search_path": schema}}}
+    finally:
+        conn = await asyncpg.connect(_dsn(url), timeout=10)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def temp_postgres_url(base_url: str | None = None) -> AsyncIterator[str]:
+    """A throwaway database (``kontext_test_<random>``); yields its ``DATABASE_URL``."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = base_url or postgres_base_url()
+    name = f"kontext_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(_dsn(url), timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn = await asyncpg.connect(_dsn(url), timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def temp_database(
+    backend: str, tmp_dir: str | os.PathLike[str] | None = None
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A fresh database of ``backend``: yields ``(url, engine_kwargs)``."""
+    if backend == "sqlite":
+        async with temp_sqlite_url(tmp_dir) as url:
+            yield url, {}
+    elif backend == "postgres":
+        await ensure_postgres()
+        async with temp_postgres_schema() as (url, kwargs):
+            yield url, kwargs
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+@asynccontextmanager
+async def open_test_store(
+    backend: str,
+    settings: Any = None,
+    *,
+    clock: Any = None,
+    tmp_dir: str | os.PathLike[str] | None = None,
+) -> AsyncIterator[Any]:
+    """A :class:`~kontext.store.Store` on a fresh database; closed and dropped afterwards."""
+    from kontext.store import Store
+
+    async with temp_database(backend, tmp_dir) as (url, kwargs):
+        store = await Store.open(
+            url, settings or make_settings(), engine_kwargs=kwargs, clock=clock or time.time
+        )
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+# --- the helper process of the multi-process tests ------------------------------------------------
+
+
+async def _reserve_worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Reserve (and commit) ``config["job_ids"]`` concurrently; summarize what happened."""
+    from kontext.errors import KontextError
+    from kontext.store import ReserveRequest, Store
+
+    store = await Store.open(url, make_settings(**config.get("settings", {})))
+    try:
+        start_at = float(config.get("start_at", 0))
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        ok: list[int] = []
+        errors: dict[str, int] = {}
+
+        async def one(job_id: int) -> None:
+            req = ReserveRequest(
+                job_id=job_id,
+                guild_id=int(config["guild_id"]),
+                channel_id=1,
+                user_id=int(config["user_id"]),
+                params={"prompt": "x"},
+                seed=job_id,
+                worker_id=config.get("worker_id"),
+            )
+            try:
+                await store.reserve(req)
+            except KontextError as err:
+                errors[err.cause] = errors.get(err.cause, 0) + 1
+                return
+            ok.append(job_id)
+            if config.get("commit", True):
+                await store.commit(job_id, result_message_id=job_id, result_channel_id=1)
+
+        await asyncio.gather(*(one(j) for j in config["job_ids"]))
+        return {"ok": sorted(ok), "errors": errors}
+    finally:
+        await store.close()
+
+
+def main(argv: list[str]) -> int:
+    """``reserve-worker URL CONFIG_JSON``: run :func:`_reserve_worker`, print its JSON."""
+    if len(argv) != 3 or argv[0] != "reserve-worker":
+        print("usage: python -m tests.dbutil reserve-worker URL CONFIG_JSON", file=sys.stderr)
+        return 2
+    result = asyncio.run(_reserve_worker(argv[1], json.loads(argv[2])))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,226 @@
+"""Tests of :mod:`kontext.db`: URLs, SQLite's locking discipline, and the migration runner."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, select, text
+
+from kontext.db import (
+    MIGRATIONS,
+    SQLITE_BUSY_TIMEOUT_MS,
+    Database,
+    Migration,
+    current_version,
+    engine_args,
+    schema_version,
+)
+from kontext.db import run_migrations as run
+from kontext.store import Store
+from tests.dbutil import ensure_postgres, make_settings, postgres_base_url, temp_postgres_schema
+
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def test_sqlite_relative_url_creates_parent_dir(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    url, connect_args = engine_args("sqlite:///data/kontext.db")
+    assert url.drivername == "sqlite+aiosqlite"
+    assert url.database == str(tmp_path / "data" / "kontext.db")
+    assert (tmp_path / "data").is_dir() and connect_args == {}
+
+
+def test_sqlite_absolute_url(tmp_path: Path) -> None:
+    url, _ = engine_args(f"sqlite:///{tmp_path}/sub/k.db")  # sqlite:////abs/path
+    assert url.database == str(tmp_path / "sub" / "k.db")
+    assert (tmp_path / "sub").is_dir()
+
+
+@pytest.mark.parametrize("raw", ["sqlite://", "sqlite:///:memory:", "mysql://x@h/db"])
+def test_unsupported_urls(raw: str) -> None:
+    with pytest.raises(ValueError, match="DATABASE_URL"):
+        engine_args(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "ssl", "query"),
+    [
+        ("postgres://u:p@db.example.com:5432/d?sslmode=require", "require", {}),
+        ("postgresql://u:p@db.example.com/d", "prefer", {}),  # Heroku: no sslmode, needs SSL
+        ("postgres://u@localhost/d", None, {}),
+        ("postgresql://u@127.0.0.1:5432/d", None, {}),
+        ("postgresql://u@127.0.0.1/d?sslmode=disable", "disable", {}),
+        ("postgresql+asyncpg://u@db.example.com/d?sslmode=verify-full", "verify-full", {}),
+        ("postgresql://u@h.example/d?ssl=true", "require", {}),
+        ("postgresql://u@h.example/d?sslmode=require&prepared_statement_cache_size=0", "require",
+         {"prepared_statement_cache_size": "0"}),
+    ],
+)  # fmt: skip
+def test_postgres_urls(raw: str, ssl: str | None, query: dict[str, str]) -> None:
+    url, connect_args = engine_args(raw)
+    assert url.drivername == "postgresql+asyncpg"
+    assert connect_args.get("ssl") == ssl
+    assert dict(url.query) == query
+    assert url.password == ("p" if ":p@" in raw else None)
+
+
+def test_postgres_url_bad_sslmode_and_application_name() -> None:
+    with pytest.raises(ValueError, match="sslmode"):
+        engine_args("postgres://u@h/d?sslmode=sometimes")
+    _, args = engine_args("postgres://u@localhost/d?application_name=kontext")
+    assert args == {"server_settings": {"application_name": "kontext"}}
+
+
+async def test_postgres_url_forms_connect() -> None:
+    """``postgres://`` and ``?sslmode=disable`` reach the real server."""
+    await ensure_postgres()
+    base = postgres_base_url().replace("postgresql://", "postgres://", 1)
+    sep = "&" if "?" in base else "?"
+    async with temp_postgres_schema() as (_, kwargs):
+        store = await Store.open(
+            f"{base}{sep}sslmode=disable", make_settings(), engine_kwargs=kwargs
+        )
+        try:
+            assert await store.ping()
+        finally:
+            await store.close()
+
+
+# --- SQLite locking ---------------------------------------------------------------------------------
+
+
+async def test_sqlite_pragmas(tmp_path: Path) -> None:
+    db = Database.from_url(f"sqlite:///{tmp_path}/p.db")
+    try:
+        await db.prepare()
+        async with db.read() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            timeout = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+            assert timeout == SQLITE_BUSY_TIMEOUT_MS >= 30_000
+            assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_write_takes_the_lock_at_begin(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        async with db.read():  # a reader does not block a writer
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        async with db.write() as conn:  # BEGIN IMMEDIATE before any statement
+            assert conn.in_transaction()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        await db.dispose()
+
+
+async def test_sqlite_two_engines_write_concurrently(tmp_path: Path) -> None:
+    """Two stores (separate pools and locks, like two processes) on one file: no lock errors."""
+    url = f"sqlite:///{tmp_path}/two.db"
+    a, b = await asyncio.gather(Store.open(url, make_settings()), Store.open(url, make_settings()))
+    try:
+        await asyncio.gather(*(s.grant(1, 2, 1, actor_id=3) for s in (a, b) for _ in range(40)))
+        assert (await a.member_status(1, 2)).balance == 10 + 80
+        assert await b.check_invariants() == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- migrations -----------------------------------------------------------------------------------
+
+
+async def test_migrations_are_idempotent(fresh_db: tuple[str, dict[str, Any]]) -> None:
+    url, kwargs = fresh_db
+    db = Database.from_url(url, **kwargs)
+    try:
+        assert await current_version(db) == 0
+        assert await run(db) == len(MIGRATIONS)
+        assert await run(db) == 0
+        assert await current_version(db) == MIGRATIONS[-1].version
+        async with db.read() as conn:
+            rows = (await conn.execute(select(schema_version.c.version))).scalars().all()
+        assert rows == [m.version for m in MIGRATIONS]
+    finally:
+        await db.dispose()
+
+
+async def test_concurrent_open_on_fresh_database(fresh_db: tuple[str, dict[str, Any]]) -> None:
+    url, kwargs = fresh_db
+    stores = await asyncio.gather(
+        *(Store.open(url, make_settings(), engine_kwargs=kwargs) for _ in range(4))
+    )
+    try:
+        await asyncio.gather(*(s.grant(1, 2, 1, actor_id=3) for s in stores))
+        assert (await stores[0].member_status(1, 2)).balance == 14
+        assert await stores[1].check_invariants() == []
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def _extra_steps() -> list[Migration]:
+    def create_probe(conn: Connection) -> None:
+        conn.execute(text("CREATE TABLE probe (n INTEGER NOT NULL)"))
+
+    def insert_probe(conn: Connection) -> None:
+        conn.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": 1})
+
+    return [
+        *MIGRATIONS,
+        Migration(100, "probe table", create_probe),
+        Migration(101, "probe row", insert_probe),
+    ]
+
+
+async def test_extra_steps_run_once_under_concurrency(
+    fresh_db: tuple[str, dict[str, Any]],
+) -> None:
+    url, kwargs = fresh_db
+    dbs = [Database.from_url(url, **kwargs) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(run(db, _extra_steps()) for db in dbs))
+        assert sum(applied) == len(MIGRATIONS) + 2
+        async with dbs[0].read() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
+        assert await current_version(dbs[1]) == 101
+    finally:
+        for db in dbs:
+            await db.dispose()
+
+
+async def test_failed_step_rolls_back(fresh_db: tuple[str, dict[str, Any]]) -> None:
+    url, kwargs = fresh_db
+
+    def broken(conn: Connection) -> None:
+        conn.execute(text("CREATE TABLE half_done (n INTEGER)"))
+        raise RuntimeError("boom")
+
+    db = Database.from_url(url, **kwargs)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            await run(db, [*MIGRATIONS, Migration(50, "broken", broken)])
+        assert await current_version(db) == MIGRATIONS[-1].version
+        async with db.read() as conn:
+            has = await conn.run_sync(lambda c: c.dialect.has_table(c, "half_done"))
+        assert not has
+    finally:
+        await db.dispose()
+
+
+def test_duplicate_versions_rejected() -> None:
+    steps = [*MIGRATIONS, Migration(1, "again", lambda c: None)]
+    db = Database.__new__(Database)  # the check runs before any database access
+    with pytest.raises(ValueError, match="unique"):
+        asyncio.run(run(db, steps))
