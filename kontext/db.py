@@ -414,6 +414,22 @@ bot_meta = Table(
     Column("updated_at", Double, nullable=False),
 )
 
+showcase_posts = Table(
+    "showcase_posts",
+    metadata,
+    Column("job_id", BigInteger, primary_key=True),  # one showcase post per job
+    Column("guild_id", BigInteger, nullable=False),
+    Column("state", Text, nullable=False),  # pending | posted | rejected | removed
+    Column("requested_by", BigInteger, nullable=False),
+    Column("decided_by", BigInteger),
+    Column("showcase_channel_id", BigInteger),
+    Column("showcase_message_id", BigInteger),
+    Column("approval_message_id", BigInteger),  # the moderators' Approve / Reject card
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+Index("ix_showcase_guild_state", showcase_posts.c.guild_id, showcase_posts.c.state)
+
 
 # --- migrations ---------------------------------------------------------------------------------
 
@@ -439,9 +455,14 @@ def _v2_bot_meta(conn: Connection) -> None:
     metadata.create_all(conn, tables=[bot_meta], checkfirst=True)
 
 
+def _v3_showcase(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[showcase_posts], checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(2, "bot_meta: small process-wide facts (e.g. the last synced command hash)", _v2_bot_meta),
+    Migration(3, "showcase_posts: one showcase post per job, with its approval state", _v3_showcase),
 )
 
 

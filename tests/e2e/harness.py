@@ -154,7 +154,7 @@ def _answered_without_job(rec: InteractionRecord) -> bool:
     if not rec.edits and not rec.followups:
         return False
     last = (rec.original or {}).get("content") or ""
-    return bool(last) and not last.startswith(("✅ Accepted", "⏳", "🎨", "📤"))
+    return bool(last) and not last.startswith(("✅", "⏳", "🎨", "📤", "🔄", "**Quote**"))
 
 
 def test_settings(**env: str) -> Settings:
