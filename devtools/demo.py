@@ -110,6 +110,11 @@ async def main() -> int:
                 name = msg["attachments"][0]["filename"]
                 (OUT / name).write_bytes(data)
                 (OUT / "result-message.json").write_text(json.dumps(msg, indent=2))
+                (OUT / "names.json").write_text(json.dumps({member["user"]["id"]: "demo-member"}))
+                from devtools.render_message import render
+
+                picture_path = OUT / "result-message.png"
+                render(msg, data, names={member["user"]["id"]: "demo-member"}).save(picture_path)
                 embed = msg["embeds"][0]
                 fields = {f["name"]: f["value"] for f in embed.get("fields", [])}
                 say(f"result posted publicly in #showcase: {name} ({len(data):,} bytes)")
@@ -120,7 +125,7 @@ async def main() -> int:
                 say(f"Segmind saw 1 call (HTTP {call.status}); body keys: {', '.join(sorted(call.payload))}")
                 statuses = [e.get("content") for e in rec.edits if e.get("content")]
                 say("the member's private status went: " + " → ".join(s.split("\n")[0][:40] for s in statuses))
-                say(f"saved {OUT / name}")
+                say(f"saved {OUT / name} and a picture of the message: {picture_path}")
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
