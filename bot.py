@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -33,9 +34,54 @@ from kontext.store import Store
 
 log = logging.getLogger("kontext.bot")
 
-COGS = ("cogs.kontext", "cogs.credits", "cogs.admin")
+COGS = (
+    "cogs.kontext",
+    "cogs.credits",
+    "cogs.admin",
+    "cogs.results",
+    "cogs.showcase",
+    "cogs.context_menu",
+)
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 45.0
+#: an interaction token lives 15 minutes; past this age a recovered job talks through the channel
+TOKEN_USABLE_S = 14 * 60.0
+USAGE = "usage: python bot.py [sync]\n  (no argument: run the bot; sync: sync the slash commands and exit)"
+
+# Hidden knobs for development and tests only (not settings, not in .env.example):
+#   KONTEXT_WORKER_STALE_SECONDS   a silent worker's jobs are claimed after this (default 45)
+#   KONTEXT_PROGRESS_SECONDS       least time between two progress edits of a job (default 3)
+#   KONTEXT_ACCOUNT_PROBE_SECONDS  how often a paused API account is probed (default 60)
+
+
+def hidden_knob(name: str, default: float, env: Any = None) -> float:
+    """A positive number from the environment, or ``default`` (a bad value is ignored, logged)."""
+    raw = (env if env is not None else os.environ).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86_400:
+        log.warning("ignoring %s=%r (a number of seconds above 0 is expected)", name, raw)
+        return default
+    return value
+
+
+class StartupError(Exception):
+    """A setting that parsed but does not work (the database cannot be opened). One line."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name}: {why}")
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, single-line description of a startup failure (no URL, no secrets)."""
+    text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:199] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RedactingFilter(logging.Filter):
@@ -80,7 +126,11 @@ def setup_logging(settings: Settings, stream: Any = None) -> logging.Handler:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
-    logging.getLogger("discord").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
+    quiet = max(logging.INFO, logging.getLevelName(settings.log_level))
+    logging.getLogger("discord").setLevel(quiet)
+    # database drivers print statement parameters (interaction tokens) at DEBUG
+    for name in ("aiosqlite", "asyncpg", "sqlalchemy"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, quiet))
     return handler
 
 
@@ -147,6 +197,10 @@ class KontextBot(commands.Bot):
         self._close_task: asyncio.Task[None] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
         self.recovered = asyncio.Event()
+        self.stale_after_s = hidden_knob("KONTEXT_WORKER_STALE_SECONDS", STALE_AFTER_S)
+        self.heartbeat_s = min(HEARTBEAT_S, self.stale_after_s / 3)
+        self.progress_interval_s = hidden_knob("KONTEXT_PROGRESS_SECONDS", 3.0)
+        self.probe_interval_s = hidden_knob("KONTEXT_ACCOUNT_PROBE_SECONDS", 60.0)
 
     async def setup_hook(self) -> None:
         from kontext.pipeline import JobPipeline
@@ -156,7 +210,14 @@ class KontextBot(commands.Bot):
             connector=aiohttp.TCPConnector(limit=100, limit_per_host=50, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
-        self.store = await Store.open(s.database_url, s)
+        try:
+            self.store = await Store.open(s.database_url, s)
+        except Exception as exc:  # unreachable server, corrupt file, wrong credentials
+            why = _describe(exc)
+            for secret in (*s.secrets, *_url_passwords(s.database_url)):
+                if len(secret) >= 4:  # as RedactingFilter: a 1-char "secret" would mangle words
+                    why = why.replace(secret, "***")
+            raise StartupError("DATABASE_URL", f"the database cannot be opened ({why})") from None
         await self.store.register_worker(self.worker_id)
         self.segmind = SegmindClient(
             self.http_session,
@@ -177,6 +238,8 @@ class KontextBot(commands.Bot):
             http=self.http_session,
             worker_id=self.worker_id,
             metrics=self.metrics,
+            progress_interval_s=self.progress_interval_s,
+            probe_interval_s=self.probe_interval_s,
         )
         queue = self.queue
         self.metrics.bind_queue(
@@ -184,6 +247,9 @@ class KontextBot(commands.Bot):
         )
         for cog in COGS:
             await self.load_extension(cog)
+        from cogs.translation import KontextTranslator
+
+        await self.tree.set_translator(KontextTranslator())
         await self.sync_commands(force=self.force_sync)
         if s.port:
             from kontext.health import HealthServer
@@ -198,7 +264,12 @@ class KontextBot(commands.Bot):
         guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
         if guild is not None:
             self.tree.copy_global_to(guild=guild)
-        payload = [c.to_dict(self.tree) for c in self.tree.get_commands(guild=guild)]
+        # hash what Discord receives, translations included, so a catalog change re-syncs
+        translator = self.tree.translator
+        payload = [
+            await c.get_translated_payload(self.tree, translator) if translator else c.to_dict(self.tree)
+            for c in self.tree.get_commands(guild=guild)
+        ]
         digest = hashlib.sha256(
             json.dumps(payload, sort_keys=True, default=str).encode()
         ).hexdigest()
@@ -227,7 +298,12 @@ class KontextBot(commands.Bot):
         q = self.queue
         if q is None:
             return {}
-        return {"waiting": q.waiting_count, "running": q.running_count, "paused": q.paused}
+        return {
+            "waiting": q.waiting_count,
+            "running": q.running_count,
+            "paused": q.paused,
+            "accepting": bool(self.pipeline is not None and self.pipeline.accepting),
+        }
 
     async def on_ready(self) -> None:
         log.info("connected as %s (id %s) in %d server(s)", self.user, self.user and self.user.id, len(self.guilds))
@@ -237,24 +313,27 @@ class KontextBot(commands.Bot):
     async def _heartbeat(self) -> None:
         assert self.store is not None
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.store.heartbeat(self.worker_id)
             except Exception:
                 log.exception("heartbeat failed (database unreachable?)")
 
     async def _recovery_loop(self) -> None:
-        """Claim jobs that dead processes left behind: resume (async mode) or refund them."""
-        from cogs.common import ChannelSink
+        """Claim jobs that stopped processes left behind: resume (async mode) or refund them.
 
+        A cleanly stopped process retired its worker, so its jobs are claimed at once; a killed
+        one's after ``KONTEXT_WORKER_STALE_SECONDS`` (45 s) without a heartbeat.
+        """
         assert self.store is not None
         first = True
         while not self._closing:
             try:
-                jobs = await self.store.claim_orphans(self.worker_id, stale_after_s=STALE_AFTER_S)
+                jobs = await self.store.claim_orphans(
+                    self.worker_id, stale_after_s=self.stale_after_s
+                )
                 for job in jobs:
-                    sink = ChannelSink(self, job.channel_id, job.user_id, job.locale, job_id=job.id)
-                    await self.pipeline.resume(job, sink)
+                    self.pipeline.resume_in_background(job, self.recovered_sink(job))
                 if jobs:
                     log.warning("recovered %d job(s) left by a stopped process", len(jobs))
             except Exception:
@@ -262,18 +341,35 @@ class KontextBot(commands.Bot):
             if first:
                 first = False
                 self.recovered.set()
-            await asyncio.sleep(STALE_AFTER_S / 3)
+            await asyncio.sleep(self.stale_after_s / 3)
+
+    def recovered_sink(self, job: Any) -> Any:
+        """How to talk to the owner of a recovered job: through its interaction while the token
+        lives (private status edits, the result as a follow-up), else through the channel."""
+        from cogs.common import ChannelSink, InteractionSink
+
+        fresh = time.time() - job.created_at < TOKEN_USABLE_S
+        if job.interaction_token and job.application_id and fresh:
+            return InteractionSink(self, StoredInteraction(self, job), job_id=job.id)
+        return ChannelSink(self, job.channel_id, job.user_id, job.locale, job_id=job.id)
 
     async def shutdown(self) -> None:
         """Graceful stop: drain jobs within the grace period, then close everything."""
         if self._closing:
             return
         self._closing = True
-        log.info("shutting down: no new jobs; %.0f s grace for running ones", self.settings.shutdown_grace_seconds)
+        grace = self.settings.shutdown_grace_seconds
+        # keep a little of the grace for refunds, messages and closing, so the process is gone
+        # before the platform's SIGKILL
+        reserve = min(4.0, grace * 0.25)
+        log.info("shutting down: no new jobs; %.1f s for running ones to finish", grace - reserve)
         if self.pipeline is not None:
-            with contextlib.suppress(Exception):
-                await self.pipeline.shutdown(self.settings.shutdown_grace_seconds)
+            try:
+                await self.pipeline.shutdown(grace - reserve, settle_s=max(1.0, reserve / 2))
+            except Exception:
+                log.exception("draining jobs failed")
         await self.close()
+        log.info("stopped cleanly")
 
     async def close(self) -> None:
         """Close once, whoever asks (signal handler, ``async with``, tests); later calls wait."""
@@ -298,6 +394,37 @@ class KontextBot(commands.Bot):
             await self.http_session.close()
 
 
+class StoredInteraction:
+    """Just enough of a ``discord.Interaction``, rebuilt from a stored job, for
+    :class:`cogs.common.InteractionSink`: a recovered job can still edit the member's private
+    status and post its result as a follow-up while the interaction token lives."""
+
+    def __init__(self, bot: KontextBot, job: Any) -> None:
+        self._bot = bot
+        self.id = job.id
+        self.application_id = job.application_id
+        self.token = job.interaction_token
+        self.guild_id = job.guild_id
+        self.channel_id = job.channel_id
+        self.user = discord.Object(job.user_id)
+        try:
+            self.locale = discord.Locale(job.locale or "en-US")
+        except ValueError:
+            self.locale = discord.Locale.american_english
+        self.followup = discord.Webhook.from_state(
+            data={"id": job.application_id, "type": 3, "token": job.interaction_token},
+            state=bot._connection,
+        )
+
+    @property
+    def filesize_limit(self) -> int:
+        guild = self._bot.get_guild(self.guild_id) if self.guild_id else None
+        return guild.filesize_limit if guild is not None else 10 * 1024 * 1024
+
+    async def edit_original_response(self, **kwargs: Any) -> discord.WebhookMessage:
+        return await self.followup.edit_message("@original", **kwargs)  # type: ignore[arg-type]
+
+
 async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
     """Run until closed; returns the process exit code."""
     bot = KontextBot(settings, force_sync=sync_only)
@@ -313,13 +440,27 @@ async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
             await bot.start(settings.discord_token)
         if bot.shutdown_task is not None:
             await bot.shutdown_task
+    except StartupError as err:
+        print(f"Configuration error: {err}", file=sys.stderr)
+        return 2
     except discord.LoginFailure:
         log.error("DISCORD_TOKEN was refused by Discord: check the token in the Developer Portal")
         return 2
     except discord.PrivilegedIntentsRequired:
         log.error("Discord refused the gateway intents; this bot needs no privileged intents")
         return 2
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        log.error("could not reach Discord (%s); is the network up?", _describe(exc))
+        return 1
     return 0
+
+
+def _url_passwords(url: str) -> tuple[str, ...]:
+    try:
+        password = yarl.URL(url).password
+    except (ValueError, TypeError):
+        return ()
+    return (password,) if password and len(password) >= 3 else ()
 
 
 def _on_signal(bot: KontextBot, sig: signal.Signals) -> None:
@@ -330,8 +471,11 @@ def _on_signal(bot: KontextBot, sig: signal.Signals) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"], ["help"]):
+        print(USAGE)
+        return 0
     if argv not in ([], ["sync"]):
-        print("usage: python bot.py [sync]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         settings = load_settings()

@@ -70,7 +70,7 @@ class InsufficientCredits(KontextError):
 class OnCooldown(KontextError):
     """The member must wait ``retry_after`` seconds."""
 
-    key = "credits.cooldown"
+    key = "credits.cooldown_wait"
     cause = "cooldown"
     members_fault = True
 

@@ -29,6 +29,9 @@ class Metrics:
         self.credits_spent = Counter(
             "kontext_credits_spent", "Credits committed for posted images", registry=self.registry
         )
+        self.rate_limited = Counter(
+            "kontext_api_rate_limited", "429 answers from the image API", registry=self.registry
+        )
         self.queue_depth = Gauge(
             "kontext_queue_depth", "Jobs waiting in the queue", registry=self.registry
         )

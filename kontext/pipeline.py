@@ -72,7 +72,7 @@ class JobSpec:
     locale: str | None = None
     exempt_from_cooldown: bool = False
     application_id: int | None = None
-    interaction_token: str | None = None
+    interaction_token: str | None = field(default=None, repr=False)
     parent_job_id: int | None = None
     source: str = "slash"
 
@@ -179,8 +179,16 @@ class JobSink(Protocol):
         """Tell the member the job stopped (``refunded`` credits were given back)."""
 
 
+#: how long a commit or refund is retried while the database is away (then a restart settles it)
+SETTLE_RETRY_S = 3600.0
+
+
 class JobPipeline:
-    """Runs jobs for the whole process."""
+    """Runs jobs for the whole process.
+
+    ``progress_interval_s`` is the least time between two progress edits of one job (queue
+    position, progress bar); ``probe_interval_s`` how often a paused API account is probed.
+    """
 
     def __init__(
         self,
@@ -208,10 +216,16 @@ class JobPipeline:
         self._clock = clock
         self.accepting = True
         self.handing_over = False
+        self._stopping = False  # shutdown is cancelling running jobs
         self._probe_task: asyncio.Task[None] | None = None
-        self._active: dict[int, asyncio.Task[Any]] = {}
+        self._active: dict[int, _Active] = {}  # jobs calling the API or delivering
+        self._runs: set[asyncio.Task[Any]] = set()  # callers inside run()
+        self._resumed: set[asyncio.Task[Any]] = set()
+        self._settling: set[asyncio.Task[Any]] = set()  # commits/refunds retried (database down)
         self.outcomes: dict[str, int] = {}
         self.on_outcome: Callable[[JobOutcome], None] | None = None
+        if hasattr(client, "on_rate_limited"):
+            client.on_rate_limited = self._rate_limited
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -222,8 +236,23 @@ class JobPipeline:
         if self.queue.paused:
             raise ServicePaused("API account paused")
 
+    @property
+    def paused(self) -> bool:
+        """True while the API account needs attention (new jobs are refused)."""
+        return self.queue.paused
+
     async def run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
         """Run one new job to its end. Never raises a KontextError; tells ``sink`` instead."""
+        me = asyncio.current_task()
+        if me is not None:
+            self._runs.add(me)
+        try:
+            return await self._run(spec, sink)
+        finally:
+            if me is not None:
+                self._runs.discard(me)
+
+    async def _run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
         t0 = self._clock()
         timings: dict[str, float] = {}
         try:
@@ -240,25 +269,37 @@ class JobPipeline:
             await self._tell(sink, err, refunded=0)
             return self._finish(JobOutcome(spec.job_id, "rejected", err.cause, err))
 
-        active = _Active(spec=spec, sink=sink, reservation=reservation, t0=t0, timings=timings)
+        active = _Active(
+            spec=spec,
+            sink=sink,
+            reservation=reservation,
+            t0=t0,
+            timings=timings,
+            progress=_Progress(self.progress_interval_s),
+        )
         try:
             ticket = self.queue.submit(
                 spec.job_id, (spec.guild_id, spec.user_id), lambda: self._execute(active)
             )
         except KontextError as err:
             return await self._refund(active, err)
+        active.ticket = ticket  # set before the job can start (the dispatcher is another task)
 
-        progress = asyncio.create_task(self._report_queue(ticket, sink))
+        reporter = asyncio.create_task(self._report_queue(ticket, active))
         try:
             return await ticket.result()
         except KontextError as err:  # withdrawn while waiting (shutdown, account paused)
             return await self._refund(active, err)
         except asyncio.CancelledError:
-            if ticket.cancel(ShuttingDown("cancelled")):
-                await asyncio.shield(self._refund(active, ShuttingDown("cancelled")))
-            raise
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():  # our caller gave up on the job
+                if ticket.cancel(ShuttingDown("cancelled")):
+                    await asyncio.shield(self._refund(active, ShuttingDown("cancelled")))
+                raise
+            # the job's own task was cancelled (shutdown); it settled its money itself
+            return active.outcome or JobOutcome(spec.job_id, "refunded", "shutdown")
         finally:
-            progress.cancel()
+            reporter.cancel()
 
     async def resume(self, job: Job, sink: JobSink) -> JobOutcome:
         """Finish a job another (dead) process left behind.
@@ -270,14 +311,33 @@ class JobPipeline:
         reservation = Reservation(
             job_id=job.id, cost=job.cost_credits, balance_after=-1, cooldown_until=None
         )
-        active = _Active(spec=spec, sink=sink, reservation=reservation, t0=self._clock(), timings={})
+        active = _Active(
+            spec=spec,
+            sink=sink,
+            reservation=reservation,
+            t0=self._clock(),
+            timings={},
+            progress=_Progress(self.progress_interval_s),
+        )
         active.request_id = job.api_request_id
         active.status_url = job.api_status_url
         active.response_url = job.api_response_url
-        if self.settings.segmind_api_mode == "async" and job.api_request_id:
+        # a call that was in flight when its process died still runs (and is billed) at the
+        # API: keep its share of the owner's daily budget
+        active.api_charged = job.api_charged or job.state == "running"
+        if self.settings.segmind_api_mode == "async" and job.api_request_id and not self._stopping:
             log.info("job %s: resuming API request %s", job.id, job.api_request_id)
             return await self._execute(active, resume=True)
         return await self._refund(active, ShuttingDown("process restarted"), restarted=True)
+
+    def resume_in_background(self, job: Job, sink: JobSink) -> asyncio.Task[JobOutcome]:
+        """:meth:`resume` as a task the pipeline tracks (shutdown waits for it or hands it on)."""
+        task = asyncio.get_running_loop().create_task(
+            self.resume(job, sink), name=f"kontext-resume-{job.id}"
+        )
+        self._resumed.add(task)
+        task.add_done_callback(self._resumed.discard)
+        return task
 
     async def check_inputs(self, spec: JobSpec) -> None:
         """Download and check both images; raises InputError before any money moves."""
@@ -298,39 +358,76 @@ class JobPipeline:
 
     # --- shutdown and health ----------------------------------------------------------------------
 
-    async def shutdown(self, grace_s: float) -> None:
+    async def shutdown(self, grace_s: float, *, settle_s: float = 3.0) -> None:
         """Stop taking jobs, let running ones finish within ``grace_s``, then stop the rest.
 
         Waiting jobs are refunded at once. Running jobs that do not finish in time are
         cancelled: refunded in sync mode; in async mode, once their request id is stored, they
-        are handed over to the next process (left running, not refunded).
+        are handed over to the next process (left running, not refunded). A job already posting
+        its image gets up to ``settle_s`` more; then everyone who was told nothing yet is told,
+        within ``settle_s``.
         """
         self.accepting = False
         left = self.queue.close(ShuttingDown("restarting"))
         if left:
             log.info("shutdown: %d waiting job(s) withdrawn and refunded", len(left))
-            await asyncio.sleep(0)  # let their owners run the refunds
-        finished = await self.queue.wait_running(grace_s)
-        if not finished:
-            running = self.queue.running_tasks()
-            log.warning("shutdown: %d job(s) still running after %.0f s", len(running), grace_s)
-            self.handing_over = self.settings.segmind_api_mode == "async"
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
         if self._probe_task is not None:
             self._probe_task.cancel()
+        jobs = self._job_tasks()
+        if jobs:
+            log.info("shutdown: waiting up to %.1f s for %d running job(s)", grace_s, len(jobs))
+            _, pending = await asyncio.wait(jobs, timeout=max(0.0, grace_s))
+            if pending:
+                self._stopping = True
+                self.handing_over = self.settings.segmind_api_mode == "async"
+                posting = {a.task for a in self._active.values() if a.delivering and a.task}
+                stop = [t for t in pending if t not in posting]
+                log.warning(
+                    "shutdown: %d job(s) still running after %.1f s: %s",
+                    len(pending),
+                    grace_s,
+                    "handing over the ones with a request id" if self.handing_over else "refunding",
+                )
+                for task in stop:
+                    task.cancel()
+                _, still = await asyncio.wait(pending, timeout=settle_s)
+                for task in still:  # a post that hangs: give up on it too
+                    task.cancel()
+                if still:
+                    await asyncio.wait(still, timeout=1.0)
+        runs = [t for t in self._runs if not t.done()]
+        if runs:  # refunds and messages of withdrawn jobs
+            await asyncio.wait(runs, timeout=settle_s)
+        if self._settling:  # the database was down: one last chance, then the next process
+            _, late = await asyncio.wait(self._settling, timeout=settle_s)
+            for task in late:
+                task.cancel()
         await self.queue.aclose()
+
+    def _job_tasks(self) -> set[asyncio.Task[Any]]:
+        tasks = set(self.queue.running_tasks()) | {t for t in self._resumed if not t.done()}
+        tasks |= {a.task for a in self._active.values() if a.task is not None and not a.task.done()}
+        return tasks
+
+    def _rate_limited(self, delay: float | None) -> None:
+        """A 429 from the API: hold every new start for a while (the request itself retries)."""
+        wait = min(60.0, delay if delay is not None and delay > 0 else 5.0)
+        self.metrics.rate_limited.inc()
+        self.queue.slow_down(wait)
+        log.warning("image API rate limit hit: starting no new job for %.1f s", wait)
 
     def pause_for_account(self, err: ApiError) -> None:
         """The API account needs the owner: hold new jobs and probe until it works again."""
         if self.queue.paused:
             return
         log.error(
-            "PAUSING new jobs: the Segmind account needs attention (%s, HTTP %s): %s",
+            "PAUSING new jobs: the Segmind account needs attention (%s, HTTP %s): %s. "
+            "Check SEGMIND_API_KEY, SEGMIND_MODEL and the account's credits at "
+            "https://cloud.segmind.com; probing again every %.0f s.",
             err.cause,
             err.status,
             err.detail,
+            self.probe_interval_s,
         )
         self.queue.pause()
         self.queue.withdraw_all(ServicePaused("account paused"))
@@ -342,7 +439,12 @@ class JobPipeline:
             try:
                 credits = await self.client.account_credits()
             except ApiError as err:
-                log.warning("account probe: still failing (%s)", err.cause)
+                log.error(
+                    "account probe: the Segmind account still needs attention (%s, HTTP %s); "
+                    "new jobs stay paused",
+                    err.cause,
+                    err.status,
+                )
                 continue
             except Exception:  # noqa: BLE001 - a probe must never die
                 log.exception("account probe failed")
@@ -350,6 +452,8 @@ class JobPipeline:
             if credits is None or credits > 0:
                 log.warning("account probe: the Segmind account works again; resuming jobs")
                 self.queue.resume()
+            else:
+                log.error("account probe: the Segmind account has no credits left; still paused")
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -369,28 +473,31 @@ class JobPipeline:
             parent_job_id=spec.parent_job_id,
         )
 
-    async def _report_queue(self, ticket: Any, sink: JobSink) -> None:
-        """Tell the member their place while the job waits, at most every few seconds."""
-        last: tuple[int, int] | None = None
-        last_at = 0.0
-        while ticket.waiting:
+    async def _report_queue(self, ticket: Any, active: _Active) -> None:
+        """Tell the member their place while the job waits, when it changes (throttled)."""
+        shown: list[tuple[int, int]] = []
+
+        async def show() -> None:
             pos, total = ticket.position()
-            now = self._clock()
-            if pos and (pos, total) != last and now - last_at >= self.progress_interval_s:
-                last, last_at = (pos, total), now
-                with contextlib.suppress(Exception):
-                    await sink.queued(pos, total, ticket.eta_seconds())
+            if pos and ticket.waiting and (not shown or shown[-1] != (pos, total)):
+                shown.append((pos, total))
+                await active.sink.queued(pos, total, ticket.eta_seconds())
+
+        while ticket.waiting:
             ticket.changed.clear()
+            pos, total = ticket.position()
+            if pos and (not shown or shown[-1] != (pos, total)):
+                await active.progress.show(show)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ticket.changed.wait(), timeout=self.progress_interval_s)
 
     async def _report_generating(self, active: _Active, started: float) -> None:
+        async def show() -> None:
+            await active.sink.generating(self._clock() - started, self.queue.estimate_duration())
+
         while True:
-            with contextlib.suppress(Exception):
-                await active.sink.generating(
-                    self._clock() - started, self.queue.estimate_duration()
-                )
-            await asyncio.sleep(self.progress_interval_s)
+            await active.progress.show(show)
 
     async def _call_api(self, active: _Active, resume: bool) -> GenerationResult:
         spec = active.spec
@@ -413,8 +520,8 @@ class JobPipeline:
                 # a 429 is never billed: slow the whole queue down and try again
                 wait = min(60.0, err.retry_after or 5.0 * attempt)
                 self.queue.slow_down(wait)
-                if attempt == 5:
-                    raise
+                if attempt == 5 or (err.retry_after or 0) > 60:
+                    raise  # limited for long: refund now rather than hold the member's slot
                 log.warning("job %s: rate limited, retrying in %.1f s", spec.job_id, wait)
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
@@ -424,6 +531,8 @@ class JobPipeline:
         spec = active.spec
         started = self._clock()
         active.timings["started"] = started - active.t0
+        active.task = asyncio.current_task()
+        self._active[spec.job_id] = active
         ticker = asyncio.create_task(self._report_generating(active, started))
         try:
             if not resume:
@@ -431,11 +540,14 @@ class JobPipeline:
             result = await self._call_api(active, resume)
             api_seconds = self._clock() - started
             active.api_charged = True
+            active.delivering = True
+            if active.ticket is not None:
+                active.ticket.release()  # the API call is over: the next job may start
             self.queue.record_duration(api_seconds)
             self.metrics.api_latency.observe(api_seconds)
             await self.store.mark_api_charged(spec.job_id)
             active.timings["api_done"] = self._clock() - active.t0
-            ticker.cancel()
+            await _stop(ticker, active.progress)
             fitted = await images.fit_to_limit_async(
                 result.image, output_format=result.output_format, limit_bytes=active.sink.upload_limit
             )
@@ -461,69 +573,119 @@ class JobPipeline:
                 " (re-encoded)" if fitted.reencoded else "",
             )
             return self._finish(
-                JobOutcome(spec.job_id, "posted", delivery=delivery, timings=active.timings)
+                JobOutcome(spec.job_id, "posted", delivery=delivery, timings=active.timings),
+                active,
             )
         except asyncio.CancelledError:
-            ticker.cancel()
-            if self.handing_over and active.request_id:
+            await asyncio.shield(_stop(ticker, active.progress))
+            if self.handing_over and active.request_id and not active.delivering:
                 log.info("job %s handed over to the next process", spec.job_id)
                 await asyncio.shield(self._tell_handover(active))
-                self._finish(JobOutcome(spec.job_id, "handed_over"))
+                outcome = self._finish(JobOutcome(spec.job_id, "handed_over"), active)
             else:
-                await asyncio.shield(self._refund(active, ShuttingDown("cancelled while running")))
-            raise
+                outcome = await asyncio.shield(
+                    self._refund(active, ShuttingDown("cancelled while running"))
+                )
+            me = asyncio.current_task()
+            if not self._stopping or me is None:
+                raise
+            me.uncancel()  # our own shutdown cancelled the job: it is settled, so end normally
+            return outcome
         except ApiError as err:
-            ticker.cancel()
+            await _stop(ticker, active.progress)
+            if err.charged_maybe and (err.status is None or 200 <= err.status < 300):
+                # answered 200 (garbage) or no answer after sending: the API may have billed it,
+                # so the budget keeps it (an HTTP error status is a failed call: not billed)
+                active.api_charged = True
             if err.account_problem:
                 self.pause_for_account(err)
             return await self._refund(active, err)
         except KontextError as err:
-            ticker.cancel()
+            await _stop(ticker, active.progress)
             return await self._refund(active, err)
         except Exception as exc:  # a bug: the member still gets their credits back
-            ticker.cancel()
+            await _stop(ticker, active.progress)
             log.exception("job %s failed unexpectedly", spec.job_id)
             err = KontextError(f"{type(exc).__name__}")
             return await self._refund(active, err)
+        finally:
+            self._active.pop(spec.job_id, None)
 
     async def _commit(self, spec: JobSpec, delivery: Delivery, api_seconds: float) -> None:
-        for attempt in range(1, 4):
+        async def commit() -> Any:
+            return await self.store.commit(
+                spec.job_id,
+                result_message_id=delivery.message_id,
+                result_channel_id=delivery.channel_id,
+                duration_s=api_seconds,
+            )
+
+        try:
+            await commit()
+        except Exception:
+            log.exception("job %s: commit failed; retrying until the database answers", spec.job_id)
+            self._settle_later("commit", spec.job_id, commit)
+
+    def _settle_later(self, what: str, job_id: int, op: Callable[[], Any]) -> None:
+        """Retry a commit or refund in the background until the database takes it."""
+        task = asyncio.get_running_loop().create_task(
+            self._retry_settle(what, job_id, op), name=f"kontext-{what}-{job_id}"
+        )
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _retry_settle(self, what: str, job_id: int, op: Callable[[], Any]) -> None:
+        delay, tries = 0.25, 0
+        give_up = time.monotonic() + SETTLE_RETRY_S
+        while True:
+            await asyncio.sleep(delay)
+            tries += 1
             try:
-                await self.store.commit(
-                    spec.job_id,
-                    result_message_id=delivery.message_id,
-                    result_channel_id=delivery.channel_id,
-                    duration_s=api_seconds,
-                )
-                return
-            except Exception:
-                log.exception("job %s: commit failed (attempt %d)", spec.job_id, attempt)
-                await asyncio.sleep(0.5 * attempt)
+                await op()
+            except Exception as exc:  # noqa: BLE001 - the database is still away
+                if time.monotonic() > give_up:
+                    log.error(
+                        "job %s: %s still failing after %d tries (%s); a restart's recovery "
+                        "will settle it", job_id, what, tries, type(exc).__name__,
+                    )
+                    return
+                if tries % 20 == 1:
+                    log.warning("job %s: %s failed again (%s); retrying", job_id, what, exc)
+                delay = min(2.0, delay * 1.5)
+                continue
+            log.warning("job %s: %s went through after %d retries", job_id, what, tries)
+            return
 
     async def _refund(
         self, active: _Active, err: KontextError, *, restarted: bool = False
     ) -> JobOutcome:
         spec = active.spec
         refunded = 0
-        try:
-            if await self.store.refund(
+
+        async def refund() -> bool:
+            return await self.store.refund(
                 spec.job_id,
                 cause=err.cause,
                 clear_cooldown=not err.members_fault,
                 api_charged=active.api_charged,
-            ):
+            )
+
+        try:
+            if await refund():
                 refunded = active.reservation.cost
         except Exception:
-            log.exception("job %s: refund failed; recovery will retry it", spec.job_id)
+            log.exception("job %s: refund failed; retrying until the database answers", spec.job_id)
+            self._settle_later("refund", spec.job_id, refund)
+            refunded = active.reservation.cost  # it will be: the member is told so now
         log.info(
             "job %s refunded %d credit(s): %s (%s)", spec.job_id, refunded, err.cause, err.detail
         )
-        if restarted:
-            err = _Restarted(credits=refunded)
-        elif isinstance(err, ShuttingDown):
+        if restarted or isinstance(err, ShuttingDown):
             err = _Restarted(credits=refunded)
         await self._tell(active.sink, err, refunded=refunded)
-        return self._finish(JobOutcome(spec.job_id, "refunded", err.cause, err, timings=active.timings))
+        return self._finish(
+            JobOutcome(spec.job_id, "refunded", err.cause, err, timings=active.timings), active
+        )
 
     async def _tell(self, sink: JobSink, err: KontextError, *, refunded: int) -> None:
         try:
@@ -535,13 +697,54 @@ class JobPipeline:
         with contextlib.suppress(Exception):
             await active.sink.generating(-1.0, self.queue.estimate_duration())
 
-    def _finish(self, outcome: JobOutcome) -> JobOutcome:
+    def _finish(self, outcome: JobOutcome, active: _Active | None = None) -> JobOutcome:
+        if active is not None:
+            active.outcome = outcome
         self.outcomes[outcome.status] = self.outcomes.get(outcome.status, 0) + 1
         self.metrics.job_finished(outcome.status, outcome.cause)
         if self.on_outcome is not None:
             with contextlib.suppress(Exception):
                 self.on_outcome(outcome)
         return outcome
+
+
+async def _stop(ticker: asyncio.Task[Any], progress: _Progress) -> None:
+    """End a job's progress edits; the next status edit is then the last word."""
+    progress.closed = True
+    ticker.cancel()
+    await asyncio.gather(ticker, return_exceptions=True)
+    await progress.drain()
+
+
+class _Progress:
+    """One job's progress edits: at most one per ``interval`` seconds, never two at once."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = max(0.0, interval)
+        self.last = float("-inf")
+        self.closed = False
+        self.edits = 0
+        self._lock = asyncio.Lock()
+
+    async def show(self, make: Callable[[], Any]) -> None:
+        """Wait for this job's next turn, then run ``make()`` (an edit) unless closed."""
+        while not self.closed:
+            delay = self.last + self.interval - time.monotonic()
+            if delay <= 0:
+                break
+            await asyncio.sleep(delay)
+        async with self._lock:
+            if self.closed:
+                return
+            self.last = time.monotonic()
+            self.edits += 1
+            with contextlib.suppress(Exception):
+                await make()
+
+    async def drain(self) -> None:
+        """Wait for an edit in flight to finish."""
+        async with self._lock:
+            return
 
 
 class _Restarted(ShuttingDown):
@@ -560,7 +763,12 @@ class _Active:
     reservation: Reservation
     t0: float
     timings: dict[str, float]
+    progress: _Progress = field(default_factory=lambda: _Progress(3.0))
     api_charged: bool = False
+    delivering: bool = False
     request_id: str | None = None
     status_url: str | None = None
     response_url: str | None = None
+    task: asyncio.Task[Any] | None = None
+    ticket: Any = None
+    outcome: JobOutcome | None = None

@@ -58,6 +58,10 @@ class Ticket:
         """Estimated seconds until this job's result, from recent real durations."""
         return self.queue.eta_of(self)
 
+    def release(self) -> None:
+        """Give the job's slot to the next one now (its API call is done; it only posts)."""
+        self.queue.release(self)
+
     def cancel(self, error: BaseException | None = None) -> bool:
         """Withdraw a job that has not started. Returns False when it already started."""
         return self.queue.withdraw(self, error)
@@ -180,12 +184,13 @@ class JobQueue:
             max(0.0, est - (self._clock() - t.started_at)) for t in self._running if t.started_at
         )
         slots = self.max_concurrent
+        held = self.rate.delay()  # the RPM window (or a 429) holds every start for this long
         if pos <= slots - len(running_left):
-            return est
+            return held + est
         idx = pos - (slots - len(running_left)) - 1
         rounds, slot = divmod(idx, slots)
         first_free = running_left[slot] if slot < len(running_left) else 0.0
-        return first_free + rounds * est + est
+        return max(first_free, held) + rounds * est + est
 
     def record_duration(self, seconds: float) -> None:
         """Feed a real API duration into the estimate."""
@@ -235,6 +240,22 @@ class JobQueue:
 
     def resume(self) -> None:
         self._paused = False
+        self._notify()
+
+    def release(self, ticket: Ticket) -> None:
+        """Free ``ticket``'s slot before its coroutine ends (idempotent)."""
+        if ticket in self._running:
+            self._running.discard(ticket)
+            self._notify()
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Switch the queue (and its RPM window) to another clock; tests move time on with it."""
+        self._clock = clock
+        self.rate._clock = clock
+        self._notify()
+
+    def kick(self) -> None:
+        """Make the dispatcher look again now (after the clock moved)."""
         self._notify()
 
     def slow_down(self, seconds: float) -> None:
@@ -335,5 +356,4 @@ class JobQueue:
             if not ticket.done.done():
                 ticket.done.set_result(result)
         finally:
-            self._running.discard(ticket)
-            self._notify()
+            self.release(ticket)

@@ -454,6 +454,9 @@ class SegmindClient:
         self.retry_after_max_s = max(0.0, float(retry_after_max_s))
         self.max_image_bytes = int(max_image_bytes)
         self._sleep = sleep
+        #: called with the wait (seconds, or None) each time the API answers 429, so the caller's
+        #: limiter can slow down for everyone, not just for the request being retried
+        self.on_rate_limited: Callable[[float | None], None] | None = None
         self._base_origin = URL(self.base_url).origin()
         connect = min(10.0, self.timeout_s)
         self._timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=connect)
@@ -806,11 +809,13 @@ class SegmindClient:
                 what = "HTML instead of an image: " + _error_message(body)
             else:
                 what = f"{len(body)} bytes that are not JPEG/PNG/WebP (starts {body[:8].hex()})"
-            raise ApiBadResponse(self._detail(label, status, what, request_id), status=status)
+            # a 200 is a finished, billed generation even when its body is useless
+            raise ApiBadResponse(self._detail(label, status, what, request_id), status=status,
+                                 charged_maybe=status == 200)
         if not image_is_complete(body, fmt):
             raise ApiBadResponse(
                 self._detail(label, status, f"truncated {fmt} ({len(body)} bytes)", request_id),
-                status=status,
+                status=status, charged_maybe=status == 200,
             )
         if asked_format and fmt != asked_format:
             log.warning(
@@ -976,6 +981,11 @@ class SegmindClient:
                 return await op(), attempt
             except _Retry as retry:
                 error = retry.error
+                if isinstance(error, ApiRateLimited) and self.on_rate_limited is not None:
+                    try:
+                        self.on_rate_limited(retry.delay)
+                    except Exception:  # noqa: BLE001 - a hook must never break a call
+                        log.exception("on_rate_limited hook failed")
                 if attempt > self.max_retries:
                     error.args = (f"{error.detail} (after {attempt} attempts)",)
                     error.detail = error.args[0]

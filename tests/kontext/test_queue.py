@@ -180,3 +180,39 @@ async def test_eta_uses_rolling_median() -> None:
     for d in (10, 12, 100):
         q.record_duration(d)
     assert q.estimate_duration() == 12
+
+
+async def test_release_frees_the_slot_before_the_job_ends() -> None:
+    q = JobQueue(max_concurrent=1, rpm=1000, max_size=10)
+    gate = Gate()
+    first = q.submit(1, (1, 1), gate.job(1))
+    second = q.submit(2, (1, 2), gate.job(2))
+    await gate.wait_started(1)
+    assert q.waiting_count == 1
+    first.release()  # e.g. the API call is over; the job only posts its result now
+    first.release()  # idempotent
+    await gate.wait_started(2)
+    assert q.running_count == 1 and gate.running == 2
+    for ev in gate.release.values():
+        ev.set()
+    assert await first.result() == 1 and await second.result() == 2
+    await q.aclose()
+
+
+async def test_a_moved_clock_lets_rpm_held_jobs_start() -> None:
+    q = JobQueue(max_concurrent=5, rpm=2, max_size=10)
+    offset = [0.0]
+    q.use_clock(lambda: 1000.0 + offset[0])
+    gate = Gate()
+    for i in range(3):
+        q.submit(i, (1, i), gate.job(i))
+    await gate.wait_started(2)
+    await asyncio.sleep(0.05)
+    assert gate.started == [0, 1] and q.waiting_count == 1
+    assert 59 < q.rate.delay() <= 60
+    offset[0] += 60.0
+    q.kick()
+    await gate.wait_started(3)
+    for ev in gate.release.values():
+        ev.set()
+    await q.aclose()

@@ -391,6 +391,21 @@ async def test_429_far_in_the_future_is_not_waited_for(
     assert sleeps == [] and len(emu.calls) == 1
 
 
+async def test_every_429_is_reported_to_the_rate_limit_hook(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    seen: list[float | None] = []
+    client = make_client()
+    client.on_rate_limited = seen.append
+    emu.fail_next(429, times=2, headers={"x-rate-limit-reset-at-utc": "2"})
+    await client.generate(_req(inputs))
+    assert seen == [2.0, 2.0]
+    # a broken hook never breaks the call
+    client.on_rate_limited = lambda _delay: 1 / 0
+    emu.fail_next(429)
+    assert (await client.generate(_req(inputs))).attempts == 2
+
+
 @pytest.mark.parametrize("status", [502, 503])
 async def test_gateway_errors_then_success(
     emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],

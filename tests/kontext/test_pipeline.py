@@ -1,0 +1,304 @@
+"""JobPipeline with fake sinks, the Segmind emulator and a real SQLite store (no Discord).
+
+Covers what the e2e tests cannot pin down cheaply: the order of sink calls, shutdown with
+waiting and running jobs in both API modes, resuming, slot release before posting, the progress
+throttle, the account pause/probe cycle and the 429 hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from kontext.errors import KontextError, ServicePaused, ShuttingDown
+from kontext.pipeline import Delivery, InputImage, JobOutcome, JobPipeline, JobSpec, ResultInfo
+from kontext.queue import JobQueue
+from kontext.segmind import SegmindClient
+from kontext.store import Store
+from tests.dbutil import make_settings
+from tests.e2e.harness import make_image
+from tests.e2e.proc import until
+from tests.emulators.segmind import SegmindEmulator
+
+KEY = "sk-pipeline-test-key"
+GUILD = 1
+_ids = itertools.count(10_000)
+
+
+class FakeSink:
+    """Records what the member would have seen."""
+
+    upload_limit = 10 * 1024 * 1024
+
+    def __init__(self, *, deliver_delay: float = 0.0, fail_post: bool = False) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.deliver_delay = deliver_delay
+        self.fail_post = fail_post
+        self.delivering = asyncio.Event()
+
+    def kinds(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+    async def queued(self, position: int, total: int, eta_s: float) -> None:
+        self.events.append(("queued", position, total, time.monotonic()))
+
+    async def generating(self, elapsed_s: float, estimate_s: float) -> None:
+        self.events.append(("generating", elapsed_s, estimate_s, time.monotonic()))
+
+    async def deliver(self, result: ResultInfo) -> Delivery:
+        self.delivering.set()
+        await asyncio.sleep(self.deliver_delay)
+        if self.fail_post:
+            from kontext.errors import ResultNotDelivered
+
+            raise ResultNotDelivered("refused")
+        self.events.append(("deliver", len(result.image.data)))
+        return Delivery(message_id=next(_ids), channel_id=5)
+
+    async def failed(self, error: KontextError, *, refunded: int) -> None:
+        self.events.append(("failed", error, refunded))
+
+
+async def eventually(get: Any, ok: Any, timeout: float = 5.0) -> Any:
+    """Poll ``await get()`` until ``ok(value)``."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := await get()):
+        assert time.monotonic() < deadline, value
+        await asyncio.sleep(0.02)
+    return value
+
+
+@dataclass
+class Env:
+    semu: SegmindEmulator
+    store: Store
+    queue: JobQueue
+    pipeline: JobPipeline
+    url_1: str
+    url_2: str
+    outcomes: list[JobOutcome]
+
+    def spec(self, user_id: int | None = None) -> JobSpec:
+        job_id = next(_ids)
+        return JobSpec(
+            job_id=job_id,
+            guild_id=GUILD,
+            channel_id=5,
+            user_id=user_id or job_id,
+            prompt="combine them",
+            image_1=InputImage(self.url_1),
+            image_2=InputImage(self.url_2),
+            seed=7,
+        )
+
+    async def balance(self, user_id: int) -> int:
+        return (await self.store.member_status(GUILD, user_id)).balance
+
+
+@contextlib.asynccontextmanager
+async def pipeline_env(
+    tmp_path: Path,
+    *,
+    mode: str = "sync",
+    latency: float = 0.0,
+    max_concurrent: int = 2,
+    progress: float = 0.05,
+    probe: float = 0.1,
+    db: str = "k.db",
+) -> AsyncIterator[Env]:
+    settings = make_settings(
+        cooldown_seconds=0, segmind_api_mode=mode, database_url=f"sqlite:///{tmp_path / db}"
+    )
+    async with SegmindEmulator(api_key=KEY, latency=latency) as semu, aiohttp.ClientSession() as http:
+        store = await Store.open(settings.database_url, settings)
+        await store.register_worker("w1")
+        client = SegmindClient(
+            http, api_key=KEY, base_url=semu.base_url, mode=mode, poll_interval_s=0.05,
+            backoff_base_s=0.01, backoff_max_s=0.05,
+        )
+        queue = JobQueue(max_concurrent=max_concurrent, rpm=1000, max_size=10)
+        pipeline = JobPipeline(
+            settings=settings, store=store, client=client, queue=queue, http=http,
+            worker_id="w1", progress_interval_s=progress, probe_interval_s=probe,
+        )
+        outcomes: list[JobOutcome] = []
+        pipeline.on_outcome = outcomes.append
+        env = Env(semu, store, queue, pipeline, semu.host_image(make_image()),
+                  semu.host_image(make_image(colour="blue")), outcomes)
+        try:
+            yield env
+            assert await store.check_invariants() == []
+        finally:
+            await queue.aclose()
+            await store.close()
+
+
+async def test_happy_path_calls_the_sink_in_order_and_commits(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=0.2) as env:
+        sink = FakeSink()
+        spec = env.spec()
+        outcome = await env.pipeline.run(spec, sink)
+        assert outcome.status == "posted"
+        assert sink.kinds()[-1] == "deliver" and "generating" in sink.kinds()
+        assert set(outcome.timings) >= {"checked", "reserved", "started", "api_done", "delivered"}
+        job = await env.store.get_job(spec.job_id)
+        assert job is not None and job.state == "posted" and job.api_charged
+        assert await env.balance(spec.user_id) == 9
+
+
+async def test_slot_is_freed_when_the_api_call_ends_not_after_posting(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=0.1, max_concurrent=1) as env:
+        slow = FakeSink(deliver_delay=0.6)
+        first = asyncio.create_task(env.pipeline.run(env.spec(), slow))
+        await slow.delivering.wait()
+        t = time.monotonic()
+        second = await env.pipeline.run(env.spec(), FakeSink())
+        assert second.status == "posted"
+        assert time.monotonic() - t < 0.55  # did not wait for the first one's slow post
+        assert (await first).status == "posted"
+        assert env.semu.peak_concurrency == 1
+
+
+async def test_progress_edits_are_spaced_by_the_interval(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=0.7, max_concurrent=1, progress=0.3) as env:
+        sinks = [FakeSink(), FakeSink()]
+        outcomes = await asyncio.gather(
+            *(env.pipeline.run(env.spec(), s) for s in sinks)
+        )
+        assert [o.status for o in outcomes] == ["posted", "posted"]
+        for sink in sinks:
+            times = [e[-1] for e in sink.events if e[0] in ("queued", "generating")]
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+            assert all(g >= 0.25 for g in gaps), gaps  # 0.3 s, less scheduling jitter
+        assert "queued" in sinks[1].kinds()
+        assert sinks[1].kinds().index("queued") < sinks[1].kinds().index("generating")
+
+
+async def test_shutdown_refunds_waiting_and_overdue_running_jobs_sync(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=5.0, max_concurrent=1) as env:
+        running, waiting = FakeSink(), FakeSink()
+        specs = [env.spec(), env.spec()]
+        tasks = [asyncio.create_task(env.pipeline.run(s, k)) for s, k in zip(specs, (running, waiting), strict=True)]
+        await env.semu.wait_calls(1)
+        await asyncio.sleep(0.05)
+        t = time.monotonic()
+        await env.pipeline.shutdown(0.3, settle_s=1.0)
+        assert time.monotonic() - t < 1.0
+        outcomes = [await x for x in tasks]  # the callers get an outcome, not a CancelledError
+        assert [o.status for o in outcomes] == ["refunded", "refunded"]
+        for sink in (running, waiting):
+            err = sink.events[-1][1]
+            assert sink.events[-1][0] == "failed" and isinstance(err, ShuttingDown)
+            assert "refunded" in err.user_message("en-US")
+        for s in specs:
+            assert await env.balance(s.user_id) == 10
+        with pytest.raises(ShuttingDown):
+            env.pipeline.ensure_accepting()
+
+
+async def test_shutdown_lets_a_short_job_finish(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=0.3) as env:
+        task = asyncio.create_task(env.pipeline.run(env.spec(), FakeSink()))
+        await env.semu.wait_calls(1)
+        await env.pipeline.shutdown(5.0)
+        assert (await task).status == "posted"
+
+
+async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, mode="async", latency=1.0) as env:
+        sink = FakeSink()
+        spec = env.spec()
+        task = asyncio.create_task(env.pipeline.run(spec, sink))
+        await env.semu.wait_calls(1)
+        await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j and j.api_request_id)
+        await env.pipeline.shutdown(0.1)
+        assert (await task).status == "handed_over"
+        assert sink.events[-1][0] == "generating" and sink.events[-1][1] == -1.0
+        assert await env.balance(spec.user_id) == 9  # still reserved: the owner paid for it
+        await env.store.retire_worker("w1")
+        # the next process
+        queue = JobQueue(max_concurrent=2, rpm=1000, max_size=10)
+        nxt = JobPipeline(settings=env.pipeline.settings, store=env.store, client=env.pipeline.client,
+                          queue=queue, http=env.pipeline.http, worker_id="w2")
+        await env.store.register_worker("w2")
+        claimed = await env.store.claim_orphans("w2", stale_after_s=60)
+        assert [j.id for j in claimed] == [spec.job_id]
+        sink2 = FakeSink()
+        outcome = await nxt.resume_in_background(claimed[0], sink2)
+        assert outcome.status == "posted" and sink2.kinds()[-1] == "deliver"
+        assert len(env.semu.calls) == 1 and env.semu.charged_count == 1
+        assert await env.balance(spec.user_id) == 9
+        await queue.aclose()
+
+
+async def test_resume_in_sync_mode_refunds_with_a_restart_message(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path) as env:
+        spec = env.spec()
+        await env.store.reserve(env.pipeline._reserve_request(spec))
+        await env.store.mark_running(spec.job_id)
+        job = await env.store.get_job(spec.job_id)
+        assert job is not None
+        sink = FakeSink()
+        outcome = await env.pipeline.resume(job, sink)
+        assert outcome.status == "refunded"
+        assert "restarted" in sink.events[-1][1].user_message("en-US")
+        assert await env.balance(spec.user_id) == 10
+        assert env.semu.calls == []
+
+
+async def test_caller_cancelled_while_waiting_is_refunded(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=1.0, max_concurrent=1) as env:
+        first = asyncio.create_task(env.pipeline.run(env.spec(), FakeSink()))
+        await env.semu.wait_calls(1)
+        spec = env.spec()
+        second = asyncio.create_task(env.pipeline.run(spec, FakeSink()))
+        await until(lambda: env.queue.waiting_count, 5)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert await env.balance(spec.user_id) == 10
+        assert (await first).status == "posted"
+
+
+async def test_account_problem_pauses_and_a_probe_resumes(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path) as env:
+        env.semu.fail_next(401)
+        out = await env.pipeline.run(env.spec(), FakeSink())
+        assert out.status == "refunded" and env.pipeline.paused
+        with pytest.raises(ServicePaused):
+            env.pipeline.ensure_accepting()
+        refused = FakeSink()
+        assert (await env.pipeline.run(env.spec(), refused)).status == "rejected"
+        assert "needs attention" in refused.events[-1][1].user_message("en-US")
+        await until(lambda: not env.pipeline.paused, 3)
+        assert (await env.pipeline.run(env.spec(), FakeSink())).status == "posted"
+
+
+async def test_api_429_slows_the_whole_queue(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path) as env:
+        env.semu.fail_next(429, headers={"x-rate-limit-reset-at-utc": "0.2"})
+        out = await env.pipeline.run(env.spec(), FakeSink())
+        assert out.status == "posted"
+        assert env.pipeline.metrics.rate_limited._value.get() == 1
+        # the next start was held back for the 429's wait
+        assert env.queue.rate._blocked_until > 0
+
+
+async def test_failed_post_is_refunded_and_charged_to_the_owner_only(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path) as env:
+        spec = env.spec()
+        sink = FakeSink(fail_post=True)
+        out = await env.pipeline.run(spec, sink)
+        assert out.status == "refunded" and out.cause == "post_failed"
+        assert await env.balance(spec.user_id) == 10
+        job = await env.store.get_job(spec.job_id)
+        assert job is not None and job.api_charged  # the API billed it; the budget keeps it
