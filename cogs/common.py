@@ -94,10 +94,10 @@ def result_embed(result: ResultInfo, locale: str | None) -> discord.Embed:
         f"[{t('embed.image', locale, n=2)}]({spec.image_2.url})",
         inline=False,
     )
-    embed.add_field(name=t("embed.aspect_ratio", locale), value=ASPECT_NAMES.get(spec.aspect_ratio, spec.aspect_ratio))
+    embed.add_field(name=t("embed.aspect_ratio", locale), value=aspect_name(spec.aspect_ratio, locale))
     embed.add_field(name=t("embed.seed", locale), value=f"`{spec.seed}`")
     embed.add_field(name=t("embed.format", locale), value=result.image.format.upper())
-    embed.add_field(name=t("embed.safety", locale), value=SAFETY_NAMES.get(spec.safety_tolerance, "?"))
+    embed.add_field(name=t("embed.safety", locale), value=safety_name(spec.safety_tolerance, locale))
     embed.add_field(name=t("embed.time", locale), value=f"{result.total_seconds:.1f} s")
     if result.balance_after >= 0:
         embed.add_field(name=t("embed.credits_left", locale), value=str(result.balance_after))
@@ -113,11 +113,32 @@ def result_file(result: ResultInfo) -> discord.File:
     return discord.File(io.BytesIO(result.image.data), filename=result_filename(result))
 
 
-def result_view(bot: KontextBot, result: ResultInfo) -> discord.ui.View | None:
-    """The buttons under a result (from the results cog, when loaded)."""
+async def result_view(bot: KontextBot, result: ResultInfo) -> discord.ui.View | None:
+    """The buttons under a result (from the "Results" cog, when loaded); None without it.
+
+    A failure to build them never stops the result from being posted.
+    """
     cog = bot.get_cog("Results")
     make = getattr(cog, "result_view", None)
-    return make(result.spec) if make else None
+    if make is None:
+        return None
+    try:
+        return await make(result.spec)
+    except Exception:
+        log.exception("job %s: could not build the result buttons", result.spec.job_id)
+        return None
+
+
+def aspect_name(aspect_ratio: str, locale: str | None) -> str:
+    """The friendly, translated name of an aspect ratio ("Square 1:1")."""
+    name = t(f"choice.{aspect_ratio}", locale)
+    return name if name != f"choice.{aspect_ratio}" else aspect_ratio
+
+
+def safety_name(level: int, locale: str | None) -> str:
+    """"Strict", "Moderate" or "Permissive", translated."""
+    name = t(f"safety.{level}", locale)
+    return name if name != f"safety.{level}" else str(level)
 
 
 class ChannelSink:
@@ -154,7 +175,7 @@ class ChannelSink:
         try:
             channel = await self.channel()
             kwargs: dict[str, Any] = {}
-            view = result_view(self.bot, result)
+            view = await result_view(self.bot, result)
             if view is not None:
                 kwargs["view"] = view
             msg = await channel.send(
@@ -234,7 +255,7 @@ class InteractionSink:
     async def deliver(self, result: ResultInfo) -> Delivery:
         if not self.dead and await self._status(t("status.posting", self.locale)):
             kwargs: dict[str, Any] = {}
-            view = result_view(self.bot, result)
+            view = await result_view(self.bot, result)
             if view is not None:
                 kwargs["view"] = view
             try:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
+from discord.app_commands import locale_str
 from discord.ext import commands
 
 from cogs.common import ASPECT_NAMES, InteractionSink, locale_of, reply_error
@@ -27,16 +28,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kontext.cogs.kontext")
 
-ASPECT_CHOICES = [app_commands.Choice(name=ASPECT_NAMES[a], value=a) for a in ASPECT_RATIOS]
+_ = locale_str  # command text: English here, translations in kontext/locales/*.json
+ASPECT_CHOICES = [
+    app_commands.Choice(name=_(ASPECT_NAMES[a], key=f"choice.{a}"), value=a) for a in ASPECT_RATIOS
+]
 FORMAT_CHOICES = [
-    app_commands.Choice(name="JPG (smaller)", value="jpg"),
-    app_commands.Choice(name="PNG (lossless)", value="png"),
+    app_commands.Choice(name=_("JPG (smaller)", key="choice.jpg"), value="jpg"),
+    app_commands.Choice(name=_("PNG (lossless)", key="choice.png"), value="png"),
 ]
 SAFETY_CHOICES = [
-    app_commands.Choice(name="0 · strict", value=0),
-    app_commands.Choice(name="1 · moderate", value=1),
-    app_commands.Choice(name="2 · permissive (age-restricted channels only)", value=2),
+    app_commands.Choice(name=_("0 · strict", key="choice.0"), value=0),
+    app_commands.Choice(name=_("1 · moderate", key="choice.1"), value=1),
+    app_commands.Choice(
+        name=_("2 · permissive (age-restricted channels only)", key="choice.2"), value=2
+    ),
 ]
+DEFAULT_SAFETY = 1
 QUOTE_TIMEOUT_S = 120.0
 
 
@@ -90,17 +97,32 @@ class KontextCog(commands.Cog, name="Kontext"):
         self.bot = bot
 
     @app_commands.command(
-        name="kontext", description="Combine two images with an instruction (FLUX.1 Kontext max)"
+        name=_("kontext", key="cmd.kontext.name"),
+        description=_(
+            "Combine two images with an instruction (FLUX.1 Kontext max)",
+            key="cmd.kontext.description",
+        ),
     )
     @app_commands.guild_only()
     @app_commands.describe(
-        image_1="First image (PNG, JPEG or WebP)",
-        image_2="Second image (PNG, JPEG or WebP)",
-        prompt="What to do with the two images",
-        aspect_ratio="Shape of the result (default: the server's setting)",
-        output_format="File format of the result (default JPG)",
-        safety_tolerance="How strict the content filter is (default moderate)",
-        seed="Same seed + same inputs = same result (random when empty)",
+        image_1=_("First image (PNG, JPEG or WebP)", key="cmd.kontext.image_1.description"),
+        image_2=_("Second image (PNG, JPEG or WebP)", key="cmd.kontext.image_2.description"),
+        prompt=_("What to do with the two images", key="cmd.kontext.prompt.description"),
+        aspect_ratio=_(
+            "Shape of the result (default: the server's setting)",
+            key="cmd.kontext.aspect_ratio.description",
+        ),
+        output_format=_(
+            "File format of the result (default JPG)", key="cmd.kontext.output_format.description"
+        ),
+        safety_tolerance=_(
+            "How strict the content filter is (default moderate)",
+            key="cmd.kontext.safety_tolerance.description",
+        ),
+        seed=_(
+            "Same seed + same inputs = same result (random when empty)",
+            key="cmd.kontext.seed.description",
+        ),
     )
     @app_commands.choices(
         aspect_ratio=ASPECT_CHOICES, output_format=FORMAT_CHOICES, safety_tolerance=SAFETY_CHOICES
@@ -123,7 +145,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             image_2=input_from_attachment(image_2),
             aspect_ratio=aspect_ratio.value if aspect_ratio else None,
             output_format=output_format.value if output_format else "jpg",
-            safety_tolerance=safety_tolerance.value if safety_tolerance else 1,
+            safety_tolerance=safety_tolerance.value if safety_tolerance is not None else None,
             seed=seed,
         )
 
@@ -136,12 +158,17 @@ class KontextCog(commands.Cog, name="Kontext"):
         image_2: InputImage,
         aspect_ratio: str | None,
         output_format: str,
-        safety_tolerance: int,
+        safety_tolerance: int | None,
         seed: int | None,
         parent_job_id: int | None = None,
         source: str = "slash",
     ) -> JobOutcome | None:
-        """Start one job for ``interaction`` (slash command, button, modal or context menu)."""
+        """Start one job for ``interaction`` (slash command, button, modal or context menu).
+
+        ``safety_tolerance`` None means the default: moderate (1), or the server's maximum when
+        that is lower. ``seed`` None picks a random one. The job's id is the interaction's id.
+        """
+        deferred_here = not interaction.response.is_done()
         if not await self.acknowledge(interaction):
             return None
         locale = locale_of(interaction)
@@ -157,6 +184,8 @@ class KontextCog(commands.Cog, name="Kontext"):
             if parent_id:
                 channel_ids.append(parent_id)
             is_nsfw = getattr(channel, "is_nsfw", None)
+            if safety_tolerance is None:
+                safety_tolerance = min(DEFAULT_SAFETY, gs.max_safety_tolerance)
             policy.check_request(
                 gs,
                 prompt=clean_prompt,
@@ -187,11 +216,34 @@ class KontextCog(commands.Cog, name="Kontext"):
             if gs.confirm_quote and not await self.quote(interaction, spec, gs.credits_per_image):
                 raise JobCancelled("quote declined")
         except KontextError as err:
-            await reply_error(interaction, err)
+            # our own private "thinking…" message becomes the answer (a quote card included)
+            if not (deferred_here and await self._status(interaction, err.user_message(locale), view=None)):
+                await reply_error(interaction, err)
             return None
         await self._status(interaction, t("status.accepted", locale))
         sink = InteractionSink(self.bot, interaction, job_id=spec.job_id)
         return await self.bot.pipeline.run(spec, sink)
+
+    async def check_channel(self, interaction: discord.Interaction) -> bool:
+        """Refuse (and tell the member) when /kontext jobs may not start in this channel.
+
+        For flows that show a modal first (context menu, buttons): the member learns it before
+        typing a prompt. :meth:`launch` checks it again.
+        """
+        if interaction.guild_id is None:
+            await reply_error(interaction, InputError("not in a guild", key="input.guild_only"))
+            return False
+        gs = await self.bot.store.get_guild_settings(interaction.guild_id)
+        ids = [interaction.channel_id or 0]
+        parent_id = getattr(interaction.channel, "parent_id", None)
+        if parent_id:
+            ids.append(parent_id)
+        try:
+            policy.check_channel(gs, ids)
+        except KontextError as err:
+            await reply_error(interaction, err)
+            return False
+        return True
 
     async def acknowledge(self, interaction: discord.Interaction) -> bool:
         """Defer ephemerally within 3 s. False when another process already took it."""
@@ -207,11 +259,14 @@ class KontextCog(commands.Cog, name="Kontext"):
             return False
         return True
 
-    async def _status(self, interaction: discord.Interaction, text: str, **kwargs: object) -> None:
+    async def _status(self, interaction: discord.Interaction, text: str, **kwargs: object) -> bool:
+        """Edit the private status message; False when that failed."""
         try:
             await interaction.edit_original_response(content=text, **kwargs)  # type: ignore[arg-type]
         except discord.HTTPException as exc:
             log.debug("status edit failed: %s", exc)
+            return False
+        return True
 
     async def quote(self, interaction: discord.Interaction, spec: JobSpec, cost: int) -> bool:
         """Show cost, balance after and wait, with Confirm / Cancel. True when confirmed."""
