@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 audit: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check pip-audit==2.10.1
-	$(VENV)/bin/pip-audit -r requirements.txt
+	$(VENV)/bin/pip-audit --strict -r requirements.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output

@@ -1,0 +1,85 @@
+"""``python -m bench`` (``make bench``): run the benchmark, print the table, write it to a file.
+
+Options: ``--smoke`` (tiny sizes, seconds: proves the code paths), ``--only SECTION[,SECTION]``
+(overhead, concurrent, throughput, baseline, ledger), ``--out PATH`` (default
+``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see :mod:`bench.profiling`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .common import machine_facts
+from .scenarios import Report, Sizes, run_all
+
+HERE = Path(__file__).resolve().parent
+
+
+def render(report: Report, facts: dict[str, str], *, seconds: float, smoke: bool) -> str:
+    lines = [
+        "# Kontext Bot benchmark" + (" (smoke sizes: not a measurement)" if smoke else ""),
+        "",
+        f"Run {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} in {seconds:.0f} s, "
+        "on loopback against the project's emulators (tests/emulators), the real bot in its own "
+        "process. Reproduce: `make bench`.",
+        "",
+        "| Section | Metric | Target | Measured | Result | Notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        verdict = "—" if r.passed is None else ("PASS" if r.passed else "**FAIL**")
+        lines.append(f"| {r.section} | {r.metric} | {r.target} | {r.measured} | {verdict} | {r.note} |")
+    passed = sum(1 for r in report.rows if r.passed)
+    failed = sum(1 for r in report.rows if r.passed is False)
+    lines += ["", f"Targets: {passed} met, {failed} missed.", "", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in facts.items()]
+    lines += ["", "## Raw figures", "", "```json", json.dumps(report.details, indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (a few seconds)")
+    parser.add_argument("--only", default="", help="comma-separated sections")
+    parser.add_argument("--out", default=str(HERE / "results" / "latest.md"))
+    parser.add_argument("--profile", metavar="DIR", help="record the bots with py-spy into DIR")
+    args = parser.parse_args(argv)
+    if args.profile:
+        from .world import BotProcess
+
+        BotProcess.profile_dir = Path(args.profile).resolve()
+        BotProcess.profile_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.ERROR)
+    sizes = Sizes.smoke() if args.smoke else Sizes()
+    sections = {s.strip() for s in args.only.split(",") if s.strip()} or None
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5 and not args.smoke:
+        print(f"note: the machine is busy (load average {load_before[0]:.2f}); figures will be "
+              "worse than on an idle machine", file=sys.stderr)
+    started = time.monotonic()
+    report = asyncio.run(run_all(sizes, Report(), sections=sections))
+    facts = machine_facts()
+    load_after = os.getloadavg()
+    facts["load average (1, 5, 15 min) before / after the run"] = (
+        f"{' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in load_after)}"
+    )
+    text = render(report, facts, seconds=time.monotonic() - started, smoke=args.smoke)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print()
+    print(text.split("\n## Raw figures")[0])
+    print(f"written to {out}")
+    return 1 if any(r.passed is False for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
