@@ -1,13 +1,34 @@
-"""Database access: the engine, the schema and the migration runner.
+"""Database access: the engines, the transaction paths, the schema and the migration runner.
 
 * :func:`engine_args` turns ``DATABASE_URL`` (SQLAlchemy URL form, as PaaS add-ons hand it out)
   into an async driver URL plus connect arguments: ``sqlite:///rel.db`` / ``sqlite:////abs.db``
   become ``sqlite+aiosqlite``; ``postgres://`` and ``postgresql://`` become ``postgresql+asyncpg``
   with libpq's ``sslmode`` turned into asyncpg's ``ssl`` argument.
-* :class:`Database` wraps the async engine and hands out transactions: :meth:`Database.write`
-  for every transaction that may write, :meth:`Database.read` for read-only ones.
+* :class:`Database` wraps the engines and hands out transactions:
+
+  - :meth:`Database.transact` runs a *synchronous* transaction body ``fn(conn)`` as one write
+    transaction. The store's money transactions (reserve, commit, refund, grant, revoke, the job
+    state changes) go this way. On Postgres the body runs through ``run_sync`` on the async
+    engine. On SQLite it runs off the event loop, in one hop, on the database's transaction
+    thread and a second, sync (pysqlite) engine for the same file with the same connection
+    setup; whatever bodies are queued when the thread is free run as one group: one
+    ``BEGIN IMMEDIATE`` … ``COMMIT`` (one fsync) for the group, each body inside its own
+    ``SAVEPOINT`` so that a body that raises rolls back alone (group commit).
+  - :meth:`Database.write` is an async write transaction for everything else; it shares the
+    process's SQLite write lock with :meth:`Database.transact`.
+  - :meth:`Database.read` is a read-only transaction.
+
+* :func:`execute` runs a prebuilt statement inside a transaction body: on SQLite straight on the
+  driver's cursor (compiled once), on Postgres through SQLAlchemy. Same SQL on both engines.
 * :data:`metadata` holds the tables; :data:`MIGRATIONS` the ordered schema steps, applied by
   :func:`run_migrations` (one transaction each, safe when several processes start at once).
+
+Why the sync path: through the aiosqlite adapter every statement costs several loop↔thread
+hand-offs plus SQLAlchemy's execution overhead, all while the process's write lock is held; a
+money transaction of ~6 statements then takes milliseconds. Run as one sync body on one thread,
+it costs a hop in and a hop out; group commit then shares each commit's fsync among the
+transactions that were waiting for it. Durability is unchanged: ``synchronous`` stays at SQLite's
+default (FULL), and no caller hears of its result before the group's ``COMMIT`` returned.
 
 SQLite concurrency. SQLite has one writer at a time per file. The sqlite3 driver normally starts
 a transaction lazily ("deferred") and upgrades the lock at the first write, which fails at once
@@ -17,7 +38,8 @@ transaction starts with ``BEGIN IMMEDIATE``: the write lock is taken up front, a
 writer (another task, another process) waits on ``busy_timeout`` (30 s) instead of failing. In
 WAL mode readers never block the writer and vice versa, so read transactions use a plain
 (deferred) ``BEGIN``. Inside one process, writers additionally queue on an :class:`asyncio.Lock`
-so that they do not all hold pooled connections while spinning in SQLite's busy handler.
+(held by :meth:`Database.write` and by each group of :meth:`Database.transact`) so that they do
+not all hold connections while spinning in SQLite's busy handler.
 
 Postgres runs at READ COMMITTED: every balance change is a conditional ``UPDATE … WHERE … RETURNING``
 that re-checks its condition on the newest row version after waiting for the row lock.
@@ -30,10 +52,12 @@ import os
 import sqlite3
 import ssl
 import time
+from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -54,9 +78,12 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.sql.base import Executable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
@@ -65,6 +92,7 @@ _SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "v
 MIGRATION_LOCK_KEY = 0x4B6F6E74657874
 #: Execution option that marks a read-only transaction (SQLite then uses a deferred BEGIN).
 _READ_ONLY = "kontext_read_only"
+T = TypeVar("T")
 
 
 # --- URLs ---------------------------------------------------------------------------------------
@@ -124,10 +152,14 @@ def engine_args(database_url: str) -> tuple[URL, dict[str, Any]]:
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def _install_sqlite_hooks(engine: AsyncEngine) -> None:
-    """Pragmas on connect; ``BEGIN IMMEDIATE`` (or ``BEGIN`` when read-only) on begin."""
+def _install_sqlite_hooks(engine: Engine) -> None:
+    """Pragmas on connect; ``BEGIN IMMEDIATE`` (or ``BEGIN`` when read-only) on begin.
 
-    @event.listens_for(engine.sync_engine, "connect")
+    ``engine`` is a sync engine: the async engine's ``sync_engine``, or the pysqlite engine of
+    :meth:`Database.transact`. Both get exactly the same connection setup.
+    """
+
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
         cursor = dbapi_connection.cursor()
@@ -143,7 +175,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         finally:
             cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         read_only = conn.get_execution_options().get(_READ_ONLY, False)
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
@@ -174,20 +206,228 @@ def create_engine(database_url: str, **engine_kwargs: Any) -> AsyncEngine:
     kwargs["connect_args"] = {**connect_args, **extra_connect}
     engine = create_async_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
-        _install_sqlite_hooks(engine)
+        _install_sqlite_hooks(engine.sync_engine)
     return engine
+
+
+def create_sqlite_sync_engine(async_url: URL) -> Engine:
+    """The sync (pysqlite) engine of :meth:`Database.transact` for the file of ``async_url``.
+
+    Same pragmas and ``BEGIN IMMEDIATE`` hook as the async engine, parameters hidden from logs.
+    Its connections are only used on the database's one transaction thread (one at a time), so
+    one pooled connection is enough; ``check_same_thread=False`` lets ``dispose()`` close it
+    from another thread.
+    """
+    engine = sa_create_engine(
+        async_url.set(drivername="sqlite+pysqlite"),
+        poolclass=QueuePool,
+        pool_size=1,
+        max_overflow=4,
+        pool_timeout=60,
+        hide_parameters=True,
+        connect_args={"check_same_thread": False},
+    )
+    _install_sqlite_hooks(engine)
+    return engine
+
+
+# --- executing prebuilt statements inside a transaction body ---------------------------------
+
+
+class _Prepared:
+    """A statement compiled once for the SQLite driver, for one set of parameter names."""
+
+    __slots__ = ("statement", "sql", "names", "constants", "processors", "row_type")
+
+    def __init__(self, statement: Executable, dialect: Any, keys: tuple[str, ...]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        sql = compiled.string
+        if "POSTCOMPILE" in sql or compiled.positiontup is None:
+            raise ValueError("execute() takes no expanding IN; write it as OR of equalities")
+        bind_processors = compiled._bind_processors
+        given = set(keys)
+        names: list[str] = []  # the call's parameter (or constant) of each placeholder
+        constants: dict[str, Any] = {}  # the statement's own values (literals), processed
+        processors: list[tuple[int, Callable[[Any], Any]]] = []  # (placeholder, processor)
+        for index, name in enumerate(compiled.positiontup):
+            names.append(name)
+            processor = bind_processors.get(name)
+            if name in given:
+                if processor is not None:
+                    processors.append((index, processor))
+                continue
+            bind = compiled.binds[name]
+            if bind.required or bind.callable is not None:
+                raise ValueError(f"execute(): no value for the bind parameter {name!r}")
+            constants[name] = processor(bind.value) if processor else bind.value
+        self.statement = statement  # keeps the statement (and so its id) alive
+        self.sql = sql
+        self.names = tuple(names)
+        self.constants = constants
+        self.processors = tuple(processors)
+        self.row_type: Any = None
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        """The positional values for ``params``."""
+        if self.constants:
+            params = {**self.constants, **params}
+        args = [params[name] for name in self.names]
+        for index, processor in self.processors:
+            args[index] = processor(args[index])
+        return args
+
+
+class Rows:
+    """The rows a statement returned through the SQLite fast path of :func:`execute`.
+
+    Offers the few ``Result`` methods transaction bodies use; rows are named tuples with the
+    driver's raw values (a boolean column reads as 0 / 1).
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def first(self) -> Any:
+        """The first row, or None."""
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        """The only row (NoResultFound / MultipleResultsFound otherwise)."""
+        if not self._rows:
+            raise NoResultFound("No row was found when one was required")
+        if len(self._rows) > 1:
+            raise MultipleResultsFound("Multiple rows were found when exactly one was required")
+        return self._rows[0]
+
+    def scalar_one(self) -> Any:
+        """The first column of the only row."""
+        return self.one()[0]
+
+    def all(self) -> list[Any]:
+        """Every row."""
+        return list(self._rows)
+
+
+_PREPARED: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
+
+
+def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> Any:
+    """Execute a prebuilt ``statement`` with named ``params`` inside a transaction body.
+
+    Postgres: ``conn.execute(statement, params)``. SQLite (a pysqlite connection, as on the
+    transaction thread): the statement is compiled once (per set of parameter names) and
+    executed straight on the driver's cursor, which costs a few microseconds instead of
+    SQLAlchemy's tens per statement; same SQL, same dialect compilation, errors wrapped as
+    SQLAlchemy's. Either way the result has ``first()``, ``one()``, ``scalar_one()`` and
+    ``all()``, and rows read by column name.
+
+    For long-lived statements only (each one stays compiled for the life of the process);
+    no expanding ``IN``.
+    """
+    raw = conn.connection.driver_connection
+    if not isinstance(raw, sqlite3.Connection):  # Postgres (or aiosqlite under run_sync)
+        return conn.execute(statement, params)
+    keys = tuple(params)
+    prepared = _PREPARED.get((id(statement), keys))
+    if prepared is None or prepared.statement is not statement:
+        prepared = _Prepared(statement, conn.dialect, keys)
+        _PREPARED[(id(statement), keys)] = prepared
+    try:
+        cursor = raw.execute(prepared.sql, prepared.args(params))
+        rows = cursor.fetchall()
+        description = cursor.description
+        cursor.close()
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(
+            prepared.sql, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
+        ) from exc
+    if description is None:
+        return Rows([])
+    if prepared.row_type is None:
+        names = [d[0] for d in description]
+        prepared.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+    make = prepared.row_type._make
+    return Rows([make(r) for r in rows])
+
+
+#: The most transactions one SQLite group commit takes (see :meth:`Database.transact`).
+MAX_GROUP = 64
+_SAVEPOINT = "kontext_tx"
+#: A queued transaction body and the future its caller awaits.
+_Queued = tuple[Callable[[Connection], Any], "asyncio.Future[Any]"]
+
+
+class _GroupBroken(Exception):
+    """A group's transaction ended under it (SQLite rolls back by itself on some errors)."""
+
+
+def _run_alone(conn: Connection, fn: Callable[[Connection], Any]) -> tuple[bool, Any]:
+    """``fn`` in a transaction of its own: ``(True, result)`` or ``(False, exception)``."""
+    try:
+        with conn.begin():
+            return True, fn(conn)
+    except Exception as exc:
+        return False, exc
+
+
+def _run_together(conn: Connection, group: list[_Queued]) -> list[tuple[bool, Any]]:
+    """Every ``fn`` of ``group`` in one transaction, each inside its own savepoint.
+
+    When ``BEGIN`` itself fails (e.g. another process held the lock past the busy timeout),
+    nothing ran: every ``fn`` gets that error. Raises when the transaction fails as a whole
+    after it began (then nothing of it is committed).
+    """
+    try:
+        transaction = conn.begin()
+    except Exception as exc:
+        return [(False, exc)] * len(group)
+    outcomes: list[tuple[bool, Any]] = []
+    with transaction:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        for fn, future in group:
+            if future.done():  # cancelled while queued: skip (the outcome is never read)
+                outcomes.append((False, asyncio.CancelledError()))
+                continue
+            raw.execute(f"SAVEPOINT {_SAVEPOINT}")
+            try:
+                value = fn(conn)
+            except Exception as exc:
+                if not raw.in_transaction:
+                    raise _GroupBroken from exc
+                raw.execute(f"ROLLBACK TO {_SAVEPOINT}")
+                raw.execute(f"RELEASE {_SAVEPOINT}")
+                outcomes.append((False, exc))
+            else:
+                raw.execute(f"RELEASE {_SAVEPOINT}")
+                outcomes.append((True, value))
+    return outcomes
 
 
 class Database:
     """An async engine plus the transaction discipline of the store.
 
-    Use :meth:`write` for any transaction that may write and :meth:`read` for read-only ones.
+    Use :meth:`transact` for the store's write transactions (a sync function run as one
+    transaction), :meth:`write` for a write transaction written against the async API, and
+    :meth:`read` for read-only ones.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect: str = engine.dialect.name
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
+        #: SQLite: the sync engine and the one thread :meth:`transact` runs transactions on.
+        self.sync_engine: Engine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        if self.is_sqlite:
+            self.sync_engine = create_sqlite_sync_engine(engine.url)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kontext-db")
+        self._queue: list[_Queued] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: the transaction thread's connection (used on that thread only)
+        self._thread_conn: Connection | None = None
 
     @classmethod
     def from_url(cls, database_url: str, **engine_kwargs: Any) -> Database:
@@ -229,6 +469,103 @@ class Database:
         """True for SQLite, False for Postgres."""
         return self.dialect == "sqlite"
 
+    async def transact(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(conn)`` as one write transaction and return its result.
+
+        ``fn`` is synchronous and gets a sync :class:`sqlalchemy.Connection` inside an open
+        transaction: its changes are committed when it returns, rolled back when it raises (the
+        exception is re-raised here). The same ``fn`` runs on both engines:
+
+        * Postgres: ``fn`` runs through ``AsyncConnection.run_sync`` in its own transaction of
+          the async engine.
+        * SQLite: ``fn`` is queued for the database's transaction thread, which runs whatever
+          is queued in one hop off the event loop, on the sync pysqlite engine, under this
+          process's write lock (shared with :meth:`write`): group commit. Each ``fn`` of a
+          group runs inside its own ``SAVEPOINT`` (an exception rolls back that ``fn`` alone),
+          the group shares one ``BEGIN IMMEDIATE`` … ``COMMIT``, and no caller hears of its
+          result before that ``COMMIT`` (with its fsync) is done. Should the group's
+          transaction fail as a whole, nothing of it is committed and each ``fn`` is run again
+          in a transaction of its own, so every caller gets its own outcome.
+
+        So ``fn`` must only work through ``conn`` (no awaiting, no loop-bound objects, no side
+        effects outside the database): it may be run a second time when its first run was
+        rolled back. A caller cancelled before its ``fn`` starts skips it; once started, it
+        commits or rolls back as if the caller were still waiting.
+        """
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(fn)
+        if self._executor is None:
+            raise RuntimeError("the database is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append((fn, future))
+        flusher = self._flusher
+        if flusher is None or flusher.done() or flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush(), name="kontext-db-group-commit")
+        return await future
+
+    async def _flush(self) -> None:
+        """Run the queued transactions, a group at a time, until the queue is empty."""
+        assert self._write_lock is not None
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            async with self._write_lock:
+                group = [item for item in self._queue[:MAX_GROUP] if not item[1].done()]
+                del self._queue[:MAX_GROUP]
+                if not group:
+                    continue
+                try:
+                    if self._executor is None:
+                        raise RuntimeError("the database is closed")
+                    outcomes = await loop.run_in_executor(self._executor, self._run_group, group)
+                except asyncio.CancelledError:  # the loop is going away: so are the callers
+                    for _, future in [*group, *self._queue]:
+                        future.cancel()
+                    self._queue.clear()
+                    raise
+                except Exception as exc:  # the machinery itself failed: tell the callers
+                    outcomes = [(False, exc)] * len(group)
+            for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+                if future.done():  # the caller was cancelled meanwhile
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            # let the callers just answered queue their next transaction: it joins the next group
+            await asyncio.sleep(0)
+
+    def _run_group(self, group: list[_Queued]) -> list[tuple[bool, Any]]:
+        """On the transaction thread: run ``group`` in one transaction (see :meth:`transact`)."""
+        conn = self._connection()
+        if len(group) == 1:
+            return [_run_alone(conn, group[0][0])]
+        try:
+            return _run_together(conn, group)
+        except Exception:  # nothing of the group was committed: one transaction each
+            conn = self._connection()
+            return [
+                (False, asyncio.CancelledError()) if future.done() else _run_alone(conn, fn)
+                for fn, future in group
+            ]
+
+    def _connection(self) -> Connection:
+        """On the transaction thread: its connection, kept open between groups."""
+        conn = self._thread_conn
+        if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                conn.close()
+            assert self.sync_engine is not None
+            conn = self._thread_conn = self.sync_engine.connect()
+        return conn
+
+    def _close_thread_conn(self) -> None:
+        """On the transaction thread: close its connection (kept open between groups)."""
+        conn, self._thread_conn = self._thread_conn, None
+        if conn is not None:
+            conn.close()
+
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction: committed on success, rolled back on any exception.
@@ -252,7 +589,16 @@ class Database:
                 yield conn
 
     async def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (after the queued transactions, if any, have run)."""
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            # after a transaction still running there (a cancelled caller's), if any
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_thread_conn)
+            executor.shutdown(wait=False)
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
         await self.engine.dispose()
 
 

@@ -9,6 +9,10 @@ Lifecycle of a job: :meth:`Store.reserve` (state ``accepted``, credits held, bud
 :meth:`Store.mark_running` → :meth:`Store.commit` (``posted``) or :meth:`Store.refund`
 (``refunded``, or ``failed`` when it cost nothing). Both ends are idempotent and exclusive.
 
+The money transactions are synchronous bodies run by :meth:`kontext.db.Database.transact` (one
+hop off the event loop on SQLite, with group commit; ``run_sync`` on Postgres), built from the
+prebuilt statements of :class:`kontext.store_base.Statements`.
+
 The parts live in ``store_settings.py`` (server settings), ``store_admin.py`` (workers, stats,
 invariants), ``store_base.py`` and ``store_types.py`` (the dataclasses, re-exported here).
 """
@@ -20,18 +24,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Self
 
-from sqlalchemy import and_, case, func, null, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, select, update
 
-from kontext.db import (
-    ACTIVE_STATES,
-    Database,
-    bot_meta,
-    budget_days,
-    jobs,
-    members,
-    run_migrations,
-)
+from kontext.db import Database, bot_meta, execute, run_migrations
 from kontext.errors import (
     BudgetExhausted,
     InsufficientCredits,
@@ -69,13 +64,6 @@ __all__ = [
     "StatsWindow",
     "Store",
 ]
-
-_m = members.c
-_j = jobs.c
-
-
-def _inflight_minus_one() -> Any:
-    return case((_m.inflight > 0, _m.inflight - 1), else_=0)
 
 
 class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
@@ -142,6 +130,10 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
             return False
 
     # --- reserve / commit / refund ---------------------------------------------------------
+    #
+    # Each of these is a sync transaction body run by Database.transact: on SQLite in one hop
+    # to the database's transaction thread, on Postgres through run_sync. An exception raised
+    # in a body rolls the whole transaction back.
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         """Create the job and hold its price, in one transaction.
@@ -154,101 +146,82 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         cooldown is 0.
         """
         gs = await self.get_guild_settings(req.guild_id)
+        params = json.dumps(req.params, sort_keys=True, default=str)
+        return await self.db.transact(lambda conn: self._reserve_tx(conn, req, gs, params))
+
+    def _reserve_tx(
+        self, conn: Connection, req: ReserveRequest, gs: GuildSettings, params: str
+    ) -> Reservation:
+        sql = self._sql
         cost = gs.credits_per_image
         usd = usd_to_micros(self.settings.cost_per_image_usd)
         cap = usd_to_micros(self.settings.daily_budget_usd)
         check_cooldown = not req.exempt_from_cooldown and gs.cooldown_seconds > 0
         g, u = req.guild_id, req.user_id
-        async with self.db.write() as conn:
-            now = self.now()
-            today = utc_day(now)
-            until = now + gs.cooldown_seconds if check_cooldown else None
-            job_values = {
-                "id": req.job_id,
-                "guild_id": g,
-                "channel_id": req.channel_id,
-                "user_id": u,
-                "state": "accepted",
-                "params": json.dumps(req.params, sort_keys=True, default=str),
-                "seed": req.seed,
-                "cost_credits": cost,
-                "cost_usd_micros": usd,
-                "cooldown_until": until,
-                "locale": req.locale,
-                "application_id": req.application_id,
-                "interaction_token": req.interaction_token,
-                "worker_id": req.worker_id,
-                "created_at": now,
-                "api_charged": False,
-                "parent_job_id": req.parent_job_id,
-            }
-            inserted = await conn.execute(
-                self._insert(jobs)
-                .values(**job_values)
-                .on_conflict_do_nothing(index_elements=["id"])
-                .returning(_j.id)
-            )
-            if inserted.first() is None:
-                raise JobAlreadyExists(f"job {req.job_id} exists", job_id=req.job_id)
-            await self._ensure_member(conn, g, u, gs.starting_credits, now)
-            await self._daily_topup(conn, gs, u, today, now)
-            balance = await self._charge(conn, gs, u, cost, now, until, check_cooldown)
-            await self._ledger(
-                conn,
-                guild_id=g,
-                user_id=u,
-                delta=-cost,
-                kind="reserve",
-                balance_after=balance,
-                now=now,
-                job_id=req.job_id,
-            )
-            await conn.execute(
-                self._insert(budget_days)
-                .values(day=today, reserved_micros=0, generations=0)
-                .on_conflict_do_nothing(index_elements=["day"])
-            )
-            booked = await conn.execute(
-                update(budget_days)
-                .where(budget_days.c.day == today, budget_days.c.reserved_micros + usd <= cap)
-                .values(
-                    reserved_micros=budget_days.c.reserved_micros + usd,
-                    generations=budget_days.c.generations + 1,
-                )
-                .returning(budget_days.c.day)
-            )
-            if booked.first() is None:
-                raise BudgetExhausted(f"daily budget of {self.settings.daily_budget_usd} USD")
+        now = self.now()
+        today = utc_day(now)
+        until = now + gs.cooldown_seconds if check_cooldown else None
+        job_values = {
+            "id": req.job_id,
+            "guild_id": g,
+            "channel_id": req.channel_id,
+            "user_id": u,
+            "state": "accepted",
+            "params": params,
+            "seed": req.seed,
+            "cost_credits": cost,
+            "cost_usd_micros": usd,
+            "cooldown_until": until,
+            "locale": req.locale,
+            "application_id": req.application_id,
+            "interaction_token": req.interaction_token,
+            "worker_id": req.worker_id,
+            "created_at": now,
+            "api_charged": False,
+            "parent_job_id": req.parent_job_id,
+        }
+        if execute(conn, sql.insert_job, job_values).first() is None:
+            raise JobAlreadyExists(f"job {req.job_id} exists", job_id=req.job_id)
+        self._ensure_member(conn, g, u, gs.starting_credits, now)
+        self._daily_topup(conn, gs, u, today, now)
+        balance = self._charge(conn, gs, u, cost, now, until, check_cooldown)
+        self._ledger(
+            conn,
+            guild_id=g,
+            user_id=u,
+            delta=-cost,
+            kind="reserve",
+            balance_after=balance,
+            now=now,
+            job_id=req.job_id,
+        )
+        # one upsert books the day's budget: a new day's row starts at this job's share (so the
+        # cap is checked here first), an existing row grows only while it stays within the cap
+        booked = usd <= cap and (
+            execute(conn, sql.book_budget, {"b_day": today, "usd": usd, "cap": cap}).first()
+            is not None
+        )
+        if not booked:
+            raise BudgetExhausted(f"daily budget of {self.settings.daily_budget_usd} USD")
         return Reservation(
             job_id=req.job_id, cost=cost, balance_after=balance, cooldown_until=until
         )
 
-    async def _daily_topup(
-        self, conn: AsyncConnection, gs: GuildSettings, user_id: int, today: str, now: float
+    def _daily_topup(
+        self, conn: Connection, gs: GuildSettings, user_id: int, today: str, now: float
     ) -> None:
         """Claim today's free credits (once per UTC day) and top the balance up to the cap."""
         if gs.daily_free_credits <= 0:
             return
-        who = and_(_m.guild_id == gs.guild_id, _m.user_id == user_id)
-        claimed = (
-            await conn.execute(
-                update(members)
-                .where(who, or_(_m.last_daily.is_(None), _m.last_daily != today))
-                .values(last_daily=today)
-                .returning(_m.balance)
-            )
-        ).first()
+        who = {"g": gs.guild_id, "u": user_id}
+        claimed = execute(conn, self._sql.claim_daily, {**who, "today": today}).first()
         if claimed is None:
             return
         delta = max(0, gs.daily_free_credits - int(claimed.balance))
         if delta == 0:
             return
-        balance = (
-            await conn.execute(
-                update(members).where(who).values(balance=_m.balance + delta).returning(_m.balance)
-            )
-        ).scalar_one()
-        await self._ledger(
+        balance = execute(conn, self._sql.add_balance, {**who, "delta": delta}).scalar_one()
+        self._ledger(
             conn,
             guild_id=gs.guild_id,
             user_id=user_id,
@@ -259,9 +232,9 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
             reason=f"daily free credits {today}",
         )
 
-    async def _charge(
+    def _charge(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         gs: GuildSettings,
         user_id: int,
         cost: int,
@@ -270,23 +243,22 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         check_cooldown: bool,
     ) -> int:
         """The atomic conditional charge; raises the member's error when it cannot happen."""
-        conditions = [
-            _m.guild_id == gs.guild_id,
-            _m.user_id == user_id,
-            _m.balance >= cost,
-            _m.inflight < gs.jobs_per_member,
-        ]
-        values: dict[str, Any] = {"balance": _m.balance - cost, "inflight": _m.inflight + 1}
+        params: dict[str, Any] = {
+            "g": gs.guild_id,
+            "u": user_id,
+            "cost": cost,
+            "limit": gs.jobs_per_member,
+        }
+        stmt = self._sql.charge
         if check_cooldown:
-            conditions.append(or_(_m.cooldown_until.is_(None), _m.cooldown_until <= now))
-            values["cooldown_until"] = until
-        stmt = update(members).where(*conditions).values(**values).returning(_m.balance)
+            stmt = self._sql.charge_with_cooldown
+            params.update(now=now, until=until)
         for _attempt in range(3):
-            charged = (await conn.execute(stmt)).first()
+            charged = execute(conn, stmt, params).first()
             if charged is not None:
                 return int(charged.balance)
             # Why not? Lock the row (Postgres) so the answer is the current truth.
-            row = await self._member_row(conn, gs.guild_id, user_id, lock=True)
+            row = self._member_row(conn, gs.guild_id, user_id, lock=True)
             assert row is not None  # created earlier in this transaction
             if check_cooldown and row.cooldown_until is not None and row.cooldown_until > now:
                 raise OnCooldown(retry_after=float(row.cooldown_until) - now)
@@ -297,16 +269,17 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
             # The row changed between the two statements (Postgres); try again under the lock.
         raise RuntimeError("conditional charge did not settle")  # pragma: no cover
 
+    async def _job_update(self, stmt: Any, params: dict[str, Any]) -> bool:
+        """Run one conditional job update as its own transaction; True when it matched."""
+
+        def tx(conn: Connection) -> bool:
+            return execute(conn, stmt, params).first() is not None
+
+        return await self.db.transact(tx)
+
     async def mark_running(self, job_id: int) -> bool:
         """accepted → running (sets ``started_at``); False when the job was not accepted."""
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(_j.id == job_id, _j.state == "accepted")
-                .values(state="running", started_at=self.now())
-                .returning(_j.id)
-            )
-            return result.first() is not None
+        return await self._job_update(self._sql.mark_running, {"job_id": job_id, "now": self.now()})
 
     async def set_api_request(
         self,
@@ -316,18 +289,15 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         response_url: str | None = None,
     ) -> bool:
         """Remember the API's request id and polling URLs (to resume after a restart)."""
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(_j.id == job_id, _j.state.in_(ACTIVE_STATES))
-                .values(
-                    api_request_id=request_id,
-                    api_status_url=status_url,
-                    api_response_url=response_url,
-                )
-                .returning(_j.id)
-            )
-            return result.first() is not None
+        return await self._job_update(
+            self._sql.set_api_request,
+            {
+                "job_id": job_id,
+                "request_id": request_id,
+                "status_url": status_url,
+                "response_url": response_url,
+            },
+        )
 
     async def mark_api_charged(self, job_id: int) -> bool:
         """Record that the API billed this job (its budget share is then never given back).
@@ -335,14 +305,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         Only for jobs not refunded yet; for a failure the API billed, pass ``api_charged=True``
         to :meth:`refund` instead.
         """
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(_j.id == job_id, _j.state.in_((*ACTIVE_STATES, "posted")))
-                .values(api_charged=True)
-                .returning(_j.id)
-            )
-            return result.first() is not None
+        return await self._job_update(self._sql.mark_api_charged, {"job_id": job_id})
 
     async def commit(
         self,
@@ -353,38 +316,27 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         duration_s: float | None = None,
     ) -> bool:
         """Make the charge final after the image was posted. True when this call committed."""
-        async with self.db.write() as conn:
+
+        def tx(conn: Connection) -> bool:
+            sql = self._sql
             now = self.now()
-            duration = (
-                duration_s
-                if duration_s is not None
-                else now - func.coalesce(_j.started_at, _j.created_at)
-            )
-            job = (
-                await conn.execute(
-                    update(jobs)
-                    .where(_j.id == job_id, _j.state.in_(ACTIVE_STATES))
-                    .values(
-                        state="posted",
-                        finished_at=now,
-                        result_message_id=result_message_id,
-                        result_channel_id=result_channel_id,
-                        duration_s=duration,
-                    )
-                    .returning(_j.guild_id, _j.user_id)
-                )
-            ).first()
+            params: dict[str, Any] = {
+                "job_id": job_id,
+                "now": now,
+                "result_message": result_message_id,
+                "result_channel": result_channel_id,
+            }
+            stmt = sql.commit_job_timed
+            if duration_s is not None:
+                stmt = sql.commit_job
+                params["duration"] = duration_s
+            job = execute(conn, stmt, params).first()
             if job is None:
                 return False
-            balance = (
-                await conn.execute(
-                    update(members)
-                    .where(_m.guild_id == job.guild_id, _m.user_id == job.user_id)
-                    .values(inflight=_inflight_minus_one())
-                    .returning(_m.balance)
-                )
+            balance = execute(
+                conn, sql.release_inflight, {"g": job.guild_id, "u": job.user_id}
             ).scalar_one()
-            await self._ledger(
+            self._ledger(
                 conn,
                 guild_id=job.guild_id,
                 user_id=job.user_id,
@@ -396,6 +348,8 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
             )
             return True
 
+        return await self.db.transact(tx)
+
     async def refund(
         self, job_id: int, *, cause: str, clear_cooldown: bool = True, api_charged: bool = False
     ) -> bool:
@@ -404,50 +358,24 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         ``clear_cooldown`` lifts the cooldown only if it is still the one this job set.
         True when this call refunded; False when the job is unknown, posted or already ended.
         """
-        async with self.db.write() as conn:
+
+        def tx(conn: Connection) -> bool:
+            sql = self._sql
             now = self.now()
-            values: dict[str, Any] = {
-                "state": case((_j.cost_credits == 0, "failed"), else_="refunded"),
-                "failure_cause": cause,
-                "finished_at": now,
-            }
-            if api_charged:
-                values["api_charged"] = True
-            job = (
-                await conn.execute(
-                    update(jobs)
-                    .where(_j.id == job_id, _j.state.in_(ACTIVE_STATES))
-                    .values(**values)
-                    .returning(
-                        _j.guild_id,
-                        _j.user_id,
-                        _j.cost_credits,
-                        _j.cost_usd_micros,
-                        _j.cooldown_until,
-                        _j.created_at,
-                        _j.api_charged,
-                    )
-                )
+            job = execute(
+                conn,
+                sql.refund_job,
+                {"job_id": job_id, "now": now, "cause": cause, "billed": api_charged},
             ).first()
             if job is None:
                 return False
-            member_values: dict[str, Any] = {
-                "balance": _m.balance + job.cost_credits,
-                "inflight": _inflight_minus_one(),
-            }
+            member: dict[str, Any] = {"g": job.guild_id, "u": job.user_id, "cost": job.cost_credits}
+            stmt = sql.refund_member
             if clear_cooldown and job.cooldown_until is not None:
-                member_values["cooldown_until"] = case(
-                    (_m.cooldown_until == job.cooldown_until, null()), else_=_m.cooldown_until
-                )
-            balance = (
-                await conn.execute(
-                    update(members)
-                    .where(_m.guild_id == job.guild_id, _m.user_id == job.user_id)
-                    .values(**member_values)
-                    .returning(_m.balance)
-                )
-            ).scalar_one()
-            await self._ledger(
+                stmt = sql.refund_member_clear_cooldown
+                member["job_cooldown"] = job.cooldown_until
+            balance = execute(conn, stmt, member).scalar_one()
+            self._ledger(
                 conn,
                 guild_id=job.guild_id,
                 user_id=job.user_id,
@@ -459,17 +387,11 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
                 reason=cause,
             )
             if not job.api_charged:
-                b = budget_days.c
-                await conn.execute(
-                    update(budget_days)
-                    .where(
-                        b.day == utc_day(job.created_at),
-                        b.reserved_micros >= job.cost_usd_micros,
-                        b.generations > 0,
-                    )
-                    .values(
-                        reserved_micros=b.reserved_micros - job.cost_usd_micros,
-                        generations=b.generations - 1,
-                    )
+                execute(
+                    conn,
+                    sql.release_budget,
+                    {"b_day": utc_day(job.created_at), "usd": job.cost_usd_micros},
                 )
             return True
+
+        return await self.db.transact(tx)

@@ -1,20 +1,249 @@
-"""Shared plumbing of the store: the database, the clock, and helpers used inside transactions."""
+"""Shared plumbing of the store: the database, the clock, and helpers used inside transactions.
+
+The money transactions (``reserve``, ``commit``, ``refund``, ``grant``, ``revoke`` and the job
+state changes) are synchronous functions of a :class:`sqlalchemy.Connection`, run as one
+transaction by :meth:`kontext.db.Database.transact`. Their statements are built once per dialect
+(:func:`statements`) with named bind parameters, so a call only binds values: no statement
+construction, and SQLAlchemy's compiled-statement cache hits on a memoized key.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Double,
+    Integer,
+    Row,
+    Text,
+    and_,
+    bindparam,
+    case,
+    func,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
-from kontext.db import Database, jobs, ledger, members
+from kontext.db import ACTIVE_STATES, Database, budget_days, execute, jobs, ledger, members
 from kontext.settings import Settings
 from kontext.store_types import Job, utc_day
+
+_m = members.c
+_j = jobs.c
+_b = budget_days.c
+
+
+def dialect_insert(dialect: str, table: Any) -> Insert:
+    """A dialect-specific INSERT that supports ``on_conflict_do_nothing`` / ``_do_update``."""
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    return postgresql.insert(table)
+
+
+def _state_in(states: tuple[str, ...]) -> Any:
+    """``jobs.state IN (…)`` spelled as ORed equalities (no expanding IN: see ``execute``)."""
+    return or_(*(_j.state == state for state in states))
+
+
+def _p(name: str, type_: Any) -> Any:
+    """A named bind parameter of a known type (asyncpg wants the type)."""
+    return bindparam(name, type_=type_)
+
+
+class Statements:
+    """The statements of the money transactions, built once per dialect.
+
+    Parameters are bound by name at execution; see each attribute for the names it takes.
+    """
+
+    def __init__(self, dialect: str) -> None:
+        g, u = _p("g", BigInteger), _p("u", BigInteger)
+        who = and_(_m.guild_id == g, _m.user_id == u)
+        job_id = _p("job_id", BigInteger)
+        now = _p("now", Double)
+        active = _state_in(ACTIVE_STATES)
+        inflight_minus_one = case((_m.inflight > 0, _m.inflight - 1), else_=0)
+
+        #: params: the job's columns. Returns ``id`` when inserted, nothing when it existed.
+        self.insert_job = (
+            dialect_insert(dialect, jobs)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(_j.id)
+        )
+        #: params: guild_id, user_id, balance, inflight, created_at. Returns a row when created.
+        self.insert_member = (
+            dialect_insert(dialect, members)
+            .on_conflict_do_nothing(index_elements=["guild_id", "user_id"])
+            .returning(_m.balance)
+        )
+        #: params: the ledger's columns (but ``id``).
+        self.insert_ledger = ledger.insert()
+        #: params: g, u.
+        self.member_row = select(members).where(who)
+        #: params: g, u. Locks the row on Postgres (SQLite: the write lock is already held).
+        self.member_row_locked = self.member_row.with_for_update()
+        #: params: g, u, today. Claims today's top-up; returns the balance when it claimed.
+        self.claim_daily = (
+            update(members)
+            .where(who, or_(_m.last_daily.is_(None), _m.last_daily != _p("today", Text)))
+            .values(last_daily=_p("today", Text))
+            .returning(_m.balance)
+        )
+        #: params: g, u, delta. Returns the new balance.
+        self.add_balance = (
+            update(members)
+            .where(who)
+            .values(balance=_m.balance + _p("delta", BigInteger))
+            .returning(_m.balance)
+        )
+        #: params: g, u, take. Returns the new balance (nothing when the balance is short).
+        self.take_balance = (
+            update(members)
+            .where(who, _m.balance >= _p("take", BigInteger))
+            .values(balance=_m.balance - _p("take", BigInteger))
+            .returning(_m.balance)
+        )
+        cost = _p("cost", BigInteger)
+        charge_where = (who, _m.balance >= cost, _m.inflight < _p("limit", Integer))
+        charge_values = {"balance": _m.balance - cost, "inflight": _m.inflight + 1}
+        #: params: g, u, cost, limit. The conditional charge; returns the new balance.
+        self.charge = (
+            update(members).where(*charge_where).values(**charge_values).returning(_m.balance)
+        )
+        #: params: g, u, cost, limit, now, until. The charge that also checks and sets the cooldown.
+        self.charge_with_cooldown = (
+            update(members)
+            .where(*charge_where, or_(_m.cooldown_until.is_(None), _m.cooldown_until <= now))
+            .values(**charge_values, cooldown_until=_p("until", Double))
+            .returning(_m.balance)
+        )
+        usd = _p("usd", BigInteger)
+        #: params: b_day, usd, cap (usd <= cap). Books one generation on the day, creating the
+        #: row when needed; returns ``day`` when booked, nothing when the cap would be passed.
+        self.book_budget = (
+            dialect_insert(dialect, budget_days)
+            .values(day=_p("b_day", Text), reserved_micros=usd, generations=1)
+            .on_conflict_do_update(
+                index_elements=["day"],
+                set_={
+                    "reserved_micros": _b.reserved_micros + usd,
+                    "generations": _b.generations + 1,
+                },
+                where=_b.reserved_micros + usd <= _p("cap", BigInteger),
+            )
+            .returning(_b.day)
+        )
+        #: params: b_day, usd. Gives one generation's share back (never below zero).
+        self.release_budget = (
+            update(budget_days)
+            .where(_b.day == _p("b_day", Text), _b.reserved_micros >= usd, _b.generations > 0)
+            .values(reserved_micros=_b.reserved_micros - usd, generations=_b.generations - 1)
+        )
+        #: params: job_id, now. accepted → running; returns ``id`` when it moved.
+        self.mark_running = (
+            update(jobs)
+            .where(_j.id == job_id, _j.state == "accepted")
+            .values(state="running", started_at=now)
+            .returning(_j.id)
+        )
+        #: params: job_id, request_id, status_url, response_url.
+        self.set_api_request = (
+            update(jobs)
+            .where(_j.id == job_id, active)
+            .values(
+                api_request_id=_p("request_id", Text),
+                api_status_url=_p("status_url", Text),
+                api_response_url=_p("response_url", Text),
+            )
+            .returning(_j.id)
+        )
+        #: params: job_id.
+        self.mark_api_charged = (
+            update(jobs)
+            .where(_j.id == job_id, _state_in((*ACTIVE_STATES, "posted")))
+            .values(api_charged=True)
+            .returning(_j.id)
+        )
+        posted = {
+            "state": "posted",
+            "finished_at": now,
+            "result_message_id": _p("result_message", BigInteger),
+            "result_channel_id": _p("result_channel", BigInteger),
+        }
+        #: params: job_id, now, result_message, result_channel, duration. Returns guild_id, user_id.
+        self.commit_job = (
+            update(jobs)
+            .where(_j.id == job_id, active)
+            .values(**posted, duration_s=_p("duration", Double))
+            .returning(_j.guild_id, _j.user_id)
+        )
+        #: As :attr:`commit_job` without ``duration``: measured from start (or creation).
+        self.commit_job_timed = (
+            update(jobs)
+            .where(_j.id == job_id, active)
+            .values(**posted, duration_s=now - func.coalesce(_j.started_at, _j.created_at))
+            .returning(_j.guild_id, _j.user_id)
+        )
+        #: params: g, u. One job fewer in flight; returns the balance.
+        self.release_inflight = (
+            update(members).where(who).values(inflight=inflight_minus_one).returning(_m.balance)
+        )
+        refunded = {
+            "state": case((_j.cost_credits == 0, "failed"), else_="refunded"),
+            "failure_cause": _p("cause", Text),
+            "finished_at": now,
+            # once billed, always billed: the flag only ever goes from false to true
+            "api_charged": or_(_j.api_charged, _p("billed", Boolean)),
+        }
+        #: params: job_id, now, cause, billed. Ends the job; returns what the refund needs.
+        self.refund_job = (
+            update(jobs)
+            .where(_j.id == job_id, active)
+            .values(**refunded)
+            .returning(
+                _j.guild_id,
+                _j.user_id,
+                _j.cost_credits,
+                _j.cost_usd_micros,
+                _j.cooldown_until,
+                _j.created_at,
+                _j.api_charged,
+            )
+        )
+        credit_back = {"balance": _m.balance + cost, "inflight": inflight_minus_one}
+        #: params: g, u, cost. Credits back, one job fewer in flight; returns the balance.
+        self.refund_member = update(members).where(who).values(**credit_back).returning(_m.balance)
+        #: params: g, u, cost, job_cooldown. As :attr:`refund_member`, and lifts the cooldown
+        #: if it is still the one the job set.
+        self.refund_member_clear_cooldown = (
+            update(members)
+            .where(who)
+            .values(
+                **credit_back,
+                cooldown_until=case(
+                    (_m.cooldown_until == _p("job_cooldown", Double), null()),
+                    else_=_m.cooldown_until,
+                ),
+            )
+            .returning(_m.balance)
+        )
+
+
+@functools.cache
+def statements(dialect: str) -> Statements:
+    """The prebuilt statements for ``dialect`` (``"sqlite"`` or ``"postgresql"``)."""
+    return Statements(dialect)
 
 
 class StoreBase:
@@ -27,6 +256,7 @@ class StoreBase:
         self.settings = settings
         self._clock = clock
         self._settings_cache: dict[int, tuple[float, Any]] = {}
+        self._sql = statements(db.dialect)
 
     def now(self) -> float:
         """The current time (epoch seconds) from the injected clock."""
@@ -38,13 +268,13 @@ class StoreBase:
 
     def _insert(self, table: Any) -> Insert:
         """A dialect-specific INSERT that supports ``on_conflict_do_nothing``."""
-        if self.db.is_sqlite:
-            return sqlite.insert(table)
-        return postgresql.insert(table)
+        return dialect_insert(self.db.dialect, table)
 
-    async def _ledger(
+    # --- helpers of the sync transaction bodies (run by Database.transact) ------------------
+
+    def _ledger(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         *,
         guild_id: int,
         user_id: int,
@@ -57,42 +287,45 @@ class StoreBase:
         actor_id: int | None = None,
     ) -> None:
         """Append one ledger row (the ledger is never updated nor deleted from)."""
-        await conn.execute(
-            ledger.insert().values(
-                guild_id=guild_id,
-                user_id=user_id,
-                delta=delta,
-                kind=kind,
-                reason=reason,
-                job_id=job_id,
-                actor_id=actor_id,
-                balance_after=balance_after,
-                created_at=now,
-            )
+        execute(
+            conn,
+            self._sql.insert_ledger,
+            {
+                "guild_id": guild_id,
+                "user_id": user_id,
+                "delta": delta,
+                "kind": kind,
+                "reason": reason,
+                "job_id": job_id,
+                "actor_id": actor_id,
+                "balance_after": balance_after,
+                "created_at": now,
+            },
         )
 
-    async def _ensure_member(
-        self, conn: AsyncConnection, guild_id: int, user_id: int, starting: int, now: float
+    def _ensure_member(
+        self, conn: Connection, guild_id: int, user_id: int, starting: int, now: float
     ) -> bool:
         """Create the member with ``starting`` credits (and a ``start`` row) if new.
 
         Returns True when the member was created.
         """
-        stmt = (
-            self._insert(members)
-            .values(
-                guild_id=guild_id,
-                user_id=user_id,
-                balance=starting,
-                inflight=0,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["guild_id", "user_id"])
-            .returning(members.c.balance)
+        created = (
+            execute(
+                conn,
+                self._sql.insert_member,
+                {
+                    "guild_id": guild_id,
+                    "user_id": user_id,
+                    "balance": starting,
+                    "inflight": 0,
+                    "created_at": now,
+                },
+            ).first()
+            is not None
         )
-        created = (await conn.execute(stmt)).first() is not None
         if created and starting:
-            await self._ledger(
+            self._ledger(
                 conn,
                 guild_id=guild_id,
                 user_id=user_id,
@@ -104,13 +337,12 @@ class StoreBase:
             )
         return created
 
-    async def _member_row(
-        self, conn: AsyncConnection, guild_id: int, user_id: int, *, lock: bool = False
+    def _member_row(
+        self, conn: Connection, guild_id: int, user_id: int, *, lock: bool = False
     ) -> Row[Any] | None:
-        stmt = select(members).where(members.c.guild_id == guild_id, members.c.user_id == user_id)
-        if lock:
-            stmt = stmt.with_for_update()  # no-op on SQLite (the write lock is held)
-        return (await conn.execute(stmt)).first()
+        """The member's row; ``lock`` takes the row lock (Postgres; SQLite holds the write lock)."""
+        stmt = self._sql.member_row_locked if lock else self._sql.member_row
+        return execute(conn, stmt, {"g": guild_id, "u": user_id}).first()
 
 
 def job_from_row(row: Row[Any]) -> Job:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select
 
-from kontext.db import ACTIVE_STATES, budget_days, jobs, ledger, members
+from kontext.db import ACTIVE_STATES, budget_days, execute, jobs, ledger, members
 from kontext.store_base import StoreBase, job_from_row
 from kontext.store_types import BudgetStatus, Job, LedgerEntry, MemberStatus, utc_day
 
@@ -40,18 +40,14 @@ class MembersMixin(StoreBase):
         """Add ``amount`` (1..1,000,000) credits; returns the new balance."""
         _check_amount(amount)
         gs = await self.get_guild_settings(guild_id)
-        async with self.db.write() as conn:
+
+        def tx(conn: Connection) -> int:
             now = self.now()
-            await self._ensure_member(conn, guild_id, user_id, gs.starting_credits, now)
-            balance = (
-                await conn.execute(
-                    update(members)
-                    .where(_m.guild_id == guild_id, _m.user_id == user_id)
-                    .values(balance=_m.balance + amount)
-                    .returning(_m.balance)
-                )
+            self._ensure_member(conn, guild_id, user_id, gs.starting_credits, now)
+            balance = execute(
+                conn, self._sql.add_balance, {"g": guild_id, "u": user_id, "delta": amount}
             ).scalar_one()
-            await self._ledger(
+            self._ledger(
                 conn,
                 guild_id=guild_id,
                 user_id=user_id,
@@ -63,6 +59,8 @@ class MembersMixin(StoreBase):
                 actor_id=actor_id,
             )
             return int(balance)
+
+        return await self.db.transact(tx)
 
     async def revoke(
         self,
@@ -76,23 +74,19 @@ class MembersMixin(StoreBase):
         """Take up to ``amount`` credits (never below 0); returns (revoked, new balance)."""
         _check_amount(amount)
         gs = await self.get_guild_settings(guild_id)
-        async with self.db.write() as conn:
+
+        def tx(conn: Connection) -> tuple[int, int]:
             now = self.now()
-            await self._ensure_member(conn, guild_id, user_id, gs.starting_credits, now)
-            row = await self._member_row(conn, guild_id, user_id, lock=True)
+            self._ensure_member(conn, guild_id, user_id, gs.starting_credits, now)
+            row = self._member_row(conn, guild_id, user_id, lock=True)
             assert row is not None
             take = min(amount, int(row.balance))
             if take == 0:
                 return 0, int(row.balance)
-            balance = (
-                await conn.execute(
-                    update(members)
-                    .where(_m.guild_id == guild_id, _m.user_id == user_id, _m.balance >= take)
-                    .values(balance=_m.balance - take)
-                    .returning(_m.balance)
-                )
+            balance = execute(
+                conn, self._sql.take_balance, {"g": guild_id, "u": user_id, "take": take}
             ).scalar_one()  # the row is locked: the condition holds
-            await self._ledger(
+            self._ledger(
                 conn,
                 guild_id=guild_id,
                 user_id=user_id,
@@ -105,6 +99,8 @@ class MembersMixin(StoreBase):
             )
             return take, int(balance)
 
+        return await self.db.transact(tx)
+
     # --- reading ------------------------------------------------------------------------------
 
     async def member_status(self, guild_id: int, user_id: int) -> MemberStatus:
@@ -112,7 +108,7 @@ class MembersMixin(StoreBase):
         gs = await self.get_guild_settings(guild_id)
         now = self.now()
         async with self.db.read() as conn:
-            row = await self._member_row(conn, guild_id, user_id)
+            row = (await conn.execute(self._sql.member_row, {"g": guild_id, "u": user_id})).first()
         daily = gs.daily_free_credits
         if row is None:
             return MemberStatus(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, create_engine, select, text
+from sqlalchemy.exc import IntegrityError
 
+from kontext import db as db_module
 from kontext.db import (
     MIGRATIONS,
     SQLITE_BUSY_TIMEOUT_MS,
@@ -17,6 +20,7 @@ from kontext.db import (
     Migration,
     current_version,
     engine_args,
+    execute,
     schema_version,
 )
 from kontext.db import run_migrations as run
@@ -224,3 +228,213 @@ def test_duplicate_versions_rejected() -> None:
     db = Database.__new__(Database)  # the check runs before any database access
     with pytest.raises(ValueError, match="unique"):
         asyncio.run(run(db, steps))
+
+
+# --- Database.transact: one transaction per sync body; group commit on SQLite ----------------------
+
+
+async def _probe_db(url: str, kwargs: dict[str, Any]) -> Database:
+    db = Database.from_url(url, **kwargs)
+    await run(db)
+    async with db.write() as conn:
+        await conn.execute(text("CREATE TABLE probe (n INTEGER PRIMARY KEY)"))
+    return db
+
+
+def _insert(n: int, *, fail: bool = False) -> Any:
+    def body(conn: Connection) -> int:
+        conn.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": n})
+        if fail:
+            raise LookupError(f"body {n} failed")
+        return n
+
+    return body
+
+
+async def _probe_rows(db: Database) -> list[int]:
+    async with db.read() as conn:
+        return list((await conn.execute(text("SELECT n FROM probe ORDER BY n"))).scalars())
+
+
+async def test_transact_commits_or_rolls_back(fresh_db: tuple[str, dict[str, Any]]) -> None:
+    url, kwargs = fresh_db
+    db = await _probe_db(url, kwargs)
+    try:
+        assert await db.transact(_insert(1)) == 1
+        with pytest.raises(LookupError, match="body 2"):
+            await db.transact(_insert(2, fail=True))
+        results = await asyncio.gather(
+            *(db.transact(_insert(n, fail=n % 3 == 0)) for n in range(10, 20)),
+            return_exceptions=True,
+        )
+        assert [isinstance(r, LookupError) for r in results] == [n % 3 == 0 for n in range(10, 20)]
+        assert await _probe_rows(db) == [1, *(n for n in range(10, 20) if n % 3)]
+    finally:
+        await db.dispose()
+
+
+class _Gate:
+    """A transaction body that holds the transaction thread until released (forms a group)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, conn: Connection) -> str:
+        self.entered.set()
+        assert self.release.wait(10)
+        return "gate"
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10)
+
+
+async def test_sqlite_group_commit_isolates_each_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies queued together share one transaction; a failing one rolls back alone."""
+    groups: list[int] = []
+    real = db_module._run_together
+
+    def spy(conn: Connection, group: list[Any]) -> list[tuple[bool, Any]]:
+        groups.append(len(group))
+        return real(conn, group)
+
+    monkeypatch.setattr(db_module, "_run_together", spy)
+    db = await _probe_db(f"sqlite:///{tmp_path}/g.db", {})
+    try:
+        gate = _Gate()
+        first = asyncio.ensure_future(db.transact(gate))
+        await gate.wait_entered()
+        queued = [asyncio.ensure_future(db.transact(_insert(n, fail=n == 2))) for n in (1, 2, 3, 4)]
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        assert await first == "gate"
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert results[0] == 1 and results[2:] == [3, 4]
+        assert isinstance(results[1], LookupError)
+        assert groups == [4]
+        assert await _probe_rows(db) == [1, 3, 4]
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_broken_group_reruns_each_body_alone(tmp_path: Path) -> None:
+    """A body that ends the group's transaction: nothing of the group is lost or half-done."""
+    db = await _probe_db(f"sqlite:///{tmp_path}/b.db", {})
+    runs: list[int] = []
+
+    def counted(n: int) -> Any:
+        def body(conn: Connection) -> int:
+            runs.append(n)
+            return _insert(n)(conn)
+
+        return body
+
+    def breaker(conn: Connection) -> None:
+        conn.execute(text("INSERT INTO probe (n) VALUES (99)"))
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("ROLLBACK")  # as SQLite does by itself on e.g. a full disk
+        raise OSError("disk full")
+
+    try:
+        gate = _Gate()
+        first = asyncio.ensure_future(db.transact(gate))
+        await gate.wait_entered()
+        queued = [
+            asyncio.ensure_future(db.transact(body)) for body in (counted(1), breaker, counted(2))
+        ]
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        await first
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert results[0] == 1 and results[2] == 2
+        assert isinstance(results[1], OSError)
+        assert runs == [1, 1, 2]  # 1 ran in the broken group, then each body ran alone
+        assert await _probe_rows(db) == [1, 2]
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_cancelled_while_queued_never_runs(tmp_path: Path) -> None:
+    db = await _probe_db(f"sqlite:///{tmp_path}/c.db", {})
+    try:
+        gate = _Gate()
+        first = asyncio.ensure_future(db.transact(gate))
+        await gate.wait_entered()
+        doomed = asyncio.ensure_future(db.transact(_insert(1)))
+        kept = asyncio.ensure_future(db.transact(_insert(2)))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        gate.release.set()
+        await first
+        assert await kept == 2
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert await _probe_rows(db) == [2]
+    finally:
+        await db.dispose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await db.transact(_insert(3))
+
+
+async def test_sqlite_transact_connection_setup_and_lock(tmp_path: Path) -> None:
+    """The sync engine has the async one's pragmas and takes the write lock at BEGIN."""
+    path = tmp_path / "t.db"
+    db = Database.from_url(f"sqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    try:
+        await run(db)
+
+        def body(conn: Connection) -> tuple[Any, ...]:
+            pragmas = tuple(
+                conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+            )
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                return (*pragmas, str(exc))
+            other.execute("ROLLBACK")
+            return (*pragmas, "not locked")
+
+        journal, busy, fks, synchronous, locked = await db.transact(body)
+        assert (journal, busy, fks) == ("wal", SQLITE_BUSY_TIMEOUT_MS, 1)
+        assert synchronous == 2  # FULL: every commit is on disk before anyone hears of it
+        assert "locked" in locked
+    finally:
+        other.close()
+        await db.dispose()
+
+
+async def test_execute_fast_path(fresh_db: tuple[str, dict[str, Any]]) -> None:
+    """``execute`` gives the same rows and errors on both engines."""
+    url, kwargs = fresh_db
+    db = await _probe_db(url, kwargs)
+    insert = text("INSERT INTO probe (n) VALUES (:n) RETURNING n, n * 2 AS twice")
+    select_one = text("SELECT n FROM probe WHERE n = :n")
+    try:
+
+        def body(conn: Connection) -> tuple[Any, ...]:
+            row = execute(conn, insert, {"n": 5}).one()
+            missing = execute(conn, select_one, {"n": 6}).first()
+            return row.n, row.twice, missing, execute(conn, select_one, {"n": 5}).scalar_one()
+
+        assert await db.transact(body) == (5, 10, None, 5)
+        with pytest.raises(IntegrityError):
+            await db.transact(lambda conn: execute(conn, insert, {"n": 5}))
+        assert await _probe_rows(db) == [5]
+    finally:
+        await db.dispose()
+
+
+def test_execute_refuses_expanding_in(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/x.db")
+    try:
+        with engine.begin() as conn:
+            stmt = select(schema_version.c.version).where(schema_version.c.version.in_([1, 2]))
+            with pytest.raises(ValueError, match="expanding IN"):
+                execute(conn, stmt, {})
+    finally:
+        engine.dispose()

@@ -501,3 +501,41 @@ async def test_meta_roundtrip(store: Store) -> None:
     await store.set_meta("commands_hash:global", "abc")
     await store.set_meta("commands_hash:global", "def")
     assert await store.get_meta("commands_hash:global") == "def"
+
+
+async def test_budget_cap_below_one_job_on_a_new_day(store_factory: Any) -> None:
+    """The budget upsert creates a day's row with the job's share: it must respect the cap too."""
+    store = await store_factory(daily_budget_usd=0.05, cooldown_seconds=0)
+    with pytest.raises(BudgetExhausted):
+        await store.reserve(req(1))
+    assert await store.get_job(1) is None
+    status = await store.budget_status()
+    assert (status.generations, status.reserved_usd) == (0, 0)
+    assert (await store.member_status(G, U)).exists is False
+    await assert_ok(store)
+
+
+async def test_budget_cap_of_exactly_one_job(store_factory: Any) -> None:
+    store = await store_factory(daily_budget_usd=0.10, cooldown_seconds=0, jobs_per_member=3)
+    await store.reserve(req(1))  # a brand-new day: the row is created at the cap
+    with pytest.raises(BudgetExhausted):
+        await store.reserve(req(2))
+    assert await store.refund(1, cause="api_error")
+    await store.reserve(req(2))
+    assert (await store.budget_status()).generations == 1
+    await assert_ok(store)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_prebuilt_statements_compile(dialect: str) -> None:
+    """Every statement of the money transactions compiles for both engines, without expanding IN."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from kontext.store_base import Statements
+
+    target = sqlite.dialect() if dialect == "sqlite" else postgresql.dialect()
+    built = vars(Statements(dialect))
+    assert len(built) >= 20
+    for name, stmt in built.items():
+        sql = str(stmt.compile(dialect=target))
+        assert "POSTCOMPILE" not in sql, name
