@@ -8,6 +8,7 @@ recovered after a restart).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import TYPE_CHECKING, Any
@@ -215,22 +216,65 @@ class InteractionSink:
             bot, interaction.channel_id or 0, interaction.user.id, self.locale, job_id=job_id
         )
         self.dead = False
+        #: the private message was edited at least once: Discord's "thinking…" state is over,
+        #: so a follow-up is a new message
+        self.edited = False
+        self._lock = asyncio.Lock()  # one edit of the private message at a time
+        self._issued = 0  # sequence number of the newest status asked for
+        self._shown = 0  # sequence number of the status on screen
+        self._pending: tuple[int, str] | None = None  # the newest background status not sent yet
+        self._background: asyncio.Task[None] | None = None
 
     @property
     def upload_limit(self) -> int:
         return int(self.interaction.filesize_limit)
 
+    def show(self, text: str) -> None:
+        """Show ``text`` in the private message soon, without waiting for Discord.
+
+        Statuses appear in the order they were asked for; one overtaken by a newer status
+        before it was sent is never sent at all (a quick job skips straight ahead).
+        """
+        self._issued += 1
+        self._pending = (self._issued, text)
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(
+                self._send_pending(), name=f"kontext-status-{self.interaction.id}"
+            )
+
+    async def _send_pending(self) -> None:
+        while self._pending is not None:
+            seq, text = self._pending
+            self._pending = None
+            await self._edit(seq, text)
+
+    async def settle(self) -> None:
+        """Wait until the background statuses asked for so far were sent (or dropped)."""
+        if self._background is not None:
+            await asyncio.gather(self._background, return_exceptions=True)
+
     async def _status(self, text: str, **kwargs: Any) -> bool:
-        if self.dead:
-            return False
-        try:
-            await self.interaction.edit_original_response(content=text, **kwargs)
+        """Edit the private message now; it overtakes every status asked for before."""
+        self._issued += 1
+        self._pending = None
+        return await self._edit(self._issued, text, **kwargs)
+
+    async def _edit(self, seq: int, text: str, **kwargs: Any) -> bool:
+        async with self._lock:
+            if self.dead:
+                return False
+            if seq < self._shown:
+                return True  # a newer status is already on screen
+            try:
+                await self.interaction.edit_original_response(content=text, **kwargs)
+            except discord.HTTPException as exc:
+                if token_dead(exc):
+                    self.dead = True
+                log.debug("status edit failed: %s", exc)
+                return False
+            self._shown = seq
+            self.edited = True
             return True
-        except discord.HTTPException as exc:
-            if token_dead(exc):
-                self.dead = True
-            log.debug("status edit failed: %s", exc)
-            return False
 
     async def queued(self, position: int, total: int, eta_s: float) -> None:
         await self._status(
@@ -252,8 +296,18 @@ class InteractionSink:
             )
         )
 
+    async def _ready_for_followup(self) -> bool:
+        """True once the private message was edited (else a follow-up would replace it)."""
+        if self.dead:
+            return False
+        if self.edited:
+            self.show(t("status.posting", self.locale))  # no need to wait for it
+            return True
+        await self.settle()
+        return self.edited or await self._status(t("status.posting", self.locale))
+
     async def deliver(self, result: ResultInfo) -> Delivery:
-        if not self.dead and await self._status(t("status.posting", self.locale)):
+        if await self._ready_for_followup():
             kwargs: dict[str, Any] = {}
             view = await result_view(self.bot, result)
             if view is not None:

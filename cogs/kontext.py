@@ -220,8 +220,8 @@ class KontextCog(commands.Cog, name="Kontext"):
             if not (deferred_here and await self._status(interaction, err.user_message(locale), view=None)):
                 await reply_error(interaction, err)
             return None
-        await self._status(interaction, t("status.accepted", locale))
         sink = InteractionSink(self.bot, interaction, job_id=spec.job_id)
+        sink.show(t("status.accepted", locale))  # while the images are checked
         return await self.bot.pipeline.run(spec, sink)
 
     async def check_channel(self, interaction: discord.Interaction) -> bool:

@@ -26,9 +26,15 @@ def catalog(lang: str) -> dict[str, str]:
 
 def available_locales() -> list[str]:
     """Every language that has a catalog, English first."""
+    return list(_available_locales())
+
+
+@cache
+def _available_locales() -> tuple[str, ...]:
+    # the catalogs ship with the code: list the folder once, not on every translated string
     langs = sorted(p.stem for p in LOCALES_DIR.glob("*.json"))
     langs.remove(DEFAULT_LOCALE)
-    return [DEFAULT_LOCALE, *langs]
+    return (DEFAULT_LOCALE, *langs)
 
 
 def _candidates(locale: str | None) -> list[str]:

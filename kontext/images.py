@@ -54,7 +54,7 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A JPEG is decoded at 1/2..1/8 scale (libjpeg's DCT scaling): every byte of the entropy-coded
 # data is still read, so truncation is caught, but the pixel buffer is up to 64× smaller.
-_JPEG_CHECK_SIDE = 1024
+_JPEG_CHECK_SIDE = 256
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
                 b"msf1"}
 _AVIF_BRANDS = {b"avif", b"avis"}

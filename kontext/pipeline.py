@@ -545,7 +545,8 @@ class JobPipeline:
                 active.ticket.release()  # the API call is over: the next job may start
             self.queue.record_duration(api_seconds)
             self.metrics.api_latency.observe(api_seconds)
-            await self.store.mark_api_charged(spec.job_id)
+            # no database write here: a job still "running" counts as billed if this process
+            # dies (see resume), and commit / refund record the charge with the job's end
             active.timings["api_done"] = self._clock() - active.t0
             await _stop(ticker, active.progress)
             fitted = await images.fit_to_limit_async(
@@ -565,12 +566,13 @@ class JobPipeline:
             await self._commit(spec, delivery, api_seconds)
             self.metrics.credits_spent.inc(active.reservation.cost)
             log.info(
-                "job %s posted: %.1f s API, %.1f s total, %d bytes%s",
+                "job %s posted: %.1f s API, %.1f s total, %d bytes%s; phases (ms from start): %s",
                 spec.job_id,
                 api_seconds,
                 self._clock() - active.t0,
                 len(fitted.data),
                 " (re-encoded)" if fitted.reencoded else "",
+                " ".join(f"{k}={v * 1000:.1f}" for k, v in active.timings.items()),
             )
             return self._finish(
                 JobOutcome(spec.job_id, "posted", delivery=delivery, timings=active.timings),
