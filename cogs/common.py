@@ -43,6 +43,10 @@ ASPECT_NAMES: dict[str, str] = {
 SAFETY_NAMES: dict[int, str] = {0: "Strict", 1: "Moderate", 2: "Permissive"}
 TOKEN_DEAD_CODES = {10015, 10062, 50027}  # unknown webhook / interaction, invalid webhook token
 BAR_WIDTH = 12
+#: a job's first status ("checking your images") and "posting" appear only when that step takes
+#: longer than this; quicker steps leave Discord's own "thinking…" / the last status on screen
+ACCEPTED_STATUS_AFTER_S = 0.5
+POSTING_STATUS_AFTER_S = 0.3
 
 
 def locale_of(interaction: discord.Interaction) -> str:
@@ -110,8 +114,25 @@ def result_embed(result: ResultInfo, locale: str | None) -> discord.Embed:
     return embed
 
 
+class UploadBuffer(io.BytesIO):
+    """An ``io.BytesIO`` over a result's bytes that never copies them.
+
+    aiohttp sizes an ``io.BytesIO`` upload with ``getbuffer()``, and CPython copies a buffer it
+    still shares with the ``bytes`` it was made from the moment one is asked for: one more copy
+    of every result for as long as it uploads (50 results of 1 MiB: 50 MiB). The view handed out
+    here is read-only, of the very bytes the buffer reads from.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._data = data
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self._data)
+
+
 def result_file(result: ResultInfo) -> discord.File:
-    return discord.File(io.BytesIO(result.image.data), filename=result_filename(result))
+    return discord.File(UploadBuffer(result.image.data), filename=result_filename(result))
 
 
 async def result_view(bot: KontextBot, result: ResultInfo) -> discord.ui.View | None:
@@ -229,14 +250,24 @@ class InteractionSink:
     def upload_limit(self) -> int:
         return int(self.interaction.filesize_limit)
 
-    def show(self, text: str) -> None:
+    def show(self, text: str, *, after: float = 0.0) -> None:
         """Show ``text`` in the private message soon, without waiting for Discord.
 
         Statuses appear in the order they were asked for; one overtaken by a newer status
-        before it was sent is never sent at all (a quick job skips straight ahead).
+        before it was sent is never sent at all, so a quick job skips straight ahead. With
+        ``after``, the status waits that many seconds first: a step that is over by then (the
+        image checks, a quick upload) costs no edit at all.
         """
         self._issued += 1
-        self._pending = (self._issued, text)
+        if after > 0:
+            asyncio.get_running_loop().call_later(after, self._show_if_newest, self._issued, text)
+            return
+        self._show_if_newest(self._issued, text)
+
+    def _show_if_newest(self, seq: int, text: str) -> None:
+        if seq != self._issued:
+            return  # overtaken while it waited
+        self._pending = (seq, text)
         if self._background is None or self._background.done():
             self._background = asyncio.get_running_loop().create_task(
                 self._send_pending(), name=f"kontext-status-{self.interaction.id}"
@@ -301,7 +332,7 @@ class InteractionSink:
         if self.dead:
             return False
         if self.edited:
-            self.show(t("status.posting", self.locale))  # no need to wait for it
+            self.show(t("status.posting", self.locale), after=POSTING_STATUS_AFTER_S)
             return True
         await self.settle()
         return self.edited or await self._status(t("status.posting", self.locale))

@@ -16,7 +16,13 @@ from discord import app_commands
 from discord.app_commands import locale_str
 from discord.ext import commands
 
-from cogs.common import ASPECT_NAMES, InteractionSink, locale_of, reply_error
+from cogs.common import (
+    ACCEPTED_STATUS_AFTER_S,
+    ASPECT_NAMES,
+    InteractionSink,
+    locale_of,
+    reply_error,
+)
 from kontext import images, policy
 from kontext.errors import InputError, JobCancelled, KontextError
 from kontext.i18n import t
@@ -221,7 +227,7 @@ class KontextCog(commands.Cog, name="Kontext"):
                 await reply_error(interaction, err)
             return None
         sink = InteractionSink(self.bot, interaction, job_id=spec.job_id)
-        sink.show(t("status.accepted", locale))  # while the images are checked
+        sink.show(t("status.accepted", locale), after=ACCEPTED_STATUS_AFTER_S)
         return await self.bot.pipeline.run(spec, sink)
 
     async def check_channel(self, interaction: discord.Interaction) -> bool:
