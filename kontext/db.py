@@ -354,7 +354,10 @@ def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> 
 
 #: The most transactions one SQLite group commit takes (see :meth:`Database.transact`).
 MAX_GROUP = 64
-_SAVEPOINT = "kontext_tx"
+#: the savepoint each body of a group runs in (constant SQL: no name is ever built from input)
+_SAVEPOINT_SQL = "SAVEPOINT kontext_tx"
+_ROLLBACK_TO_SQL = "ROLLBACK TO kontext_tx"
+_RELEASE_SQL = "RELEASE kontext_tx"
 #: A queued transaction body and the future its caller awaits.
 _Queued = tuple[Callable[[Connection], Any], "asyncio.Future[Any]"]
 
@@ -391,17 +394,17 @@ def _run_together(conn: Connection, group: list[_Queued]) -> list[tuple[bool, An
             if future.done():  # cancelled while queued: skip (the outcome is never read)
                 outcomes.append((False, asyncio.CancelledError()))
                 continue
-            raw.execute(f"SAVEPOINT {_SAVEPOINT}")
+            raw.execute(_SAVEPOINT_SQL)
             try:
                 value = fn(conn)
             except Exception as exc:
                 if not raw.in_transaction:
                     raise _GroupBroken from exc
-                raw.execute(f"ROLLBACK TO {_SAVEPOINT}")
-                raw.execute(f"RELEASE {_SAVEPOINT}")
+                raw.execute(_ROLLBACK_TO_SQL)
+                raw.execute(_RELEASE_SQL)
                 outcomes.append((False, exc))
             else:
-                raw.execute(f"RELEASE {_SAVEPOINT}")
+                raw.execute(_RELEASE_SQL)
                 outcomes.append((True, value))
     return outcomes
 

@@ -270,8 +270,10 @@ class JobPipeline:
             return self._finish(JobOutcome(spec.job_id, "duplicate", cause="duplicate"))
         except KontextError as err:
             log.info("job %s refused: %s (%s)", spec.job_id, err.cause, err.detail)
-            await self._tell(sink, err, refunded=0)
-            return self._finish(JobOutcome(spec.job_id, "rejected", err.cause, err))
+            return await self._reject(spec, sink, err)
+        except Exception as exc:  # the database away while reserving, or a bug: nothing charged
+            log.exception("job %s could not be accepted", spec.job_id)
+            return await self._reject(spec, sink, KontextError(type(exc).__name__))
 
         active = _Active(
             spec=spec,
@@ -711,6 +713,10 @@ class JobPipeline:
         return self._finish(
             JobOutcome(spec.job_id, "refunded", err.cause, err, timings=active.timings), active
         )
+
+    async def _reject(self, spec: JobSpec, sink: JobSink, err: KontextError) -> JobOutcome:
+        await self._tell(sink, err, refunded=0)
+        return self._finish(JobOutcome(spec.job_id, "rejected", err.cause, err))
 
     async def _tell(self, sink: JobSink, err: KontextError, *, refunded: int) -> None:
         try:

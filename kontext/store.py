@@ -299,14 +299,6 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
             },
         )
 
-    async def mark_api_charged(self, job_id: int) -> bool:
-        """Record that the API billed this job (its budget share is then never given back).
-
-        Only for jobs not refunded yet; for a failure the API billed, pass ``api_charged=True``
-        to :meth:`refund` instead.
-        """
-        return await self._job_update(self._sql.mark_api_charged, {"job_id": job_id})
-
     async def commit(
         self,
         job_id: int,

@@ -168,15 +168,10 @@ class Statements:
             )
             .returning(_j.id)
         )
-        #: params: job_id.
-        self.mark_api_charged = (
-            update(jobs)
-            .where(_j.id == job_id, _state_in((*ACTIVE_STATES, "posted")))
-            .values(api_charged=True)
-            .returning(_j.id)
-        )
         posted = {
             "state": "posted",
+            "api_charged": True,  # the API made the image that was posted: it billed it
+            "interaction_token": None,  # an ended job needs it no more: keep no live secret
             "finished_at": now,
             "result_message_id": _p("result_message", BigInteger),
             "result_channel_id": _p("result_channel", BigInteger),
@@ -205,6 +200,7 @@ class Statements:
             "finished_at": now,
             # once billed, always billed: the flag only ever goes from false to true
             "api_charged": or_(_j.api_charged, _p("billed", Boolean)),
+            "interaction_token": None,
         }
         #: params: job_id, now, cause, billed. Ends the job; returns what the refund needs.
         self.refund_job = (

@@ -184,8 +184,7 @@ async def test_no_secret_anywhere_in_a_representative_session() -> None:
         assert_plain(text)
     # interaction tokens: never at INFO or above (discord.py's own DEBUG lines carry URLs with
     # them; setup_logging keeps the discord loggers at INFO, see the next test)
-    assert job is not None and job.interaction_token in tokens
-    assert job.interaction_token not in repr(job)
+    assert job is not None and job.interaction_token is None  # cleared once the job ended
     # the capture is raw: discord.py's own DEBUG lines (webhook URLs) do show the tokens
     assert any(tok in t for lvl, _, t in logs.records if lvl < logging.INFO for tok in tokens)
     for level, name, text in logs.records:

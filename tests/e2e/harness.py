@@ -54,6 +54,8 @@ class Harness:
     member_id: int
     admin_id: int
     outcomes: dict[int, JobOutcome] = field(default_factory=dict)
+    #: jobs that reached the pipeline (an outcome will follow); the rest were refused by the cog
+    entered: set[int] = field(default_factory=set)
     _outcome_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self, outcome: JobOutcome) -> None:
@@ -101,7 +103,10 @@ class Harness:
         """Wait until the job of ``rec`` ended, or the command answered without a job."""
         await rec.wait_response(timeout)
         async with asyncio.timeout(timeout):
-            while rec.id not in self.outcomes and not _answered_without_job(rec):
+            # a refusal the pipeline tells is on screen a moment before its outcome is recorded
+            while rec.id not in self.outcomes and not (
+                _answered_without_job(rec) and rec.id not in self.entered
+            ):
                 self._outcome_changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.05):
@@ -224,6 +229,14 @@ async def harness(
             saved_gw = discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
             try:
                 async with running_bot(settings, on_outcome) as bot:
+                    entered: set[int] = set()
+                    run = bot.pipeline.run
+
+                    async def tracked_run(spec: Any, sink: Any) -> JobOutcome:
+                        entered.add(spec.job_id)
+                        return await run(spec, sink)
+
+                    bot.pipeline.run = tracked_run
                     h = Harness(
                         discord=demu,
                         segmind=semu,
@@ -235,6 +248,7 @@ async def harness(
                         member_id=int(member["user"]["id"]),
                         admin_id=int(admin["user"]["id"]),
                         outcomes=outcomes,
+                        entered=entered,
                     )
                     yield h
             finally:

@@ -8,6 +8,7 @@ process retires its worker, so the next one claims what is left at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from tests.e2e.proc import bot_process, until, world
@@ -82,9 +83,14 @@ async def test_async_job_is_handed_over_and_the_next_process_posts_it_at_once() 
             bot.terminate()
             assert await bot.wait_exit(10) == 0
         assert "still being made" in status_text(rec)
-        async with bot_process(w, "second", **env):
+        async with bot_process(w, "second", **env), w.store() as store:
             await until(lambda: w.result_messages(), 15, "the handed-over result")
             await until(lambda: "Done" in status_text(rec), 5)
+            for _ in range(250):  # the commit follows the "Done" edit: wait for it, then stop
+                job = await store.get_job(rec.id)
+                if job is not None and job.state == "posted":
+                    break
+                await asyncio.sleep(0.02)
         assert len([c for c in w.segmind.calls if c.api == "v2"]) == 1
         assert w.segmind.charged_count == 1
         assert len(w.result_messages()) == 1

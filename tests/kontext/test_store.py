@@ -237,7 +237,6 @@ async def test_refund_keeps_cooldown_when_asked_or_newer(
 async def test_api_request_fields_and_charged_flag(store: Store) -> None:
     await store.reserve(req(1))
     assert await store.set_api_request(1, "req-1", "https://s/1", "https://r/1")
-    assert await store.mark_api_charged(1)
     job = await store.get_job(1)
     assert job is not None
     assert (job.api_request_id, job.api_status_url, job.api_response_url) == (
@@ -245,11 +244,16 @@ async def test_api_request_fields_and_charged_flag(store: Store) -> None:
         "https://s/1",
         "https://r/1",
     )
-    assert job.api_charged is True
-    assert await store.refund(1, cause="post_failed")  # billed: budget stays reserved
+    assert job.api_charged is False
+    assert await store.refund(1, cause="post_failed", api_charged=True)  # billed: budget stays
     assert (await store.budget_status()).generations == 1
+    job = await store.get_job(1)
+    assert job is not None and job.api_charged is True
     assert not await store.set_api_request(1, "late")
-    assert not await store.mark_api_charged(1)
+    await store.reserve(req(2))
+    assert await store.commit(2, result_message_id=20, result_channel_id=5)
+    job = await store.get_job(2)
+    assert job is not None and job.api_charged is True  # a posted image was billed
     await assert_ok(store)
 
 
