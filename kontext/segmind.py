@@ -955,9 +955,11 @@ class SegmindClient:
                 self._detail(label, resp.status, f"body of {length} bytes is over {limit}", None),
                 status=resp.status, charged_maybe=resp.status == 200,
             )
-        if length is not None:
-            # aiohttp stops at Content-Length, so this cannot read more than the limit; one read
-            # is several times cheaper than a loop of 64 KiB chunks for a 1-10 MiB image
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if length is not None and encoding == "identity":
+            # aiohttp stops at Content-Length, and nothing is decompressed, so this cannot read
+            # more than the limit; one read is several times cheaper than a loop of 64 KiB chunks
+            # for a 1-10 MiB image. A compressed body is counted as it is inflated, below.
             return await resp.read()
         chunks: list[bytes] = []
         size = 0

@@ -519,6 +519,41 @@ async def test_oversize_image_is_delivered_whole(
     assert info.value.charged_maybe
 
 
+async def test_compressed_answer_is_counted_as_it_inflates(
+    session: aiohttp.ClientSession, make_client: Callable[..., SegmindClient]
+) -> None:
+    """A small gzip body that inflates past ``max_image_bytes`` is refused, not read whole."""
+    import gzip
+
+    from aiohttp import web
+
+    bomb = gzip.compress(b"\x89PNG\r\n\x1a\n" + bytes(5_000_000))
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            body=bomb, content_type="image/png", headers={"Content-Encoding": "gzip"}
+        )
+
+    app = web.Application()
+    app.router.add_post(f"/v1/{MODEL}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        client = make_client(base_url=f"http://127.0.0.1:{port}", max_image_bytes=1_000_000)
+        with pytest.raises(ApiBadResponse) as info:
+            await client.generate(
+                GenerationRequest("p", "https://cdn.example/1.png", "https://cdn.example/2.png")
+            )
+        assert "over 1000000 bytes" in str(info.value.detail)
+        assert len(bomb) < 1_000_000  # the limit held for the inflated bytes, not the wire's
+    finally:
+        await runner.cleanup()
+
+
 # --- v2 ------------------------------------------------------------------------------------------
 
 
