@@ -245,6 +245,7 @@ class InteractionSink:
         self._shown = 0  # sequence number of the status on screen
         self._pending: tuple[int, str] | None = None  # the newest background status not sent yet
         self._background: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []  # statuses asked for with ``after``
 
     @property
     def upload_limit(self) -> int:
@@ -260,13 +261,31 @@ class InteractionSink:
         """
         self._issued += 1
         if after > 0:
-            asyncio.get_running_loop().call_later(after, self._show_if_newest, self._issued, text)
+            self._timers = [h for h in self._timers if not h.cancelled()]
+            self._timers.append(
+                asyncio.get_running_loop().call_later(
+                    after, self._show_if_newest, self._issued, text
+                )
+            )
             return
         self._show_if_newest(self._issued, text)
 
+    def close(self) -> None:
+        """The job is over here: statuses asked for but not sent yet are dropped.
+
+        Called when :meth:`~kontext.pipeline.JobPipeline.run` returns or raises, so that no
+        delayed status lands after the last word — nor on an interaction that another process
+        took over (a duplicate delivery).
+        """
+        self._issued += 1
+        self._pending = None
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+
     def _show_if_newest(self, seq: int, text: str) -> None:
         if seq != self._issued:
-            return  # overtaken while it waited
+            return  # overtaken (or the job ended) while it waited
         self._pending = (seq, text)
         if self._background is None or self._background.done():
             self._background = asyncio.get_running_loop().create_task(

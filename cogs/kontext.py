@@ -228,7 +228,10 @@ class KontextCog(commands.Cog, name="Kontext"):
             return None
         sink = InteractionSink(self.bot, interaction, job_id=spec.job_id)
         sink.show(t("status.accepted", locale), after=ACCEPTED_STATUS_AFTER_S)
-        return await self.bot.pipeline.run(spec, sink)
+        try:
+            return await self.bot.pipeline.run(spec, sink)
+        finally:
+            sink.close()
 
     async def check_channel(self, interaction: discord.Interaction) -> bool:
         """Refuse (and tell the member) when /kontext jobs may not start in this channel.

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from kontext import images
+from kontext.db import ACTIVE_STATES
 from kontext.errors import (
     ApiError,
     ApiRateLimited,
@@ -266,7 +267,8 @@ class JobPipeline:
             self.ensure_accepting()
             await self._check_in_turn(spec)
             timings["checked"] = self._clock() - t0
-            reservation = await self.store.reserve(self._reserve_request(spec))
+            self.ensure_accepting()  # a shutdown may have begun while the images were checked
+            reservation = await self._reserve(spec)
             timings["reserved"] = self._clock() - t0
         except JobAlreadyExists:
             log.info("job %s: duplicate delivery, already handled", spec.job_id)
@@ -348,6 +350,28 @@ class JobPipeline:
         task.add_done_callback(self._resumed.discard)
         return task
 
+    async def _reserve(self, spec: JobSpec) -> Reservation:
+        """:meth:`Store.reserve`, and no credit left held when its outcome is unknown.
+
+        A connection lost while committing, or a caller cancelled once its transaction began,
+        leaves it open whether the reservation was written. Then a refund follows in the
+        background (retried while the database is away): it finds this process's job and
+        gives the credits back, or finds none and changes nothing.
+        """
+        try:
+            return await self.store.reserve(self._reserve_request(spec))
+        except KontextError:
+            raise  # a refusal: decided inside the transaction, which was rolled back
+        except BaseException:
+            self._settle_later("refund", spec.job_id, lambda: self._refund_if_ours(spec.job_id))
+            raise
+
+    async def _refund_if_ours(self, job_id: int) -> bool:
+        job = await self.store.get_job(job_id)
+        if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            return False  # nothing was reserved, or another process owns the job
+        return await self.store.refund(job_id, cause="internal", clear_cooldown=True)
+
     async def _check_in_turn(self, spec: JobSpec) -> None:
         """:meth:`check_inputs`, a few jobs at a time, first come first served.
 
@@ -365,6 +389,8 @@ class JobPipeline:
         except BaseException:
             if check is not None:
                 check.cancel()
+                if check.done() and not check.cancelled():
+                    check.exception()  # retrieved: asyncio must not warn about it later
             raise
 
     async def check_inputs(self, spec: JobSpec) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from kontext import pipeline as pipeline_mod
 from kontext.errors import KontextError, ServicePaused, ShuttingDown
 from kontext.pipeline import Delivery, InputImage, JobOutcome, JobPipeline, JobSpec, ResultInfo
 from kontext.queue import JobQueue
@@ -302,3 +303,123 @@ async def test_failed_post_is_refunded_and_charged_to_the_owner_only(tmp_path: P
         assert await env.balance(spec.user_id) == 10
         job = await env.store.get_job(spec.job_id)
         assert job is not None and job.api_charged  # the API billed it; the budget keeps it
+
+
+# --- intake and unsure reservations --------------------------------------------------------------
+
+
+async def test_reservation_with_an_unknown_outcome_is_refunded(tmp_path: Path) -> None:
+    """The reservation was written but its caller saw an error (a connection lost at COMMIT):
+    the member is told 'not charged', and a background refund makes that true."""
+    async with pipeline_env(tmp_path) as env:
+        real_reserve = env.store.reserve
+
+        async def reserve_then_fail(req: Any) -> Any:
+            await real_reserve(req)
+            raise ConnectionResetError("connection lost while committing")
+
+        env.store.reserve = reserve_then_fail  # type: ignore[method-assign]
+        sink = FakeSink()
+        spec = env.spec()
+        outcome = await env.pipeline.run(spec, sink)
+        assert outcome.status == "rejected" and outcome.cause == "internal"
+        assert sink.kinds() == ["failed"] and sink.events[0][2] == 0
+        assert "not charged" in sink.events[0][1].user_message("en")
+        job = await eventually(lambda: env.store.get_job(spec.job_id),
+                               lambda j: j is not None and j.state == "refunded")
+        assert job.failure_cause == "internal"
+        assert await env.balance(spec.user_id) == 10
+        assert env.semu.calls == []
+
+
+async def test_unsure_refund_leaves_another_process_s_job_alone(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path) as env:
+        spec = env.spec()
+        other = JobPipeline(settings=env.pipeline.settings, store=env.store,
+                            client=env.pipeline.client, queue=env.queue, http=env.pipeline.http,
+                            worker_id="w2")
+        await env.store.reserve(other._reserve_request(spec))  # w2 owns this job
+        assert not await env.pipeline._refund_if_ours(spec.job_id)
+        job = await env.store.get_job(spec.job_id)
+        assert job is not None and job.state == "accepted"
+        assert await env.store.refund(spec.job_id, cause="test")
+
+
+async def test_images_are_checked_a_few_jobs_at_a_time_in_arrival_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pipeline_env(tmp_path, max_concurrent=8) as env:
+        started: list[int] = []
+        running = 0
+        peak = 0
+        gate = asyncio.Event()
+
+        async def slow_check(spec: JobSpec) -> None:
+            nonlocal running, peak
+            started.append(spec.job_id)
+            running += 1
+            peak = max(peak, running)
+            await gate.wait()
+            running -= 1
+
+        monkeypatch.setattr(env.pipeline, "check_inputs", slow_check)
+        specs = [env.spec() for _ in range(pipeline_mod.INTAKE_AT_ONCE * 2)]
+        tasks = [asyncio.create_task(env.pipeline.run(s, FakeSink())) for s in specs]
+        await eventually(lambda: _value(len(started)), lambda n: n == pipeline_mod.INTAKE_AT_ONCE)
+        assert started == [s.job_id for s in specs[: pipeline_mod.INTAKE_AT_ONCE]]
+        gate.set()
+        outcomes = await asyncio.gather(*tasks)
+        assert [o.status for o in outcomes] == ["posted"] * len(specs)
+        assert started == [s.job_id for s in specs]  # first come, first served
+        assert peak == pipeline_mod.INTAKE_AT_ONCE
+
+
+async def test_a_slow_check_gives_up_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_mod, "INTAKE_AT_ONCE", 1)
+    monkeypatch.setattr(pipeline_mod, "INTAKE_SLOT_S", 0.05)
+    async with pipeline_env(tmp_path) as env:
+        env.pipeline._intake = asyncio.Semaphore(1)
+        hang = asyncio.Event()
+        first, second = env.spec(), env.spec()
+        real_check = env.pipeline.check_inputs
+
+        async def check(spec: JobSpec) -> None:
+            if spec.job_id == first.job_id:
+                await hang.wait()  # a download that takes its time
+            await real_check(spec)
+
+        monkeypatch.setattr(env.pipeline, "check_inputs", check)
+        slow = asyncio.create_task(env.pipeline.run(first, FakeSink()))
+        quick = await env.pipeline.run(second, FakeSink())  # not held up by the slow one
+        assert quick.status == "posted" and not slow.done()
+        hang.set()
+        assert (await slow).status == "posted"
+
+
+async def test_jobs_checked_when_shutdown_begins_are_not_reserved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pipeline_env(tmp_path) as env:
+        checking = asyncio.Event()
+        release = asyncio.Event()
+
+        async def check(spec: JobSpec) -> None:
+            checking.set()
+            await release.wait()
+
+        monkeypatch.setattr(env.pipeline, "check_inputs", check)
+        spec = env.spec()
+        sink = FakeSink()
+        task = asyncio.create_task(env.pipeline.run(spec, sink))
+        await checking.wait()
+        env.pipeline.accepting = False  # what shutdown() does first
+        release.set()
+        outcome = await task
+        assert outcome.status == "rejected" and outcome.cause == "shutdown"
+        assert await env.store.get_job(spec.job_id) is None  # nothing reserved, nothing to refund
+
+
+async def _value(v: Any) -> Any:
+    return v
