@@ -219,6 +219,11 @@ class KontextBot(commands.Bot):
         from kontext.pipeline import JobPipeline
 
         s = self.settings
+        if not s.segmind_api_key:
+            log.warning(
+                "SEGMIND_API_KEY is empty: every /kontext will fail at the image service (and "
+                "pause new jobs) until you set it"
+            )
         self.http_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, limit_per_host=50, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
@@ -272,6 +277,22 @@ class KontextBot(commands.Bot):
         self._background.append(asyncio.create_task(self._heartbeat(), name="kontext-heartbeat"))
         freeze_long_lived_objects()
 
+    async def _clear_dev_guild_commands(self, dev_key: str) -> None:
+        """Remove the server-only copies an earlier ``DEV_GUILD_ID`` run left behind.
+
+        Without this, a server used for development would list every command twice (its own
+        copy and the global one) once the bot syncs globally again.
+        """
+        assert self.store is not None
+        old = await self.store.get_meta(dev_key)
+        if not old:
+            return
+        dev_guild = discord.Object(int(old))
+        self.tree.clear_commands(guild=dev_guild)
+        await self.tree.sync(guild=dev_guild)
+        await self.store.set_meta(dev_key, "")
+        log.info("removed the server-only commands of the former DEV_GUILD_ID %s", old)
+
     async def sync_commands(self, *, force: bool = False) -> bool:
         """Sync the command tree when it changed since the last sync (or when forced)."""
         assert self.store is not None
@@ -287,12 +308,24 @@ class KontextBot(commands.Bot):
         digest = hashlib.sha256(
             json.dumps(payload, sort_keys=True, default=str).encode()
         ).hexdigest()
-        meta_key = f"commands_hash:{guild.id if guild else 'global'}"
+        # per application: a database kept across a switch to another application still syncs
+        app = self.application_id
+        meta_key = f"commands_hash:{app}:{guild.id if guild else 'global'}"
+        dev_key = f"dev_guild:{app}"
+        if guild is None:
+            await self._clear_dev_guild_commands(dev_key)
         if not force and await self.store.get_meta(meta_key) == digest:
             log.info("slash commands unchanged since the last sync; not syncing")
             return False
         synced = await self.tree.sync(guild=guild)
         await self.store.set_meta(meta_key, digest)
+        if guild is not None:
+            await self.store.set_meta(dev_key, str(guild.id))
+            log.warning(
+                "commands synced to server %s only (DEV_GUILD_ID); if they were synced globally "
+                "before, that server lists each command twice until you unset DEV_GUILD_ID and "
+                "restart (the server copies are then removed)", guild.id,
+            )
         log.info(
             "synced %d slash command(s) %s",
             len(synced),

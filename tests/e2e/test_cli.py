@@ -48,3 +48,18 @@ async def test_sync_registers_the_commands_and_exits_0(tmp_path: Path) -> None:
         assert {"kontext", "credits", "kontext-admin"} <= names
         assert "synced" in err
         assert not w.discord.connections  # synced over REST, never stayed on the gateway
+
+
+async def test_leaving_dev_guild_mode_removes_the_server_copies() -> None:
+    """DEV_GUILD_ID syncs to one server; the next global sync removes that server's copies, so
+    the server does not list every command twice."""
+    async with world() as w:
+        dev = {**w.env, "DEV_GUILD_ID": str(w.guild_id)}
+        code, _, err = await run_cli("sync", env=clean_env(**dev), timeout=30)
+        assert code == 0, err[-3000:]
+        assert {c["name"] for c in w.discord.synced_commands.get(w.guild_id, [])} >= {"kontext"}
+        assert "lists each command twice" in err  # the owner is told what dev mode leaves behind
+        code, _, err = await run_cli("sync", env=clean_env(**w.env), timeout=30)
+        assert code == 0, err[-3000:]
+        assert w.discord.synced_commands.get(w.guild_id, []) == []
+        assert {c["name"] for c in w.discord.synced_commands[None]} >= {"kontext", "credits"}
