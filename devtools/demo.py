@@ -29,6 +29,7 @@ from tests.emulators.segmind import SegmindEmulator  # noqa: E402
 OUT = ROOT / "demo-output"
 TOKEN = "demo-discord-token"
 KEY = "demo-segmind-key"
+PROMPT = "put the green dress on the person, keep the pose"
 
 
 def picture(kind: str) -> bytes:
@@ -82,15 +83,18 @@ async def main() -> int:
             try:
                 await discord_emu.wait_connected(1, timeout=30)
                 await discord_emu.wait_until(lambda: discord_emu.find_command("kontext") is not None, 30)
-                say("bot connected and synced its slash commands: "
-                    + ", ".join("/" + c["name"] for c in discord_emu.synced_commands[None]))
-                say("member runs /kontext with two images: 'put the green dress on the person'")
+                commands = discord_emu.synced_commands[None]
+                say("bot connected and synced its commands: "
+                    + ", ".join("/" + c["name"] for c in commands if c.get("type", 1) == 1)
+                    + " and the message menu "
+                    + ", ".join(f"'{c['name']}'" for c in commands if c.get("type", 1) == 3))
+                say(f"member runs /kontext with two images: '{PROMPT}'")
                 rec = await discord_emu.invoke_slash(
                     "kontext",
                     {
                         "image_1": (picture("person"), "person.png", "image/png"),
                         "image_2": (picture("dress"), "dress.png", "image/png"),
-                        "prompt": "put the green dress on the person, keep the pose",
+                        "prompt": PROMPT,
                         "aspect_ratio": "1:1",
                         "seed": 42,
                     },
@@ -117,12 +121,14 @@ async def main() -> int:
                 render(msg, data, names={member["user"]["id"]: "demo-member"}).save(picture_path)
                 embed = msg["embeds"][0]
                 fields = {f["name"]: f["value"] for f in embed.get("fields", [])}
-                say(f"result posted publicly in #showcase: {name} ({len(data):,} bytes)")
+                say(f"result posted publicly in #showcase: {name} ({len(data):,} bytes; the emulator's "
+                    "'generation' puts the two inputs side by side, the real API edits them)")
                 for key in ("Aspect ratio", "Seed", "Format", "Time taken", "Credits left"):
                     if key in fields:
                         print(f"           {key}: {fields[key]}")
                 call = segmind_emu.calls[-1]
                 say(f"Segmind saw 1 call (HTTP {call.status}); body keys: {', '.join(sorted(call.payload))}")
+                await rec.wait_for(lambda r: any("Done" in (e.get("content") or "") for e in r.edits), 10)
                 statuses = [e.get("content") for e in rec.edits if e.get("content")]
                 say("the member's private status went: " + " → ".join(s.split("\n")[0][:40] for s in statuses))
                 say(f"saved {OUT / name} and a picture of the message: {picture_path}")
