@@ -229,13 +229,18 @@ async def throughput(
             t = timings(w, recs)
         start, end = min(r.created_at for r in recs), max(w.discord.result_seen[r.id] for r in recs)
         calls = api_calls(w)
-        first_call = min(calls[n].time for n in range(n_jobs) if n in calls)
+        ours = [calls[n] for n in range(n_jobs) if n in calls]
+        first_call = min(call.time for call in ours)
+        # the API's latency as the bot meets it: the emulator's nominal L plus its own time to
+        # fetch both inputs and answer (not the bot's doing)
+        api_latency = median([call.finished - call.time for call in ours])
         elapsed = end - start
         busy = end - first_call  # the API's part: first call started → last result posted
-        ideal = math.ceil(n_jobs / c) * latency
+        ideal = math.ceil(n_jobs / c) * api_latency
         lags = lag_in_window(bot.lag_samples, start, end)
         return {
-            "jobs": n_jobs, "c": c, "latency": latency, "elapsed": elapsed, "ideal": ideal,
+            "jobs": n_jobs, "c": c, "latency": latency, "api_latency": api_latency,
+            "elapsed": elapsed, "ideal": ideal,
             "ratio": ideal / busy, "ratio_end_to_end": ideal / elapsed, "busy": busy,
             "ingest": first_call - start, "lag_max": max(lags, default=math.nan),
             "lag_p99": percentile(lags, 99), "api_peak": w.segmind.peak_concurrency,
@@ -283,13 +288,13 @@ async def run_all(sizes: Sizes, report: Report, *, sections: set[str] | None = N
             st = await throughput("kontext", c, latency=sizes.throughput_latency,
                                   rounds=sizes.rounds, result_size=sizes.small_result)
             report.details[f"throughput_C{c}"] = st
-            _throughput_row(report, "throughput vs ideal C/L", st, target=True)
+            _throughput_row(report, "throughput vs ideal C/L", st)
         report.log(f"[throughput, stress] C = {cs}, L = {sizes.stress_latency:g} s, N = {sizes.stress_rounds}×C")
         for c in sizes.throughput_c:
             st = await throughput("kontext", c, **stress)
             ours_c[c] = st
             report.details[f"throughput_stress_C{c}"] = st
-            _throughput_row(report, "stress: API 18× faster than real", st, target=False)
+            _throughput_row(report, "stress: API 18× faster than real", st)
 
     if want("baseline"):
         c = sizes.baseline_c
@@ -336,11 +341,12 @@ async def _ledger_row(report: Report, backend: str, procs: int, sizes: Sizes) ->
     report.add("ledger ops (reserve+commit pairs)", metric, target, f"{res.per_second:,.0f}/s", ok, note)
 
 
-def _throughput_row(report: Report, section: str, st: dict[str, float], *, target: bool) -> None:
+def _throughput_row(report: Report, section: str, st: dict[str, float]) -> None:
     report.add(
         section, f"C = {int(st['c'])}, N = {int(st['jobs'])}, L = {st['latency']:g} s",
-        "≥ 0.97" if target else "—", f"{st['ratio']:.3f}", st["ratio"] >= 0.97 if target else None,
-        f"first API call → last result {st['busy']:.2f} s vs ideal {st['ideal']:.2f} s; "
+        "≥ 0.97", f"{st['ratio']:.3f}", st["ratio"] >= 0.97,
+        f"first API call → last result {st['busy']:.2f} s vs ideal {st['ideal']:.2f} s "
+        f"(API calls took {st['api_latency']:.3f} s); "
         f"API saw ≤ {int(st['api_peak'])} at once; counting the burst's intake too "
         f"({st['ingest'] * 1000:.0f} ms to the first call): {st['ratio_end_to_end']:.3f}",
     )
