@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "Kontext Bot needs Python 3.11 or newer; $(VENV) has $$($(PY) --version)."; \
+	  echo "Try: make clean; make $(MAKECMDGOALS) PYTHON=python3.12"; exit 2; }
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $(STAMP)
 
