@@ -1,4 +1,4 @@
-"""Database access: the engines, the transaction paths, the schema and the migration runner.
+"""Database access: the engines and the transaction paths.
 
 * :func:`engine_args` turns ``DATABASE_URL`` (SQLAlchemy URL form, as PaaS add-ons hand it out)
   into an async driver URL plus connect arguments: ``sqlite:///rel.db`` / ``sqlite:////abs.db``
@@ -20,8 +20,7 @@
 
 * :func:`execute` runs a prebuilt statement inside a transaction body: on SQLite straight on the
   driver's cursor (compiled once), on Postgres through SQLAlchemy. Same SQL on both engines.
-* :data:`metadata` holds the tables; :data:`MIGRATIONS` the ordered schema steps, applied by
-  :func:`run_migrations` (one transaction each, safe when several processes start at once).
+* The tables and their migrations live in :mod:`kontext.schema`.
 
 Why the sync path: through the aiosqlite adapter every statement costs several loop↔thread
 hand-offs plus SQLAlchemy's execution overhead, all while the process's write lock is held; a
@@ -53,30 +52,14 @@ import sqlite3
 import ssl
 import time
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    Column,
     Connection,
-    Double,
-    ForeignKeyConstraint,
-    Index,
-    Integer,
-    MetaData,
-    PrimaryKeyConstraint,
-    Table,
-    Text,
     event,
-    func,
-    select,
-    text,
 )
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import URL, Engine, make_url
@@ -88,8 +71,6 @@ from sqlalchemy.sql.base import Executable
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
 _SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
-#: Key of the Postgres advisory lock that serializes migrations ("Kontext" in ASCII).
-MIGRATION_LOCK_KEY = 0x4B6F6E74657874
 #: Execution option that marks a read-only transaction (SQLite then uses a deferred BEGIN).
 _READ_ONLY = "kontext_read_only"
 T = TypeVar("T")
@@ -603,266 +584,3 @@ class Database:
         if self.sync_engine is not None:
             self.sync_engine.dispose()
         await self.engine.dispose()
-
-
-# --- the schema -----------------------------------------------------------------------------------
-
-metadata = MetaData()
-
-LEDGER_KINDS: tuple[str, ...] = ("start", "grant", "revoke", "daily", "reserve", "commit", "refund")
-JOB_STATES: tuple[str, ...] = ("accepted", "running", "posted", "failed", "refunded")
-ACTIVE_STATES: tuple[str, ...] = ("accepted", "running")
-
-
-def _in_check(column: str, values: Sequence[str], name: str) -> CheckConstraint:
-    # Constant DDL built from the module's own tuples, never from input.
-    quoted = ", ".join(f"'{v}'" for v in values)
-    return CheckConstraint(f"{column} IN ({quoted})", name=name)
-
-
-schema_version = Table(
-    "schema_version",
-    metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False),
-    Column("description", Text, nullable=False),
-    Column("applied_at", Double, nullable=False),
-)
-
-guild_settings = Table(
-    "guild_settings",
-    metadata,
-    Column("guild_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("starting_credits", BigInteger),
-    Column("credits_per_image", BigInteger),
-    Column("daily_free_credits", BigInteger),
-    Column("cooldown_seconds", Integer),
-    Column("jobs_per_member", Integer),
-    Column("max_safety_tolerance", Integer),
-    Column("default_aspect_ratio", Text),
-    Column("showcase_channel_id", BigInteger),
-    Column("showcase_requires_approval", Boolean),
-    Column("allowed_channel_ids", Text),  # JSON list of ids
-    Column("exempt_role_ids", Text),  # JSON list of ids
-    Column("blocked_words", Text),  # JSON list of words
-    Column("confirm_quote", Boolean),
-    Column("updated_at", Double),
-    Column("updated_by", BigInteger),
-)
-
-settings_audit = Table(
-    "settings_audit",
-    metadata,
-    Column(
-        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    ),
-    Column("guild_id", BigInteger, nullable=False),
-    Column("actor_id", BigInteger),
-    Column("key", Text, nullable=False),
-    Column("old_value", Text),  # JSON, NULL = the process default
-    Column("new_value", Text),
-    Column("created_at", Double, nullable=False),
-    Index("ix_settings_audit_guild", "guild_id", "created_at"),
-)
-
-members = Table(
-    "members",
-    metadata,
-    Column("guild_id", BigInteger, nullable=False),
-    Column("user_id", BigInteger, nullable=False),
-    Column("balance", BigInteger, nullable=False),
-    Column("inflight", Integer, nullable=False, server_default=text("0")),
-    Column("cooldown_until", Double),
-    Column("last_daily", Text),  # YYYY-MM-DD (UTC) of the last daily top-up claim
-    Column("created_at", Double, nullable=False),
-    PrimaryKeyConstraint("guild_id", "user_id", name="pk_members"),
-    CheckConstraint("balance >= 0", name="ck_members_balance"),
-    CheckConstraint("inflight >= 0", name="ck_members_inflight"),
-)
-
-ledger = Table(
-    "ledger",
-    metadata,
-    Column(
-        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    ),
-    Column("guild_id", BigInteger, nullable=False),
-    Column("user_id", BigInteger, nullable=False),
-    Column("delta", BigInteger, nullable=False),
-    Column("kind", Text, nullable=False),
-    Column("reason", Text),
-    Column("job_id", BigInteger),
-    Column("actor_id", BigInteger),
-    Column("balance_after", BigInteger, nullable=False),
-    Column("created_at", Double, nullable=False),
-    _in_check("kind", LEDGER_KINDS, "ck_ledger_kind"),
-    ForeignKeyConstraint(
-        ["guild_id", "user_id"], ["members.guild_id", "members.user_id"], name="fk_ledger_member"
-    ),
-    Index("ix_ledger_member", "guild_id", "user_id", "id"),
-    Index("ix_ledger_job", "job_id"),
-    Index("ix_ledger_guild_created", "guild_id", "created_at"),
-)
-
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=False),  # the interaction id
-    Column("guild_id", BigInteger, nullable=False),
-    Column("channel_id", BigInteger, nullable=False),
-    Column("user_id", BigInteger, nullable=False),
-    Column("state", Text, nullable=False),
-    Column("params", Text, nullable=False),  # JSON
-    Column("seed", BigInteger),
-    Column("cost_credits", BigInteger, nullable=False),
-    Column("cost_usd_micros", BigInteger, nullable=False),
-    Column("cooldown_until", Double),  # the cooldown this job set (NULL when none)
-    Column("locale", Text),
-    Column("application_id", BigInteger),
-    Column("interaction_token", Text),
-    Column("worker_id", Text),
-    Column("created_at", Double, nullable=False),
-    Column("started_at", Double),
-    Column("finished_at", Double),
-    Column("duration_s", Double),
-    Column("api_request_id", Text),
-    Column("api_status_url", Text),
-    Column("api_response_url", Text),
-    Column("api_charged", Boolean, nullable=False, server_default=text("false")),
-    Column("result_message_id", BigInteger),
-    Column("result_channel_id", BigInteger),
-    Column("failure_cause", Text),
-    Column("parent_job_id", BigInteger),
-    _in_check("state", JOB_STATES, "ck_jobs_state"),
-    Index("ix_jobs_state", "state"),
-    Index("ix_jobs_member_state", "guild_id", "user_id", "state"),
-    Index("ix_jobs_guild_created", "guild_id", "created_at"),
-)
-
-budget_days = Table(
-    "budget_days",
-    metadata,
-    Column("day", Text, primary_key=True),  # YYYY-MM-DD (UTC)
-    Column("reserved_micros", BigInteger, nullable=False, server_default=text("0")),
-    Column("generations", Integer, nullable=False, server_default=text("0")),
-)
-
-workers = Table(
-    "workers",
-    metadata,
-    Column("id", Text, primary_key=True),
-    Column("started_at", Double, nullable=False),
-    Column("heartbeat_at", Double, nullable=False),
-    Column("retired_at", Double),
-)
-
-bot_meta = Table(
-    "bot_meta",
-    metadata,
-    Column("key", Text, primary_key=True),
-    Column("value", Text, nullable=False),
-    Column("updated_at", Double, nullable=False),
-)
-
-showcase_posts = Table(
-    "showcase_posts",
-    metadata,
-    Column("job_id", BigInteger, primary_key=True),  # one showcase post per job
-    Column("guild_id", BigInteger, nullable=False),
-    Column("state", Text, nullable=False),  # pending | posted | rejected | removed
-    Column("requested_by", BigInteger, nullable=False),
-    Column("decided_by", BigInteger),
-    Column("showcase_channel_id", BigInteger),
-    Column("showcase_message_id", BigInteger),
-    Column("approval_message_id", BigInteger),  # the moderators' Approve / Reject card
-    Column("created_at", Double, nullable=False),
-    Column("updated_at", Double, nullable=False),
-)
-Index("ix_showcase_guild_state", showcase_posts.c.guild_id, showcase_posts.c.state)
-
-
-# --- migrations ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """One schema step. ``apply`` runs synchronously (via ``run_sync``) inside a transaction."""
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
-
-
-def _v1_initial(conn: Connection) -> None:
-    tables = [guild_settings, settings_audit, members, ledger, jobs, budget_days, workers]
-    metadata.create_all(conn, tables=tables, checkfirst=True)
-
-
-#: The ordered schema steps. Append new steps (never edit applied ones); a step that changes a
-#: table must also update the table above, and be written so that it is a no-op on a database
-#: that step 1 created with the newer shape (e.g. ``ADD COLUMN IF NOT EXISTS``).
-def _v2_bot_meta(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[bot_meta], checkfirst=True)
-
-
-def _v3_showcase(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[showcase_posts], checkfirst=True)
-
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "initial schema", _v1_initial),
-    Migration(2, "bot_meta: small process-wide facts (e.g. the last synced command hash)", _v2_bot_meta),
-    Migration(3, "showcase_posts: one showcase post per job, with its approval state", _v3_showcase),
-)
-
-
-async def _lock_for_migration(conn: AsyncConnection) -> None:
-    if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-    # SQLite: the transaction began with BEGIN IMMEDIATE, which is the lock.
-
-
-async def current_version(db: Database) -> int:
-    """The highest applied migration (0 for a fresh database)."""
-    async with db.read() as conn:
-        exists = await conn.run_sync(lambda c: c.dialect.has_table(c, schema_version.name))
-        if not exists:
-            return 0
-        value = await conn.scalar(select(func.max(schema_version.c.version)))
-        return int(value or 0)
-
-
-async def run_migrations(
-    db: Database,
-    migrations: Sequence[Migration] = MIGRATIONS,
-    *,
-    clock: Callable[[], float] | None = None,
-) -> int:
-    """Apply the steps not applied yet, in order, one transaction each; returns how many ran.
-
-    Safe when several processes run it at once: each step's transaction first takes the
-    migration lock (Postgres advisory transaction lock / SQLite ``BEGIN IMMEDIATE``), then
-    re-reads the version, so every step runs exactly once.
-    """
-    now = clock or time.time
-    steps = sorted(migrations, key=lambda m: m.version)
-    if [m.version for m in steps] != sorted({m.version for m in steps}):
-        raise ValueError("migration versions must be unique")
-    await db.prepare()
-    if steps and await current_version(db) >= steps[-1].version:
-        return 0
-    applied = 0
-    for step in steps:
-        async with db.write() as conn:
-            await _lock_for_migration(conn)
-            await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
-            done = await conn.scalar(select(func.max(schema_version.c.version)))
-            if (done or 0) >= step.version:
-                continue
-            await conn.run_sync(step.apply)
-            await conn.execute(
-                schema_version.insert().values(
-                    version=step.version, description=step.description, applied_at=now()
-                )
-            )
-            applied += 1
-    return applied

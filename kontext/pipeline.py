@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import aiohttp
 
 from kontext import images
-from kontext.db import ACTIVE_STATES
 from kontext.errors import (
     ApiError,
     ApiRateLimited,
@@ -36,6 +35,7 @@ from kontext.errors import (
 )
 from kontext.metrics import Metrics
 from kontext.queue import JobQueue
+from kontext.schema import ACTIVE_STATES
 from kontext.segmind import GenerationRequest, GenerationResult, SegmindClient, SubmittedJob
 from kontext.settings import Settings
 from kontext.store import Job, Reservation, ReserveRequest, Store

@@ -26,7 +26,7 @@ from typing import Any, Self
 
 from sqlalchemy import Connection, select, update
 
-from kontext.db import Database, bot_meta, execute, run_migrations
+from kontext.db import Database, execute
 from kontext.errors import (
     BudgetExhausted,
     InsufficientCredits,
@@ -34,6 +34,7 @@ from kontext.errors import (
     OnCooldown,
     TooManyJobs,
 )
+from kontext.schema import bot_meta, run_migrations
 from kontext.settings import Settings
 from kontext.store_admin import AdminMixin
 from kontext.store_members import MembersMixin

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
-from kontext.db import ACTIVE_STATES, budget_days, jobs, ledger, members, workers
+from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members, workers
 from kontext.store_base import StoreBase, job_from_row
 from kontext.store_types import GuildStats, Job, StatsWindow, day_start, usd_to_micros, utc_day
 

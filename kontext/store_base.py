@@ -35,7 +35,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
-from kontext.db import ACTIVE_STATES, Database, budget_days, execute, jobs, ledger, members
+from kontext.db import Database, execute
+from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members
 from kontext.settings import Settings
 from kontext.store_types import Job, utc_day
 

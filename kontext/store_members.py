@@ -6,7 +6,8 @@ from collections.abc import Iterable
 
 from sqlalchemy import Connection, func, select
 
-from kontext.db import ACTIVE_STATES, budget_days, execute, jobs, ledger, members
+from kontext.db import execute
+from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members
 from kontext.store_base import StoreBase, job_from_row
 from kontext.store_types import BudgetStatus, Job, LedgerEntry, MemberStatus, utc_day
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Row, select
 
-from kontext.db import guild_settings, settings_audit
+from kontext.schema import guild_settings, settings_audit
 from kontext.settings import ASPECT_RATIOS
 from kontext.store_base import StoreBase
 from kontext.store_types import GuildSettings

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
-from kontext.db import showcase_posts
+from kontext.schema import showcase_posts
 from kontext.store import Store
 
 STATES: tuple[str, ...] = ("pending", "posted", "rejected", "removed")

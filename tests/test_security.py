@@ -31,9 +31,9 @@ import pytest
 from sqlalchemy import select
 
 from bot import setup_logging
-from kontext.db import ledger, metadata
 from kontext.errors import JobAlreadyExists
 from kontext.pipeline import InputImage, JobSpec
+from kontext.schema import ledger, metadata
 from kontext.store import ReserveRequest
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, Harness, harness
 from tests.e2e.harness import test_settings as make_settings

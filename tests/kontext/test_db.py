@@ -13,17 +13,9 @@ from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.exc import IntegrityError
 
 from kontext import db as db_module
-from kontext.db import (
-    MIGRATIONS,
-    SQLITE_BUSY_TIMEOUT_MS,
-    Database,
-    Migration,
-    current_version,
-    engine_args,
-    execute,
-    schema_version,
-)
-from kontext.db import run_migrations as run
+from kontext.db import SQLITE_BUSY_TIMEOUT_MS, Database, engine_args, execute
+from kontext.schema import MIGRATIONS, Migration, current_version, schema_version
+from kontext.schema import run_migrations as run
 from kontext.store import Store
 from tests.dbutil import ensure_postgres, make_settings, postgres_base_url, temp_postgres_schema
 

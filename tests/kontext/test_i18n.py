@@ -17,8 +17,8 @@ import discord
 import pytest
 from discord import app_commands
 
-from kontext.db import LEDGER_KINDS
 from kontext.i18n import DEFAULT_LOCALE, LOCALES_DIR, available_locales, catalog, t
+from kontext.schema import LEDGER_KINDS
 from kontext.settings import ASPECT_RATIOS
 from kontext.store_settings import SETTING_KEYS
 from kontext.store_showcase import STATES

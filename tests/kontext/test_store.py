@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from kontext.db import ledger, settings_audit
 from kontext.errors import (
     BudgetExhausted,
     InsufficientCredits,
@@ -19,6 +18,7 @@ from kontext.errors import (
     OnCooldown,
     TooManyJobs,
 )
+from kontext.schema import ledger, settings_audit
 from kontext.store import ReserveRequest, Store
 from tests.dbutil import FakeClock
 

@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from kontext.db import budget_days, jobs, ledger
 from kontext.errors import (
     InsufficientCredits,
     JobAlreadyExists,
@@ -31,6 +30,7 @@ from kontext.errors import (
     OnCooldown,
     TooManyJobs,
 )
+from kontext.schema import budget_days, jobs, ledger
 from kontext.store import Reservation, ReserveRequest, Store
 from tests.dbutil import (
     BACKENDS,
