@@ -261,7 +261,6 @@ class InteractionSink:
         """
         self._issued += 1
         if after > 0:
-            self._timers = [h for h in self._timers if not h.cancelled()]
             self._timers.append(
                 asyncio.get_running_loop().call_later(
                     after, self._show_if_newest, self._issued, text
@@ -313,8 +312,8 @@ class InteractionSink:
         async with self._lock:
             if self.dead:
                 return False
-            if seq < self._shown:
-                return True  # a newer status is already on screen
+            if seq < self._shown:  # cannot happen while the lock is first come first served
+                return True  # a newer status is already on screen: never go back
             try:
                 await self.interaction.edit_original_response(content=text, **kwargs)
             except discord.HTTPException as exc:
