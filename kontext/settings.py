@@ -70,6 +70,17 @@ class Settings:
     log_level: str = "INFO"
     port: int | None = None
     shutdown_grace_seconds: float = 25.0
+    #: a waiting job older than this is refunded and its member told (the queue never hangs)
+    max_queue_wait_seconds: float = 1800.0
+
+    # several processes: the gateway split into shards (None = discord.py decides / one shard)
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
+
+    # the owner and many servers
+    allowed_guild_ids: frozenset[int] = frozenset()  # empty = every server
+    guild_daily_budget_usd: float = 5.0  # 0 = no per-server cap
+    encryption_key: str = ""  # Fernet key for the servers' own Segmind keys ("" = that is off)
 
     # development and tests only: point discord.py at a local emulator
     discord_api_base_url: str | None = None
@@ -79,8 +90,10 @@ class Settings:
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in {"discord_token", "segmind_api_key"} and value:
+            if f.name in _SECRET_FIELDS and value:
                 value = "***"
+            elif f.name == "database_url":
+                value = redact_url_password(value)
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
@@ -89,7 +102,31 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """The secret values, for log redaction."""
-        return tuple(s for s in (self.discord_token, self.segmind_api_key) if s)
+        passwords = url_passwords(self.database_url)
+        return tuple(
+            s for s in (self.discord_token, self.segmind_api_key, self.encryption_key, *passwords) if s
+        )
+
+
+_SECRET_FIELDS = frozenset({"discord_token", "segmind_api_key", "encryption_key"})
+
+
+def url_passwords(url: str) -> tuple[str, ...]:
+    """The password in a ``scheme://user:password@host/…`` URL (empty when none)."""
+    try:
+        import yarl
+
+        password = yarl.URL(url).password
+    except (ValueError, TypeError):
+        return ()
+    return (password,) if password and len(password) >= 3 else ()
+
+
+def redact_url_password(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``."""
+    for password in url_passwords(url):
+        url = url.replace(password, "***")
+    return url
 
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
@@ -168,6 +205,47 @@ def _database_url(raw: str) -> str:
     return value
 
 
+def _id_list(raw: str) -> tuple[int, ...]:
+    """Comma-separated Discord ids (snowflakes); spaces ignored."""
+    out: list[int] = []
+    for part in raw.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) < 2**64:
+            raise ValueError(f"must be comma-separated ids (numbers), got {part!r}")
+        out.append(int(part))
+    return tuple(dict.fromkeys(out))
+
+
+def _guild_ids(raw: str) -> frozenset[int]:
+    return frozenset(_id_list(raw))
+
+
+def _shard_ids(raw: str) -> tuple[int, ...]:
+    """Comma-separated shard numbers (0, 1, …)."""
+    parts = [p for p in raw.replace(" ", ",").split(",") if p]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"must be comma-separated shard numbers like 0,1; got {raw!r}")
+    return tuple(sorted({int(p) for p in parts}))
+
+
+def _fernet_key(raw: str) -> str:
+    value = raw.strip()
+    import base64
+    import binascii
+
+    try:
+        decoded = base64.urlsafe_b64decode(value.encode())
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) != 32:
+        raise ValueError(
+            "must be a Fernet key (32 url-safe base64 bytes); make one with: python -c "
+            "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+        )
+    return value
+
+
 def _token(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -205,6 +283,12 @@ _SPEC: dict[str, tuple[str, Callable[[str], object]]] = {
     "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS, upper=True)),
     "PORT": ("port", _int(1, 65535)),
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0, 3600)),
+    "MAX_QUEUE_WAIT_SECONDS": ("max_queue_wait_seconds", _float(30, 7 * 86_400)),
+    "SHARD_COUNT": ("shard_count", _int(1, 10_000)),
+    "SHARD_IDS": ("shard_ids", _shard_ids),
+    "ALLOWED_GUILD_IDS": ("allowed_guild_ids", _guild_ids),
+    "GUILD_DAILY_BUDGET_USD": ("guild_daily_budget_usd", _float(0, 1_000_000)),
+    "ENCRYPTION_KEY": ("encryption_key", _fernet_key),
     "DISCORD_API_BASE_URL": ("discord_api_base_url", _http_url),
     "DISCORD_GATEWAY_URL": ("discord_gateway_url", _ws_url),
 }
@@ -233,6 +317,14 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     settings = Settings(**values)  # type: ignore[arg-type]
     if settings.segmind_api_mode not in API_MODES:  # pragma: no cover - guarded by the parser
         raise SettingsError("SEGMIND_API_MODE", "must be sync or async")
+    if settings.shard_ids is not None:
+        if settings.shard_count is None:
+            raise SettingsError("SHARD_IDS", "needs SHARD_COUNT (the total number of shards)")
+        bad = [i for i in settings.shard_ids if i >= settings.shard_count]
+        if bad or not settings.shard_ids:
+            raise SettingsError(
+                "SHARD_IDS", f"each id must be below SHARD_COUNT={settings.shard_count}, got {bad}"
+            )
     return settings
 
 

@@ -98,3 +98,29 @@ def test_settings_is_frozen() -> None:
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
     assert isinstance(s, Settings)
+
+
+def test_database_url_password_never_in_repr_and_redacted_from_logs() -> None:
+    s = settings_from_env({**BASE, "DATABASE_URL": "postgres://kontext:hunter2pw@db.example/k"})
+    assert "hunter2pw" not in repr(s) and "postgres://kontext:***@db.example/k" in repr(s)
+    assert "hunter2pw" in s.secrets
+
+
+def test_shards_and_owner_settings() -> None:
+    s = settings_from_env(
+        {**BASE, "SHARD_COUNT": "4", "SHARD_IDS": "2, 0", "ALLOWED_GUILD_IDS": "11,22 33"}
+    )
+    assert (s.shard_count, s.shard_ids) == (4, (0, 2))
+    assert s.allowed_guild_ids == frozenset({11, 22, 33})
+    assert s.guild_daily_budget_usd == 5.0 and s.max_queue_wait_seconds == 1800.0
+    with pytest.raises(SettingsError, match="SHARD_IDS"):
+        settings_from_env({**BASE, "SHARD_COUNT": "2", "SHARD_IDS": "2"})
+    with pytest.raises(SettingsError, match="SHARD_IDS"):
+        settings_from_env({**BASE, "SHARD_IDS": "0"})
+    with pytest.raises(SettingsError, match="ALLOWED_GUILD_IDS"):
+        settings_from_env({**BASE, "ALLOWED_GUILD_IDS": "abc"})
+    with pytest.raises(SettingsError, match="ENCRYPTION_KEY"):
+        settings_from_env({**BASE, "ENCRYPTION_KEY": "not-a-key"})
+    key = "x" * 43 + "="
+    assert settings_from_env({**BASE, "ENCRYPTION_KEY": key}).encryption_key == key
+    assert key not in repr(settings_from_env({**BASE, "ENCRYPTION_KEY": key}))
