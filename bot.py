@@ -28,10 +28,11 @@ from discord.ext import commands
 
 from kontext.errors import KontextError
 from kontext.metrics import Metrics
-from kontext.queue import JobQueue
+from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.settings import Settings, SettingsError, load_settings
 from kontext.store import Store
+from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
 
 log = logging.getLogger("kontext.bot")
 
@@ -44,13 +45,16 @@ COGS = (
     "cogs.context_menu",
 )
 HEARTBEAT_S = 10.0
-STALE_AFTER_S = 45.0
+#: a job's lease lives this long without a renewal (renewed every sixth of it); a killed
+#: process's running jobs are taken over after it, by the database's clock
+LEASE_S = 60.0
 #: an interaction token lives 15 minutes; past this age a recovered job talks through the channel
 TOKEN_USABLE_S = 14 * 60.0
 USAGE = "usage: python bot.py [sync]\n  (no argument: run the bot; sync: sync the slash commands and exit)"
 
 # Hidden knobs for development and tests only (not settings, not in .env.example):
-#   KONTEXT_WORKER_STALE_SECONDS   a silent worker's jobs are claimed after this (default 45)
+#   KONTEXT_LEASE_SECONDS          a job's lease life; a killed process's jobs move after it (60)
+#   KONTEXT_QUEUE_POLL_SECONDS     how often an idle process looks at the shared queue (0.5)
 #   KONTEXT_PROGRESS_SECONDS       least time between two progress edits of a job (default 3)
 #   KONTEXT_ACCOUNT_PROBE_SECONDS  how often a paused API account is probed (default 60)
 
@@ -201,7 +205,7 @@ class KontextBot(commands.Bot):
         self.http_session: aiohttp.ClientSession | None = None
         self.store: Store | None = None
         self.segmind: SegmindClient | None = None
-        self.queue: JobQueue | None = None
+        self.queue: SharedQueue | None = None
         self.pipeline: Any = None
         self.health: Any = None
         self.metrics = Metrics()
@@ -210,8 +214,9 @@ class KontextBot(commands.Bot):
         self._close_task: asyncio.Task[None] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
         self.recovered = asyncio.Event()
-        self.stale_after_s = hidden_knob("KONTEXT_WORKER_STALE_SECONDS", STALE_AFTER_S)
-        self.heartbeat_s = min(HEARTBEAT_S, self.stale_after_s / 3)
+        self.lease_s = hidden_knob("KONTEXT_LEASE_SECONDS", LEASE_S)
+        self.poll_s = hidden_knob("KONTEXT_QUEUE_POLL_SECONDS", 0.5)
+        self.heartbeat_s = HEARTBEAT_S
         self.progress_interval_s = hidden_knob("KONTEXT_PROGRESS_SECONDS", 3.0)
         self.probe_interval_s = hidden_knob("KONTEXT_ACCOUNT_PROBE_SECONDS", 60.0)
 
@@ -245,8 +250,13 @@ class KontextBot(commands.Bot):
             mode=s.segmind_api_mode,
             timeout_s=s.segmind_timeout_seconds,
         )
-        self.queue = JobQueue(
-            max_concurrent=s.max_concurrent_jobs, rpm=s.segmind_rpm, max_size=s.max_queue_size
+        self.queue = SharedQueue(
+            self.store,
+            worker_id=self.worker_id,
+            limits=AccountLimits(OWNER_ACCOUNT, s.max_concurrent_jobs, s.segmind_rpm),
+            lease_s=self.lease_s,
+            poll_s=self.poll_s,
+            max_wait_s=s.max_queue_wait_seconds,
         )
         self.pipeline = JobPipeline(
             settings=s,
@@ -255,6 +265,7 @@ class KontextBot(commands.Bot):
             queue=self.queue,
             http=self.http_session,
             worker_id=self.worker_id,
+            sink_factory=self.recovered_sink,
             metrics=self.metrics,
             progress_interval_s=self.progress_interval_s,
             probe_interval_s=self.probe_interval_s,
@@ -356,7 +367,7 @@ class KontextBot(commands.Bot):
         log.info("connected as %s (id %s) in %d server(s)", self.user, self.user and self.user.id, len(self.guilds))
         if not self.recovered.is_set():
             freeze_long_lived_objects()
-            self._background.append(asyncio.create_task(self._recovery_loop(), name="kontext-recovery"))
+            self._background.append(asyncio.create_task(self._start_queue(), name="kontext-queue"))
 
     async def _heartbeat(self) -> None:
         assert self.store is not None
@@ -367,33 +378,16 @@ class KontextBot(commands.Bot):
             except Exception:
                 log.exception("heartbeat failed (database unreachable?)")
 
-    async def _recovery_loop(self) -> None:
-        """Claim jobs that stopped processes left behind: resume (async mode) or refund them.
-
-        A cleanly stopped process retired its worker, so its jobs are claimed at once; a killed
-        one's after ``KONTEXT_WORKER_STALE_SECONDS`` (45 s) without a heartbeat.
-        """
-        assert self.store is not None
-        first = True
-        while not self._closing:
-            try:
-                jobs = await self.store.claim_orphans(
-                    self.worker_id, stale_after_s=self.stale_after_s
-                )
-                for job in jobs:
-                    self.pipeline.resume_in_background(job, self.recovered_sink(job))
-                if jobs:
-                    log.warning("recovered %d job(s) left by a stopped process", len(jobs))
-            except Exception:
-                log.exception("recovery sweep failed")
-            if first:
-                first = False
-                self.recovered.set()
-            await asyncio.sleep(self.stale_after_s / 3)
+    async def _start_queue(self) -> None:
+        """Serve the shared queue once connected: claim waiting jobs, take over stopped ones."""
+        assert self.pipeline is not None
+        self.pipeline.start()
+        self.recovered.set()
 
     def recovered_sink(self, job: Any) -> Any:
-        """How to talk to the owner of a recovered job: through its interaction while the token
-        lives (private status edits, the result as a follow-up), else through the channel."""
+        """How to talk to the member of a job this process did not receive (another process
+        did, or one that stopped): through its interaction while the token lives (private
+        status edits, the result as a follow-up), else through the channel with a mention."""
         from cogs.common import ChannelSink, InteractionSink
 
         fresh = time.time() - job.created_at < TOKEN_USABLE_S

@@ -47,6 +47,9 @@ BAR_WIDTH = 12
 #: longer than this; quicker steps leave Discord's own "thinking…" / the last status on screen
 ACCEPTED_STATUS_AFTER_S = 0.5
 POSTING_STATUS_AFTER_S = 0.3
+#: how many of a channel's newest messages are searched for a job's result after an
+#: interrupted or ambiguous post
+RESULT_LOOKBACK = 100
 
 
 def locale_of(interaction: discord.Interaction) -> str:
@@ -218,6 +221,22 @@ class ChannelSink:
             allowed_mentions=discord.AllowedMentions(users=True),
         )
 
+    async def find_result(self) -> Delivery | None:
+        """This job's result message among the channel's recent messages (None: not there).
+
+        A result is the bot's own message carrying ``kontext-<job id>.<ext>``; raises when the
+        channel cannot be read.
+        """
+        channel = await self.channel()
+        own = {i for i in (getattr(self.bot.user, "id", None), self.bot.application_id) if i}
+        prefix = f"kontext-{self.job_id}."
+        async for msg in channel.history(limit=RESULT_LOOKBACK):  # type: ignore[attr-defined]
+            if msg.author.id not in own and msg.webhook_id not in own:
+                continue
+            if any(a.filename.startswith(prefix) for a in msg.attachments):
+                return Delivery(msg.id, msg.channel.id)
+        return None
+
 
 class InteractionSink:
     """Talks to a member through their interaction, with the channel as the fallback.
@@ -321,6 +340,9 @@ class InteractionSink:
                     self.dead = True
                 log.debug("status edit failed: %s", exc)
                 return False
+            except Exception as exc:  # noqa: BLE001 - a status is best-effort (transport errors)
+                log.debug("status edit failed: %s: %s", type(exc).__name__, exc)
+                return False
             self._shown = seq
             self.edited = True
             return True
@@ -379,9 +401,16 @@ class InteractionSink:
                 )
                 self.dead = True
             else:
-                await self._status(t("status.posted", self.locale, url=msg.jump_url))
+                # the image is public now: whatever happens to this status edit, it was posted
+                try:
+                    await self._status(t("status.posted", self.locale, url=msg.jump_url))
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("job %s: status after the post failed: %s", result.spec.job_id, exc)
                 return Delivery(msg.id, msg.channel.id)
         return await self.fallback.deliver(result)
+
+    async def find_result(self) -> Delivery | None:
+        return await self.fallback.find_result()
 
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         if await self._status(error.user_message(self.locale), embed=None, view=None):

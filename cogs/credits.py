@@ -43,7 +43,6 @@ class CreditsCog(commands.Cog, name="Credits"):
         status = await store.member_status(interaction.guild_id, interaction.user.id)
         gs = await store.get_guild_settings(interaction.guild_id)
         entries = await store.recent_ledger(interaction.guild_id, interaction.user.id, limit=5)
-        queued = self.bot.queue.member_jobs((interaction.guild_id, interaction.user.id))
 
         embed = discord.Embed(title=t("credits.title", locale), colour=discord.Colour.green())
         embed.add_field(name=t("credits.balance", locale), value=str(status.balance))
@@ -55,7 +54,7 @@ class CreditsCog(commands.Cog, name="Credits"):
         )
         embed.add_field(name=t("credits.cooldown", locale), value=cooldown)
         embed.add_field(
-            name=t("credits.jobs", locale), value=str(max(queued, status.inflight))
+            name=t("credits.jobs", locale), value=str(status.inflight)
         )
         if gs.daily_free_credits:
             embed.add_field(

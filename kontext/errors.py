@@ -118,6 +118,13 @@ class QueueFull(KontextError):
     cause = "queue_full"
 
 
+class QueueTimeout(KontextError):
+    """The job waited in the queue longer than ``MAX_QUEUE_WAIT_SECONDS`` (and was refunded)."""
+
+    key = "queue.timeout"
+    cause = "queue_timeout"
+
+
 class ShuttingDown(KontextError):
     """The bot is restarting and takes no new jobs."""
 

@@ -10,6 +10,12 @@ owns the money rules:
 * every other end refunds, and the member is told why in plain words;
 * in async API mode a job whose request id is stored survives a restart: it is resumed and
   posted, never refunded, since the owner already paid for it.
+
+The queue is the database's (:mod:`kontext.store_queue`, :mod:`kontext.queue`): :meth:`run`
+reserves and then waits; whichever process claims the job runs it (:meth:`_execute`) under a
+lease, and every change it makes names that lease. A process that lost the lease, or could not
+renew it for half its life, starts no API call and posts nothing for that job: the process that
+takes it over settles it from the database and the channel.
 """
 
 from __future__ import annotations
@@ -30,15 +36,16 @@ from kontext.errors import (
     ApiRateLimited,
     JobAlreadyExists,
     KontextError,
+    QueueTimeout,
+    ResultNotDelivered,
     ServicePaused,
     ShuttingDown,
 )
 from kontext.metrics import Metrics
-from kontext.queue import JobQueue
-from kontext.schema import ACTIVE_STATES
+from kontext.queue import SharedQueue
 from kontext.segmind import GenerationRequest, GenerationResult, SegmindClient, SubmittedJob
 from kontext.settings import Settings
-from kontext.store import Job, Reservation, ReserveRequest, Store
+from kontext.store import Job, Lease, Reservation, ReserveRequest, Store
 
 log = logging.getLogger("kontext.pipeline")
 
@@ -151,7 +158,9 @@ class JobOutcome:
     """How a job ended, for callers and tests."""
 
     job_id: int
-    status: str  # posted | refunded | rejected | duplicate | handed_over
+    #: posted | refunded | rejected | duplicate | handed_over | queued (left waiting at a
+    #: restart) | elsewhere (another process runs or ended it) | lost (its lease was lost)
+    status: str
     cause: str | None = None
     error: KontextError | None = None
     delivery: Delivery | None = None
@@ -179,6 +188,13 @@ class JobSink(Protocol):
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         """Tell the member the job stopped (``refunded`` credits were given back)."""
 
+    async def find_result(self) -> Delivery | None:
+        """Look for this job's result in its channel (an ambiguous or interrupted post).
+
+        None when it is not there; raises when the channel cannot be read (then nobody knows).
+        """
+        ...
+
 
 #: how long a commit or refund is retried while the database is away (then a restart settles it)
 SETTLE_RETRY_S = 3600.0
@@ -190,11 +206,17 @@ INTAKE_AT_ONCE = 4
 INTAKE_SLOT_S = 1.0
 
 
+class _LeaseLost(Exception):
+    """This process no longer holds (or could not renew) the job's lease: hands off."""
+
+
 class JobPipeline:
-    """Runs jobs for the whole process.
+    """Runs jobs for the whole process, on the bot's shared queue.
 
     ``progress_interval_s`` is the least time between two progress edits of one job (queue
     position, progress bar); ``probe_interval_s`` how often a paused API account is probed.
+    ``sink_factory`` builds the sink of a job this process did not receive (run for another
+    process, or taken over after one stopped).
     """
 
     def __init__(
@@ -203,9 +225,10 @@ class JobPipeline:
         settings: Settings,
         store: Store,
         client: SegmindClient,
-        queue: JobQueue,
+        queue: SharedQueue,
         http: aiohttp.ClientSession,
         worker_id: str,
+        sink_factory: Callable[[Job], JobSink] | None = None,
         progress_interval_s: float = 3.0,
         probe_interval_s: float = 60.0,
         metrics: Metrics | None = None,
@@ -218,6 +241,7 @@ class JobPipeline:
         self.queue = queue
         self.http = http
         self.worker_id = worker_id
+        self.sink_factory = sink_factory
         self.progress_interval_s = progress_interval_s
         self.probe_interval_s = probe_interval_s
         self._clock = clock
@@ -226,16 +250,26 @@ class JobPipeline:
         self.handing_over = False
         self._stopping = False  # shutdown is cancelling running jobs
         self._probe_task: asyncio.Task[None] | None = None
-        self._active: dict[int, _Active] = {}  # jobs calling the API or delivering
+        self._waiting: dict[int, _Active] = {}  # jobs received here, waiting in the queue
+        self._active: dict[int, _Active] = {}  # jobs this process runs (API call or delivery)
         self._runs: set[asyncio.Task[Any]] = set()  # callers inside run()
-        self._resumed: set[asyncio.Task[Any]] = set()
+        self._jobs: set[asyncio.Task[Any]] = set()  # jobs claimed or taken over here
         self._settling: set[asyncio.Task[Any]] = set()  # commits/refunds retried (database down)
         self.outcomes: dict[str, int] = {}
         self.on_outcome: Callable[[JobOutcome], None] | None = None
         if hasattr(client, "on_rate_limited"):
             client.on_rate_limited = self._rate_limited
+        queue.on_claim = self._on_claim
+        queue.on_taken_over = self._on_taken_over
+        queue.on_lost = self._on_lost
+        queue.on_expired = self._on_expired
+        queue.on_paused = self._on_paused
 
     # --- entry points ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving the shared queue (claims, lease renewals, takeovers)."""
+        self.queue.start()
 
     def ensure_accepting(self) -> None:
         """Raise when new jobs are refused right now (restart, account paused)."""
@@ -250,7 +284,11 @@ class JobPipeline:
         return self.queue.paused
 
     async def run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
-        """Run one new job to its end. Never raises a KontextError; tells ``sink`` instead."""
+        """Run one new job to its end. Never raises a KontextError; tells ``sink`` instead.
+
+        Returns when the job ended here, or when it is in another process's hands (another
+        process claimed it, or this one is restarting and leaves it queued).
+        """
         me = asyncio.current_task()
         if me is not None:
             self._runs.add(me)
@@ -288,75 +326,29 @@ class JobPipeline:
             timings=timings,
             progress=_Progress(self.progress_interval_s),
         )
+        active.done = asyncio.get_running_loop().create_future()
+        self._waiting[spec.job_id] = active
+        self.queue.kick()
+        reporter = asyncio.create_task(self._report_queue(active))
         try:
-            ticket = self.queue.submit(
-                spec.job_id, (spec.guild_id, spec.user_id), lambda: self._execute(active)
-            )
-        except KontextError as err:
-            return await self._refund(active, err)
-        active.ticket = ticket  # set before the job can start (the dispatcher is another task)
-
-        reporter = asyncio.create_task(self._report_queue(ticket, active))
-        try:
-            return await ticket.result()
-        except KontextError as err:  # withdrawn while waiting (shutdown, account paused)
-            return await self._refund(active, err)
+            return await asyncio.shield(active.done)
         except asyncio.CancelledError:
             me = asyncio.current_task()
-            if me is not None and me.cancelling():  # our caller gave up on the job
-                if ticket.cancel(ShuttingDown("cancelled")):
-                    await asyncio.shield(self._refund(active, ShuttingDown("cancelled")))
-                raise
-            # the job's own task was cancelled (shutdown); it settled its money itself
-            return active.outcome or JobOutcome(spec.job_id, "refunded", "shutdown")
+            if me is not None and me.cancelling() and active.lease is None:
+                # our caller gave up on a job that still waits: take it out of the queue
+                await asyncio.shield(self._refund_waiting(active, ShuttingDown("cancelled")))
+            raise
         finally:
             reporter.cancel()
-
-    async def resume(self, job: Job, sink: JobSink) -> JobOutcome:
-        """Finish a job another (dead) process left behind.
-
-        In async mode with a stored request id the result is fetched and posted; otherwise the
-        job is refunded and the member told.
-        """
-        spec = JobSpec.from_job(job)
-        reservation = Reservation(
-            job_id=job.id, cost=job.cost_credits, balance_after=-1, cooldown_until=None
-        )
-        active = _Active(
-            spec=spec,
-            sink=sink,
-            reservation=reservation,
-            t0=self._clock(),
-            timings={},
-            progress=_Progress(self.progress_interval_s),
-        )
-        active.request_id = job.api_request_id
-        active.status_url = job.api_status_url
-        active.response_url = job.api_response_url
-        # a call that was in flight when its process died still runs (and is billed) at the
-        # API: keep its share of the owner's daily budget
-        active.api_charged = job.api_charged or job.state == "running"
-        if self.settings.segmind_api_mode == "async" and job.api_request_id and not self._stopping:
-            log.info("job %s: resuming API request %s", job.id, job.api_request_id)
-            return await self._execute(active, resume=True)
-        return await self._refund(active, ShuttingDown("process restarted"), restarted=True)
-
-    def resume_in_background(self, job: Job, sink: JobSink) -> asyncio.Task[JobOutcome]:
-        """:meth:`resume` as a task the pipeline tracks (shutdown waits for it or hands it on)."""
-        task = asyncio.get_running_loop().create_task(
-            self.resume(job, sink), name=f"kontext-resume-{job.id}"
-        )
-        self._resumed.add(task)
-        task.add_done_callback(self._resumed.discard)
-        return task
+            self._waiting.pop(spec.job_id, None)
 
     async def _reserve(self, spec: JobSpec) -> Reservation:
         """:meth:`Store.reserve`, and no credit left held when its outcome is unknown.
 
         A connection lost while committing, or a caller cancelled once its transaction began,
         leaves it open whether the reservation was written. Then a refund follows in the
-        background (retried while the database is away): it finds this process's job and
-        gives the credits back, or finds none and changes nothing.
+        background (retried while the database is away): it finds the job still waiting and
+        gives the credits back, or finds none (or one already claimed) and changes nothing.
         """
         try:
             return await self.store.reserve(self._reserve_request(spec))
@@ -368,9 +360,11 @@ class JobPipeline:
 
     async def _refund_if_ours(self, job_id: int) -> bool:
         job = await self.store.get_job(job_id)
-        if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
-            return False  # nothing was reserved, or another process owns the job
-        return await self.store.refund(job_id, cause="internal", clear_cooldown=True)
+        if job is None or job.worker_id != self.worker_id or job.state != "accepted":
+            return False  # nothing was reserved, or the job is in someone's hands
+        return await self.store.refund(
+            job_id, cause="internal", clear_cooldown=True, api_charged=False, waiting_only=True
+        )
 
     async def _check_in_turn(self, spec: JobSpec) -> None:
         """:meth:`check_inputs`, a few jobs at a time, first come first served.
@@ -410,24 +404,133 @@ class JobPipeline:
             )
         )
 
+    # --- the queue's hooks ------------------------------------------------------------------------
+
+    def _on_claim(self, job: Job, lease: Lease) -> None:
+        """This process claimed ``job``: run it (with the member's live sink if it came here)."""
+        active = self._waiting.pop(job.id, None)
+        if active is None:
+            active = self._active_from_job(job)
+        active.lease = lease
+        self._spawn(self._execute(active), f"kontext-job-{job.id}")
+
+    def _on_taken_over(self, job: Job, lease: Lease) -> None:
+        """A stopped (or silent) process left ``job`` running: settle it here."""
+        active = self._active_from_job(job)
+        active.lease = lease
+        self._spawn(self._recover(active), f"kontext-recover-{job.id}")
+
+    def _on_lost(self, job_id: int) -> None:
+        """Another process holds the job now: stop it here without a word or a refund."""
+        active = self._active.get(job_id)
+        if active is not None and active.task is not None and not active.delivering:
+            active.lost = True
+            active.task.cancel()
+
+    async def _on_expired(self, job: Job) -> None:
+        """``job`` waited longer than ``MAX_QUEUE_WAIT_SECONDS``: refund it and say so."""
+        active = self._waiting.get(job.id) or self._active_from_job(job)
+        await self._refund_waiting(active, QueueTimeout("waited too long"))
+
+    def _on_paused(self, paused: bool) -> None:
+        if paused and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_account())
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    def _active_from_job(self, job: Job) -> _Active:
+        spec = JobSpec.from_job(job)
+        if self.sink_factory is None:
+            raise RuntimeError("no sink_factory: cannot run another process's job")
+        active = _Active(
+            spec=spec,
+            sink=self.sink_factory(job),
+            reservation=Reservation(
+                job_id=job.id, cost=job.cost_credits, balance_after=-1, cooldown_until=None
+            ),
+            t0=self._clock(),
+            timings={},
+            progress=_Progress(self.progress_interval_s),
+        )
+        active.remote = True
+        active.request_id = job.api_request_id
+        active.status_url = job.api_status_url
+        active.response_url = job.api_response_url
+        return active
+
+    async def _recover(self, active: _Active) -> JobOutcome:
+        """Settle a job taken over from a stopped process, from the database and the channel.
+
+        Its result may already be in the channel (the process died between posting and
+        committing): then it is committed, never posted again nor refunded. Else, in async mode
+        with a stored request id, the generation is fetched and posted; otherwise it is
+        refunded (its API call may have been billed: the budget keeps it) and the member told.
+        When the channel cannot be read, the lease is let go and a later sweep tries again.
+        """
+        spec, lease = active.spec, active.lease
+        assert lease is not None
+        active.task = asyncio.current_task()
+        self._active[spec.job_id] = active
+        try:
+            try:
+                found = await active.sink.find_result()
+            except Exception as exc:  # noqa: BLE001 - nobody knows yet: try again later
+                log.warning(
+                    "job %s: cannot look for its result in the channel (%s); retrying later",
+                    spec.job_id, type(exc).__name__,
+                )
+                await self._let_go(active)
+                return self._finish(JobOutcome(spec.job_id, "handed_over"), active)
+            if found is not None:
+                log.warning("job %s: its result was already posted; committing it", spec.job_id)
+                await self._commit(active, found, None)
+                return self._finish(JobOutcome(spec.job_id, "posted", delivery=found), active)
+            if (
+                self.settings.segmind_api_mode == "async"
+                and active.request_id
+                and not self._stopping
+            ):
+                log.info("job %s: resuming API request %s", spec.job_id, active.request_id)
+                return await self._execute(active, resume=True)
+            return await self._refund(active, ShuttingDown("process restarted"), restarted=True)
+        finally:
+            if active.task is asyncio.current_task():
+                self._active.pop(spec.job_id, None)
+
+    async def _let_go(self, active: _Active) -> None:
+        lease = active.lease
+        if lease is None:
+            return
+        self.queue.forget(lease.job_id)
+        try:
+            await self.store.let_go(lease)
+        except Exception as exc:  # noqa: BLE001 - the lease then simply expires
+            log.warning("job %s: could not let its lease go (%s)", lease.job_id, exc)
+
     # --- shutdown and health ----------------------------------------------------------------------
 
     async def shutdown(self, grace_s: float, *, settle_s: float = 3.0) -> None:
         """Stop taking jobs, let running ones finish within ``grace_s``, then stop the rest.
 
-        Waiting jobs are refunded at once. Running jobs that do not finish in time are
-        cancelled: refunded in sync mode; in async mode, once their request id is stored, they
-        are handed over to the next process (left running, not refunded). A job already posting
-        its image gets up to ``settle_s`` more; then everyone who was told nothing yet is told,
-        within ``settle_s``.
+        Waiting jobs stay in the queue: the next process (or another one now) runs them. Running
+        jobs that do not finish in time are cancelled: refunded in sync mode; in async mode, once
+        their request id is stored, handed over to the next process (the lease let go, not
+        refunded). A job already posting its image gets up to ``settle_s`` more; then everyone
+        who was told nothing yet is told, within ``settle_s``.
         """
         self.accepting = False
-        left = self.queue.close(ShuttingDown("restarting"))
-        if left:
-            log.info("shutdown: %d waiting job(s) withdrawn and refunded", len(left))
+        self.queue.stop_claiming()
+        for active in list(self._waiting.values()):  # they stay queued: their run() returns
+            if active.done is not None and not active.done.done():
+                active.done.set_result(self._finish(JobOutcome(active.spec.job_id, "queued")))
+        if self._waiting:
+            log.info("shutdown: %d waiting job(s) stay in the queue", len(self._waiting))
         if self._probe_task is not None:
             self._probe_task.cancel()
-        jobs = self._job_tasks()
+        jobs = {t for t in self._jobs if not t.done()}
         if jobs:
             log.info("shutdown: waiting up to %.1f s for %d running job(s)", grace_s, len(jobs))
             _, pending = await asyncio.wait(jobs, timeout=max(0.0, grace_s))
@@ -450,18 +553,13 @@ class JobPipeline:
                 if still:
                     await asyncio.wait(still, timeout=1.0)
         runs = [t for t in self._runs if not t.done()]
-        if runs:  # refunds and messages of withdrawn jobs
+        if runs:  # messages of the jobs that stay queued
             await asyncio.wait(runs, timeout=settle_s)
         if self._settling:  # the database was down: one last chance, then the next process
             _, late = await asyncio.wait(self._settling, timeout=settle_s)
             for task in late:
                 task.cancel()
         await self.queue.aclose()
-
-    def _job_tasks(self) -> set[asyncio.Task[Any]]:
-        tasks = set(self.queue.running_tasks()) | {t for t in self._resumed if not t.done()}
-        tasks |= {a.task for a in self._active.values() if a.task is not None and not a.task.done()}
-        return tasks
 
     def _rate_limited(self, delay: float | None) -> None:
         """A 429 from the API: hold every new start for a while (the request itself retries)."""
@@ -471,7 +569,7 @@ class JobPipeline:
         log.warning("image API rate limit hit: starting no new job for %.1f s", wait)
 
     def pause_for_account(self, err: ApiError) -> None:
-        """The API account needs the owner: hold new jobs and probe until it works again."""
+        """The API account needs the owner: hold new jobs (every process) and probe."""
         if self.queue.paused:
             return
         log.error(
@@ -483,12 +581,26 @@ class JobPipeline:
             err.detail,
             self.probe_interval_s,
         )
-        self.queue.pause()
-        self.queue.withdraw_all(ServicePaused("account paused"))
-        self._probe_task = asyncio.get_running_loop().create_task(self._probe_account())
+        self.queue.note_paused()  # at once, here; the database tells the other processes
+        self._spawn(self._pause(err), "kontext-pause")
+
+    async def _pause(self, err: ApiError) -> None:
+        try:
+            await self.queue.pause(err.cause)
+        except Exception:
+            log.exception("could not record the pause in the database")
+        # the jobs waiting now would only wait for the owner: refund them
+        try:
+            waiting = await self.store.waiting_jobs()
+        except Exception:
+            log.exception("could not list the waiting jobs")
+            return
+        for job in waiting:
+            active = self._waiting.get(job.id) or self._active_from_job(job)
+            await self._refund_waiting(active, ServicePaused("account paused"))
 
     async def _probe_account(self) -> None:
-        while self.queue.paused:
+        while self.queue.paused and self.accepting:
             await asyncio.sleep(self.probe_interval_s)
             try:
                 credits = await self.client.account_credits()
@@ -505,7 +617,11 @@ class JobPipeline:
                 continue
             if credits is None or credits > 0:
                 log.warning("account probe: the Segmind account works again; resuming jobs")
-                self.queue.resume()
+                try:
+                    await self.queue.resume()
+                except Exception:
+                    log.exception("could not record the resume in the database")
+                    continue
             else:
                 log.error("account probe: the Segmind account has no credits left; still paused")
 
@@ -527,24 +643,48 @@ class JobPipeline:
             parent_job_id=spec.parent_job_id,
         )
 
-    async def _report_queue(self, ticket: Any, active: _Active) -> None:
-        """Tell the member their place while the job waits, when it changes (throttled)."""
-        shown: list[tuple[int, int]] = []
+    async def _report_queue(self, active: _Active) -> None:
+        """While the job waits: tell the member its place (when it changes, throttled), and
+        notice when another process took the job (its run() then returns)."""
+        shown: tuple[int, int] | None = None
+        job_id = active.spec.job_id
+        while active.lease is None and active.done is not None and not active.done.done():
+            try:
+                view = await self.queue.view()
+            except Exception as exc:  # noqa: BLE001 - the database is away: look again later
+                log.debug("job %s: queue view failed: %s", job_id, exc)
+                await asyncio.sleep(self.progress_interval_s)
+                continue
+            pos, total = view.position(job_id)
+            if pos == 0:
+                if await self._claimed_elsewhere(active):
+                    return
+                await asyncio.sleep(self.queue.view_s)
+                continue
+            if shown != (pos, total):
+                shown = (pos, total)
+                eta = self.queue.eta(view, pos)
 
-        async def show() -> None:
-            pos, total = ticket.position()
-            if pos and ticket.waiting and (not shown or shown[-1] != (pos, total)):
-                shown.append((pos, total))
-                await active.sink.queued(pos, total, ticket.eta_seconds())
+                async def show(pos: int = pos, total: int = total, eta: float = eta) -> None:
+                    if active.lease is None:
+                        await active.sink.queued(pos, total, eta)
 
-        while ticket.waiting:
-            ticket.changed.clear()
-            pos, total = ticket.position()
-            if pos and (not shown or shown[-1] != (pos, total)):
                 await active.progress.show(show)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ticket.changed.wait(), timeout=self.progress_interval_s)
+            await asyncio.sleep(min(self.progress_interval_s, max(0.05, self.queue.poll_s)))
+
+    async def _claimed_elsewhere(self, active: _Active) -> bool:
+        """The job left the waiting list: True (and run() returns) when not into our hands."""
+        job = await self.store.get_job(active.spec.job_id)
+        if active.lease is not None or job is None:
+            return False
+        if job.state == "accepted" or job.lease_owner == self.worker_id:
+            return False  # still waiting, or our own claim is on its way
+        if active.done is not None and not active.done.done():
+            active.progress.closed = True
+            log.info("job %s: in another process's hands (%s)", job.id, job.state)
+            active.done.set_result(self._finish(JobOutcome(job.id, "elsewhere")))
+        return True
 
     async def _report_generating(self, active: _Active, started: float) -> None:
         async def show() -> None:
@@ -554,17 +694,32 @@ class JobPipeline:
         while True:
             await active.progress.show(show)
 
+    def _check_lease(self, active: _Active) -> None:
+        """Raise _LeaseLost unless the job's lease is held and fresh (renewed in half its life)."""
+        if active.lease is None or not self.queue.fresh(active.lease):
+            raise _LeaseLost(f"job {active.spec.job_id}")
+
     async def _call_api(self, active: _Active, resume: bool) -> GenerationResult:
         spec = active.spec
 
         async def submitted(job: SubmittedJob) -> None:
+            # the request id is what lets any process fetch this (billed) generation: keep it in
+            # memory whatever happens, and store it (retried in the background if need be)
             active.request_id = job.request_id
-            await self.store.set_api_request(
-                spec.job_id, job.request_id, job.status_url, job.response_url
-            )
+            active.status_url, active.response_url = job.status_url, job.response_url
+            try:
+                await self._store_request_id(active)
+            except Exception as exc:  # noqa: BLE001 - the database is away: keep polling
+                log.warning(
+                    "job %s: could not store request id %s (%s); retrying in the background",
+                    spec.job_id, job.request_id, type(exc).__name__,
+                )
+                self._settle_later("request-id", spec.job_id, lambda: self._store_request_id(active))
 
         for attempt in range(1, 6):
+            self._check_lease(active)  # no API call for a job this process may have lost
             try:
+                active.sent = True
                 if resume:
                     assert active.request_id is not None
                     return await self.client.resume(
@@ -581,8 +736,17 @@ class JobPipeline:
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
+    async def _store_request_id(self, active: _Active) -> bool:
+        return await self.store.set_api_request(
+            active.spec.job_id,
+            active.request_id,
+            active.status_url,
+            active.response_url,
+            lease=active.lease,
+        )
+
     async def _execute(self, active: _Active, *, resume: bool = False) -> JobOutcome:
-        """Call the API, deliver, commit; refund on anything else. Runs inside a queue slot."""
+        """Call the API, deliver, commit; refund on anything else. Runs under the job's lease."""
         spec = active.spec
         started = self._clock()
         active.timings["started"] = started - active.t0
@@ -590,35 +754,39 @@ class JobPipeline:
         self._active[spec.job_id] = active
         ticker = asyncio.create_task(self._report_generating(active, started))
         try:
-            if not resume:
-                await self.store.mark_running(spec.job_id)
             result = await self._call_api(active, resume)
             api_seconds = self._clock() - started
             active.api_charged = True
-            active.delivering = True
-            if active.ticket is not None:
-                active.ticket.release()  # the API call is over: the next job may start
+            self._api_done(active)  # the next job may start (in any process)
             self.queue.record_duration(api_seconds)
             self.metrics.api_latency.observe(api_seconds)
-            # no database write here: a job still "running" counts as billed if this process
-            # dies (see resume), and commit / refund record the charge with the job's end
             active.timings["api_done"] = self._clock() - active.t0
             await _stop(ticker, active.progress)
             fitted = await images.fit_to_limit_async(
                 result.image, output_format=result.output_format, limit_bytes=active.sink.upload_limit
             )
+            balance_after = active.reservation.balance_after
+            if active.remote:  # received by another process: read what the member has now
+                with contextlib.suppress(Exception):
+                    status = await self.store.member_status(spec.guild_id, spec.user_id)
+                    balance_after = status.balance
             info = ResultInfo(
                 spec=spec,
                 image=fitted,
                 generation=result,
                 api_seconds=api_seconds,
                 total_seconds=self._clock() - active.t0,
-                balance_after=active.reservation.balance_after,
+                balance_after=balance_after,
                 cost=active.reservation.cost,
             )
-            delivery = await active.sink.deliver(info)
+            self._check_lease(active)  # post nothing for a job this process may have lost
+            active.delivering = True
+            delivery = await self._deliver(active, info)
+            if delivery is None:  # the post's fate is unknown and the channel cannot tell yet
+                await self._let_go(active)
+                return self._finish(JobOutcome(spec.job_id, "handed_over"), active)
             active.timings["delivered"] = self._clock() - active.t0
-            await self._commit(spec, delivery, api_seconds)
+            await self._commit(active, delivery, api_seconds)
             self.metrics.credits_spent.inc(active.reservation.cost)
             log.info(
                 "job %s posted: %.1f s API, %.1f s total, %d bytes%s; phases (ms from start): %s",
@@ -633,10 +801,20 @@ class JobPipeline:
                 JobOutcome(spec.job_id, "posted", delivery=delivery, timings=active.timings),
                 active,
             )
+        except _LeaseLost:
+            await _stop(ticker, active.progress)
+            if not active.sent:
+                return await self._requeue(active)
+            return self._lost(active)
         except asyncio.CancelledError:
             await asyncio.shield(_stop(ticker, active.progress))
-            if self.handing_over and active.request_id and not active.delivering:
+            if active.lost:
+                outcome = self._lost(active)
+            elif not active.sent and self._stopping:
+                outcome = await asyncio.shield(self._requeue(active))
+            elif self.handing_over and active.request_id and not active.delivering:
                 log.info("job %s handed over to the next process", spec.job_id)
+                await asyncio.shield(self._let_go(active))
                 await asyncio.shield(self._tell_handover(active))
                 outcome = self._finish(JobOutcome(spec.job_id, "handed_over"), active)
             else:
@@ -644,16 +822,14 @@ class JobPipeline:
                     self._refund(active, ShuttingDown("cancelled while running"))
                 )
             me = asyncio.current_task()
-            if not self._stopping or me is None:
+            if not (self._stopping or active.lost) or me is None:
                 raise
-            me.uncancel()  # our own shutdown cancelled the job: it is settled, so end normally
+            me.uncancel()  # our own shutdown (or a lost lease) stopped the job: it is settled
             return outcome
         except ApiError as err:
             await _stop(ticker, active.progress)
-            if err.charged_maybe and (err.status is None or 200 <= err.status < 300):
-                # answered 200 (garbage) or no answer after sending: the API may have billed it,
-                # so the budget keeps it (an HTTP error status is a failed call: not billed)
-                active.api_charged = True
+            # billed unless the answer proves nothing was generated (the client says which)
+            active.api_charged = bool(err.charged_maybe)
             if err.account_problem:
                 self.pause_for_account(err)
             return await self._refund(active, err)
@@ -666,22 +842,89 @@ class JobPipeline:
             err = KontextError(f"{type(exc).__name__}")
             return await self._refund(active, err)
         finally:
-            self._active.pop(spec.job_id, None)
+            if active.task is asyncio.current_task():
+                self._active.pop(spec.job_id, None)
 
-    async def _commit(self, spec: JobSpec, delivery: Delivery, api_seconds: float) -> None:
+    def _api_done(self, active: _Active) -> None:
+        """Free the job's API slot for the whole bot, without holding up the post."""
+        lease = active.lease
+        if lease is None:
+            return
+
+        async def done() -> None:
+            try:
+                await self.store.api_done(lease)
+            except Exception as exc:  # noqa: BLE001 - the slot frees at commit / refund then
+                log.warning("job %s: could not free its API slot early (%s)", lease.job_id, exc)
+            self.queue.kick()
+
+        self._spawn(done(), f"kontext-api-done-{lease.job_id}")
+
+    async def _deliver(self, active: _Active, info: ResultInfo) -> Delivery | None:
+        """Post the result. A post whose fate is unknown is settled by looking in the channel:
+        an image that reached the channel is never refunded (nor posted again)."""
+        try:
+            return await active.sink.deliver(info)
+        except ResultNotDelivered:
+            raise  # Discord said no: nothing was posted
+        except Exception as exc:
+            log.warning(
+                "job %s: the post's fate is unknown (%s); looking in the channel",
+                active.spec.job_id, type(exc).__name__,
+            )
+        try:
+            found = await active.sink.find_result()
+        except Exception as exc:  # noqa: BLE001 - nobody knows: the next holder looks again
+            log.warning("job %s: cannot read the channel (%s)", active.spec.job_id, exc)
+            return None
+        if found is None:
+            raise ResultNotDelivered("post failed and the result is not in the channel")
+        return found
+
+    async def _requeue(self, active: _Active) -> JobOutcome:
+        """No request went out: put the job back in the queue (if the lease is still ours)."""
+        lease = active.lease
+        if lease is not None:
+            self.queue.forget(lease.job_id)
+            try:
+                if await self.store.requeue(lease):
+                    log.info("job %s: back in the queue (no request was sent)", lease.job_id)
+                    self.queue.kick()
+                    return self._finish(JobOutcome(active.spec.job_id, "queued"), active)
+            except Exception as exc:  # noqa: BLE001 - then the lease expires and it is taken over
+                log.warning("job %s: could not put it back in the queue (%s)", lease.job_id, exc)
+        return self._lost(active)
+
+    def _lost(self, active: _Active) -> JobOutcome:
+        log.warning(
+            "job %s: lease lost or stale; leaving the job to the process that holds it",
+            active.spec.job_id,
+        )
+        if active.lease is not None:
+            self.queue.forget(active.lease.job_id)
+        return self._finish(JobOutcome(active.spec.job_id, "lost"), active)
+
+    async def _commit(self, active: _Active, delivery: Delivery, api_seconds: float | None) -> None:
+        spec, lease = active.spec, active.lease
+
         async def commit() -> Any:
             return await self.store.commit(
                 spec.job_id,
                 result_message_id=delivery.message_id,
                 result_channel_id=delivery.channel_id,
                 duration_s=api_seconds,
+                lease=lease,
             )
 
         try:
-            await commit()
+            if not await commit():
+                log.warning("job %s: commit refused (the lease moved on)", spec.job_id)
         except Exception:
             log.exception("job %s: commit failed; retrying until the database answers", spec.job_id)
             self._settle_later("commit", spec.job_id, commit)
+        finally:
+            if lease is not None:
+                self.queue.forget(lease.job_id)
 
     def _settle_later(self, what: str, job_id: int, op: Callable[[], Any]) -> None:
         """Retry a commit or refund in the background until the database takes it."""
@@ -716,24 +959,37 @@ class JobPipeline:
     async def _refund(
         self, active: _Active, err: KontextError, *, restarted: bool = False
     ) -> JobOutcome:
-        spec = active.spec
+        """End a claimed job with a refund (fenced by its lease) and tell the member."""
+        spec, lease = active.spec, active.lease
         refunded = 0
+        # the budget: False only when nothing can have been generated (no request sent, or an
+        # answer that proves it); None leaves the database's record (billed from the claim on)
+        billed: bool | None = active.api_charged if active.sent else False
+        if active.sent and not active.api_charged and not isinstance(err, ApiError):
+            billed = None
 
         async def refund() -> bool:
             return await self.store.refund(
                 spec.job_id,
                 cause=err.cause,
                 clear_cooldown=not err.members_fault,
-                api_charged=active.api_charged,
+                api_charged=billed,
+                lease=lease,
             )
 
         try:
             if await refund():
                 refunded = active.reservation.cost
+            else:
+                log.warning("job %s: refund refused (the lease moved on)", spec.job_id)
+                return self._lost(active)
         except Exception:
             log.exception("job %s: refund failed; retrying until the database answers", spec.job_id)
             self._settle_later("refund", spec.job_id, refund)
             refunded = active.reservation.cost  # it will be: the member is told so now
+        finally:
+            if lease is not None:
+                self.queue.forget(lease.job_id)
         log.info(
             "job %s refunded %d credit(s): %s (%s)", spec.job_id, refunded, err.cause, err.detail
         )
@@ -743,6 +999,32 @@ class JobPipeline:
         return self._finish(
             JobOutcome(spec.job_id, "refunded", err.cause, err, timings=active.timings), active
         )
+
+    async def _refund_waiting(self, active: _Active, err: KontextError) -> JobOutcome | None:
+        """Refund a job that still waits in the queue (no one holds it) and tell the member."""
+        spec = active.spec
+        try:
+            done = await self.store.refund(
+                spec.job_id,
+                cause=err.cause,
+                clear_cooldown=True,
+                api_charged=False,
+                waiting_only=True,
+            )
+        except Exception:
+            log.exception("job %s: refund of a waiting job failed", spec.job_id)
+            self._settle_later(
+                "refund", spec.job_id, lambda: self._refund_if_ours(spec.job_id)
+            )
+            done = True
+        if not done:
+            return None  # claimed (or ended) meanwhile: not ours to end
+        log.info("job %s refunded while waiting: %s", spec.job_id, err.cause)
+        await self._tell(active.sink, err, refunded=active.reservation.cost)
+        outcome = self._finish(JobOutcome(spec.job_id, "refunded", err.cause, err), active)
+        if active.done is not None and not active.done.done():
+            active.done.set_result(outcome)
+        return outcome
 
     async def _reject(self, spec: JobSpec, sink: JobSink, err: KontextError) -> JobOutcome:
         await self._tell(sink, err, refunded=0)
@@ -761,6 +1043,8 @@ class JobPipeline:
     def _finish(self, outcome: JobOutcome, active: _Active | None = None) -> JobOutcome:
         if active is not None:
             active.outcome = outcome
+            if active.done is not None and not active.done.done():
+                active.done.set_result(outcome)
         self.outcomes[outcome.status] = self.outcomes.get(outcome.status, 0) + 1
         self.metrics.job_finished(outcome.status, outcome.cause)
         if self.on_outcome is not None:
@@ -825,11 +1109,15 @@ class _Active:
     t0: float
     timings: dict[str, float]
     progress: _Progress = field(default_factory=lambda: _Progress(3.0))
+    lease: Lease | None = None
+    done: asyncio.Future[JobOutcome] | None = None  # the receiving run() awaits it
+    remote: bool = False  # received by another process (its sink is rebuilt from the job)
+    sent: bool = False  # an API request may have gone out
     api_charged: bool = False
     delivering: bool = False
+    lost: bool = False
     request_id: str | None = None
     status_url: str | None = None
     response_url: str | None = None
     task: asyncio.Task[Any] | None = None
-    ticket: Any = None
     outcome: JobOutcome | None = None

@@ -1,15 +1,20 @@
-"""The job queue: how many API calls run at once, how many start per minute, and who goes next.
+"""This process's side of the shared job queue (the queue itself is in the database).
 
-* at most ``max_concurrent`` jobs run at once (``MAX_CONCURRENT_JOBS``);
-* at most ``rpm`` jobs start in any sliding 60-second window (``SEGMIND_RPM``); a 429 from the API
-  can push the next start back (:meth:`JobQueue.slow_down`);
-* waiting jobs are served round-robin between members, each member's own jobs in order, so one
-  member with many jobs cannot starve the others;
-* at most ``max_size`` jobs wait (``MAX_QUEUE_SIZE``): beyond it :class:`~kontext.errors.QueueFull`;
-* the queue can be paused (the API account needs attention) and closed (shutdown).
+:class:`SharedQueue` runs three loops for one bot process:
 
-The queue holds tickets in memory; each job's truth (state, credits) is in the database, so a
-restart loses nothing but the order of jobs that were still waiting, which are refunded.
+* the **dispatcher** claims the next job (:meth:`kontext.store_queue.QueueMixin.claim_next`)
+  whenever the API account's global limits allow, and hands it to the pipeline
+  (``on_claim``); it looks again at once when a slot frees in this process (:meth:`kick`), and
+  every ``poll_s`` for what other processes changed;
+* the **renewer** extends this process's leases every ``lease_s / 6`` seconds. A lease the
+  database no longer gives back was lost (``on_lost``); a lease not renewed for half its life is
+  not *fresh* (:meth:`fresh`): its job starts no API call and posts nothing until it is;
+* the **sweeper** takes over running jobs whose lease expired by the database's clock
+  (``on_taken_over``: a process died, or was paused) and refunds jobs that waited longer than
+  ``MAX_QUEUE_WAIT_SECONDS`` (``on_expired``).
+
+Positions and ETAs come from :meth:`view` (the whole bot's queue, read at most every
+``view_s``).
 """
 
 from __future__ import annotations
@@ -19,341 +24,331 @@ import contextlib
 import logging
 import statistics
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from kontext.errors import QueueFull, ShuttingDown
+from kontext.store_queue import AccountLimits, Claim, Lease, QueueView
+from kontext.store_types import Job
 
 log = logging.getLogger("kontext.queue")
 
-Member = tuple[int, int]  # (guild_id, user_id)
+#: a lease is renewed this many times per life
+RENEWALS_PER_LEASE = 6
 
 
-@dataclass(eq=False)
-class Ticket:
-    """One job's place in the queue."""
-
-    key: int
-    member: Member
-    run: Callable[[], Awaitable[Any]]
-    enqueued_at: float
-    queue: JobQueue
-    started_at: float | None = None
-    started: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    task: asyncio.Task[Any] | None = None
-
-    @property
-    def waiting(self) -> bool:
-        return self.started_at is None and not self.done.done()
-
-    def position(self) -> tuple[int, int]:
-        """``(position, waiting)``: 1-based place among the waiting jobs, 0 once started."""
-        return self.queue.position_of(self)
-
-    def eta_seconds(self) -> float:
-        """Estimated seconds until this job's result, from recent real durations."""
-        return self.queue.eta_of(self)
-
-    def release(self) -> None:
-        """Give the job's slot to the next one now (its API call is done; it only posts)."""
-        self.queue.release(self)
-
-    def cancel(self, error: BaseException | None = None) -> bool:
-        """Withdraw a job that has not started. Returns False when it already started."""
-        return self.queue.withdraw(self, error)
-
-    async def result(self) -> Any:
-        """Wait for the job's coroutine and return its result (or raise its error)."""
-        return await asyncio.shield(self.done)
+@dataclass(slots=True)
+class _Held:
+    lease: Lease
+    since: float  # monotonic: when it was claimed
+    renewed: float  # monotonic: when the last renewal that returned it was *sent*
 
 
-class RateWindow:
-    """A sliding-window limiter: at most ``rpm`` starts in any 60 seconds."""
-
-    def __init__(self, rpm: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rpm = rpm
-        self._clock = clock
-        self._starts: deque[float] = deque()
-        self._blocked_until = 0.0
-
-    def delay(self) -> float:
-        """Seconds until one more start is allowed (0 when allowed now)."""
-        now = self._clock()
-        while self._starts and now - self._starts[0] >= 60.0:
-            self._starts.popleft()
-        wait = max(0.0, self._blocked_until - now)
-        if len(self._starts) >= self.rpm:
-            wait = max(wait, self._starts[0] + 60.0 - now)
-        return wait
-
-    def record(self) -> None:
-        self._starts.append(self._clock())
-
-    def block_for(self, seconds: float) -> None:
-        self._blocked_until = max(self._blocked_until, self._clock() + seconds)
-
-    def started_in_last_minute(self) -> int:
-        self.delay()
-        return len(self._starts)
-
-
-class JobQueue:
-    """A fair, bounded queue in front of the image API."""
+class SharedQueue:
+    """One process's dispatcher, lease renewer and sweeper over the database queue."""
 
     def __init__(
         self,
+        store: Any,
         *,
-        max_concurrent: int,
-        rpm: int,
-        max_size: int,
+        worker_id: str,
+        limits: AccountLimits,
+        lease_s: float = 60.0,
+        poll_s: float = 0.5,
+        max_wait_s: float = 1800.0,
+        view_s: float = 0.5,
         default_duration_s: float = 18.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.max_concurrent = max_concurrent
-        self.max_size = max_size
-        self._clock = clock
-        self.rate = RateWindow(rpm, clock=clock)
-        self._waiting: OrderedDict[Member, deque[Ticket]] = OrderedDict()
-        self._running: set[Ticket] = set()
-        self._durations: deque[float] = deque(maxlen=50)
+        self.store = store
+        self.worker_id = worker_id
+        self.limits = limits
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.max_wait_s = max_wait_s
+        self.view_s = view_s
         self._default_duration = default_duration_s
+        self._durations: deque[float] = deque(maxlen=50)
+        self._held: dict[int, _Held] = {}
         self._wake = asyncio.Event()
-        self._paused = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._claiming = False
         self._closed = False
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._paused = False
+        self._changing_pause = False
+        self._view: QueueView | None = None
+        self._view_at = float("-inf")
+        self._view_lock = asyncio.Lock()
+        self._holds: set[asyncio.Task[Any]] = set()
+        #: the pipeline's hooks
+        self.on_claim: Callable[[Job, Lease], None] = lambda job, lease: None
+        self.on_taken_over: Callable[[Job, Lease], None] = lambda job, lease: None
+        self.on_lost: Callable[[int], None] = lambda job_id: None
+        self.on_expired: Callable[[Job], Awaitable[None]] | None = None
+        self.on_paused: Callable[[bool], None] = lambda paused: None
 
-    # --- introspection ------------------------------------------------------------------------
+    # --- life ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start claiming, renewing and sweeping (idempotent)."""
+        if self._tasks or self._closed:
+            return
+        self._claiming = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._dispatch(), name="kontext-queue-dispatcher"),
+            loop.create_task(self._renew(), name="kontext-queue-renewer"),
+            loop.create_task(self._sweep(), name="kontext-queue-sweeper"),
+        ]
+
+    def stop_claiming(self) -> None:
+        """Claim and take over nothing more (shutdown); leases held are still renewed."""
+        self._claiming = False
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop every loop (the leases still held simply expire)."""
+        self._closed = True
+        self._claiming = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._holds, return_exceptions=True)
+        self._tasks = []
 
     @property
-    def waiting_count(self) -> int:
-        return sum(len(q) for q in self._waiting.values())
+    def claiming(self) -> bool:
+        return self._claiming
+
+    def kick(self) -> None:
+        """Look for a claimable job now (a job was queued or a slot freed in this process)."""
+        self._wake.set()
+
+    # --- leases --------------------------------------------------------------------------------
+
+    def hold(self, lease: Lease, since: float | None = None) -> None:
+        now = time.monotonic() if since is None else since
+        self._held[lease.job_id] = _Held(lease, now, now)
+
+    def forget(self, job_id: int) -> None:
+        """The job ended here (or was let go): stop renewing its lease."""
+        self._held.pop(job_id, None)
+        self._wake.set()
+
+    def fresh(self, lease: Lease) -> bool:
+        """True while ``lease`` is held and was renewed within half its life (by this process's
+        monotonic clock, measured from when the renewal was sent: a lower bound on the time the
+        database still gives it)."""
+        held = self._held.get(lease.job_id)
+        return (
+            held is not None
+            and held.lease == lease
+            and time.monotonic() - held.renewed < self.lease_s / 2
+        )
 
     @property
-    def running_count(self) -> int:
-        return len(self._running)
+    def held_count(self) -> int:
+        return len(self._held)
+
+    # --- the account -------------------------------------------------------------------------------
 
     @property
     def paused(self) -> bool:
         return self._paused
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def max_concurrent(self) -> int:
+        return self.limits.max_concurrent
 
-    def waiting_order(self) -> list[Ticket]:
-        """The waiting tickets in the order they will start (round-robin between members)."""
-        queues = [list(q) for q in self._waiting.values()]
-        order: list[Ticket] = []
-        depth = 0
-        while True:
-            layer = [q[depth] for q in queues if len(q) > depth]
-            if not layer:
-                return order
-            order.extend(layer)
-            depth += 1
-
-    def position_of(self, ticket: Ticket) -> tuple[int, int]:
-        order = self.waiting_order()
+    async def pause(self, reason: str) -> None:
+        """The account needs its owner: every process stops starting jobs."""
+        self._set_paused(True)
+        self._changing_pause = True
         try:
-            return order.index(ticket) + 1, len(order)
-        except ValueError:
-            return 0, len(order)
+            await self.store.set_account_paused(self.limits.account, True, reason)
+        finally:
+            self._changing_pause = False
 
-    def member_jobs(self, member: Member) -> int:
-        """Jobs of ``member`` waiting or running in this process."""
-        waiting = len(self._waiting.get(member, ()))
-        return waiting + sum(1 for t in self._running if t.member == member)
+    async def resume(self) -> None:
+        self._set_paused(False)
+        self._changing_pause = True
+        try:
+            await self.store.set_account_paused(self.limits.account, False, None)
+        finally:
+            self._changing_pause = False
+        self.kick()
+
+    def note_paused(self) -> None:
+        """Refuse new jobs here at once (the pause is being written for every process)."""
+        self._set_paused(True)
+        self._changing_pause = True
+
+    def _set_paused(self, paused: bool) -> None:
+        if self._changing_pause:
+            return  # this process is writing the new state: what it read may be older
+        if paused != self._paused:
+            self._paused = paused
+            with contextlib.suppress(Exception):
+                self.on_paused(paused)
+
+    def slow_down(self, seconds: float) -> None:
+        """Start no job of the account for ``seconds``, in every process (after a 429)."""
+        task = asyncio.get_running_loop().create_task(
+            self.store.hold_account(self.limits.account, seconds)
+        )
+        self._holds.add(task)
+        task.add_done_callback(self._held_done)
+
+    def _held_done(self, task: asyncio.Task[Any]) -> None:
+        self._holds.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not record the API's rate limit: %s", task.exception())
+
+    # --- durations, positions, ETAs ----------------------------------------------------------------
 
     def estimate_duration(self) -> float:
-        """The rolling median of recent real job durations (a default before any)."""
+        """The rolling median of recent real API durations here (a default before any)."""
         if not self._durations:
             return self._default_duration
         return float(statistics.median(self._durations))
 
-    def eta_of(self, ticket: Ticket) -> float:
+    def record_duration(self, seconds: float) -> None:
+        if seconds > 0:
+            self._durations.append(seconds)
+
+    async def view(self, *, max_age: float | None = None) -> QueueView:
+        """The whole bot's queue, read at most every ``view_s`` seconds (shared by callers)."""
+        age = self.view_s if max_age is None else max_age
+        async with self._view_lock:
+            if self._view is None or time.monotonic() - self._view_at >= age:
+                self._view = await self.store.queue_view(self.limits.account)
+                self._view_at = time.monotonic()
+                self._set_paused(self._view.paused)
+            return self._view
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._view.waiting) if self._view is not None else 0
+
+    @property
+    def running_count(self) -> int:
+        return len(self._view.running_started) if self._view is not None else 0
+
+    def eta(self, view: QueueView, position: int) -> float:
+        """Seconds until the job at ``position`` (1-based; 0 = running) has its result."""
         est = self.estimate_duration()
-        if ticket.started_at is not None:
-            return max(0.0, est - (self._clock() - ticket.started_at))
-        pos, _ = self.position_of(ticket)
-        # jobs ahead start as slots free up; each "round" of max_concurrent jobs takes ~est
-        running_left = sorted(
-            max(0.0, est - (self._clock() - t.started_at)) for t in self._running if t.started_at
-        )
-        slots = self.max_concurrent
-        held = self.rate.delay()  # the RPM window (or a 429) holds every start for this long
-        if pos <= slots - len(running_left):
+        running_left = sorted(max(0.0, est - (view.now - s)) for s in view.running_started)
+        held = max(0.0, view.blocked_until - view.now)
+        # the RPM window: the p-th next start waits for the (rpm - p + 1)-th newest start to age
+        starts, rpm = view.recent_starts, self.limits.rpm
+        index = len(starts) - rpm + max(1, position) - 1
+        if 0 <= index < len(starts):
+            held = max(held, starts[index] + 60.0 - view.now)
+        slots = self.limits.max_concurrent
+        free = max(0, slots - len(running_left))
+        if position <= free:
             return held + est
-        idx = pos - (slots - len(running_left)) - 1
+        idx = position - free - 1
         rounds, slot = divmod(idx, slots)
         first_free = running_left[slot] if slot < len(running_left) else 0.0
         return max(first_free, held) + rounds * est + est
 
-    def record_duration(self, seconds: float) -> None:
-        """Feed a real API duration into the estimate."""
-        if seconds > 0:
-            self._durations.append(seconds)
-
-    # --- control --------------------------------------------------------------------------------
-
-    def submit(self, key: int, member: Member, run: Callable[[], Awaitable[Any]]) -> Ticket:
-        """Queue ``run`` for ``member``. Raises QueueFull or ShuttingDown."""
-        if self._closed:
-            raise ShuttingDown("queue closed")
-        if self.waiting_count >= self.max_size:
-            raise QueueFull(f"queue at {self.max_size}")
-        ticket = Ticket(key=key, member=member, run=run, enqueued_at=self._clock(), queue=self)
-        self._waiting.setdefault(member, deque()).append(ticket)
-        self._ensure_dispatcher()
-        self._notify()
-        return ticket
-
-    def withdraw(self, ticket: Ticket, error: BaseException | None = None) -> bool:
-        """Take a waiting ticket out; whoever awaits it gets ``error`` (default: cancelled)."""
-        q = self._waiting.get(ticket.member)
-        if q is None or ticket not in q:
-            return False
-        q.remove(ticket)
-        if not q:
-            del self._waiting[ticket.member]
-        if not ticket.done.done():
-            if error is None:
-                ticket.done.cancel()
-            else:
-                ticket.done.set_exception(error)
-        self._notify()
-        return True
-
-    def withdraw_all(self, error: BaseException) -> list[Ticket]:
-        """Take every waiting ticket out, handing ``error`` to each awaiting job."""
-        left = self.waiting_order()
-        for ticket in left:
-            self.withdraw(ticket, error)
-        return left
-
-    def pause(self) -> None:
-        """Hold every waiting job (running ones go on)."""
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-        self._notify()
-
-    def release(self, ticket: Ticket) -> None:
-        """Free ``ticket``'s slot before its coroutine ends (idempotent)."""
-        if ticket in self._running:
-            self._running.discard(ticket)
-            self._notify()
-
-    def use_clock(self, clock: Callable[[], float]) -> None:
-        """Switch the queue (and its RPM window) to another clock; tests move time on with it."""
-        self._clock = clock
-        self.rate._clock = clock
-        self._notify()
-
-    def kick(self) -> None:
-        """Make the dispatcher look again now (after the clock moved)."""
-        self._notify()
-
-    def slow_down(self, seconds: float) -> None:
-        """Start nothing for ``seconds`` (after a 429)."""
-        self.rate.block_for(seconds)
-        self._notify()
-
-    def close(self, error: BaseException | None = None) -> list[Ticket]:
-        """Take no more jobs; withdraw the waiting ones (their awaiters get ``error``)."""
-        self._closed = True
-        left = self.withdraw_all(error or ShuttingDown("queue closed"))
-        self._notify()
-        return left
-
-    async def wait_running(self, timeout: float | None) -> bool:
-        """Wait until no job runs, at most ``timeout`` seconds. True when all finished."""
-        tasks = [t.task for t in self._running if t.task is not None]
-        if not tasks:
-            return True
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        return not pending
-
-    async def aclose(self) -> None:
-        """Stop the dispatcher (running job tasks are left to their owners)."""
-        self._closed = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-            self._dispatcher = None
-
-    def running_tasks(self) -> list[asyncio.Task[Any]]:
-        return [t.task for t in self._running if t.task is not None]
-
-    # --- internals --------------------------------------------------------------------------------
-
-    def _notify(self) -> None:
-        self._wake.set()
-        for q in self._waiting.values():
-            for ticket in q:
-                ticket.changed.set()
-
-    def _ensure_dispatcher(self) -> None:
-        if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.get_running_loop().create_task(
-                self._dispatch(), name="kontext-queue-dispatcher"
-            )
-
-    def _next_ticket(self) -> Ticket | None:
-        if not self._waiting:
-            return None
-        member, q = next(iter(self._waiting.items()))
-        ticket = q.popleft()
-        # the member goes to the back of the line: round-robin between members
-        del self._waiting[member]
-        if q:
-            self._waiting[member] = q
-        return ticket
+    # --- the loops ---------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
+        backoff = self.poll_s
         while True:
             self._wake.clear()
-            if self._paused or not self._waiting or len(self._running) >= self.max_concurrent:
+            if not self._claiming:
                 await self._wake.wait()
                 continue
-            delay = self.rate.delay()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            sent = time.monotonic()
+            try:
+                claim: Claim = await self.store.claim_next(
+                    self.worker_id, self.limits, lease_s=self.lease_s
+                )
+            except Exception as exc:  # noqa: BLE001 - the database is away: try again later
+                log.warning("queue: could not claim a job (%s); retrying", type(exc).__name__)
+                await self._sleep(backoff)
+                backoff = min(5.0, backoff * 2)
                 continue
-            ticket = self._next_ticket()
-            if ticket is None:
+            backoff = self.poll_s
+            self._set_paused(claim.paused)
+            if claim.job is not None and claim.lease is not None:
+                if not self._claiming:  # shutdown began while claiming: give it back at once
+                    await self._let_go_quietly(claim.lease)
+                    continue
+                self.hold(claim.lease, since=sent)
+                self._view_at = float("-inf")  # positions moved
+                try:
+                    self.on_claim(claim.job, claim.lease)
+                except Exception:
+                    log.exception("job %s: could not start it", claim.job.id)
                 continue
-            self._start(ticket)
-            self._notify()
+            if claim.wait_s > 0:
+                await self._sleep(min(claim.wait_s, 60.0))
+            else:
+                await self._sleep(self.poll_s)
 
-    def _start(self, ticket: Ticket) -> None:
-        self.rate.record()
-        ticket.started_at = self._clock()
-        self._running.add(ticket)
-        ticket.started.set()
-        ticket.changed.set()
-        ticket.task = asyncio.get_running_loop().create_task(
-            self._run(ticket), name=f"kontext-job-{ticket.key}"
-        )
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    async def _run(self, ticket: Ticket) -> None:
+    async def _let_go_quietly(self, lease: Lease) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.let_go(lease)
+
+    async def _renew(self) -> None:
+        every = self.lease_s / RENEWALS_PER_LEASE
+        while True:
+            await asyncio.sleep(every)
+            if not self._held:
+                continue
+            sent = time.monotonic()
+            try:
+                kept = await self.store.renew_leases(self.worker_id, self.lease_s)
+            except Exception as exc:  # noqa: BLE001 - leases age; fresh() says when to stop
+                log.warning("queue: could not renew leases (%s)", type(exc).__name__)
+                continue
+            for job_id, held in list(self._held.items()):
+                if held.since >= sent:
+                    continue  # claimed while the renewal was under way: not in its answer
+                if kept.get(job_id) == held.lease.epoch:
+                    held.renewed = sent
+                else:
+                    log.warning("job %s: lease lost to another process; stopping here", job_id)
+                    self._held.pop(job_id, None)
+                    with contextlib.suppress(Exception):
+                        self.on_lost(job_id)
+
+    async def _sweep(self) -> None:
+        every = max(0.2, self.lease_s / 4)
+        while True:
+            if self._claiming:
+                await self._sweep_once()
+            await asyncio.sleep(every)
+
+    async def _sweep_once(self) -> None:
         try:
-            result = await ticket.run()
-        except asyncio.CancelledError:
-            if not ticket.done.done():
-                ticket.done.cancel()
-            raise
-        except BaseException as exc:  # handed to whoever awaits the ticket
-            if not ticket.done.done():
-                ticket.done.set_exception(exc)
-        else:
-            if not ticket.done.done():
-                ticket.done.set_result(result)
-        finally:
-            self.release(ticket)
+            taken = await self.store.take_over_expired(self.worker_id, self.lease_s)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("queue: recovery sweep failed (%s)", type(exc).__name__)
+            taken = []
+        for job, lease in taken:
+            log.warning("job %s: taken over from a stopped or silent process", job.id)
+            self.hold(lease)
+            try:
+                self.on_taken_over(job, lease)
+            except Exception:
+                log.exception("job %s: could not resume it", job.id)
+        if self.on_expired is None:
+            return
+        try:
+            expired = await self.store.expired_waiting(self.max_wait_s)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("queue: wait-bound sweep failed (%s)", type(exc).__name__)
+            return
+        for job in expired:
+            try:
+                await self.on_expired(job)
+            except Exception:
+                log.exception("job %s: could not end it after its wait", job.id)

@@ -166,10 +166,19 @@ jobs = Table(
     Column("result_channel_id", BigInteger),
     Column("failure_cause", Text),
     Column("parent_job_id", BigInteger),
+    # the shared queue (migration 4): times by the database's clock, the lease fences every change
+    Column("queued_at", Double),  # when it began to wait (the database's clock)
+    Column("lease_owner", Text),  # the worker that holds the job's lease (NULL: nobody)
+    Column("lease_epoch", BigInteger, nullable=False, server_default=text("0")),  # +1 per claim
+    Column("lease_expires_at", Double),  # the database's clock
+    Column("api_done_at", Double),  # the API answered: the job no longer takes an API slot
+    Column("account", Text, nullable=False, server_default=text("'owner'")),  # whose API key
     _in_check("state", JOB_STATES, "ck_jobs_state"),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_member_state", "guild_id", "user_id", "state"),
     Index("ix_jobs_guild_created", "guild_id", "created_at"),
+    Index("ix_jobs_state_queued", "state", "queued_at"),
+    Index("ix_jobs_started", "started_at"),
 )
 
 budget_days = Table(
@@ -187,6 +196,18 @@ workers = Table(
     Column("started_at", Double, nullable=False),
     Column("heartbeat_at", Double, nullable=False),
     Column("retired_at", Double),
+)
+
+#: One row per API account (the owner's key, later a server's own): the state every process
+#: shares: paused (the account needs its owner) and a start-nothing-before time after a 429.
+api_accounts = Table(
+    "api_accounts",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("paused_reason", Text),
+    Column("blocked_until", Double, nullable=False, server_default=text("0")),
+    Column("updated_at", Double, nullable=False),
 )
 
 bot_meta = Table(
@@ -242,10 +263,40 @@ def _v3_showcase(conn: Connection) -> None:
     metadata.create_all(conn, tables=[showcase_posts], checkfirst=True)
 
 
+_V4_JOB_COLUMNS = (
+    "queued_at", "lease_owner", "lease_epoch", "lease_expires_at", "api_done_at", "account"
+)
+
+
+def _v4_shared_queue(conn: Connection) -> None:
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateIndex
+
+    have = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    preparer = conn.dialect.identifier_preparer
+    for name in _V4_JOB_COLUMNS:
+        if name in have:
+            continue
+        column = jobs.c[name]
+        ddl = column.type.compile(dialect=conn.dialect)
+        default = column.server_default.arg.text if column.server_default is not None else None  # type: ignore[attr-defined]
+        tail = f" NOT NULL DEFAULT {default}" if default is not None else ""
+        conn.exec_driver_sql(
+            f"ALTER TABLE jobs ADD COLUMN {preparer.quote(name)} {ddl}{tail}"  # constant DDL
+        )
+    indexes = {i["name"] for i in inspect(conn).get_indexes("jobs")}
+    for index in jobs.indexes:
+        if index.name not in indexes:
+            conn.execute(CreateIndex(index))
+    conn.execute(jobs.update().where(jobs.c.queued_at.is_(None)).values(queued_at=jobs.c.created_at))
+    metadata.create_all(conn, tables=[api_accounts], checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(2, "bot_meta: small process-wide facts (e.g. the last synced command hash)", _v2_bot_meta),
     Migration(3, "showcase_posts: one showcase post per job, with its approval state", _v3_showcase),
+    Migration(4, "the shared queue: leases, queue times and API accounts", _v4_shared_queue),
 )
 
 

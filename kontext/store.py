@@ -32,12 +32,15 @@ from kontext.errors import (
     InsufficientCredits,
     JobAlreadyExists,
     OnCooldown,
+    QueueFull,
     TooManyJobs,
 )
 from kontext.schema import bot_meta, run_migrations
 from kontext.settings import Settings
 from kontext.store_admin import AdminMixin
+from kontext.store_base import fence_params
 from kontext.store_members import MembersMixin
+from kontext.store_queue import Lease, QueueMixin
 from kontext.store_settings import GuildSettingsMixin
 from kontext.store_types import (
     BudgetStatus,
@@ -58,6 +61,7 @@ __all__ = [
     "GuildSettings",
     "GuildStats",
     "Job",
+    "Lease",
     "LedgerEntry",
     "MemberStatus",
     "Reservation",
@@ -67,7 +71,7 @@ __all__ = [
 ]
 
 
-class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
+class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin):
     """The whole persistence API. Open with :meth:`open`, close with :meth:`close`."""
 
     @classmethod
@@ -183,8 +187,11 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         }
         if execute(conn, sql.insert_job, job_values).first() is None:
             raise JobAlreadyExists(f"job {req.job_id} exists", job_id=req.job_id)
+        # the whole bot's queue (every process's): this job is one of the waiting ones now
+        if execute(conn, sql.count_waiting, {}).scalar_one() > self.settings.max_queue_size:
+            raise QueueFull(f"queue at {self.settings.max_queue_size}")
         self._ensure_member(conn, g, u, gs.starting_credits, now)
-        self._daily_topup(conn, gs, u, today, now)
+        self._daily_topup(conn, gs, u, today, now, req.job_id)
         balance = self._charge(conn, gs, u, cost, now, until, check_cooldown)
         self._ledger(
             conn,
@@ -209,16 +216,27 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         )
 
     def _daily_topup(
-        self, conn: Connection, gs: GuildSettings, user_id: int, today: str, now: float
+        self,
+        conn: Connection,
+        gs: GuildSettings,
+        user_id: int,
+        today: str,
+        now: float,
+        job_id: int,
     ) -> None:
-        """Claim today's free credits (once per UTC day) and top the balance up to the cap."""
+        """Claim today's free credits (once per UTC day) and top the balance up to the cap.
+
+        Credits held by the member's unfinished jobs count as theirs: 4 + 1 held against a
+        daily 3 tops up nothing.
+        """
         if gs.daily_free_credits <= 0:
             return
         who = {"g": gs.guild_id, "u": user_id}
         claimed = execute(conn, self._sql.claim_daily, {**who, "today": today}).first()
         if claimed is None:
             return
-        delta = max(0, gs.daily_free_credits - int(claimed.balance))
+        held = execute(conn, self._sql.held_credits, {**who, "job_id": job_id}).scalar_one()
+        delta = max(0, gs.daily_free_credits - int(claimed.balance) - int(held))
         if delta == 0:
             return
         balance = execute(conn, self._sql.add_balance, {**who, "delta": delta}).scalar_one()
@@ -270,14 +288,6 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
             # The row changed between the two statements (Postgres); try again under the lock.
         raise RuntimeError("conditional charge did not settle")  # pragma: no cover
 
-    async def _job_update(self, stmt: Any, params: dict[str, Any]) -> bool:
-        """Run one conditional job update as its own transaction; True when it matched."""
-
-        def tx(conn: Connection) -> bool:
-            return execute(conn, stmt, params).first() is not None
-
-        return await self.db.transact(tx)
-
     async def mark_running(self, job_id: int) -> bool:
         """accepted → running (sets ``started_at``); False when the job was not accepted."""
         return await self._job_update(self._sql.mark_running, {"job_id": job_id, "now": self.now()})
@@ -288,15 +298,22 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         request_id: str | None,
         status_url: str | None = None,
         response_url: str | None = None,
+        *,
+        lease: Lease | None = None,
     ) -> bool:
-        """Remember the API's request id and polling URLs (to resume after a restart)."""
+        """Remember the API's request id and polling URLs (to resume after a restart).
+
+        With ``lease``: only while that lease is the job's (else False, nothing changed).
+        """
+        fence, fence_args = fence_params(lease)
         return await self._job_update(
-            self._sql.set_api_request,
+            self._sql.set_api_request[fence],
             {
                 "job_id": job_id,
                 "request_id": request_id,
                 "status_url": status_url,
                 "response_url": response_url,
+                **fence_args,
             },
         )
 
@@ -307,8 +324,14 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         result_message_id: int | None,
         result_channel_id: int | None,
         duration_s: float | None = None,
+        lease: Lease | None = None,
     ) -> bool:
-        """Make the charge final after the image was posted. True when this call committed."""
+        """Make the charge final after the image was posted. True when this call committed.
+
+        ``lease``: the job's lease (a claimed job is committed only by its lease holder); None
+        for a job nobody holds.
+        """
+        fence, fence_args = fence_params(lease)
 
         def tx(conn: Connection) -> bool:
             sql = self._sql
@@ -318,10 +341,11 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
                 "now": now,
                 "result_message": result_message_id,
                 "result_channel": result_channel_id,
+                **fence_args,
             }
-            stmt = sql.commit_job_timed
+            stmt = sql.commit_job_timed[fence]
             if duration_s is not None:
-                stmt = sql.commit_job
+                stmt = sql.commit_job[fence]
                 params["duration"] = duration_s
             job = execute(conn, stmt, params).first()
             if job is None:
@@ -344,21 +368,40 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin):
         return await self.db.transact(tx)
 
     async def refund(
-        self, job_id: int, *, cause: str, clear_cooldown: bool = True, api_charged: bool = False
+        self,
+        job_id: int,
+        *,
+        cause: str,
+        clear_cooldown: bool = True,
+        api_charged: bool | None = False,
+        lease: Lease | None = None,
+        waiting_only: bool = False,
     ) -> bool:
         """Give the job's credits back (and its budget share, unless the API billed it).
 
-        ``clear_cooldown`` lifts the cooldown only if it is still the one this job set.
-        True when this call refunded; False when the job is unknown, posted or already ended.
+        ``api_charged``: True when the API billed the call, False when its answer proves nothing
+        was generated, None when this caller cannot know (the database's record stands: a job
+        counts as billed from its claim on). ``clear_cooldown`` lifts the cooldown only if it is
+        still the one this job set. ``lease``: the job's lease (a claimed job is refunded only by
+        its lease holder); ``waiting_only``: refund only a job that still waits in the queue.
+        True when this call refunded; False when the job is unknown, posted, already ended, or
+        not this caller's to end.
         """
+        fence, fence_args = fence_params(lease, waiting=waiting_only)
 
         def tx(conn: Connection) -> bool:
             sql = self._sql
             now = self.now()
             job = execute(
                 conn,
-                sql.refund_job,
-                {"job_id": job_id, "now": now, "cause": cause, "billed": api_charged},
+                sql.refund_job[fence],
+                {
+                    "job_id": job_id,
+                    "now": now,
+                    "cause": cause,
+                    "billed": api_charged,
+                    **fence_args,
+                },
             ).first()
             if job is None:
                 return False

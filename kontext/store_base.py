@@ -57,6 +57,22 @@ def _state_in(states: tuple[str, ...]) -> Any:
     return or_(*(_j.state == state for state in states))
 
 
+def _db_now(dialect: str) -> Any:
+    """The database's clock as epoch seconds (see :func:`kontext.store_queue.db_now`)."""
+    from sqlalchemy import literal_column
+
+    if dialect == "postgresql":
+        return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
+    return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+
+
+def fence_params(lease: Any, *, waiting: bool = False) -> tuple[str, dict[str, Any]]:
+    """The fence (statement variant) and its parameters for ``lease`` (None: nobody's job)."""
+    if lease is not None:
+        return "leased", {"owner": lease.owner, "epoch": lease.epoch}
+    return ("waiting" if waiting else "unleased"), {}
+
+
 def _p(name: str, type_: Any) -> Any:
     """A named bind parameter of a known type (asyncpg wants the type)."""
     return bindparam(name, type_=type_)
@@ -77,11 +93,19 @@ class Statements:
         inflight_minus_one = case((_m.inflight > 0, _m.inflight - 1), else_=0)
 
         #: params: the job's columns. Returns ``id`` when inserted, nothing when it existed.
+        #: ``queued_at`` is the database's clock (the queue's order and wait bound).
         self.insert_job = (
             dialect_insert(dialect, jobs)
+            .values(queued_at=_db_now(dialect))
             .on_conflict_do_nothing(index_elements=["id"])
             .returning(_j.id)
         )
+        #: params: g, u, job_id. Credits held by the member's other unfinished jobs.
+        self.held_credits = select(func.coalesce(func.sum(_j.cost_credits), 0)).where(
+            _j.guild_id == g, _j.user_id == u, active, _j.id != job_id
+        )
+        #: no params. The jobs waiting in the queue, every process's.
+        self.count_waiting = select(func.count()).select_from(jobs).where(_j.state == "accepted")
         #: params: guild_id, user_id, balance, inflight, created_at. Returns a row when created.
         self.insert_member = (
             dialect_insert(dialect, members)
@@ -151,22 +175,60 @@ class Statements:
             .where(_b.day == _p("b_day", Text), _b.reserved_micros >= usd, _b.generations > 0)
             .values(reserved_micros=_b.reserved_micros - usd, generations=_b.generations - 1)
         )
-        #: params: job_id, now. accepted → running; returns ``id`` when it moved.
+        #: params: job_id, now. accepted → running without a lease (tests, tools); returns ``id``.
         self.mark_running = (
             update(jobs)
             .where(_j.id == job_id, _j.state == "accepted")
             .values(state="running", started_at=now)
             .returning(_j.id)
         )
-        #: params: job_id, request_id, status_url, response_url.
-        self.set_api_request = (
-            update(jobs)
-            .where(_j.id == job_id, active)
+        # Every change of a job after its claim is fenced: it names the lease it holds (owner and
+        # epoch, params ``owner``, ``epoch``), so a process that lost the job changes nothing.
+        # A job nobody holds (waiting, or let go) is changed with the ``unleased`` condition.
+        leased = and_(
+            _j.id == job_id,
+            _j.state == "running",
+            _j.lease_owner == _p("owner", Text),
+            _j.lease_epoch == _p("epoch", BigInteger),
+        )
+        unleased = and_(_j.id == job_id, _j.lease_owner.is_(None), active)
+        waiting = and_(_j.id == job_id, _j.state == "accepted")
+        fences = {"leased": leased, "unleased": unleased, "waiting": waiting}
+        #: params: job_id, request_id, status_url, response_url (+ the fence's).
+        self.set_api_request = {
+            name: update(jobs)
+            .where(where)
             .values(
                 api_request_id=_p("request_id", Text),
                 api_status_url=_p("status_url", Text),
                 api_response_url=_p("response_url", Text),
             )
+            .returning(_j.id)
+            for name, where in fences.items()
+        }
+        db_clock = _db_now(dialect)
+        #: params: job_id, owner, epoch. The API answered: the job leaves its API slot.
+        self.api_done = update(jobs).where(leased).values(api_done_at=db_clock).returning(_j.id)
+        #: params: job_id, owner, epoch. Back to the queue (no request was sent): it waits again,
+        #: its place by arrival kept, and counts neither as started nor as billed.
+        self.requeue = (
+            update(jobs)
+            .where(leased)
+            .values(
+                state="accepted",
+                lease_owner=None,
+                lease_expires_at=None,
+                started_at=None,
+                api_done_at=None,
+                api_charged=False,
+            )
+            .returning(_j.id)
+        )
+        #: params: job_id, owner, epoch. Let the lease go (the next process takes it at once).
+        self.let_go = (
+            update(jobs)
+            .where(leased)
+            .values(lease_owner=None, lease_expires_at=None)
             .returning(_j.id)
         )
         posted = {
@@ -176,21 +238,26 @@ class Statements:
             "finished_at": now,
             "result_message_id": _p("result_message", BigInteger),
             "result_channel_id": _p("result_channel", BigInteger),
+            "lease_owner": None,
+            "lease_expires_at": None,
         }
-        #: params: job_id, now, result_message, result_channel, duration. Returns guild_id, user_id.
-        self.commit_job = (
-            update(jobs)
-            .where(_j.id == job_id, active)
+        #: params: job_id, now, result_message, result_channel, duration (+ the fence's).
+        #: Returns guild_id, user_id.
+        self.commit_job = {
+            name: update(jobs)
+            .where(where)
             .values(**posted, duration_s=_p("duration", Double))
             .returning(_j.guild_id, _j.user_id)
-        )
+            for name, where in fences.items()
+        }
         #: As :attr:`commit_job` without ``duration``: measured from start (or creation).
-        self.commit_job_timed = (
-            update(jobs)
-            .where(_j.id == job_id, active)
+        self.commit_job_timed = {
+            name: update(jobs)
+            .where(where)
             .values(**posted, duration_s=now - func.coalesce(_j.started_at, _j.created_at))
             .returning(_j.guild_id, _j.user_id)
-        )
+            for name, where in fences.items()
+        }
         #: params: g, u. One job fewer in flight; returns the balance.
         self.release_inflight = (
             update(members).where(who).values(inflight=inflight_minus_one).returning(_m.balance)
@@ -199,14 +266,18 @@ class Statements:
             "state": case((_j.cost_credits == 0, "failed"), else_="refunded"),
             "failure_cause": _p("cause", Text),
             "finished_at": now,
-            # once billed, always billed: the flag only ever goes from false to true
-            "api_charged": or_(_j.api_charged, _p("billed", Boolean)),
+            # ``billed``: true = the API billed it; false = the answer proves nothing was made;
+            # NULL = not known here: the database's record stands
+            "api_charged": func.coalesce(_p("billed", Boolean), _j.api_charged),
             "interaction_token": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
         }
-        #: params: job_id, now, cause, billed. Ends the job; returns what the refund needs.
-        self.refund_job = (
-            update(jobs)
-            .where(_j.id == job_id, active)
+        #: params: job_id, now, cause, billed (+ the fence's). Ends the job; returns what the
+        #: refund needs.
+        self.refund_job = {
+            name: update(jobs)
+            .where(where)
             .values(**refunded)
             .returning(
                 _j.guild_id,
@@ -217,7 +288,8 @@ class Statements:
                 _j.created_at,
                 _j.api_charged,
             )
-        )
+            for name, where in fences.items()
+        }
         credit_back = {"balance": _m.balance + cost, "inflight": inflight_minus_one}
         #: params: g, u, cost. Credits back, one job fewer in flight; returns the balance.
         self.refund_member = update(members).where(who).values(**credit_back).returning(_m.balance)
@@ -333,6 +405,14 @@ class StoreBase:
                 reason="starting credits",
             )
         return created
+
+    async def _job_update(self, stmt: Any, params: dict[str, Any]) -> bool:
+        """Run one conditional job update as its own transaction; True when it matched."""
+
+        def tx(conn: Connection) -> bool:
+            return execute(conn, stmt, params).first() is not None
+
+        return await self.db.transact(tx)
 
     def _member_row(
         self, conn: Connection, guild_id: int, user_id: int, *, lock: bool = False

@@ -131,6 +131,12 @@ class Job:
     result_channel_id: int | None
     failure_cause: str | None
     parent_job_id: int | None
+    queued_at: float | None = None
+    lease_owner: str | None = None
+    lease_epoch: int = 0
+    lease_expires_at: float | None = None
+    api_done_at: float | None = None
+    account: str = "owner"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ probes quick here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import pytest
 
@@ -82,7 +84,10 @@ async def test_waiting_jobs_are_refunded_when_the_account_pauses(
         await h.segmind.wait_calls(1)
         b = await h.kontext(user_id=h.admin_id, wait=False)
         c = await h.kontext(user_id=third, wait=False)
-        await until(lambda: h.bot.queue.waiting_count == 2, 5, "two waiting jobs")
+        deadline = time.monotonic() + 5
+        while await h.bot.store.count_waiting() != 2:  # the queue is the database's
+            assert time.monotonic() < deadline, "two waiting jobs"
+            await asyncio.sleep(0.02)
         h.segmind.api_key = "revoked"  # A already got in; B will be refused
         for rec in (a, b, c):
             await h.wait_settled(rec)

@@ -4,7 +4,7 @@ Async mode (``SEGMIND_API_MODE=async``): the request id is stored before polling
 process resumes the job, posts its result (through the interaction while its token lives, else
 through the channel with a mention) and charges it exactly once. Sync mode: the next process
 refunds the job and tells the member. A killed worker's jobs are claimed after
-``KONTEXT_WORKER_STALE_SECONDS`` (a dev/test knob; 45 s by default).
+``KONTEXT_LEASE_SECONDS`` (a dev/test knob: the lease life, 60 s by default).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.proc import bot_process, until, world
 
-STALE = "1"
+STALE = "2"
 
 
 async def job_state(store, job_id: int) -> str | None:
@@ -38,7 +38,7 @@ def status_text(rec) -> str:
 @pytest.mark.parametrize("token_alive", [True, False], ids=["through-interaction", "token-expired"])
 async def test_kill_9_mid_job_then_restart_posts_the_result_once(token_alive: bool) -> None:
     async with world(segmind_latency=2.5) as w:
-        env = {"SEGMIND_API_MODE": "async", "KONTEXT_WORKER_STALE_SECONDS": STALE}
+        env = {"SEGMIND_API_MODE": "async", "KONTEXT_LEASE_SECONDS": STALE}
         async with bot_process(w, "first", **env) as bot:
             rec = await w.kontext()
             await w.segmind.wait_calls(1, timeout=10)
@@ -75,7 +75,7 @@ async def test_kill_9_mid_job_then_restart_posts_the_result_once(token_alive: bo
 
 async def test_kill_9_mid_job_in_sync_mode_refunds_on_restart() -> None:
     async with world(segmind_latency=6.0) as w:
-        env = {"KONTEXT_WORKER_STALE_SECONDS": STALE}
+        env = {"KONTEXT_LEASE_SECONDS": STALE}
         async with bot_process(w, "first", **env) as bot:
             rec = await w.kontext()
             await w.segmind.wait_calls(1, timeout=10)

@@ -159,7 +159,7 @@ async def test_api_fault_then_next_job(fault: str, status: str, phrase: str | No
             assert "needs attention" in said and "paused" in said, said
             assert len(h.segmind.calls) == calls
             assert await h.balance() == START
-            h.bot.queue.resume()  # what the account probe does once the owner fixed it
+            await h.bot.queue.resume()  # what the account probe does once the owner fixed it
         await serves_next(h, balance_after=balance - 1)
 
 

@@ -1,7 +1,7 @@
 """A bot process killed mid-job (SIGKILL, no clean-up) and a new one started on the same database.
 
 The new process claims the dead worker's unfinished job once the dead worker's heartbeat is
-stale (``KONTEXT_WORKER_STALE_SECONDS``, shortened here from 45 s), refunds it (sync API mode)
+expired (``KONTEXT_LEASE_SECONDS``, shortened here from 60 s), refunds it (sync API mode)
 or resumes it (async mode, the request id was stored), and tells the member. One API call in
 all, and the ledger balances.
 """
@@ -22,7 +22,7 @@ from tests.e2e.procbot import BotProcess, logs, start_bot, wait_connected, wait_
 from tests.emulators.discord import EPHEMERAL, DiscordEmulator, InteractionRecord
 from tests.emulators.segmind import SegmindEmulator
 
-STALE = "1"  # seconds without a heartbeat before a worker's jobs are claimed
+STALE = "2"  # lease life: a killed process's running jobs are taken over after it
 RESTART_TEXT = "The bot restarted while your image was being made"
 
 
@@ -65,7 +65,7 @@ async def crash_mid_job(
 ) -> tuple[InteractionRecord, BotProcess]:
     """Start a bot, run /kontext until the API call is in flight, SIGKILL the bot."""
     first = await start_bot(
-        demu, semu, url, workdir=tmp, name="first", KONTEXT_WORKER_STALE_SECONDS=STALE, **env
+        demu, semu, url, workdir=tmp, name="first", KONTEXT_LEASE_SECONDS=STALE, **env
     )
     await wait_connected(demu, [first], 1)
     conns = list(demu.connections)
@@ -119,7 +119,7 @@ async def test_sigkill_mid_job_then_restart_refunds_and_tells_the_member(
     async with database(backend, tmp_path) as url, world(latency=60) as (demu, semu, ids):
         rec, first = await crash_mid_job(demu, semu, url, ids, tmp_path)
         second = await start_bot(
-            demu, semu, url, workdir=tmp_path, name="second", KONTEXT_WORKER_STALE_SECONDS=STALE
+            demu, semu, url, workdir=tmp_path, name="second", KONTEXT_LEASE_SECONDS=STALE
         )
         try:
             await wait_connected(demu, [second], 1)
@@ -146,7 +146,7 @@ async def test_sigkill_then_restart_with_a_dead_token_tells_the_member_in_the_ch
         rec, first = await crash_mid_job(demu, semu, url, ids, tmp_path)
         demu.expire_token(rec)
         second = await start_bot(
-            demu, semu, url, workdir=tmp_path, name="second", KONTEXT_WORKER_STALE_SECONDS=STALE
+            demu, semu, url, workdir=tmp_path, name="second", KONTEXT_LEASE_SECONDS=STALE
         )
         try:
             await wait_connected(demu, [second], 1)
@@ -170,7 +170,7 @@ async def test_sigkill_in_async_mode_resumes_and_posts_without_a_second_call(
         rec, first = await crash_mid_job(demu, semu, url, ids, tmp_path, SEGMIND_API_MODE="async")
         second = await start_bot(
             demu, semu, url, workdir=tmp_path, name="second",
-            KONTEXT_WORKER_STALE_SECONDS=STALE, SEGMIND_API_MODE="async",
+            KONTEXT_LEASE_SECONDS=STALE, SEGMIND_API_MODE="async",
         )
         try:
             await wait_connected(demu, [second], 1)

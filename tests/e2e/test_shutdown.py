@@ -74,7 +74,7 @@ async def test_async_job_is_handed_over_and_the_next_process_posts_it_at_once() 
         env = {
             "SEGMIND_API_MODE": "async",
             "SHUTDOWN_GRACE_SECONDS": "1",
-            "KONTEXT_WORKER_STALE_SECONDS": "60",  # only the retirement can free the job early
+            "KONTEXT_LEASE_SECONDS": "60",  # only the retirement can free the job early
         }
         async with bot_process(w, "first", **env) as bot:
             rec = await w.kontext()

@@ -1,0 +1,439 @@
+"""The shared job queue in the database: claims, leases with fencing, API accounts.
+
+Every process of the bot on one database serves one queue:
+
+* a reserved job waits as a row in state ``accepted`` (no lease), ordered fairly: a member's
+  second unfinished job waits behind everyone's first, then by arrival (``queued_at``);
+* :meth:`QueueMixin.claim_next` takes the next job for a process, under the API account's global
+  limits (``MAX_CONCURRENT_JOBS`` generations in progress, ``SEGMIND_RPM`` starts in any 60 s,
+  the account's pause and 429 hold) and gives it a *lease*: the owner (the worker id), a fresh
+  *epoch* (``lease_epoch + 1`` at every claim or takeover) and an expiry by **the database's
+  clock**. Claims are serialized (a Postgres advisory transaction lock; SQLite's write lock), so
+  the limits hold across processes;
+* the holder renews its leases (:meth:`QueueMixin.renew_leases`); a running job whose lease
+  expired is taken over by another process (:meth:`QueueMixin.take_over_expired`), which bumps
+  the epoch;
+* every change after the claim names the lease (:class:`Lease`): it is a conditional update
+  ``WHERE lease_owner = :owner AND lease_epoch = :epoch``, so a process that lost a job can change
+  nothing of it any more.
+
+No process's own clock decides anything here: expiries and the RPM window are compared with the
+database's ``now`` (Postgres: ``clock_timestamp()``; SQLite, which lives on one machine, the
+machine's clock as SQLite reads it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, func, or_, select, text, update
+
+from kontext.schema import api_accounts, jobs
+from kontext.store_base import StoreBase, _db_now, job_from_row
+from kontext.store_types import Job
+
+_j = jobs.c
+_a = api_accounts.c
+
+#: Key of the Postgres advisory lock that serializes claims ("KQueue" in ASCII).
+QUEUE_LOCK_KEY = 0x4B5175657565
+OWNER_ACCOUNT = "owner"
+RPM_WINDOW_S = 60.0
+
+
+def db_now(dialect: str) -> Any:
+    """The database's clock as epoch seconds (a SQL expression)."""
+    return _db_now(dialect)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A process's hold on one job: every change it makes names it."""
+
+    job_id: int
+    owner: str
+    epoch: int
+
+    def params(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "owner": self.owner, "epoch": self.epoch}
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLimits:
+    """One API account's limits (the owner's from the settings)."""
+
+    account: str
+    max_concurrent: int
+    rpm: int
+
+
+@dataclass(slots=True)
+class Claim:
+    """What :meth:`QueueMixin.claim_next` found: a job, or why none (and for how long)."""
+
+    job: Job | None = None
+    lease: Lease | None = None
+    #: nothing waits
+    empty: bool = False
+    #: the account is paused (it needs its owner)
+    paused: bool = False
+    #: seconds until a start may be allowed (RPM window, 429 hold); 0 when at the slot limit
+    wait_s: float = 0.0
+
+
+@dataclass(slots=True)
+class QueueView:
+    """The whole bot's queue as the members see it (positions, ETAs)."""
+
+    now: float  # the database's clock when read
+    waiting: list[int] = field(default_factory=list)  # job ids in the order they will start
+    running_started: list[float] = field(default_factory=list)  # generations in progress
+    waiting_members: dict[tuple[int, int], int] = field(default_factory=dict)
+    blocked_until: float = 0.0
+    paused: bool = False
+    recent_starts: list[float] = field(default_factory=list)  # starts in the RPM window, oldest first
+
+    def position(self, job_id: int) -> tuple[int, int]:
+        """``(position, waiting)``: 1-based place among the waiting jobs; 0 once it left."""
+        try:
+            return self.waiting.index(job_id) + 1, len(self.waiting)
+        except ValueError:
+            return 0, len(self.waiting)
+
+
+def fair_order(rows: list[Any], running: Counter[tuple[int, int]]) -> list[Any]:
+    """Waiting rows in the order they start: a member's n-th unfinished job waits behind every
+    member's (n-1)-th, then arrival. ``running`` counts each member's jobs already running."""
+    seen: Counter[tuple[int, int]] = Counter(running)
+    keyed = []
+    for row in rows:  # rows come in arrival order
+        member = (int(row.guild_id), int(row.user_id))
+        keyed.append((seen[member], row.queued_at or 0.0, int(row.id), row))
+        seen[member] += 1
+    keyed.sort(key=lambda k: (k[0], k[1], k[2]))
+    return [k[3] for k in keyed]
+
+
+class QueueMixin(StoreBase):
+    """The shared queue: :meth:`claim_next`, leases, takeovers and the API accounts' state."""
+
+    def _now_sql(self) -> Any:
+        return db_now(self.db.dialect)
+
+    def _db_now(self, conn: Connection) -> float:
+        return float(conn.execute(select(self._now_sql())).scalar_one())
+
+    def _lock_queue(self, conn: Connection) -> None:
+        if self.db.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": QUEUE_LOCK_KEY})
+        # SQLite: the transaction began with BEGIN IMMEDIATE (the write lock)
+
+    # --- the queue --------------------------------------------------------------------------------
+
+    async def claim_next(
+        self, worker_id: str, limits: AccountLimits, *, lease_s: float
+    ) -> Claim:
+        """Take the next waiting job of ``limits.account`` for ``worker_id``, within the limits.
+
+        The job moves ``accepted → running`` with a new lease; its ``started_at`` (the RPM
+        window) is the database's now, and it counts as billed from here (its request may be
+        sent at once; a refund that proves nothing was generated gives the budget back).
+        """
+        return await self.db.transact(lambda conn: self._claim_tx(conn, worker_id, limits, lease_s))
+
+    def _claim_tx(
+        self, conn: Connection, worker_id: str, limits: AccountLimits, lease_s: float
+    ) -> Claim:
+        self._lock_queue(conn)
+        now = self._db_now(conn)
+        account = conn.execute(
+            select(_a.paused, _a.blocked_until).where(_a.id == limits.account)
+        ).first()
+        if account is not None and account.paused:
+            return Claim(paused=True)
+        mine = _j.account == limits.account
+        waiting = conn.execute(
+            select(_j.id, _j.guild_id, _j.user_id, _j.queued_at)
+            .where(_j.state == "accepted", mine)
+            .order_by(_j.queued_at, _j.id)
+        ).all()
+        if not waiting:
+            return Claim(empty=True)
+        if account is not None and account.blocked_until > now:
+            return Claim(wait_s=float(account.blocked_until) - now)
+        in_progress = conn.execute(
+            select(func.count())
+            .select_from(jobs)
+            .where(_j.state == "running", _j.api_done_at.is_(None), mine)
+        ).scalar_one()
+        if in_progress >= limits.max_concurrent:
+            return Claim(wait_s=0.0)
+        starts = [
+            float(t)
+            for (t,) in conn.execute(
+                select(_j.started_at)
+                .where(_j.started_at > now - RPM_WINDOW_S, mine)
+                .order_by(_j.started_at.desc())
+                .limit(limits.rpm)
+            )
+        ]
+        if len(starts) >= limits.rpm:
+            return Claim(wait_s=max(0.001, starts[-1] + RPM_WINDOW_S - now))
+        running = Counter(
+            (int(g), int(u))
+            for g, u in conn.execute(
+                select(_j.guild_id, _j.user_id).where(_j.state == "running", mine)
+            )
+        )
+        for row in fair_order(waiting, running):
+            claimed = conn.execute(
+                update(jobs)
+                .where(_j.id == row.id, _j.state == "accepted")
+                .values(
+                    state="running",
+                    lease_owner=worker_id,
+                    lease_epoch=_j.lease_epoch + 1,
+                    lease_expires_at=now + lease_s,
+                    started_at=now,
+                    worker_id=worker_id,
+                    api_charged=True,
+                )
+                .returning(*jobs.columns)
+            ).first()
+            if claimed is not None:
+                job = job_from_row(claimed)
+                return Claim(job=job, lease=Lease(job.id, worker_id, int(claimed.lease_epoch)))
+        return Claim(empty=True)  # pragma: no cover - the rows were read under the queue lock
+
+    async def queue_view(self, account: str = OWNER_ACCOUNT) -> QueueView:
+        """Every waiting job in start order, the generations in progress, the account's state."""
+        async with self.db.read() as conn:
+            now = float((await conn.execute(select(self._now_sql()))).scalar_one())
+            mine = _j.account == account
+            waiting = (
+                await conn.execute(
+                    select(_j.id, _j.guild_id, _j.user_id, _j.queued_at)
+                    .where(_j.state == "accepted", mine)
+                    .order_by(_j.queued_at, _j.id)
+                )
+            ).all()
+            running = (
+                await conn.execute(
+                    select(_j.guild_id, _j.user_id, _j.started_at, _j.api_done_at).where(
+                        _j.state == "running", mine
+                    )
+                )
+            ).all()
+            acct = (
+                await conn.execute(
+                    select(_a.paused, _a.blocked_until).where(_a.id == account)
+                )
+            ).first()
+            starts = (
+                await conn.execute(
+                    select(_j.started_at)
+                    .where(_j.started_at > now - RPM_WINDOW_S, mine)
+                    .order_by(_j.started_at)
+                )
+            ).all()
+        per_member = Counter((int(r.guild_id), int(r.user_id)) for r in running)
+        order = fair_order(list(waiting), per_member)
+        view = QueueView(now=now)
+        view.waiting = [int(r.id) for r in order]
+        view.running_started = sorted(
+            float(r.started_at or now) for r in running if r.api_done_at is None
+        )
+        for r in waiting:
+            key = (int(r.guild_id), int(r.user_id))
+            view.waiting_members[key] = view.waiting_members.get(key, 0) + 1
+        view.recent_starts = [float(t) for (t,) in starts]
+        if acct is not None:
+            view.paused = bool(acct.paused)
+            view.blocked_until = float(acct.blocked_until)
+        return view
+
+    async def count_waiting(self) -> int:
+        """Jobs waiting in the queue (every process's)."""
+        async with self.db.read() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.count()).select_from(jobs).where(_j.state == "accepted")
+                    )
+                ).scalar_one()
+            )
+
+    # --- leases -------------------------------------------------------------------------------
+
+    async def renew_leases(self, worker_id: str, lease_s: float) -> dict[int, int]:
+        """Extend every lease ``worker_id`` still holds; returns ``{job_id: epoch}`` of those."""
+
+        def tx(conn: Connection) -> dict[int, int]:
+            now = self._db_now(conn)
+            rows = conn.execute(
+                update(jobs)
+                .where(_j.lease_owner == worker_id, _j.state == "running")
+                .values(lease_expires_at=now + lease_s)
+                .returning(_j.id, _j.lease_epoch)
+            ).all()
+            return {int(r.id): int(r.lease_epoch) for r in rows}
+
+        return await self.db.transact(tx)
+
+    async def take_over_expired(
+        self, worker_id: str, lease_s: float, *, limit: int = 20
+    ) -> list[tuple[Job, Lease]]:
+        """Take running jobs whose lease expired (by the database's clock) or was let go.
+
+        Each is moved with a conditional update on the epoch it was seen with, so when several
+        processes sweep at once every job goes to exactly one of them, with a new epoch.
+        """
+
+        def tx(conn: Connection) -> list[tuple[Job, Lease]]:
+            now = self._db_now(conn)
+            seen = conn.execute(
+                select(_j.id, _j.lease_epoch)
+                .where(
+                    _j.state == "running",
+                    or_(
+                        _j.lease_owner.is_(None),
+                        _j.lease_expires_at.is_(None),
+                        _j.lease_expires_at < now,
+                    ),
+                )
+                .order_by(_j.started_at, _j.id)
+                .limit(limit)
+            ).all()
+            taken: list[tuple[Job, Lease]] = []
+            for row in seen:
+                moved = conn.execute(
+                    update(jobs)
+                    .where(
+                        _j.id == row.id,
+                        _j.state == "running",
+                        _j.lease_epoch == row.lease_epoch,
+                    )
+                    .values(
+                        lease_owner=worker_id,
+                        lease_epoch=_j.lease_epoch + 1,
+                        lease_expires_at=now + lease_s,
+                        worker_id=worker_id,
+                    )
+                    .returning(*jobs.columns)
+                ).first()
+                if moved is not None:
+                    job = job_from_row(moved)
+                    taken.append((job, Lease(job.id, worker_id, int(moved.lease_epoch))))
+            return taken
+
+        return await self.db.transact(tx)
+
+    async def let_go(self, lease: Lease) -> bool:
+        """Give a running job's lease up (clean shutdown): the next process takes it at once."""
+        return await self._job_update(
+            self._sql.let_go,
+            lease.params(),
+        )
+
+    async def requeue(self, lease: Lease) -> bool:
+        """Put a claimed job whose request was never sent back in the queue (fenced)."""
+        return await self._job_update(self._sql.requeue, lease.params())
+
+    async def api_done(self, lease: Lease) -> bool:
+        """The API answered: the job no longer holds one of the account's slots."""
+        return await self._job_update(self._sql.api_done, lease.params())
+
+    async def holds(self, lease: Lease) -> bool:
+        """True while ``lease`` is still the job's lease (a read; the database's truth)."""
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(_j.lease_owner, _j.lease_epoch, _j.state).where(_j.id == lease.job_id)
+                )
+            ).first()
+        return (
+            row is not None
+            and row.state == "running"
+            and row.lease_owner == lease.owner
+            and int(row.lease_epoch) == lease.epoch
+        )
+
+    async def expired_waiting(self, max_wait_s: float, *, limit: int = 50) -> list[Job]:
+        """Waiting jobs older than ``max_wait_s`` by the database's clock (to refund)."""
+        async with self.db.read() as conn:
+            now = float((await conn.execute(select(self._now_sql()))).scalar_one())
+            rows = (
+                await conn.execute(
+                    select(jobs)
+                    .where(_j.state == "accepted", _j.queued_at < now - max_wait_s)
+                    .order_by(_j.queued_at)
+                    .limit(limit)
+                )
+            ).all()
+        return [job_from_row(r) for r in rows]
+
+    async def waiting_jobs(self, *, limit: int = 10_000) -> list[Job]:
+        """Every waiting job (in arrival order)."""
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs).where(_j.state == "accepted").order_by(_j.queued_at).limit(limit)
+                )
+            ).all()
+        return [job_from_row(r) for r in rows]
+
+    # --- API accounts -------------------------------------------------------------------------
+
+    async def _account_update(self, account: str, values: dict[str, Any]) -> None:
+        def tx(conn: Connection) -> None:
+            now = self._db_now(conn)
+            done = conn.execute(
+                update(api_accounts).where(_a.id == account).values(**values, updated_at=now)
+            ).rowcount
+            if not done:
+                conn.execute(
+                    self._insert(api_accounts)
+                    .values(id=account, updated_at=now, **values)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+
+        await self.db.transact(tx)
+
+    async def hold_account(self, account: str, seconds: float) -> None:
+        """Start no job of ``account`` for ``seconds`` (a 429), in every process."""
+
+        def tx(conn: Connection) -> None:
+            now = self._db_now(conn)
+            until = now + seconds
+            row = conn.execute(select(_a.blocked_until).where(_a.id == account)).first()
+            if row is None:
+                conn.execute(
+                    self._insert(api_accounts)
+                    .values(id=account, blocked_until=until, updated_at=now)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+            elif row.blocked_until < until:
+                conn.execute(
+                    update(api_accounts)
+                    .where(_a.id == account)
+                    .values(blocked_until=until, updated_at=now)
+                )
+
+        await self.db.transact(tx)
+
+    async def set_account_paused(self, account: str, paused: bool, reason: str | None = None) -> None:
+        """Pause (the account needs its owner) or resume ``account`` for every process."""
+        await self._account_update(account, {"paused": paused, "paused_reason": reason})
+
+    async def account_paused(self, account: str = OWNER_ACCOUNT) -> bool:
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(_a.paused).where(_a.id == account))).first()
+        return bool(row is not None and row.paused)
+
+
+def params_json(params: dict[str, Any]) -> str:
+    """A job's parameters as stored (sorted keys)."""
+    return json.dumps(params, sort_keys=True, default=str)
