@@ -89,7 +89,7 @@ def moderates(interaction: discord.Interaction, channel_id: int | None) -> bool:
     member = interaction.user
     if guild is None or not channel_id or not isinstance(member, discord.Member):
         return False
-    channel = guild.get_channel(channel_id)
+    channel = guild.get_channel_or_thread(channel_id)  # a thread answers with its parent's rights
     if channel is None:
         return False
     return channel.permissions_for(member).manage_messages
