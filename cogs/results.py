@@ -374,22 +374,38 @@ class ResultsCog(commands.Cog, name="Results"):
     # --- delete -----------------------------------------------------------------------------
 
     async def delete(self, interaction: discord.Interaction, job: Job) -> None:
-        """The maker or a member with Manage Messages removes the result (and its showcase post)."""
+        """The maker or a member with Manage Messages removes the result (and its showcase post).
+
+        Only the job's own result message: the button must sit on the message stored as the
+        job's result (``result_message_id`` in ``result_channel_id``), so a custom id naming
+        another job, or the button on any other message, deletes nothing.
+        """
+        result_channel = job.result_channel_id or job.channel_id
+        message = interaction.message
+        if (
+            message is None
+            or not job.result_message_id
+            or message.id != job.result_message_id
+            or interaction.channel_id != result_channel
+        ):
+            log.warning(
+                "job %s: delete refused on message %s in channel %s (result is %s in %s)",
+                job.id, message.id if message else None, interaction.channel_id,
+                job.result_message_id, result_channel,
+            )
+            await reply_error(interaction, InputError("not the result", key="result.wrong_message"))
+            return
         perms = interaction.permissions
         if interaction.user.id != job.user_id and not perms.manage_messages:
             await reply_error(interaction, InputError("not the maker", key="result.delete_refused"))
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        message = interaction.message
         try:
-            if message is not None:
-                await message.delete()
-            elif job.result_message_id and job.result_channel_id:
-                await (
-                    self.bot.get_partial_messageable(job.result_channel_id)
-                    .get_partial_message(job.result_message_id)
-                    .delete()
-                )
+            await (
+                self.bot.get_partial_messageable(result_channel)
+                .get_partial_message(job.result_message_id)
+                .delete()
+            )
         except discord.NotFound:
             pass
         except discord.HTTPException as exc:

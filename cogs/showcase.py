@@ -8,8 +8,11 @@
 * With ``showcase_requires_approval`` a member's share first becomes a request card, posted as
   a reply to the result in the result's own channel (where the image is already public, so
   nothing unapproved reaches the showcase). Approve / Reject are persistent buttons everyone
-  sees but only members with Manage Messages may use; Approve posts the card, Reject tells the
-  maker. A moderator's own share needs no approval.
+  sees but only the showcase's moderators may use; Approve posts the card, Reject tells the
+  maker. A moderator's own share needs no approval; nobody decides on their own request.
+* A showcase *moderator* has Manage Messages in the showcase channel itself (its permission
+  overwrites count), computed by discord.py from the guild's roles and that channel — not the
+  permissions of the channel the button was pressed in.
 * Results made with permissive safety (2) only go to an age-restricted showcase channel.
 * Deleting the original (the Delete button) removes its showcase post or pending request.
 """
@@ -79,6 +82,19 @@ def refuse(key: str, **params: Any) -> InputError:
     return InputError(key, key=key, **params)
 
 
+def moderates(interaction: discord.Interaction, channel_id: int | None) -> bool:
+    """True when the pressing member has Manage Messages in the channel ``channel_id`` of the
+    interaction's server (its overwrites included); False when either is not known."""
+    guild = interaction.guild
+    member = interaction.user
+    if guild is None or not channel_id or not isinstance(member, discord.Member):
+        return False
+    channel = guild.get_channel_or_thread(channel_id)  # a thread answers with its parent's rights
+    if channel is None:
+        return False
+    return channel.permissions_for(member).manage_messages
+
+
 class ShowcaseCog(commands.Cog, name="Showcase"):
     """Share, approve, reject and remove showcase posts."""
 
@@ -134,13 +150,13 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def share(self, interaction: discord.Interaction, job: Job) -> None:
         locale = locale_of(interaction)
-        is_mod = interaction.permissions.manage_messages
         try:
             if job.state != "posted":
                 raise refuse("showcase.not_ready")
+            channel = await self.check_target(job)
+            is_mod = moderates(interaction, getattr(channel, "id", None))
             if interaction.user.id != job.user_id and not is_mod:
                 raise refuse("showcase.only_maker")
-            channel = await self.check_target(job)
         except KontextError as err:
             await reply_error(interaction, err)
             return
@@ -293,15 +309,21 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def decide(self, interaction: discord.Interaction, decision: str, job_id: int) -> None:
         locale = locale_of(interaction)
-        if not interaction.permissions.manage_messages:
-            await reply_error(interaction, refuse("showcase.moderators_only"))
-            return
         job = await self.bot.store.get_job(job_id)
-        if job is None or job.guild_id != interaction.guild_id:
+        pending = await self.posts.get(job_id) if job is not None else None
+        if job is None or job.guild_id != interaction.guild_id or pending is None:
             await reply_error(interaction, refuse("result.unknown"))
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
         mod = interaction.user.id
+        # the showcase the card would go to now; the one asked for when it is no longer set
+        gs = await self.bot.store.get_guild_settings(job.guild_id)
+        if not moderates(interaction, gs.showcase_channel_id or pending.showcase_channel_id):
+            await reply_error(interaction, refuse("showcase.moderators_only"))
+            return
+        if mod in (pending.requested_by, job.user_id):
+            await reply_error(interaction, refuse("showcase.own_request"))
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
         if decision == "reject":
             post = await self.posts.transition(
                 job.id, from_states=("pending",), to_state="rejected", decided_by=mod

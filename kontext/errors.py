@@ -251,7 +251,12 @@ class ApiBadResponse(ApiError):
 
 
 class ApiContentRejected(ApiError):
-    """The API's safety filter refused the request or the result."""
+    """The API's safety filter refused the request or the result.
+
+    The member's prompt or images caused it: the credits come back (the API did not deliver),
+    but the cooldown stays, so a refused request cannot be retried at once, over and over.
+    """
 
     key = "api.moderated"
     cause = "api_moderated"
+    members_fault = True

@@ -302,3 +302,40 @@ def _png(colour: str) -> tuple[bytes, str, str]:
     from tests.e2e.harness import make_image
 
     return (make_image(colour=colour), f"{colour}.png", "image/png")
+
+
+async def test_delete_removes_only_the_jobs_own_result_message() -> None:
+    async with community() as h:
+        showcase = h.discord.add_channel(h.guild_id, name="showcase")
+        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, showcase_channel_id=int(showcase["id"]))
+        victim_rec, victim_msg = await first_result(h)
+        attacker = int(h.discord.add_member(h.guild_id, name="attacker")["user"]["id"])
+        own = await h.kontext(user_id=attacker)
+        own_msg = result_of(h, own.id)
+        shared = await click(h, own_msg, "share", own.id, user_id=attacker, settle=False)
+        await shared.wait_for(lambda r: r.followups, 10)
+        assert len(h.discord.public_messages(int(showcase["id"]))) == 1
+        notice = h.discord.add_message(h.channel_id, "server rules", author_id=h.admin_id)
+        # a crafted custom id: the attacker's own job, on someone else's result or on any message
+        for target in (victim_msg, notice):
+            forged = f"kontext:delete:{own.id}"
+            target.setdefault("components", []).append(
+                {"type": 1, "components": [{"type": 2, "style": 4, "label": "x", "custom_id": forged}]}
+            )
+            crafted = await h.discord.click_button(target, forged, user_id=attacker)
+            await crafted.wait_for(
+                lambda r: r.followups or (r.responses and r.responses[0]["type"] == 4), 10
+            )
+            ids = {int(m["id"]) for m in h.discord.public_messages(h.channel_id)}
+            assert {int(victim_msg["id"]), int(notice["id"]), int(own_msg["id"])} <= ids
+            assert crafted.ephemeral and "doesn't belong to this result" in private_text(crafted)
+        # nothing happened to the named job's showcase post either
+        assert len(h.discord.public_messages(int(showcase["id"]))) == 1
+        # the maker's own button on their own result still works
+        deleted = await click(h, own_msg, "delete", own.id, user_id=attacker, settle=False)
+        await deleted.wait_for(lambda r: r.followups)
+        assert "Deleted" in private_text(deleted)
+        assert int(own_msg["id"]) not in {int(m["id"]) for m in h.discord.public_messages(h.channel_id)}
+        assert h.discord.public_messages(int(showcase["id"])) == []
+        assert result_of(h, victim_rec.id) is not None
+        await assert_money_ok(h)

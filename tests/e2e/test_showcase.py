@@ -35,7 +35,30 @@ async def setup_showcase(h: Harness, *, nsfw: bool = False, approval: bool = Fal
 
 
 def add_moderator(h: Harness) -> int:
-    return int(h.discord.add_member(h.guild_id, name="mod", permissions=MANAGE_MESSAGES)["user"]["id"])
+    """A member with Manage Messages through a role, as on a real server (discord.py computes a
+    channel's permissions from the roles and that channel's overwrites)."""
+    role = next(
+        (r for r in h.discord.guilds[h.guild_id].roles.values() if r["name"] == "Moderators"), None
+    ) or h.discord.add_role(h.guild_id, "Moderators", MANAGE_MESSAGES)
+    return int(h.discord.add_member(h.guild_id, name="mod", roles=[int(role["id"])])["user"]["id"])
+
+
+def add_member(h: Harness, name: str) -> int:
+    return int(h.discord.add_member(h.guild_id, name=name)["user"]["id"])
+
+
+def request_of(h: Harness, job_id: int) -> dict[str, Any]:
+    """The moderators' Approve / Reject card of ``job_id`` (in the result's channel)."""
+    return next(
+        m for m in h.discord.public_messages(h.channel_id)
+        if f"kontext:approve:{job_id}" in custom_ids(m)
+    )
+
+
+async def decide(h: Harness, request: dict[str, Any], decision: str, job_id: int, user_id: int) -> Any:
+    rec = await h.discord.click_button(request, f"kontext:{decision}:{job_id}", user_id=user_id)
+    await rec.wait_for(lambda r: r.followups or (r.responses and r.responses[0]["type"] == 4), 10)
+    return rec
 
 
 async def share(h: Harness, msg: dict[str, Any], job_id: int, user_id: int | None = None) -> Any:
@@ -271,3 +294,76 @@ async def test_approval_buttons_work_after_a_restart() -> None:
             assert h.discord.public_messages(showcase) == []
             post = await ShowcaseStore(bot2.store).get(rec.id)
             assert post is not None and post.state == "removed"
+
+
+# --- who moderates the showcase: Manage Messages in the showcase channel itself ----------------------
+
+
+async def test_manage_messages_in_the_results_channel_only_is_not_a_showcase_moderator() -> None:
+    async with community() as h:
+        showcase = await setup_showcase(h, approval=True)
+        # Manage Messages in #general (where results are posted) but not in the showcase
+        local_mod = add_member(h, "general-mod")
+        h.discord.set_overwrite(h.channel_id, local_mod, allow=MANAGE_MESSAGES, member=True)
+        rec = await h.kontext(user_id=local_mod)
+        own = await share(h, result_of(h, rec.id), rec.id, user_id=local_mod)
+        assert "Sent to the moderators" in private_text(own)  # no approval skipped
+        assert h.discord.public_messages(showcase) == []
+        # nor may they decide on someone else's request
+        rec2, msg2 = await first_result(h)
+        await share(h, msg2, rec2.id)
+        for decision in ("approve", "reject"):
+            refused = await decide(h, request_of(h, rec2.id), decision, rec2.id, local_mod)
+            assert refused.ephemeral and "Only moderators" in private_text(refused)
+        assert h.discord.public_messages(showcase) == []
+        post = await ShowcaseStore(h.bot.store).get(rec2.id)
+        assert post is not None and post.state == "pending" and post.decided_by is None
+        # a server-wide moderator role whose Manage Messages the showcase channel takes away
+        mod = add_moderator(h)
+        mods_role = next(r for r in h.discord.guilds[h.guild_id].roles.values() if r["name"] == "Moderators")
+        h.discord.set_overwrite(showcase, int(mods_role["id"]), deny=MANAGE_MESSAGES)
+        refused = await decide(h, request_of(h, rec2.id), "approve", rec2.id, mod)
+        assert "Only moderators" in private_text(refused)
+        assert h.discord.public_messages(showcase) == []
+        await assert_money_ok(h)
+
+
+async def test_manage_messages_in_the_showcase_channel_alone_makes_a_moderator() -> None:
+    async with community() as h:
+        showcase = await setup_showcase(h, approval=True)
+        curator = add_member(h, "curator")
+        h.discord.set_overwrite(showcase, curator, allow=MANAGE_MESSAGES, member=True)
+        rec, msg = await first_result(h)
+        await share(h, msg, rec.id)
+        approved = await decide(h, request_of(h, rec.id), "approve", rec.id, curator)
+        assert "Shared to the showcase" in private_text(approved)
+        assert len(h.discord.public_messages(showcase)) == 1
+        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        assert post is not None and post.state == "posted" and post.decided_by == curator
+        # the curator's own result goes straight to the showcase
+        own = await h.kontext(user_id=curator)
+        done = await share(h, result_of(h, own.id), own.id, user_id=curator)
+        assert "Shared to the showcase" in private_text(done)
+        assert len(h.discord.public_messages(showcase)) == 2
+
+
+async def test_nobody_decides_on_their_own_request() -> None:
+    async with community() as h:
+        showcase = await setup_showcase(h, approval=True)
+        rec, msg = await first_result(h)
+        pending = await share(h, msg, rec.id)
+        assert "Sent to the moderators" in private_text(pending)
+        request = request_of(h, rec.id)
+        # the maker becomes a moderator (here and in the showcase) while the request waits
+        for channel in (h.channel_id, showcase):
+            h.discord.set_overwrite(channel, h.member_id, allow=MANAGE_MESSAGES, member=True)
+        for decision in ("approve", "reject"):
+            refused = await decide(h, request, decision, rec.id, h.member_id)
+            assert refused.ephemeral and "your own image" in private_text(refused)
+        assert h.discord.public_messages(showcase) == []
+        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        assert post is not None and post.state == "pending"
+        assert custom_ids(request)  # the card still waits for another moderator
+        approved = await decide(h, request, "approve", rec.id, add_moderator(h))
+        assert "Shared to the showcase" in private_text(approved)
+        assert len(h.discord.public_messages(showcase)) == 1

@@ -1560,9 +1560,52 @@ class DiscordEmulator:
     def channel_permissions(
         self, guild_id: int, user_id: int, channel_id: int | None = None
     ) -> int:
-        """Permissions of a member in a channel (overwrites are not modelled)."""
-        del channel_id
-        return self.member_permissions(guild_id, user_id)
+        """Permissions of a member in a channel: guild permissions, then the channel's
+        overwrites in Discord's order (@everyone, the member's roles together, the member)."""
+        perms = self.member_permissions(guild_id, user_id)
+        if perms & ADMINISTRATOR or channel_id is None:
+            return perms
+        guild = self._guild(guild_id)
+        channel = guild.channels.get(int(channel_id))
+        if channel is None:
+            return perms
+        overwrites = {int(o["id"]): o for o in channel.get("permission_overwrites") or []}
+        everyone = overwrites.get(guild.id)
+        if everyone is not None:
+            perms = (perms & ~int(everyone["deny"])) | int(everyone["allow"])
+        member = guild.members.get(user_id)
+        role_ids = {int(r) for r in (member or {}).get("roles", [])}
+        allow = deny = 0
+        for oid, o in overwrites.items():
+            if o["type"] == 0 and oid in role_ids:
+                allow |= int(o["allow"])
+                deny |= int(o["deny"])
+        perms = (perms & ~deny) | allow
+        own = overwrites.get(user_id)
+        if own is not None and own["type"] == 1:
+            perms = (perms & ~int(own["deny"])) | int(own["allow"])
+        return perms
+
+    def set_overwrite(
+        self, channel_id: int, target_id: int, *, allow: int = 0, deny: int = 0,
+        member: bool = False,
+    ) -> dict[str, Any]:
+        """Set a channel's permission overwrite for a role (or, with ``member``, a member);
+        dispatches CHANNEL_UPDATE. Returns the channel dict."""
+        channel = self._channel(channel_id)
+        guild = self._guild_of_channel(channel_id)
+        if guild is None:
+            raise LookupError(f"channel {channel_id} is not in a guild")
+        overwrite = {
+            "id": str(target_id), "type": 1 if member else 0, "allow": str(allow), "deny": str(deny),
+        }
+        channel["permission_overwrites"] = [
+            o for o in channel.get("permission_overwrites") or [] if int(o["id"]) != target_id
+        ] + [overwrite]
+        for conn in self._connections_for(guild.id):
+            conn.dispatch("CHANNEL_UPDATE", copy.deepcopy(channel))
+        self._notify()
+        return channel
 
     def _interaction_payload(
         self,

@@ -582,3 +582,23 @@ async def test_raw_http_contract(emu: DiscordEmulator) -> None:
             assert resp.status == 200
     assert emu.attachment_fetches[int(att["id"])] == 2
     assert emu.attachment_fetch_failures[int(att["id"])] == 1
+
+
+def test_channel_overwrites_shape_a_members_permissions(emu: DiscordEmulator) -> None:
+    manage = 1 << 13
+    mods = emu.add_role(GUILD_ID, "Mods", manage)
+    mod = int(emu.add_member(GUILD_ID, name="mod", roles=[int(mods["id"])])["user"]["id"])
+    plain = int(emu.add_member(GUILD_ID, name="plain")["user"]["id"])
+    chan = general(emu)
+    other = next(int(c["id"]) for c in emu.guilds[GUILD_ID].channels.values() if c["nsfw"])
+    assert emu.channel_permissions(GUILD_ID, mod, chan) & manage
+    emu.set_overwrite(chan, int(mods["id"]), deny=manage)  # a role overwrite takes it away here
+    assert not emu.channel_permissions(GUILD_ID, mod, chan) & manage
+    assert emu.channel_permissions(GUILD_ID, mod, other) & manage  # ... and only here
+    emu.set_overwrite(other, plain, allow=manage, member=True)  # a member overwrite gives it
+    assert emu.channel_permissions(GUILD_ID, plain, other) & manage
+    assert not emu.channel_permissions(GUILD_ID, plain, chan) & manage
+    emu.set_overwrite(other, GUILD_ID, deny=1 << 11)  # @everyone loses Send Messages there
+    assert not emu.channel_permissions(GUILD_ID, plain, other) & (1 << 11)
+    assert emu.channel_permissions(GUILD_ID, plain, chan) & (1 << 11)
+    assert emu.channel_permissions(GUILD_ID, emu.guilds[GUILD_ID].owner_id, other) & (1 << 11)
