@@ -2,43 +2,58 @@
 
 * :func:`sniff_format` names a file by its magic bytes (never by its name or content type).
 * :func:`inspect_image` checks one member image: size, format, dimensions read from the header
-  *before* any decoding (so a decompression bomb is refused without allocating it), then a real,
-  bounded decode that catches truncated or corrupt files. Failures raise
-  :class:`~kontext.errors.InputError` with the right message key.
-* :func:`fetch_and_check` downloads an attachment with a hard cap on the bytes read, then inspects
-  it off the event loop.
+  *before* Pillow or any decoding (so a decompression bomb is refused without allocating it),
+  then a real decode of the content, in bounded memory, that catches truncated or corrupt files.
+  Failures raise :class:`~kontext.errors.InputError` with the right message key.
+* :func:`fetch_and_check` downloads an attachment from Discord's CDN (or an explicitly allowed
+  host) with a hard cap on the bytes read, takes the header decision on the first bytes, then
+  inspects it off the event loop.
 * :func:`validate_prompt` / :func:`validate_seed` check the text options.
 * :func:`fit_to_limit` makes a result fit under Discord's upload limit (never fails on size);
   :func:`thumbnail_bytes` makes a small JPEG for embeds and the showcase.
 
-Every Pillow call is synchronous and CPU-bound; each has an ``*_async`` twin that runs it in a
-worker thread with :func:`asyncio.to_thread`, so the event loop (and the Discord heartbeat) never
-waits on a decode.
+Every Pillow call is synchronous and CPU-bound; each has an ``*_async`` twin that runs it off the
+event loop. Member images (checks, thumbnails) go to a pool of :data:`CHECK_THREADS` threads, and
+each first reserves its estimated decode memory in :data:`DECODE_BUDGET`, shared by the whole
+process: however many members send images at once, decodes hold at most
+:data:`DECODE_BUDGET_BYTES` together (one that needs more runs alone), and downloads at most
+:data:`DOWNLOAD_BUDGET_BYTES`.
 
 Pillow's process-wide guards are respected, not changed: ``Image.MAX_IMAGE_PIXELS`` (a
-decompression bomb guard) caps the pixel limit used here, and ``ImageFile.LOAD_TRUNCATED_IMAGES``
+decompression bomb guard) caps the pixel limit used here — our limit is ``min(max_pixels,
+MAX_IMAGE_PIXELS)`` and is checked on Pillow's own reading of the header before anything is
+loaded, so Pillow's guard can only ever be the stricter one — and ``ImageFile.LOAD_TRUNCATED_IMAGES``
 stays False so a truncated file fails to decode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import math
 import re
 import secrets
 import struct
+import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from yarl import URL
 
 from kontext.errors import InputError
 
 log = logging.getLogger("kontext.images")
+
+_T = TypeVar("_T")
 
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"png", "jpeg", "webp"})
 """Formats :func:`inspect_image` accepts (names as returned by :func:`sniff_format`)."""
@@ -154,7 +169,22 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+@dataclass(frozen=True, slots=True)
+class _JpegFrame:
+    """What a JPEG's frame header (SOF) says: size, components' sampling, progressive or not."""
+
+    width: int
+    height: int
+    sampling: tuple[tuple[int, int], ...]  # (H, V) per component
+    progressive: bool
+    end: int  # offset just past the SOF segment
+
+
+_JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def _jpeg_frame(data: bytes) -> _JpegFrame | None:
+    """The first frame header of a JPEG, walking the marker segments; None when not reached."""
     pos, end = 2, len(data)
     while pos + 4 <= end:
         if data[pos] != 0xFF:
@@ -170,27 +200,101 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return None
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if marker in _JPEG_SOF:
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return width, height
+            height, width, count = struct.unpack(">HHB", data[pos + 5 : pos + 10])
+            body = data[pos + 10 : pos + 10 + 3 * count]
+            if count == 0 or len(body) < 3 * count:
+                return None
+            sampling = tuple((body[3 * i + 1] >> 4, body[3 * i + 1] & 0x0F) for i in range(count))
+            return _JpegFrame(width, height, sampling, marker in _JPEG_PROGRESSIVE_SOF,
+                              pos + 2 + length)
         pos += 2 + length
     return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    frame = _jpeg_frame(data)
+    return None if frame is None else (frame.width, frame.height)
 
 
 # --- decoding cost ----------------------------------------------------------------------------------
 
 DECODE_BUDGET_BYTES = 160 * _MIB
-"""The most memory one decode may take: a 40 MP RGBA PNG. Larger PNGs and WebPs are checked by
-structure only (PNG: every chunk's CRC up to IEND; WebP: the RIFF chunk layout), and
-:func:`thumbnail_bytes` refuses them."""
+"""The memory that all image decodes of the process may hold at once, and the most that one WebP
+decode may take (a 10 MP WebP; larger WebPs are checked by structure only: the RIFF chunk
+layout, and :func:`thumbnail_bytes` refuses them). 160 MiB is one worst-case 40 MP RGBA decode;
+with it the bot's memory for checks stays within ~200 MiB whatever members send (see
+:data:`DECODE_BUDGET`)."""
+
+DOWNLOAD_BUDGET_BYTES = 8 * 20 * _MIB
+"""The bytes that all downloads of :func:`fetch_and_check` may hold at once: eight attachments at
+Discord's default 20 MiB limit (more when they are smaller). A download reserves its
+``Content-Length`` (or ``max_bytes`` when there is none) before reading the body."""
+
+CHECK_THREADS = 2
+"""Threads of the pool that runs image checks and thumbnails (never the event loop's)."""
 
 # peak bytes per pixel of a full Pillow decode: PNG at most RGBA 8-bit (16-bit colour is read as
 # 8-bit); WebP goes through libwebp's animation decoder (canvas + frame + copies, measured ~16);
-# JPEG is always decoded at reduced scale here (draft), so its cost is small and bounded.
+# JPEG is decoded at reduced scale here (draft), see _jpeg_check_cost.
 _BYTES_PER_PIXEL = {"png": 4, "webp": 16, "jpeg": 0}
+_PNG_PIECE = 1 * _MIB  # a PNG's image data is inflated this much at a time
+_PNG_STREAM_COST = 2 * _MIB  # the piece, zlib's window and state
 
 
 def _decode_cost(fmt: str, width: int, height: int) -> int:
+    """Bytes of a full Pillow decode (used for WebP checks and thumbnails)."""
     return width * height * _BYTES_PER_PIXEL.get(fmt, 4)
+
+
+def _jpeg_check_cost(frame: _JpegFrame, multi_scan: bool) -> int:
+    """Bytes libjpeg holds to decode a JPEG at reduced scale.
+
+    A progressive or multi-scan JPEG keeps every DCT coefficient of the whole image (2 bytes
+    each, per component at its sampling): ~3 bytes a pixel at 4:2:0, 6 at 4:4:4, 8 for CMYK —
+    measured 117 MiB / 232 MiB for 40 MP. A single-scan baseline JPEG is decoded a band of
+    blocks at a time into a buffer of 1/8 scale.
+    """
+    w, h = frame.width, frame.height
+    if not (frame.progressive or multi_scan):
+        return w * h * 4 // 64 + w * 16 * 3 * len(frame.sampling)
+    h_max = max(hs for hs, _ in frame.sampling) or 1
+    v_max = max(vs for _, vs in frame.sampling) or 1
+    blocks = sum(
+        math.ceil(math.ceil(w * hs / h_max) / 8) * math.ceil(math.ceil(h * vs / v_max) / 8)
+        for hs, vs in frame.sampling
+    )
+    return blocks * 64 * 2
+
+
+def _jpeg_multi_scan(data: bytes, frame: _JpegFrame) -> bool:
+    """Whether a JPEG has more than one scan (each start-of-scan marker is FF DA; the entropy-coded
+    data never contains one, since a coded FF is always followed by 00)."""
+    return data.count(b"\xff\xda", frame.end) > 1
+
+
+def _check_cost(data: bytes, fmt: str | None, dims: tuple[int, int] | None) -> int:
+    """Bytes an :func:`inspect_image` of ``data`` may hold beyond ``data`` itself: Pillow's copy
+    of header chunks (at most the file) plus the decode. Unknown dimensions cost the whole
+    budget (the check then runs alone)."""
+    if fmt not in ACCEPTED_FORMATS or dims is None:
+        return DECODE_BUDGET_BYTES
+    size = len(data)
+    if fmt == "png":
+        return size + _PNG_STREAM_COST
+    if fmt == "webp":
+        full = _decode_cost("webp", *dims)
+        return size + (full if full <= DECODE_BUDGET_BYTES else 0)
+    frame = _jpeg_frame(data)
+    if frame is None:
+        return DECODE_BUDGET_BYTES
+    return size + _jpeg_check_cost(frame, _jpeg_multi_scan(data, frame))
+
+
+async def _check_cost_async(data: bytes, fmt: str | None, dims: tuple[int, int] | None) -> int:
+    """:func:`_check_cost`; a large JPEG's scan count (~1 ms a MiB) is taken off the loop."""
+    if fmt == "jpeg" and len(data) > _MIB:
+        return await asyncio.to_thread(_check_cost, data, fmt, dims)
+    return _check_cost(data, fmt, dims)
 
 
 def _check_webp_structure(data: bytes) -> None:
@@ -207,6 +311,200 @@ def _check_webp_structure(data: bytes) -> None:
         raise ValueError(f"malformed WebP: chunks end at {pos}, RIFF at {end}")
     if not kinds & {b"VP8 ", b"VP8L", b"ANMF"}:
         raise ValueError("WebP without image data")
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+
+
+def _png_rows(width: int, height: int, depth: int, colour: int, interlace: int) -> list[tuple[int, int]]:
+    """The image data's layout: ``(rows, bytes per row incl. the filter byte)`` per pass."""
+    bits = _PNG_CHANNELS[colour] * depth
+
+    def row(w: int) -> int:
+        return 1 + (w * bits + 7) // 8
+
+    if interlace == 0:
+        return [(height, row(width))]
+    passes = []
+    for x0, y0, dx, dy in _ADAM7:
+        w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if w > 0 and h > 0:
+            passes.append((h, row(w)))
+    return passes
+
+
+def _check_png_stream(data: bytes) -> None:
+    """Decode a PNG's compressed image data in pieces, without holding its pixels.
+
+    Every chunk's CRC up to IEND is checked (as ``Image.verify`` does); all IDAT data is inflated
+    in :data:`_PNG_PIECE` steps until the rows the header promises are there, and each row's
+    filter type is checked. That is every way a PNG's pixel data can fail to decode (undoing the
+    filters accepts any bytes), at a fixed ~2 MiB instead of 4 bytes a pixel. ValueError or
+    zlib.error when it does not decode.
+    """
+    view = memoryview(data)
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if colour not in _PNG_CHANNELS or interlace not in (0, 1):
+        raise ValueError(f"PNG colour type {colour} / interlace {interlace}")
+    passes = _png_rows(width, height, depth, colour, interlace)
+    segments, start = [], 0  # (first byte, end, row length) of each pass in the inflated stream
+    for rows, length in passes:
+        segments.append((start, start + rows * length, length))
+        start += rows * length
+    expected, produced = start, 0
+    inflater = zlib.decompressobj()
+    pos, end, seen_iend = 8, len(data), False
+    while pos + 12 <= end:
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        body_end = pos + 8 + length
+        if body_end + 4 > end:
+            raise ValueError(f"truncated PNG: {kind!r} chunk runs past the end")
+        crc = zlib.crc32(view[pos + 4 : body_end])
+        if crc != int.from_bytes(view[body_end : body_end + 4], "big"):
+            raise ValueError(f"broken PNG: bad CRC in {kind!r} chunk")
+        if kind == b"IDAT" and produced < expected:
+            tail: bytes | memoryview = view[pos + 8 : body_end]
+            while tail and produced < expected:
+                piece = inflater.decompress(tail, min(_PNG_PIECE, expected - produced))
+                tail = inflater.unconsumed_tail
+                for first, last, row in segments:  # the filter byte opens each row
+                    lo, hi = max(produced, first), min(produced + len(piece), last)
+                    if lo < hi:
+                        lo += (first - lo) % row
+                        filters = piece[lo - produced : hi - produced : row]
+                        if filters and max(filters) > 4:
+                            raise ValueError(f"broken PNG: filter type {max(filters)}")
+                produced += len(piece)
+                if not piece and not tail:
+                    break
+        if kind == b"IEND":
+            seen_iend = True
+            break
+        pos = body_end + 4
+    if produced < expected:
+        raise ValueError(f"truncated PNG: image data gives {produced} of {expected} bytes")
+    if not seen_iend:
+        raise ValueError("truncated PNG: no IEND chunk")
+
+
+# --- the shared decode budget and pool --------------------------------------------------------------
+
+
+class MemoryBudget:
+    """A weighted, first-come-first-served semaphore in bytes, shared by the whole process.
+
+    :meth:`acquire` waits until ``cost`` bytes fit beside what is held; a cost over the capacity
+    takes all of it, so such a job runs alone. Strict arrival order (a large cost is never
+    overtaken by small ones, so it cannot starve). Safe across threads and event loops.
+    ``in_use``/``holders`` and their peaks are for tests and metrics.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self.holders = 0
+        self.peak_in_use = 0
+        self.peak_holders = 0
+        self._lock = threading.Lock()
+        self._waiters: deque[list[Any]] = deque()  # [take, future, granted]
+
+    def reset_peaks(self) -> None:
+        with self._lock:
+            self.peak_in_use, self.peak_holders = self.in_use, self.holders
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _grant(self, take: int) -> None:
+        self.in_use += take
+        self.holders += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        self.peak_holders = max(self.peak_holders, self.holders)
+
+    async def acquire(self, cost: int) -> int:
+        """Wait for ``cost`` bytes (capped at the capacity); returns what to :meth:`release`."""
+        take = max(0, min(cost, self.capacity))
+        with self._lock:
+            if not self._waiters and self.in_use + take <= self.capacity:
+                self._grant(take)
+                return take
+            waiter = [take, asyncio.get_running_loop().create_future(), False]
+            self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        except BaseException:
+            with self._lock:
+                granted = waiter[2]
+                if not granted:
+                    self._waiters.remove(waiter)
+            if granted:
+                self.release(take)
+            else:
+                self._wake()  # the first in line left: the next one may fit now
+            raise
+        return take
+
+    def release(self, take: int) -> None:
+        """Give ``take`` bytes back (from any thread)."""
+        with self._lock:
+            self.in_use -= take
+            self.holders -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        ready = []
+        with self._lock:
+            while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+                waiter = self._waiters.popleft()
+                waiter[2] = True
+                self._grant(waiter[0])
+                ready.append(waiter)
+        for take, future, _ in ready:
+            try:
+                future.get_loop().call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # its event loop is closed: nobody will use the grant
+                self.release(take)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+DECODE_BUDGET = MemoryBudget(DECODE_BUDGET_BYTES)
+"""Every image check and thumbnail of the process holds its estimated decode memory here."""
+
+DOWNLOAD_BUDGET = MemoryBudget(DOWNLOAD_BUDGET_BYTES)
+"""Every :func:`fetch_and_check` holds its body's bytes here until it returns."""
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _check_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kontext-image")
+        return _pool
+
+
+async def _run_budgeted(cost: int, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)`` on the check pool once ``cost`` bytes of :data:`DECODE_BUDGET`
+    are free. The bytes are given back when ``fn`` ends, not when the caller stops waiting: a
+    cancelled check that already runs keeps its share until its thread is done."""
+    take = await DECODE_BUDGET.acquire(cost)
+    try:
+        work = _check_pool().submit(functools.partial(fn, *args, **kwargs))
+    except BaseException:
+        DECODE_BUDGET.release(take)
+        raise
+    work.add_done_callback(lambda _: DECODE_BUDGET.release(take))
+    return await asyncio.wrap_future(work)
 
 
 # --- inspecting member images ----------------------------------------------------------------------
@@ -247,21 +545,25 @@ def _too_many_pixels(which: int, width: int, height: int, limit: int, detail: st
     )
 
 
-def inspect_image(
-    data: bytes, *, which: int, max_bytes: int, max_pixels: int, min_side: int = 16
-) -> ImageInfo:
-    """Check one member image and describe it; raise :class:`InputError` when it won't do.
+def _check_dimensions(
+    fmt: str, width: int, height: int, *, which: int, limit: int, min_side: int
+) -> None:
+    if width * height > limit:
+        raise _too_many_pixels(
+            which, width, height, limit, f"{fmt} {width}x{height} > {limit} pixels"
+        )
+    if min(width, height) < min_side:
+        raise InputError(
+            f"{fmt} {width}x{height}", key="input.too_small", which=which, width=width,
+            height=height, min_side=min_side,
+        )
 
-    In order: empty or unknown content (``input.not_image``); more than ``max_bytes``
-    (``input.too_large``); a known but refused format such as GIF, PDF or HTML
-    (``input.not_image``); more than ``max_pixels`` — or than Pillow's ``MAX_IMAGE_PIXELS`` — read
-    from the header before any decoding (``input.too_many_pixels``); a side under ``min_side``
-    (``input.too_small``); then a real decode, so a truncated or corrupt file fails
-    (``input.unreadable``). The decode's memory is bounded: JPEGs are decoded at reduced scale,
-    and a PNG or WebP that would take more than :data:`DECODE_BUDGET_BYTES` is checked by
-    structure only. ``which`` (1 or 2) names the image in the message. Synchronous and
-    CPU-bound: from async code use :func:`inspect_image_async`.
-    """
+
+def _header_check(
+    data: bytes, *, which: int, max_bytes: int, max_pixels: int, min_side: int
+) -> tuple[str, tuple[int, int] | None, int]:
+    """Every decision the first bytes allow, without Pillow and without decoding: returns
+    ``(format, (width, height) or None when the header is not readable, pixel limit)``."""
     size = len(data)
     if size == 0:
         raise InputError("empty file", key="input.not_image", which=which)
@@ -275,50 +577,60 @@ def inspect_image(
         )
     assert fmt is not None
     limit = _pixel_limit(max_pixels)
-
-    def check_dimensions(width: int, height: int) -> None:
-        if width * height > limit:
-            raise _too_many_pixels(
-                which, width, height, limit, f"{fmt} {width}x{height} > {limit} pixels"
-            )
-        if min(width, height) < min_side:
-            raise InputError(
-                f"{fmt} {width}x{height}", key="input.too_small", which=which, width=width,
-                height=height, min_side=min_side,
-            )
-
     dims = header_size(data, fmt)
     if dims is not None:
-        check_dimensions(*dims)
+        _check_dimensions(fmt, *dims, which=which, limit=limit, min_side=min_side)
+    return fmt, dims, limit
 
+
+def inspect_image(
+    data: bytes, *, which: int, max_bytes: int, max_pixels: int, min_side: int = 16
+) -> ImageInfo:
+    """Check one member image and describe it; raise :class:`InputError` when it won't do.
+
+    In order, from the first bytes alone (no Pillow, nothing decoded): empty or unknown content
+    (``input.not_image``); more than ``max_bytes`` (``input.too_large``); a known but refused
+    format such as GIF, PDF or HTML (``input.not_image``); more than ``max_pixels`` — or than
+    Pillow's ``MAX_IMAGE_PIXELS`` — per the PNG IHDR, JPEG SOF or WebP VP8/VP8L/VP8X header
+    (``input.too_many_pixels``); a side under ``min_side`` (``input.too_small``). Then Pillow
+    reads the header again (its reading is the final word, checked before any pixel is decoded)
+    and the content is decoded, so a truncated or corrupt file fails (``input.unreadable``):
+
+    * PNG: every chunk's CRC, and all image data inflated in 1 MiB pieces with each row's filter
+      type checked (:func:`_check_png_stream`): a fixed ~2 MiB, whatever the pixel count;
+    * JPEG: decoded at 1/2..1/8 scale (every entropy-coded byte is still read);
+    * WebP: a full decode up to :data:`DECODE_BUDGET_BYTES` (10 MP), the RIFF structure above.
+
+    ``which`` (1 or 2) names the image in the message. Synchronous, CPU-bound and not counted in
+    :data:`DECODE_BUDGET`: from async code use :func:`inspect_image_async`.
+    """
+    fmt, dims, limit = _header_check(
+        data, which=which, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side
+    )
     try:
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]]) as img:  # lazy: header
             width, height = img.size
-            check_dimensions(width, height)  # Pillow's reading of the header is the final word
-            full_decode = _decode_cost(fmt, width, height) <= DECODE_BUDGET_BYTES
-            if fmt == "png":
-                img.verify()  # every chunk's CRC and the chunk structure, without decoding
-            elif fmt == "jpeg":
+            _check_dimensions(fmt, width, height, which=which, limit=limit, min_side=min_side)
+            if fmt == "jpeg":
                 if max(width, height) > _JPEG_CHECK_SIDE:
                     scale = max(width, height) / _JPEG_CHECK_SIDE
                     img.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
                 img.load()
-            elif full_decode:
-                img.load()
-            else:
-                _check_webp_structure(data)
-        if fmt == "png" and full_decode:  # verify() leaves the image unusable: reopen to decode
-            with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-                img.load()
-        if not full_decode and fmt != "jpeg":
-            log.debug("image %d: %s %dx%d checked by structure only (decode over budget)",
-                      which, fmt, width, height)
+            elif fmt == "webp":
+                if _decode_cost(fmt, width, height) <= DECODE_BUDGET_BYTES:
+                    img.load()
+                else:
+                    _check_webp_structure(data)
+                    log.debug("image %d: webp %dx%d checked by structure only (decode over "
+                              "budget)", which, width, height)
+        if fmt == "png":
+            _check_png_stream(data)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         w, h = dims or (0, 0)
         raise _too_many_pixels(which, w, h, limit, f"Pillow bomb guard: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error,
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, zlib.error,
             EOFError, IndexError, MemoryError) as exc:
         raise InputError(
             f"{fmt} decode failed: {type(exc).__name__}: {exc}", key="input.unreadable",
@@ -326,17 +638,82 @@ def inspect_image(
         ) from None
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # pragma: no cover - a misconfiguration elsewhere
         log.warning("ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEG/WebP inputs pass")
-    return ImageInfo(format=fmt, width=width, height=height, size=size)
+    return ImageInfo(format=fmt, width=width, height=height, size=len(data))
 
 
 async def inspect_image_async(
     data: bytes, *, which: int, max_bytes: int, max_pixels: int, min_side: int = 16
 ) -> ImageInfo:
-    """:func:`inspect_image` in a worker thread."""
-    return await asyncio.to_thread(
-        inspect_image, data, which=which, max_bytes=max_bytes, max_pixels=max_pixels,
-        min_side=min_side,
+    """:func:`inspect_image`: the header decisions at once (a refusal costs no thread and no
+    budget), then the decode on the check pool within :data:`DECODE_BUDGET`."""
+    fmt, dims, _ = _header_check(
+        data, which=which, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side
     )
+    return await _run_budgeted(
+        await _check_cost_async(data, fmt, dims), inspect_image, data, which=which,
+        max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side,
+    )
+
+
+# --- downloading member images ----------------------------------------------------------------------
+
+DISCORD_CDN_HOSTS: frozenset[str] = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+"""Where Discord serves attachments (HTTPS, port 443). Inputs come from nowhere else, unless a
+host is added with :func:`allow_input_host` or passed as ``allowed_hosts``."""
+
+_MAX_REDIRECTS = 3
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HEAD_BYTES = 256 * 1024  # the header decision is taken within the first bytes of a download
+_extra_input_hosts: set[tuple[str, int]] = set()
+
+
+def _host_key(entry: str | URL) -> tuple[str, int]:
+    """``(host, port)`` of a URL or of ``host[:port]`` (port 443 when not given)."""
+    url = entry if isinstance(entry, URL) else URL(entry if "://" in entry else f"https://{entry}")
+    if not url.host or url.port is None:
+        raise ValueError(f"no host in {entry!r}")
+    return url.host.lower().rstrip("."), url.port
+
+
+def allow_input_host(url: str) -> None:
+    """Also accept inputs from the host and port of ``url`` (process-wide), e.g.
+    ``settings.discord_api_base_url`` when it points at the Discord emulator."""
+    _extra_input_hosts.add(_host_key(url))
+
+
+def input_hosts(*urls: str | None) -> frozenset[str]:
+    """:data:`DISCORD_CDN_HOSTS` plus ``host:port`` of each given URL (None ones skipped): the
+    value for ``fetch_and_check(…, allowed_hosts=…)``."""
+    extra = {"{}:{}".format(*_host_key(u)) for u in urls if u}
+    return DISCORD_CDN_HOSTS | extra
+
+
+def _allowed_url(url: str | URL, allowed: frozenset[tuple[str, int]], which: int) -> URL:
+    parsed = url if isinstance(url, URL) else URL(url, encoded=True)
+    try:
+        key = _host_key(parsed) if parsed.scheme in ("http", "https") else None
+    except ValueError:
+        key = None
+    if key is None or key not in allowed:
+        raise InputError(
+            f"refused input URL host {parsed.host!r} ({parsed.scheme}): not a Discord attachment",
+            key="input.fetch_failed", which=which,
+        )
+    return parsed
+
+
+def _early_decision(
+    head: bytes, *, which: int, max_bytes: int, max_pixels: int, min_side: int
+) -> bool:
+    """The header decision on the first bytes of a download: raises :class:`InputError` when
+    they already refuse it; True when decided, False to try again with more bytes (a JPEG's
+    frame header may follow large metadata segments)."""
+    if len(head) < 512:
+        return False
+    _, dims, _ = _header_check(
+        head, which=which, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side
+    )
+    return dims is not None or len(head) >= _HEAD_BYTES
 
 
 async def fetch_and_check(
@@ -349,54 +726,108 @@ async def fetch_and_check(
     max_pixels: int,
     timeout_s: float = 20.0,
     min_side: int = 16,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> tuple[bytes, ImageInfo]:
     """Download an attachment and check it; return ``(bytes, info)``.
 
+    Only URLs on ``allowed_hosts`` are fetched: entries are ``host`` (HTTPS, port 443),
+    ``host:port`` or URLs; None means :data:`DISCORD_CDN_HOSTS` plus the hosts given to
+    :func:`allow_input_host`. Redirects are followed by hand, at most three, and only to allowed
+    hosts; any other host is refused (``input.fetch_failed``) without a request to it.
+
     ``declared_size`` (Discord's ``Attachment.size``) over ``max_bytes`` is refused before any
-    request (``input.too_large``), as is a ``Content-Length`` over the limit. The body is read in
-    chunks and reading stops as soon as more than ``max_bytes`` arrived, so a server that lies
-    about the size cannot make us read more. A network failure, a timeout (``timeout_s`` for the
-    whole download) or any status but 200 — 403/404 usually mean an expired signed URL — raise
-    ``input.fetch_failed``. The bytes are then checked by :func:`inspect_image` in a thread.
+    request (``input.too_large``), as is a ``Content-Length`` over the limit. The body's bytes
+    are reserved in :data:`DOWNLOAD_BUDGET` (the ``Content-Length``, else ``max_bytes``) until
+    this returns; it is read in chunks and reading stops as soon as more than ``max_bytes``
+    arrived, so a server that lies about the size cannot make us read more. The header decision
+    of :func:`inspect_image` (format, pixel count, sides) is taken on the first bytes, so such a
+    refusal stops the download. A network failure, a timeout (``timeout_s`` for the whole
+    download) or any final status but 200 — 403/404 usually mean an expired signed URL — raise
+    ``input.fetch_failed``. The bytes are then checked by :func:`inspect_image_async`.
     """
     if declared_size is not None and declared_size > max_bytes:
         raise _too_large(which, declared_size, max_bytes, f"declared {declared_size} bytes")
-    chunks: list[bytes] = []
-    received = 0
+    allowed = frozenset(
+        _host_key(h) for h in (DISCORD_CDN_HOSTS if allowed_hosts is None else allowed_hosts)
+    ) | (_extra_input_hosts if allowed_hosts is None else frozenset())
+    target = _allowed_url(url, allowed, which)
+    head_limits = {"which": which, "max_bytes": max_bytes, "max_pixels": max_pixels,
+                   "min_side": min_side}
+    take: int | None = None
     try:
-        async with session.get(
-            url,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-            headers={"Accept-Encoding": "identity"},
-        ) as resp:
-            if resp.status != 200:
-                raise InputError(
-                    f"GET returned HTTP {resp.status}", key="input.fetch_failed", which=which
-                )
-            length = resp.content_length
-            if length is not None and length > max_bytes:
-                resp.close()
-                raise _too_large(which, length, max_bytes, f"Content-Length {length}")
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                chunks.append(chunk)
-                received += len(chunk)
-                if received > max_bytes:
-                    resp.close()  # drop the connection: do not drain the rest
-                    raise _too_large(
-                        which, received, max_bytes, f"body passed {max_bytes} bytes; stopped"
+        try:
+            async with asyncio.timeout(timeout_s):
+                for _hop in range(_MAX_REDIRECTS + 1):
+                    async with session.get(
+                        target, allow_redirects=False, headers={"Accept-Encoding": "identity"}
+                    ) as resp:
+                        if resp.status in _REDIRECTS and "Location" in resp.headers:
+                            location = URL(resp.headers["Location"], encoded=True)
+                            target = _allowed_url(target.join(location), allowed, which)
+                            continue
+                        if resp.status != 200:
+                            raise InputError(
+                                f"GET returned HTTP {resp.status}", key="input.fetch_failed",
+                                which=which,
+                            )
+                        length = resp.content_length
+                        if length is not None and length > max_bytes:
+                            resp.close()
+                            raise _too_large(which, length, max_bytes, f"Content-Length {length}")
+                        take = await DOWNLOAD_BUDGET.acquire(
+                            max_bytes if length is None else length
+                        )
+                        chunks: list[bytes] = []
+                        received, decided = 0, False
+                        async for chunk in resp.content.iter_chunked(64 * 1024):
+                            chunks.append(chunk)
+                            received += len(chunk)
+                            if received > max_bytes:
+                                resp.close()  # drop the connection: do not drain the rest
+                                raise _too_large(
+                                    which, received, max_bytes,
+                                    f"body passed {max_bytes} bytes; stopped",
+                                )
+                            if not decided:
+                                try:
+                                    decided = _early_decision(
+                                        b"".join(chunks)[:_HEAD_BYTES], **head_limits
+                                    )
+                                except InputError:
+                                    resp.close()
+                                    raise
+                        break
+                else:
+                    raise InputError(
+                        f"more than {_MAX_REDIRECTS} redirects", key="input.fetch_failed",
+                        which=which,
                     )
-    except InputError:
-        raise
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise InputError(
-            f"download failed: {type(exc).__name__}: {exc}", key="input.fetch_failed", which=which
-        ) from None
-    data = b"".join(chunks)
-    info = await asyncio.to_thread(
-        inspect_image, data, which=which, max_bytes=max_bytes, max_pixels=max_pixels,
-        min_side=min_side,
-    )
-    return data, info
+        except InputError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise InputError(
+                f"download failed: {type(exc).__name__}: {exc}", key="input.fetch_failed",
+                which=which,
+            ) from None
+        data = b"".join(chunks)
+        del chunks
+        info = await inspect_image_async(data, **head_limits)
+        return data, info
+    finally:
+        if take is not None:
+            DOWNLOAD_BUDGET.release(take)
+
+
+async def thumbnail_bytes_async(data: bytes, max_side: int = 256) -> bytes:
+    """:func:`thumbnail_bytes` on the check pool, within :data:`DECODE_BUDGET`."""
+    fmt = sniff_format(data)
+    dims = header_size(data, fmt)
+    if fmt == "jpeg" or dims is None:
+        cost = await _check_cost_async(data, fmt, dims)
+    else:
+        full = _decode_cost(fmt or "", *dims)
+        cost = len(data) + (full if full <= DECODE_BUDGET_BYTES else 0)  # else: refused unread
+    return await _run_budgeted(cost, thumbnail_bytes, data, max_side)
 
 
 # --- prompt and seed ------------------------------------------------------------------------------
@@ -643,8 +1074,3 @@ def thumbnail_bytes(data: bytes, max_side: int = 256) -> bytes:
         upright = ImageOps.exif_transpose(img)
         upright.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         return _encode_jpeg(_flatten(upright), 85, None)
-
-
-async def thumbnail_bytes_async(data: bytes, max_side: int = 256) -> bytes:
-    """:func:`thumbnail_bytes` in a worker thread."""
-    return await asyncio.to_thread(thumbnail_bytes, data, max_side)

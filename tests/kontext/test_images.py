@@ -12,9 +12,10 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -413,8 +414,30 @@ async def cdn() -> AsyncIterator[Server]:
         await asyncio.sleep(5)
         return web.Response(body=b"late")
 
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        state.hits.append(request.path)
+        raise web.HTTPFound(request.query.get("to", "/redirect"))  # no target: a loop
+
+    async def header_then_forever(request: web.Request) -> web.StreamResponse:
+        """The first bytes of a file (state.files["head"]), then zeros up to 19 MB."""
+        state.hits.append(request.path)
+        resp = web.StreamResponse(headers={"Content-Type": "image/png"})
+        await resp.prepare(request)
+        try:
+            await resp.write(state.files["head"])
+            while state.streamed < 19 * MB:
+                await resp.write(b"\x00" * 64 * 1024)
+                state.streamed += 64 * 1024
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            state.stream_ended.set()
+        return resp
+
     app = web.Application()
     app.router.add_get("/files/{name}", file)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/head-then-forever", header_then_forever)
     app.router.add_get("/endless", endless)
     app.router.add_get("/lying", lying_length)
     app.router.add_get("/status/{code}", status)
@@ -439,6 +462,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: object) -> t
         "which": 1, "declared_size": None, "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS,
     }
     params.update(kwargs)
+    if "allowed_hosts" not in params:
+        params["allowed_hosts"] = images.input_hosts(url)  # the local CDN's 127.0.0.1:port
     return await fetch_and_check(session, url, **params)  # type: ignore[arg-type]
 
 
@@ -736,3 +761,399 @@ def test_locale_has_every_key_used() -> None:
     keys = set(re.findall(r'key="(input\.[a-z_]+)"', source))
     catalog = json.loads((REPO / "kontext" / "locales" / "en.json").read_text())
     assert keys and keys <= set(catalog)
+
+
+# --- issue 10: intake that costs nothing until it may ---------------------------------------------
+
+SIDE_40MP = 6300  # 39.7 MP: under MAX_PIXELS, ~130 KB of PNG, 159 MB as a Pillow RGBA decode
+
+
+@pytest.fixture(scope="module")
+def png_40mp() -> bytes:
+    data = encode(Image.new("RGB", (SIDE_40MP, SIDE_40MP), (200, 30, 30)), "PNG")
+    assert len(data) < 300_000
+    return data
+
+
+@pytest.fixture
+def no_pillow(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Any Pillow open, load or check-pool job fails the test (and is recorded)."""
+    calls: list[str] = []
+
+    def forbidden(name: str) -> object:
+        def call(*args: object, **kwargs: object) -> None:
+            calls.append(name)
+            raise AssertionError(f"{name} called")
+        return call
+
+    monkeypatch.setattr(images.Image, "open", forbidden("Image.open"))
+    monkeypatch.setattr(images, "_check_pool", forbidden("check pool"))
+    return calls
+
+
+def _with_jpeg_size(width: int, height: int) -> bytes:
+    data = bytearray(encode(gradient(100, 80), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _with_webp_canvas(width: int, height: int) -> bytes:
+    img = gradient(100, 80, "RGBA")
+    img.putalpha(128)  # real transparency: written as VP8X + ALPH
+    data = bytearray(encode(img, "WEBP"))
+    assert data[12:16] == b"VP8X"
+    data[24:27] = (width - 1).to_bytes(3, "little")
+    data[27:30] = (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: encode(Image.new("1", (8000, 6000)), "PNG"), "input.too_many_pixels"),
+        (lambda: _with_jpeg_size(8000, 6000), "input.too_many_pixels"),
+        (lambda: _with_webp_canvas(8000, 6000), "input.too_many_pixels"),
+        (lambda: encode(Image.new("1", (12, 5000)), "PNG"), "input.too_small"),
+        (lambda: _with_jpeg_size(10, 300), "input.too_small"),
+        (lambda: encode(gradient(), "GIF"), "input.not_image"),
+    ],
+    ids=["png-ihdr", "jpeg-sof", "webp-vp8x", "png-small", "jpeg-small", "gif"],
+)
+async def test_header_refusal_opens_nothing(make: Callable[[], bytes], key: str,
+                                            no_pillow: list[str]) -> None:
+    data = make()
+    with pytest.raises(InputError) as info:
+        await inspect_image_async(data, which=2, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    assert info.value.key == key
+    assert no_pillow == []  # decided from the header: no Pillow, no thread, no budget
+
+
+async def test_bomb_png_over_the_limit_is_refused_without_decoding(
+    png_40mp: bytes, no_pillow: list[str]
+) -> None:
+    with pytest.raises(InputError) as info:
+        await inspect_image_async(png_40mp, which=1, max_bytes=MAX_BYTES, max_pixels=20_000_000)
+    assert info.value.params == {"which": 1, "width": SIDE_40MP, "height": SIDE_40MP,
+                                 "limit_mp": "20.0"}
+    assert no_pillow == []
+
+
+def test_bomb_png_within_the_limit_is_checked_without_a_pixel_buffer(
+    png_40mp: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 130 KB PNG of 39.7 MP passes, checked by content without Pillow's 159 MB decode."""
+    def no_load(self: Image.Image) -> None:
+        raise AssertionError("full decode")
+
+    monkeypatch.setattr(images.ImageFile.ImageFile, "load", no_load)
+    assert check(png_40mp) == ImageInfo("png", SIDE_40MP, SIDE_40MP, len(png_40mp))
+    # yet the content really is decoded: a change inside the image data is refused
+    idat = png_40mp.index(b"IDAT")
+    broken = bytearray(png_40mp)
+    broken[idat + 40] ^= 0x55
+    body = broken[idat : idat + 4 + int.from_bytes(broken[idat - 4 : idat], "big")]
+    crc = idat + len(body)
+    broken[crc : crc + 4] = struct.pack(">I", zlib.crc32(body))  # a valid CRC: zlib must see it
+    refused(bytes(broken), "input.unreadable")
+
+
+def _raw_png(width: int, height: int, depth: int, colour: int, interlace: int, *,
+             filters: Callable[[int], int] = lambda i: i % 5, cut: int = 0) -> bytes:
+    rows = [
+        bytes([filters(i)]) + os.urandom(length - 1)
+        for count, length in images._png_rows(width, height, depth, colour, interlace)
+        for i in range(count)
+    ]
+    raw = b"".join(rows)
+    raw = raw[: len(raw) - cut]
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    plte = png_chunk(b"PLTE", bytes(range(256)) * 3) if colour == 3 else b""
+    return (images._PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + plte
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+
+
+def _pillow_decodes(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("colour", "depth"), [(0, 1), (0, 4), (0, 16), (2, 8), (2, 16), (3, 2),
+                                               (3, 8), (4, 8), (6, 8), (6, 16)])
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("flaw", ["none", "short", "bad-filter"])
+def test_png_stream_check_agrees_with_pillow(colour: int, depth: int, interlace: int,
+                                             flaw: str) -> None:
+    data = _raw_png(
+        37, 21, depth, colour, interlace, cut=1 if flaw == "short" else 0,
+        filters=(lambda i: 5 if i == 3 else 0) if flaw == "bad-filter" else (lambda i: i % 5),
+    )
+    assert _pillow_decodes(data) == (flaw == "none")
+    if flaw == "none":
+        assert check(data, min_side=1).format == "png"
+    else:
+        refused(data, "input.unreadable", min_side=1)
+
+
+def test_jpeg_check_cost_counts_the_coefficients_of_progressive_files() -> None:
+    """Measured: a 40 MP progressive JPEG holds 117 MiB (4:2:0) / 232 MiB (4:4:4) in libjpeg
+    even at 1/8 scale; baseline ones a few MiB."""
+    img = noise(800, 600)
+    for params, per_pixel in [({}, (0.0, 0.5)), ({"progressive": True}, (2.9, 3.2)),
+                              ({"progressive": True, "subsampling": 0}, (5.9, 6.2))]:
+        data = encode(img, "JPEG", **params)
+        frame = images._jpeg_frame(data)
+        assert frame is not None
+        cost = images._jpeg_check_cost(frame, images._jpeg_multi_scan(data, frame))
+        assert per_pixel[0] <= cost / (800 * 600) <= per_pixel[1], params
+
+
+# --- the shared budget ------------------------------------------------------------------------------
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Yield to the loop until ``predicate`` (the budget enqueues before its first await)."""
+    for _ in range(100):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never met")
+
+
+async def test_budget_is_first_come_first_served_and_oversize_runs_alone() -> None:
+    budget = images.MemoryBudget(100)
+    first = await budget.acquire(60)
+    big = asyncio.create_task(budget.acquire(500))
+    small = asyncio.create_task(budget.acquire(10))  # fits, but waits behind the big one
+    await _until(lambda: budget.waiting == 2)
+    assert not big.done() and not small.done()
+    budget.release(first)
+    assert await big == 100  # all of it: runs alone
+    assert (budget.in_use, budget.holders, budget.waiting) == (100, 1, 1)
+    await asyncio.to_thread(budget.release, 100)  # from a pool thread, as a check's end does
+    assert await small == 10
+    budget.release(10)
+    assert (budget.in_use, budget.holders, budget.peak_in_use, budget.peak_holders) == (0, 0, 100, 1)
+
+
+async def test_budget_cancelled_waiter_leaves_the_line() -> None:
+    budget = images.MemoryBudget(100)
+    held = await budget.acquire(90)
+    gone = asyncio.create_task(budget.acquire(50))
+    behind = asyncio.create_task(budget.acquire(5))
+    await _until(lambda: budget.waiting == 2)
+    gone.cancel()
+    assert await behind == 5  # the one ahead left: 90 + 5 fits
+    assert budget.waiting == 0
+    budget.release(5)
+    budget.release(held)
+    assert budget.in_use == 0
+
+
+async def test_concurrent_checks_share_one_budget_on_two_threads(
+    png_40mp: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten members' 40 MP images at once: at most two checks run, each on the check pool, and
+    the decode memory held together never passes the budget."""
+    running, peak, threads = 0, 0, set()
+    lock = threading.Lock()
+    real = images.inspect_image
+
+    def counted(*args: object, **kwargs: object) -> ImageInfo:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.current_thread().name)
+        try:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(images, "inspect_image", counted)
+    budget = images.DECODE_BUDGET
+    budget.reset_peaks()
+    infos = await asyncio.gather(*(
+        inspect_image_async(png_40mp, which=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+        for _ in range(10)
+    ))
+    assert {i.width for i in infos} == {SIDE_40MP}
+    assert 1 <= peak <= images.CHECK_THREADS == 2
+    assert all(name.startswith("kontext-image") for name in threads), threads
+    assert 0 < budget.peak_in_use <= budget.capacity
+    assert (budget.in_use, budget.holders) == (0, 0)
+
+
+async def test_costly_checks_wait_for_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progressive JPEGs cost their whole coefficient buffer: with room for two, ten checks
+    never hold more than two at a time."""
+    data = encode(noise(1500, 1000), "JPEG", progressive=True)
+    cost = images._check_cost(data, "jpeg", (1500, 1000))
+    assert cost > 4 * MB
+    budget = images.MemoryBudget(int(cost * 2.5))
+    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    await asyncio.gather(*(
+        inspect_image_async(data, which=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+        for _ in range(10)
+    ))
+    assert budget.peak_holders == 2
+    assert budget.peak_in_use == 2 * cost <= budget.capacity
+    assert (budget.in_use, budget.holders) == (0, 0)
+
+
+async def test_thumbnail_runs_on_the_pool_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = images.MemoryBudget(1000 * MB)
+    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    out = await thumbnail_bytes_async(encode(gradient(400, 300), "PNG"), 64)
+    assert sniff_format(out) == "jpeg"
+    assert budget.peak_in_use >= 400 * 300 * 4  # a full PNG decode is reserved
+    assert budget.in_use == 0
+
+
+# --- where inputs come from -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def foreign() -> AsyncIterator[Server]:
+    """Another host (a different 127.0.0.1 port) that must never be asked for anything."""
+    state: Server
+
+    async def anything(request: web.Request) -> web.StreamResponse:
+        state.hits.append(request.path)
+        return web.Response(body=encode(gradient(), "PNG"), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", anything)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    state = Server(server)
+    try:
+        yield state
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("url", [
+    "https://evil.example/attachments/1/a.png",
+    "http://cdn.discordapp.com/attachments/1/a.png",  # plain HTTP: not the CDN's port
+    "https://cdn.discordapp.com.evil.example/attachments/1/a.png",
+    "https://evil.example/?https://cdn.discordapp.com/a.png",
+    "ftp://cdn.discordapp.com/a.png",
+    "file:///etc/passwd",
+    "not a url",
+])
+async def test_only_discord_cdn_hosts_are_fetched(url: str, session: aiohttp.ClientSession) -> None:
+    err = await fetch_refused(session, url, "input.fetch_failed", allowed_hosts=None)
+    assert "not a Discord attachment" in err.detail
+    assert err.user_message() == (
+        "Image 1 could not be downloaded from Discord. Please attach it again.")
+
+
+def test_discord_cdn_urls_are_allowed() -> None:
+    allowed = frozenset(images._host_key(h) for h in images.DISCORD_CDN_HOSTS)
+    for url in ("https://cdn.discordapp.com/attachments/1/2/a.png?ex=1&is=2&hm=3&",
+                "https://media.discordapp.net/attachments/1/2/a.png",
+                "https://CDN.discordapp.com./attachments/1/2/a.png"):
+        assert images._allowed_url(url, allowed, 1).host is not None
+
+
+async def test_other_hosts_only_when_allowed(
+    cdn: Server, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "_extra_input_hosts", set())
+    cdn.files["a.png"] = encode(gradient(), "PNG")
+    url = cdn.url("/files/a.png")
+    await fetch_refused(session, url, "input.fetch_failed", allowed_hosts=None)
+    await fetch_refused(session, url, "input.fetch_failed", allowed_hosts=images.DISCORD_CDN_HOSTS)
+    assert cdn.hits == []  # refused before any request
+    images.allow_input_host(cdn.url("/api/v10"))  # as for settings.discord_api_base_url
+    assert (await fetch(session, url, allowed_hosts=None))[1].format == "png"
+    assert (await fetch(session, url, allowed_hosts=images.input_hosts(None, cdn.url("/"))))[1]
+    assert len(cdn.hits) == 2
+
+
+async def test_redirect_to_a_foreign_host_is_refused(
+    cdn: Server, foreign: Server, session: aiohttp.ClientSession
+) -> None:
+    target = foreign.url("/image.png")
+    err = await fetch_refused(
+        session, cdn.url(f"/redirect?to={target}"), "input.fetch_failed",
+        allowed_hosts=images.input_hosts(cdn.url("/")),
+    )
+    assert "not a Discord attachment" in err.detail
+    assert cdn.hits == ["/redirect"]
+    assert foreign.hits == []  # never asked
+
+
+async def test_redirects_within_allowed_hosts_are_followed(
+    cdn: Server, session: aiohttp.ClientSession
+) -> None:
+    cdn.files["a.png"] = encode(gradient(), "PNG")
+    _, info = await fetch(session, cdn.url("/redirect?to=/files/a.png"))
+    assert info.format == "png"
+    assert cdn.hits == ["/redirect", "/files/a.png"]
+    err = await fetch_refused(session, cdn.url("/redirect"), "input.fetch_failed")
+    assert "redirects" in err.detail
+
+
+# --- a refusal the first bytes allow stops the download ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "key"),
+    [
+        (bomb_png(30_000)[:64], "input.too_many_pixels"),
+        (_with_jpeg_size(9000, 9000)[:600], "input.too_many_pixels"),
+        (b"<!DOCTYPE html><html><body>" + b" " * 600, "input.not_image"),
+        (b"GIF89a" + b"\x00" * 600, "input.not_image"),
+    ],
+    ids=["png-bomb", "jpeg", "html", "gif"],
+)
+async def test_header_refusal_stops_the_download(
+    head: bytes, key: str, cdn: Server, session: aiohttp.ClientSession
+) -> None:
+    cdn.files["head"] = head
+    await fetch_refused(session, cdn.url("/head-then-forever"), key)
+    await asyncio.wait_for(cdn.stream_ended.wait(), 10)
+    assert cdn.streamed < 4 * MB  # not the 19 MB it would send
+
+
+async def test_downloads_share_one_byte_budget(
+    cdn: Server, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies are reserved before they are read: with room for two, four downloads at once
+    never hold more than two bodies."""
+    data = encode(noise(300, 300), "PNG")
+
+    class Watched(images.MemoryBudget):
+        asked = 0
+        all_asked = asyncio.Event()
+
+        async def acquire(self, cost: int) -> int:
+            Watched.asked += 1
+            if Watched.asked == 4:
+                Watched.all_asked.set()
+            return await super().acquire(cost)
+
+    budget = Watched(2 * len(data) + 100)
+    monkeypatch.setattr(images, "DOWNLOAD_BUDGET", budget)
+
+    async def held_back(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)  # headers out: the client reserves, then waits for the body
+        await Watched.all_asked.wait()
+        await resp.write(data)
+        return resp
+
+    cdn.server.app.router._frozen = False  # one more route on the running test server
+    cdn.server.app.router.add_get("/held", held_back)
+    results = await asyncio.gather(*(fetch(session, cdn.url("/held")) for _ in range(4)))
+    assert all(got == data for got, _ in results)
+    assert budget.peak_holders == 2
+    assert budget.peak_in_use == 2 * len(data)
+    assert (budget.in_use, budget.holders) == (0, 0)
