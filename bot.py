@@ -26,6 +26,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from kontext import images
 from kontext.errors import KontextError
 from kontext.metrics import Metrics
 from kontext.queue import SharedQueue
@@ -143,6 +144,8 @@ def point_discord_py_at(settings: Settings) -> None:
     """Development and tests: talk to a local Discord emulator instead of discord.com."""
     if settings.discord_api_base_url:
         discord.http.Route.BASE = settings.discord_api_base_url
+        # the emulator serves the attachments too: fetch inputs from it as from Discord's CDN
+        images.allow_input_host(settings.discord_api_base_url)
     if settings.discord_gateway_url:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
 

@@ -255,6 +255,7 @@ class JobPipeline:
         self._runs: set[asyncio.Task[Any]] = set()  # callers inside run()
         self._jobs: set[asyncio.Task[Any]] = set()  # jobs claimed or taken over here
         self._settling: set[asyncio.Task[Any]] = set()  # commits/refunds retried (database down)
+        self._doomed: set[int] = set()  # reservations whose outcome was unknown: never run them
         self.outcomes: dict[str, int] = {}
         self.on_outcome: Callable[[JobOutcome], None] | None = None
         if hasattr(client, "on_rate_limited"):
@@ -355,6 +356,8 @@ class JobPipeline:
         except KontextError:
             raise  # a refusal: decided inside the transaction, which was rolled back
         except BaseException:
+            # the member is told "not charged": make it true, also if this process claims it
+            self._doomed.add(spec.job_id)
             self._settle_later("refund", spec.job_id, lambda: self._refund_if_ours(spec.job_id))
             raise
 
@@ -408,11 +411,23 @@ class JobPipeline:
 
     def _on_claim(self, job: Job, lease: Lease) -> None:
         """This process claimed ``job``: run it (with the member's live sink if it came here)."""
+        if job.id in self._doomed:  # its member was told "not charged"
+            self._spawn(self._refund_doomed(lease), f"kontext-refund-{job.id}")
+            return
         active = self._waiting.pop(job.id, None)
         if active is None:
             active = self._active_from_job(job)
         active.lease = lease
         self._spawn(self._execute(active), f"kontext-job-{job.id}")
+
+    async def _refund_doomed(self, lease: Lease) -> None:
+        self.queue.forget(lease.job_id)
+        try:
+            await self.store.refund(
+                lease.job_id, cause="internal", clear_cooldown=True, api_charged=False, lease=lease
+            )
+        except Exception as exc:  # noqa: BLE001 - the lease expires; the background refund goes on
+            log.warning("job %s: refund after an unsure reservation failed (%s)", lease.job_id, exc)
 
     def _on_taken_over(self, job: Job, lease: Lease) -> None:
         """A stopped (or silent) process left ``job`` running: settle it here."""

@@ -110,9 +110,12 @@ class SharedQueue:
         """Stop every loop (the leases still held simply expire)."""
         self._closed = True
         self._claiming = False
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._holds, return_exceptions=True)
+        tasks = [*self._tasks, *self._holds]
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=1.0)
+            tasks = [t for t in tasks if not t.done()]
         self._tasks = []
 
     @property
@@ -256,7 +259,7 @@ class SharedQueue:
 
     async def _dispatch(self) -> None:
         backoff = self.poll_s
-        while True:
+        while not self._closed:
             self._wake.clear()
             if not self._claiming:
                 await self._wake.wait()
@@ -290,8 +293,11 @@ class SharedQueue:
                 await self._sleep(self.poll_s)
 
     async def _sleep(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the event fires, and aclose() would then wait forever
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
     async def _let_go_quietly(self, lease: Lease) -> None:
         with contextlib.suppress(Exception):

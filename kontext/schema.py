@@ -263,9 +263,34 @@ def _v3_showcase(conn: Connection) -> None:
     metadata.create_all(conn, tables=[showcase_posts], checkfirst=True)
 
 
-_V4_JOB_COLUMNS = (
-    "queued_at", "lease_owner", "lease_epoch", "lease_expires_at", "api_done_at", "account"
-)
+#: The columns migration 4 adds to ``jobs`` (constant DDL, one statement per column).
+_V4_JOB_COLUMNS: dict[str, tuple[str, str]] = {
+    # name: (SQLite, Postgres)
+    "queued_at": (
+        "ALTER TABLE jobs ADD COLUMN queued_at FLOAT",
+        "ALTER TABLE jobs ADD COLUMN queued_at DOUBLE PRECISION",
+    ),
+    "lease_owner": (
+        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
+        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
+    ),
+    "lease_epoch": (
+        "ALTER TABLE jobs ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0",
+    ),
+    "lease_expires_at": (
+        "ALTER TABLE jobs ADD COLUMN lease_expires_at FLOAT",
+        "ALTER TABLE jobs ADD COLUMN lease_expires_at DOUBLE PRECISION",
+    ),
+    "api_done_at": (
+        "ALTER TABLE jobs ADD COLUMN api_done_at FLOAT",
+        "ALTER TABLE jobs ADD COLUMN api_done_at DOUBLE PRECISION",
+    ),
+    "account": (
+        "ALTER TABLE jobs ADD COLUMN account TEXT NOT NULL DEFAULT 'owner'",
+        "ALTER TABLE jobs ADD COLUMN account TEXT NOT NULL DEFAULT 'owner'",
+    ),
+}
 
 
 def _v4_shared_queue(conn: Connection) -> None:
@@ -273,17 +298,9 @@ def _v4_shared_queue(conn: Connection) -> None:
     from sqlalchemy.schema import CreateIndex
 
     have = {c["name"] for c in inspect(conn).get_columns("jobs")}
-    preparer = conn.dialect.identifier_preparer
-    for name in _V4_JOB_COLUMNS:
-        if name in have:
-            continue
-        column = jobs.c[name]
-        ddl = column.type.compile(dialect=conn.dialect)
-        default = column.server_default.arg.text if column.server_default is not None else None  # type: ignore[attr-defined]
-        tail = f" NOT NULL DEFAULT {default}" if default is not None else ""
-        conn.exec_driver_sql(
-            f"ALTER TABLE jobs ADD COLUMN {preparer.quote(name)} {ddl}{tail}"  # constant DDL
-        )
+    for name, (on_sqlite, on_postgres) in _V4_JOB_COLUMNS.items():
+        if name not in have:
+            conn.execute(text(on_sqlite if conn.dialect.name == "sqlite" else on_postgres))
     indexes = {i["name"] for i in inspect(conn).get_indexes("jobs")}
     for index in jobs.indexes:
         if index.name not in indexes:

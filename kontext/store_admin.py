@@ -1,15 +1,16 @@
-"""Workers (multi-process recovery), server statistics and the ledger's invariant checks."""
+"""Workers (which processes exist; leases name them), server statistics and the ledger's invariant checks."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
 from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members, workers
-from kontext.store_base import StoreBase, job_from_row
-from kontext.store_types import GuildStats, Job, StatsWindow, day_start, usd_to_micros, utc_day
+from kontext.store_base import StoreBase
+from kontext.store_types import GuildStats, StatsWindow, day_start, usd_to_micros, utc_day
 
 _j = jobs.c
 _w = workers.c
@@ -17,7 +18,7 @@ DAY = 86_400.0
 
 
 class AdminMixin(StoreBase):
-    """Workers, ``claim_orphans``, ``stats`` and ``check_invariants``."""
+    """Workers, ``stats`` and ``check_invariants``."""
 
     # --- workers --------------------------------------------------------------------------------
 
@@ -54,49 +55,6 @@ class AdminMixin(StoreBase):
                 .where(_w.id == worker_id, _w.retired_at.is_(None))
                 .values(retired_at=self.now())
             )
-
-    async def claim_orphans(self, worker_id: str, *, stale_after_s: float) -> list[Job]:
-        """Take over every unfinished job whose worker is missing, retired or silent.
-
-        A worker is silent when its last heartbeat is older than ``stale_after_s``. Jobs with no
-        worker are orphans too; the caller's own jobs never are. Each job is moved with a
-        conditional ``UPDATE … WHERE worker_id = <old owner>``, so when several processes claim
-        at once every job goes to exactly one of them. Returns the claimed jobs (the caller
-        refunds or resumes them).
-        """
-        async with self.db.write() as conn:
-            now = self.now()
-            live = select(_w.id).where(
-                _w.retired_at.is_(None), _w.heartbeat_at >= now - stale_after_s
-            )
-            candidates = (
-                await conn.execute(
-                    select(_j.id, _j.worker_id)
-                    .where(
-                        _j.state.in_(ACTIVE_STATES),
-                        or_(_j.worker_id.is_(None), _j.worker_id.not_in(live)),
-                        or_(_j.worker_id.is_(None), _j.worker_id != worker_id),
-                    )
-                    .order_by(_j.created_at, _j.id)
-                )
-            ).all()
-            claimed: list[Job] = []
-            for cand in candidates:
-                row = (
-                    await conn.execute(
-                        update(jobs)
-                        .where(
-                            _j.id == cand.id,
-                            _j.state.in_(ACTIVE_STATES),
-                            _j.worker_id.is_not_distinct_from(cand.worker_id),
-                        )
-                        .values(worker_id=worker_id)
-                        .returning(*jobs.columns)
-                    )
-                ).first()
-                if row is not None:
-                    claimed.append(job_from_row(row))
-            return claimed
 
     # --- stats ------------------------------------------------------------------------------------
 
@@ -152,8 +110,14 @@ class AdminMixin(StoreBase):
 
     # --- invariants -------------------------------------------------------------------------------
 
-    async def check_invariants(self) -> list[str]:
-        """Every broken money rule found (empty when all hold). A diagnostic: scans the tables."""
+    async def check_invariants(self, posts: Mapping[int, int] | None = None) -> list[str]:
+        """Every broken money rule found (empty when all hold). A diagnostic: scans the tables.
+
+        Beside the ledger's rules: the budget booked is the cost of every call counted as billed
+        (plus the jobs still reserved), no lease is held by a retired process, and, given
+        ``posts`` (job id → result messages seen in the channels, e.g. from an emulator), each
+        job was posted at most once, and a posted job's message is the one it committed.
+        """
         problems: list[str] = []
         async with self.db.read() as conn:
             member_rows = (await conn.execute(select(members))).all()
@@ -196,10 +160,15 @@ class AdminMixin(StoreBase):
                         _j.cost_usd_micros,
                         _j.created_at,
                         _j.api_charged,
+                        _j.lease_owner,
                     )
                 )
             ).all()
             budget_rows = (await conn.execute(select(budget_days))).all()
+            retired = {
+                str(w)
+                for (w,) in await conn.execute(select(_w.id).where(_w.retired_at.is_not(None)))
+            }
 
         active: Counter[tuple[int, int]] = Counter()
         budget_expected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -211,7 +180,12 @@ class AdminMixin(StoreBase):
                 day = budget_expected[utc_day(job.created_at)]
                 day[0] += int(job.cost_usd_micros)
                 day[1] += 1
+            if job.state == "running" and job.lease_owner in retired:
+                problems.append(f"job {job.id}: lease held by retired worker {job.lease_owner}")
         known_jobs = {int(j.id) for j in job_rows}
+        for job_id, n in (posts or {}).items():
+            if n > 1:
+                problems.append(f"job {job_id}: posted {n} times")
         for job_id in per_job.keys() - known_jobs:
             problems.append(f"ledger rows for unknown job {job_id}")
 

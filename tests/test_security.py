@@ -129,7 +129,7 @@ async def _session(h: Harness) -> list[int]:
     assert h.outcomes[rec.id].status == "refunded"
     ids.append(rec.id)
     h.segmind.clear_faults()
-    h.bot.queue.resume()
+    await h.bot.queue.resume()
     # Discord rate-limits the result upload and a status edit
     h.discord.fail_next("POST", r"^/webhooks/\d+/[^/]+$", 429, retry_after=0.05)
     h.discord.fail_next("PATCH", r"^/webhooks/\d+/[^/]+/messages/@original$", 429, retry_after=0.05)

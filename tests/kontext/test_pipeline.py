@@ -12,19 +12,21 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from kontext import images
 from kontext import pipeline as pipeline_mod
 from kontext.errors import KontextError, ServicePaused, ShuttingDown
 from kontext.pipeline import Delivery, InputImage, JobOutcome, JobPipeline, JobSpec, ResultInfo
-from kontext.queue import JobQueue
+from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.store import Store
+from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import make_settings
 from tests.e2e.harness import make_image
 from tests.e2e.proc import until
@@ -42,6 +44,7 @@ class FakeSink:
 
     def __init__(self, *, deliver_delay: float = 0.0, fail_post: bool = False) -> None:
         self.events: list[tuple[Any, ...]] = []
+        self.posted: Delivery | None = None  # what find_result() sees in the channel
         self.deliver_delay = deliver_delay
         self.fail_post = fail_post
         self.delivering = asyncio.Event()
@@ -63,7 +66,12 @@ class FakeSink:
 
             raise ResultNotDelivered("refused")
         self.events.append(("deliver", len(result.image.data)))
-        return Delivery(message_id=next(_ids), channel_id=5)
+        self.posted = Delivery(message_id=next(_ids), channel_id=5)
+        return self.posted
+
+    async def find_result(self) -> Delivery | None:
+        self.events.append(("find_result",))
+        return self.posted
 
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         self.events.append(("failed", error, refunded))
@@ -82,11 +90,25 @@ async def eventually(get: Any, ok: Any, timeout: float = 5.0) -> Any:
 class Env:
     semu: SegmindEmulator
     store: Store
-    queue: JobQueue
+    queue: SharedQueue
     pipeline: JobPipeline
     url_1: str
     url_2: str
     outcomes: list[JobOutcome]
+    remote: dict[int, FakeSink] = field(default_factory=dict)  # sinks of jobs not received here
+
+    def remote_sink(self, job: Any) -> FakeSink:
+        return self.remote.setdefault(job.id, FakeSink())
+
+    def next_process(self, worker_id: str) -> tuple[SharedQueue, JobPipeline]:
+        """Another process on the same database (same client and HTTP session)."""
+        queue = make_queue(self.store, worker_id, self.queue.limits.max_concurrent)
+        nxt = JobPipeline(
+            settings=self.pipeline.settings, store=self.store, client=self.pipeline.client,
+            queue=queue, http=self.pipeline.http, worker_id=worker_id,
+            sink_factory=self.remote_sink,
+        )
+        return queue, nxt
 
     def spec(self, user_id: int | None = None) -> JobSpec:
         job_id = next(_ids)
@@ -103,6 +125,13 @@ class Env:
 
     async def balance(self, user_id: int) -> int:
         return (await self.store.member_status(GUILD, user_id)).balance
+
+
+def make_queue(store: Store, worker_id: str, max_concurrent: int) -> SharedQueue:
+    return SharedQueue(
+        store, worker_id=worker_id, limits=AccountLimits(OWNER_ACCOUNT, max_concurrent, 1000),
+        lease_s=5.0, poll_s=0.05, view_s=0.05,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -126,7 +155,8 @@ async def pipeline_env(
             http, api_key=KEY, base_url=semu.base_url, mode=mode, poll_interval_s=0.05,
             backoff_base_s=0.01, backoff_max_s=0.05,
         )
-        queue = JobQueue(max_concurrent=max_concurrent, rpm=1000, max_size=10)
+        images.allow_input_host(semu.base_url)  # the emulator hosts the inputs here
+        queue = make_queue(store, "w1", max_concurrent)
         pipeline = JobPipeline(
             settings=settings, store=store, client=client, queue=queue, http=http,
             worker_id="w1", progress_interval_s=progress, probe_interval_s=probe,
@@ -135,6 +165,8 @@ async def pipeline_env(
         pipeline.on_outcome = outcomes.append
         env = Env(semu, store, queue, pipeline, semu.host_image(make_image()),
                   semu.host_image(make_image(colour="blue")), outcomes)
+        pipeline.sink_factory = env.remote_sink
+        pipeline.start()
         try:
             yield env
             assert await store.check_invariants() == []
@@ -187,26 +219,39 @@ async def test_progress_edits_are_spaced_by_the_interval(tmp_path: Path) -> None
             assert sink.kinds().index("queued") < sink.kinds().index("generating")
 
 
-async def test_shutdown_refunds_waiting_and_overdue_running_jobs_sync(tmp_path: Path) -> None:
+async def test_shutdown_refunds_an_overdue_running_job_and_leaves_waiting_ones_queued(
+    tmp_path: Path,
+) -> None:
     async with pipeline_env(tmp_path, latency=5.0, max_concurrent=1) as env:
         running, waiting = FakeSink(), FakeSink()
         specs = [env.spec(), env.spec()]
-        tasks = [asyncio.create_task(env.pipeline.run(s, k)) for s, k in zip(specs, (running, waiting), strict=True)]
+        tasks = [asyncio.create_task(env.pipeline.run(specs[0], running))]
         await env.semu.wait_calls(1)
-        await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(env.pipeline.run(specs[1], waiting)))
+        await eventually(env.store.count_waiting, lambda n: n == 1)
         t = time.monotonic()
         await env.pipeline.shutdown(0.3, settle_s=1.0)
         assert time.monotonic() - t < 1.0
         outcomes = [await x for x in tasks]  # the callers get an outcome, not a CancelledError
-        assert [o.status for o in outcomes] == ["refunded", "refunded"]
-        for sink in (running, waiting):
-            err = sink.events[-1][1]
-            assert sink.events[-1][0] == "failed" and isinstance(err, ShuttingDown)
-            assert "refunded" in err.user_message("en-US")
-        for s in specs:
-            assert await env.balance(s.user_id) == 10
+        assert [o.status for o in outcomes] == ["refunded", "queued"]
+        err = running.events[-1][1]
+        assert running.events[-1][0] == "failed" and isinstance(err, ShuttingDown)
+        assert "refunded" in err.user_message("en-US")
+        assert "failed" not in waiting.kinds()  # nothing to tell: it stays in the queue
+        assert await env.balance(specs[0].user_id) == 10
+        assert await env.balance(specs[1].user_id) == 9  # still reserved, for the next process
+        job = await env.store.get_job(specs[1].job_id)
+        assert job is not None and job.state == "accepted" and job.lease_owner is None
         with pytest.raises(ShuttingDown):
             env.pipeline.ensure_accepting()
+        # the next process runs it
+        queue, nxt = env.next_process("w2")
+        nxt.start()
+        await eventually(
+            lambda: env.store.get_job(specs[1].job_id), lambda j: j.state == "posted", 20
+        )
+        assert env.remote[specs[1].job_id].kinds()[-1] == "deliver"
+        await nxt.shutdown(1.0)
 
 
 async def test_shutdown_lets_a_short_job_finish(tmp_path: Path) -> None:
@@ -228,34 +273,43 @@ async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -
         assert (await task).status == "handed_over"
         assert sink.events[-1][0] == "generating" and sink.events[-1][1] == -1.0
         assert await env.balance(spec.user_id) == 9  # still reserved: the owner paid for it
-        await env.store.retire_worker("w1")
-        # the next process
-        queue = JobQueue(max_concurrent=2, rpm=1000, max_size=10)
-        nxt = JobPipeline(settings=env.pipeline.settings, store=env.store, client=env.pipeline.client,
-                          queue=queue, http=env.pipeline.http, worker_id="w2")
-        await env.store.register_worker("w2")
-        claimed = await env.store.claim_orphans("w2", stale_after_s=60)
-        assert [j.id for j in claimed] == [spec.job_id]
-        sink2 = FakeSink()
-        outcome = await nxt.resume_in_background(claimed[0], sink2)
-        assert outcome.status == "posted" and sink2.kinds()[-1] == "deliver"
+        job = await env.store.get_job(spec.job_id)
+        assert job is not None and job.state == "running" and job.lease_owner is None  # let go
+        # the next process takes it over at once (no lease to wait for)
+        queue, nxt = env.next_process("w2")
+        nxt.start()
+        await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "posted")
+        sink2 = env.remote[spec.job_id]
+        assert sink2.kinds()[0] == "find_result" and sink2.kinds()[-1] == "deliver"
         assert len(env.semu.calls) == 1 and env.semu.charged_count == 1
         assert await env.balance(spec.user_id) == 9
-        await queue.aclose()
+        await nxt.shutdown(1.0)
 
 
 async def test_resume_in_sync_mode_refunds_with_a_restart_message(tmp_path: Path) -> None:
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
         await env.store.reserve(env.pipeline._reserve_request(spec))
-        await env.store.mark_running(spec.job_id)
-        job = await env.store.get_job(spec.job_id)
-        assert job is not None
-        sink = FakeSink()
-        outcome = await env.pipeline.resume(job, sink)
-        assert outcome.status == "refunded"
+        await env.store.mark_running(spec.job_id)  # a process died mid-call, holding no lease
+        await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "refunded")
+        sink = env.remote[spec.job_id]
+        assert sink.kinds() == ["find_result", "failed"]
         assert "restarted" in sink.events[-1][1].user_message("en-US")
         assert await env.balance(spec.user_id) == 10
+        assert env.semu.calls == []
+
+
+async def test_a_result_already_in_the_channel_is_committed_not_refunded(tmp_path: Path) -> None:
+    """A process died between posting and committing: the next one finds the post (e)."""
+    async with pipeline_env(tmp_path) as env:
+        spec = env.spec()
+        await env.store.reserve(env.pipeline._reserve_request(spec))
+        await env.store.mark_running(spec.job_id)
+        env.remote[spec.job_id] = sink = FakeSink()
+        sink.posted = Delivery(message_id=4242, channel_id=5)
+        job = await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "posted")
+        assert job.result_message_id == 4242 and sink.kinds() == ["find_result"]
+        assert await env.balance(spec.user_id) == 9
         assert env.semu.calls == []
 
 
@@ -265,7 +319,7 @@ async def test_caller_cancelled_while_waiting_is_refunded(tmp_path: Path) -> Non
         await env.semu.wait_calls(1)
         spec = env.spec()
         second = asyncio.create_task(env.pipeline.run(spec, FakeSink()))
-        await until(lambda: env.queue.waiting_count, 5)
+        await eventually(env.store.count_waiting, lambda n: n == 1)
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
@@ -293,8 +347,9 @@ async def test_api_429_slows_the_whole_queue(tmp_path: Path) -> None:
         out = await env.pipeline.run(env.spec(), FakeSink())
         assert out.status == "posted"
         assert env.pipeline.metrics.rate_limited._value.get() == 1
-        # the next start was held back for the 429's wait
-        assert env.queue.rate._blocked_until > 0
+        # the next start was held back for the 429's wait, in every process (the database)
+        view = await eventually(env.store.queue_view, lambda v: v.blocked_until > 0)
+        assert view.blocked_until > view.now - 5
 
 
 async def test_failed_post_is_refunded_and_charged_to_the_owner_only(tmp_path: Path) -> None:
@@ -338,10 +393,9 @@ async def test_reservation_with_an_unknown_outcome_is_refunded(tmp_path: Path) -
 async def test_unsure_refund_leaves_another_process_s_job_alone(tmp_path: Path) -> None:
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        other = JobPipeline(settings=env.pipeline.settings, store=env.store,
-                            client=env.pipeline.client, queue=env.queue, http=env.pipeline.http,
-                            worker_id="w2")
-        await env.store.reserve(other._reserve_request(spec))  # w2 owns this job
+        _, other = env.next_process("w2")  # not started: it only reserves
+        env.pipeline.queue.stop_claiming()  # keep the job waiting
+        await env.store.reserve(other._reserve_request(spec))  # w2 received this job
         assert not await env.pipeline._refund_if_ours(spec.job_id)
         job = await env.store.get_job(spec.job_id)
         assert job is not None and job.state == "accepted"

@@ -5,7 +5,6 @@ Every scenario ends with ``check_invariants() == []``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -418,41 +417,6 @@ async def test_guild_settings_apply_to_reserve(store: Store) -> None:
 
 
 # --- workers / orphans --------------------------------------------------------------------------------
-
-
-async def test_claim_orphans(store_factory: Any, clock: FakeClock) -> None:
-    store = await store_factory(cooldown_seconds=0, jobs_per_member=10)
-    await store.register_worker("old")
-    await store.register_worker("gone")
-    await store.register_worker("live")
-    await store.reserve(req(1, worker_id="old"))
-    await store.reserve(req(2, worker_id="old"))
-    await store.reserve(req(3, worker_id="gone"))
-    await store.reserve(req(4, worker_id="live"))
-    await store.reserve(req(5))  # no worker
-    await store.reserve(req(6, worker_id="never-registered"))
-    await store.reserve(req(7, worker_id="old"))
-    await store.commit(7, result_message_id=1, result_channel_id=CH)  # finished: not an orphan
-    await store.retire_worker("gone")
-    assert not await store.heartbeat("gone")
-    clock.advance(100)
-    assert await store.heartbeat("live")
-    await store.register_worker("a")
-    await store.register_worker("b")
-    got_a, got_b = await asyncio.gather(
-        store.claim_orphans("a", stale_after_s=60), store.claim_orphans("b", stale_after_s=60)
-    )
-    ids_a, ids_b = {j.id for j in got_a}, {j.id for j in got_b}
-    assert not ids_a & ids_b
-    assert ids_a | ids_b == {1, 2, 3, 5, 6}
-    owners = {j.id: j.worker_id for j in await store.jobs_in_state(["accepted", "running"])}
-    assert owners[4] == "live"
-    assert all(owners[i] in {"a", "b"} for i in (1, 2, 3, 5, 6))
-    assert await store.claim_orphans("a", stale_after_s=60) == []  # b's jobs are b's (alive)
-    await assert_ok(store)
-
-
-# --- stats / invariants ---------------------------------------------------------------------------------
 
 
 async def test_stats(store_factory: Any, clock: FakeClock) -> None:
