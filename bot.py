@@ -194,6 +194,7 @@ class KontextBot(commands.Bot):
         discord.VoiceClient.warn_dave = False
         intents = discord.Intents.none()
         intents.guilds = True
+        options.update(shard_options(settings))
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -350,7 +351,12 @@ class KontextBot(commands.Bot):
     # --- health (kontext.health.HealthSource) ---------------------------------------------------
 
     def gateway_connected(self) -> bool:
-        return self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open
+        if not self.is_ready() or self.is_closed():
+            return False
+        shards = getattr(self, "shards", None)  # several shards in this process
+        if isinstance(shards, dict) and shards:
+            return all(not shard.is_closed() for shard in shards.values())
+        return self.ws is not None and self.ws.open
 
     async def database_ok(self) -> bool:
         return self.store is not None and await self.store.ping()
@@ -439,6 +445,32 @@ class KontextBot(commands.Bot):
             await self.http_session.close()
 
 
+class ShardedKontextBot(KontextBot, commands.AutoShardedBot):
+    """The bot when this process runs several gateway shards (``SHARD_IDS=0,1``)."""
+
+
+def shard_options(settings: Settings) -> dict[str, Any]:
+    """discord.py's shard options for ``SHARD_COUNT`` / ``SHARD_IDS``.
+
+    One shard id: a plain client on that shard; several: an auto-sharded client on those ids;
+    none: one connection for everything (or, with only ``SHARD_COUNT``, discord.py's
+    auto-sharding over all of them in this process).
+    """
+    ids, count = settings.shard_ids, settings.shard_count
+    if ids is None:
+        return {"shard_count": count} if count else {}
+    if len(ids) == 1:
+        return {"shard_id": ids[0], "shard_count": count}
+    return {"shard_ids": list(ids), "shard_count": count}
+
+
+def bot_class(settings: Settings) -> type[KontextBot]:
+    """:class:`ShardedKontextBot` when this process runs several shards (or all, by count)."""
+    ids = settings.shard_ids
+    several = (ids is not None and len(ids) > 1) or (ids is None and (settings.shard_count or 1) > 1)
+    return ShardedKontextBot if several else KontextBot
+
+
 class StoredInteraction:
     """Just enough of a ``discord.Interaction``, rebuilt from a stored job, for
     :class:`cogs.common.InteractionSink`: a recovered job can still edit the member's private
@@ -472,7 +504,7 @@ class StoredInteraction:
 
 async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
     """Run until closed; returns the process exit code."""
-    bot = KontextBot(settings, force_sync=sync_only)
+    bot = bot_class(settings)(settings, force_sync=sync_only)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
