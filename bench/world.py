@@ -109,13 +109,15 @@ class World:
             "MAX_QUEUE_SIZE": "1000",
             "SEGMIND_RPM": "10000",
             "DAILY_BUDGET_USD": "1000000",
+            "GUILD_DAILY_BUDGET_USD": "0",
             "LOG_LEVEL": "WARNING",
         }
         env.update({k: str(v) for k, v in overrides.items()})
         return env
 
-    async def send(self, n: int, member: int | None = None) -> InteractionRecord:
-        """Send ``/kontext`` number ``n`` (the number is in the prompt) as a member."""
+    async def send(self, n: int, member: int | None = None, *, to: Any = "all") -> InteractionRecord:
+        """Send ``/kontext`` number ``n`` (the number is in the prompt) as a member, to the
+        gateway client(s) ``to`` (``"all"``, or an index when several bot processes run)."""
         user = member if member is not None else self.members[n % len(self.members)]
         one, two = self.inputs
         return await self.discord.invoke_slash(
@@ -128,6 +130,7 @@ class World:
             user_id=user,
             guild_id=self.guild_id,
             channel_id=self.channel_id,
+            to=to,
             timeout=30,
         )
 
@@ -214,14 +217,25 @@ class RssSampler:
 
 class BotProcess:
     """A bot (``kontext`` = the real KontextBot, ``baseline`` = the blocking anti-pattern) in a
-    subprocess, with an event-loop lag sampler inside it and an RSS sampler outside."""
+    subprocess, with an event-loop lag sampler inside it and an RSS sampler outside.
+
+    ``root`` is the checkout whose ``bot.py`` and ``kontext`` run (default: this one; another
+    worktree for a before/after comparison). The process runs in ``root`` with this checkout's
+    ``bench`` harness (``python -P``: the working directory is not put on ``sys.path``) and
+    :mod:`bench.botproc` puts ``root`` first on ``sys.path``; ``bot_file`` is the ``bot.py`` it
+    really imported.
+    """
 
     #: when set (``--profile DIR``), bot processes run under py-spy and log slow callbacks here
     profile_dir: Path | None = None
 
-    def __init__(self, kind: str, env: dict[str, str], tmp: Path, label: str = "") -> None:
+    def __init__(
+        self, kind: str, env: dict[str, str], tmp: Path, label: str = "", *, root: Path = ROOT
+    ) -> None:
         self.kind = kind
         self.env = env
+        self.root = Path(root).resolve()
+        self.bot_file: str | None = None
         stamp = f"{kind}-{label or time.monotonic_ns()}"
         self.out = tmp / f"{stamp}.json"
         self.log = (self.profile_dir or tmp) / f"{stamp}.log"
@@ -231,8 +245,12 @@ class BotProcess:
         self.lag_samples: list[tuple[float, float]] = []
         self.exit_code: int | None = None
 
-    async def start(self, discord_emu: DiscordEmulator, timeout: float = 60.0) -> None:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
+    async def start(
+        self, discord_emu: DiscordEmulator, timeout: float = 60.0, *, connections: int = 1
+    ) -> None:
+        """Start the process; return once the emulator has ``connections`` gateway clients
+        (this one is the ``connections``-th bot process of the world)."""
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "BENCH_BOT_ROOT": str(self.root)}
         prefix: list[str] = []
         if self.raw is not None:
             from .profiling import pyspy_prefix
@@ -240,8 +258,8 @@ class BotProcess:
             prefix = pyspy_prefix(self.raw)
         with self._open_log() as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *prefix, sys.executable, "-m", "bench.botproc", self.kind, str(self.out),
-                cwd=str(ROOT), env=env, stdout=log, stderr=log,
+                *prefix, sys.executable, "-P", "-m", "bench.botproc", self.kind, str(self.out),
+                cwd=str(self.root), env=env, stdout=log, stderr=log,
             )
         self.bot_pid = self.proc.pid
         self.rss = RssSampler(self.proc.pid).start()
@@ -254,7 +272,7 @@ class BotProcess:
                     self.rss = RssSampler(children[0].pid).start()
                     break
                 await asyncio.sleep(0.01)
-        waiter = asyncio.ensure_future(discord_emu.wait_connected(1, timeout))
+        waiter = asyncio.ensure_future(discord_emu.wait_connected(connections, timeout))
         died = asyncio.ensure_future(self.proc.wait())
         done, _ = await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)
         if died in done:
@@ -292,16 +310,27 @@ class BotProcess:
         try:
             data = json.loads(self.out.read_text())
             self.lag_samples = [tuple(s) for s in data["samples"]]  # type: ignore[misc]
+            self.bot_file = data.get("bot_file")
         except (OSError, ValueError, KeyError) as exc:
             raise RuntimeError(f"{self.kind} bot left no samples ({exc}):\n{self.log_tail()}") from None
 
 
 @contextlib.asynccontextmanager
-async def bot_process(kind: str, w: World, label: str = "", **env: Any) -> AsyncIterator[BotProcess]:
-    """A started bot process for ``w``; stopped (and its samples read) afterwards."""
-    bp = BotProcess(kind, w.bot_env(**env), w.tmp, label)
+async def bot_process(
+    kind: str,
+    w: World,
+    label: str = "",
+    *,
+    root: Path = ROOT,
+    database_url: str | None = None,
+    connections: int = 1,
+    **env: Any,
+) -> AsyncIterator[BotProcess]:
+    """A started bot process for ``w`` (the ``connections``-th gateway client of its world, the
+    bot of checkout ``root``); stopped (and its samples read) afterwards."""
+    bp = BotProcess(kind, w.bot_env(database_url, **env), w.tmp, label, root=root)
     try:
-        await bp.start(w.discord)
+        await bp.start(w.discord, connections=connections)
         yield bp
     finally:
         await bp.stop()
