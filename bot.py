@@ -28,6 +28,7 @@ from discord.ext import commands
 
 from kontext import images
 from kontext.errors import KontextError
+from kontext.gate import GuildGate
 from kontext.metrics import Metrics
 from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
@@ -151,7 +152,13 @@ def point_discord_py_at(settings: Settings) -> None:
 
 
 class KontextTree(app_commands.CommandTree["KontextBot"]):
-    """Routes every app-command error to one plain, ephemeral reply."""
+    """Refuses every command where the bot is not enabled; routes every app-command error to
+    one plain, ephemeral reply."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        from cogs.common import gate_refuses
+
+        return not await gate_refuses(interaction)
 
     async def on_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
@@ -212,6 +219,8 @@ class KontextBot(commands.Bot):
         self.queue: SharedQueue | None = None
         self.pipeline: Any = None
         self.health: Any = None
+        self.gate: GuildGate | None = None
+        self._named_guilds: set[int] = set()
         self.metrics = Metrics()
         self._background: list[asyncio.Task[Any]] = []
         self._closing = False
@@ -246,6 +255,7 @@ class KontextBot(commands.Bot):
                     why = why.replace(secret, "***")
             raise StartupError("DATABASE_URL", f"the database cannot be opened ({why})") from None
         await self.store.register_worker(self.worker_id)
+        self.gate = GuildGate(s, self.store)
         self.segmind = SegmindClient(
             self.http_session,
             api_key=s.segmind_api_key,
@@ -371,6 +381,20 @@ class KontextBot(commands.Bot):
             "paused": q.paused,
             "accepting": bool(self.pipeline is not None and self.pipeline.accepting),
         }
+
+    async def note_guild(self, guild: discord.Guild | None) -> None:
+        """Remember a server's name for the owner's listing (once per process)."""
+        if guild is None or guild.id in self._named_guilds or self.store is None:
+            return
+        self._named_guilds.add(guild.id)
+        try:
+            await self.store.note_guild_name(guild.id, guild.name)
+        except Exception as exc:  # noqa: BLE001 - a name for a listing is never worth a failure
+            log.debug("could not note server %s: %s", guild.id, exc)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        log.info("added to server %s (%s)", guild.id, guild.name)
+        await self.note_guild(guild)
 
     async def on_ready(self) -> None:
         log.info("connected as %s (id %s) in %d server(s)", self.user, self.user and self.user.id, len(self.guilds))

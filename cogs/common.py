@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from kontext.errors import InputError, KontextError, ResultNotDelivered
+from kontext.errors import GuildNotEnabled, InputError, KontextError, ResultNotDelivered
 from kontext.i18n import t
 from kontext.pipeline import Delivery, ResultInfo
 
@@ -78,6 +78,31 @@ async def reply_error(interaction: discord.Interaction, error: KontextError) -> 
             await interaction.response.send_message(text, ephemeral=True)
     except discord.HTTPException as exc:
         log.warning("could not send an error reply (%s): %s", exc.status, error.cause)
+
+
+async def gate_refuses(interaction: discord.Interaction) -> bool:
+    """True (and the member told, the owner's log told) when the bot is not enabled in this
+    server: ``ALLOWED_GUILD_IDS``, or the owner blocked it. Nothing is charged or called."""
+    bot: Any = interaction.client
+    gate = getattr(bot, "gate", None)
+    guild_id = interaction.guild_id
+    if gate is None or guild_id is None:
+        return False
+    try:
+        allowed = await gate.allows(guild_id)
+    except Exception:  # the database is away: the reservation re-checks it anyway
+        log.exception("could not check whether server %s is enabled", guild_id)
+        return False
+    if allowed:
+        await bot.note_guild(interaction.guild)
+        return False
+    name = interaction.guild.name if interaction.guild is not None else "?"
+    log.warning(
+        "refused an interaction in server %s (%s): the bot is not enabled there "
+        "(ALLOWED_GUILD_IDS, or blocked by the owner)", guild_id, name,
+    )
+    await reply_error(interaction, GuildNotEnabled(f"server {guild_id}"))
+    return True
 
 
 def not_allowed() -> KontextError:

@@ -23,7 +23,7 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from cogs.common import locale_of, reply_error
+from cogs.common import gate_refuses, locale_of, reply_error
 from kontext.errors import InputError, KontextError
 from kontext.i18n import t
 from kontext.pipeline import InputImage, JobSpec
@@ -79,6 +79,9 @@ class ResultButton(
         cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: Any, /
     ) -> ResultButton:
         return cls(match["action"], int(match["job_id"]), getattr(item, "label", None))
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return not await gate_refuses(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = interaction.client.get_cog("Results")  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from cogs.common import aspect_name, locale_of, reply_error, safety_name
+from cogs.common import aspect_name, gate_refuses, locale_of, reply_error, safety_name
 from kontext import images
 from kontext.errors import InputError, KontextError
 from kontext.i18n import t
@@ -65,6 +65,9 @@ class DecisionButton(
         cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: Any, /
     ) -> DecisionButton:
         return cls(match["decision"], int(match["job_id"]), getattr(item, "label", None))
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return not await gate_refuses(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         cog = interaction.client.get_cog("Showcase")  # type: ignore[attr-defined]

@@ -105,10 +105,26 @@ class JobAlreadyExists(KontextError):
 
 
 class BudgetExhausted(KontextError):
-    """The owner's daily spend cap would be passed by one more image."""
+    """The owner's daily spend cap would be passed by one more image. ``hours``/``minutes``:
+    until it resets (00:00 UTC)."""
 
     key = "budget.exhausted"
     cause = "budget"
+
+
+class GuildBudgetExhausted(KontextError):
+    """This server's daily spend cap (``GUILD_DAILY_BUDGET_USD`` or the owner's override) would
+    be passed by one more image. ``hours``/``minutes``: until it resets (00:00 UTC)."""
+
+    key = "budget.guild_exhausted"
+    cause = "guild_budget"
+
+
+class GuildNotEnabled(KontextError):
+    """The bot is not enabled in this server (``ALLOWED_GUILD_IDS``, or blocked by the owner)."""
+
+    key = "guild.not_enabled"
+    cause = "guild_not_enabled"
 
 
 class QueueFull(KontextError):

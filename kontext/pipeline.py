@@ -201,6 +201,8 @@ SETTLE_RETRY_S = 3600.0
 #: the progress bar's first edit waits this long, so that it does not compete with sending the
 #: API request itself (nobody sees 50 ms of an ~18 s generation)
 GENERATING_STATUS_AFTER_S = 0.05
+#: a job's place in the queue is shown once it has waited this long (a quick claim shows none)
+QUEUED_STATUS_AFTER_S = 0.3
 #: jobs that download and check their images at once, and how long one may keep its turn
 INTAKE_AT_ONCE = 4
 INTAKE_SLOT_S = 1.0
@@ -247,6 +249,7 @@ class JobPipeline:
         self._clock = clock
         self.accepting = True
         self._intake = asyncio.Semaphore(INTAKE_AT_ONCE)
+        self._intakes: dict[tuple[int, int], asyncio.Lock] = {}  # one intake per member
         self.handing_over = False
         self._stopping = False  # shutdown is cancelling running jobs
         self._probe_task: asyncio.Task[None] | None = None
@@ -304,11 +307,14 @@ class JobPipeline:
         timings: dict[str, float] = {}
         try:
             self.ensure_accepting()
-            await self._check_in_turn(spec)
-            timings["checked"] = self._clock() - t0
-            self.ensure_accepting()  # a shutdown may have begun while the images were checked
-            reservation = await self._reserve(spec)
-            timings["reserved"] = self._clock() - t0
+            # everything that can refuse the member is checked before any download, and one
+            # member's jobs are taken in one at a time
+            async with self._member_lock(spec):
+                await self._check_in_turn(spec)
+                timings["checked"] = self._clock() - t0
+                self.ensure_accepting()  # a shutdown may have begun during the image checks
+                reservation = await self._reserve(spec)
+                timings["reserved"] = self._clock() - t0
         except JobAlreadyExists:
             log.info("job %s: duplicate delivery, already handled", spec.job_id)
             return self._finish(JobOutcome(spec.job_id, "duplicate", cause="duplicate"))
@@ -342,6 +348,20 @@ class JobPipeline:
         finally:
             reporter.cancel()
             self._waiting.pop(spec.job_id, None)
+
+    @contextlib.asynccontextmanager
+    async def _member_lock(self, spec: JobSpec) -> Any:
+        """One intake (checks and reservation) per member at a time in this process."""
+        key = (spec.guild_id, spec.user_id)
+        lock = self._intakes.get(key)
+        if lock is None:
+            lock = self._intakes[key] = asyncio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]  # noqa: SLF001
+                self._intakes.pop(key, None)
 
     async def _reserve(self, spec: JobSpec) -> Reservation:
         """:meth:`Store.reserve`, and no credit left held when its outcome is unknown.
@@ -380,6 +400,8 @@ class JobPipeline:
         check: asyncio.Future[None] | None = None
         try:
             async with self._intake:
+                # what can refuse the member is read first: a refused job downloads nothing
+                await self.store.precheck(self._reserve_request(spec))
                 check = asyncio.ensure_future(self.check_inputs(spec))
                 await asyncio.wait({check}, timeout=INTAKE_SLOT_S)
             await check
@@ -663,6 +685,9 @@ class JobPipeline:
         notice when another process took the job (its run() then returns)."""
         shown: tuple[int, int] | None = None
         job_id = active.spec.job_id
+        # a job with room to start is claimed within milliseconds: show no place for it (the
+        # first edit would also hold back its progress bar by a whole interval)
+        await asyncio.sleep(QUEUED_STATUS_AFTER_S)
         while active.lease is None and active.done is not None and not active.done.done():
             try:
                 view = await self.queue.view()

@@ -210,6 +210,41 @@ api_accounts = Table(
     Column("updated_at", Double, nullable=False),
 )
 
+#: The owner's controls per server (never settable by a server's admins): blocked, an own daily
+#: budget, and the server's name as last seen (for the owner's listing).
+guild_controls = Table(
+    "guild_controls",
+    metadata,
+    Column("guild_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("name", Text),
+    Column("blocked", Boolean, nullable=False, server_default=text("false")),
+    Column("daily_budget_usd", Double),  # NULL: GUILD_DAILY_BUDGET_USD
+    Column("updated_at", Double, nullable=False),
+)
+
+#: Each server's booked spend per UTC day (the owner's money only: own-key jobs are not booked).
+guild_budget_days = Table(
+    "guild_budget_days",
+    metadata,
+    Column("guild_id", BigInteger, nullable=False),
+    Column("day", Text, nullable=False),  # YYYY-MM-DD (UTC)
+    Column("reserved_micros", BigInteger, nullable=False, server_default=text("0")),
+    Column("generations", Integer, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("guild_id", "day", name="pk_guild_budget_days"),
+)
+
+#: A server's own Segmind key, encrypted at rest (Fernet, ``ENCRYPTION_KEY``), with its limits.
+guild_api_keys = Table(
+    "guild_api_keys",
+    metadata,
+    Column("guild_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("key_encrypted", Text, nullable=False),
+    Column("max_concurrent", Integer, nullable=False, server_default=text("1")),
+    Column("rpm", Integer, nullable=False, server_default=text("5")),
+    Column("added_by", BigInteger),
+    Column("added_at", Double, nullable=False),
+)
+
 bot_meta = Table(
     "bot_meta",
     metadata,
@@ -309,11 +344,20 @@ def _v4_shared_queue(conn: Connection) -> None:
     metadata.create_all(conn, tables=[api_accounts], checkfirst=True)
 
 
+def _v5_owner_controls(conn: Connection) -> None:
+    metadata.create_all(
+        conn, tables=[guild_controls, guild_budget_days, guild_api_keys], checkfirst=True
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(2, "bot_meta: small process-wide facts (e.g. the last synced command hash)", _v2_bot_meta),
     Migration(3, "showcase_posts: one showcase post per job, with its approval state", _v3_showcase),
     Migration(4, "the shared queue: leases, queue times and API accounts", _v4_shared_queue),
+    Migration(
+        5, "the owner's controls: server blocks and budgets, servers' own keys", _v5_owner_controls
+    ),
 )
 
 

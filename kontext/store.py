@@ -29,18 +29,21 @@ from sqlalchemy import Connection, select, update
 from kontext.db import Database, execute
 from kontext.errors import (
     BudgetExhausted,
+    GuildBudgetExhausted,
+    GuildNotEnabled,
     InsufficientCredits,
     JobAlreadyExists,
     OnCooldown,
     QueueFull,
     TooManyJobs,
 )
-from kontext.schema import bot_meta, run_migrations
+from kontext.schema import bot_meta, budget_days, guild_budget_days, run_migrations
 from kontext.settings import Settings
 from kontext.store_admin import AdminMixin
 from kontext.store_base import fence_params
 from kontext.store_members import MembersMixin
-from kontext.store_queue import Lease, QueueMixin
+from kontext.store_owner import OwnerMixin
+from kontext.store_queue import OWNER_ACCOUNT, Lease, QueueMixin
 from kontext.store_settings import GuildSettingsMixin
 from kontext.store_types import (
     BudgetStatus,
@@ -52,9 +55,13 @@ from kontext.store_types import (
     Reservation,
     ReserveRequest,
     StatsWindow,
+    until_midnight_utc,
     usd_to_micros,
     utc_day,
 )
+
+#: the cap of a server without one (its spend is still booked, for the owner's listing)
+NO_CAP = 2**62
 
 __all__ = [
     "BudgetStatus",
@@ -71,7 +78,7 @@ __all__ = [
 ]
 
 
-class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin):
+class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin):
     """The whole persistence API. Open with :meth:`open`, close with :meth:`close`."""
 
     @classmethod
@@ -154,6 +161,65 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin):
         params = json.dumps(req.params, sort_keys=True, default=str)
         return await self.db.transact(lambda conn: self._reserve_tx(conn, req, gs, params))
 
+    async def precheck(self, req: ReserveRequest) -> None:
+        """Refuse early — before any download — what :meth:`reserve` would refuse now.
+
+        One read transaction: the server enabled, the member's credits (with starting and daily
+        credits), cooldown and jobs in flight, the owner's budgets and the queue's room. Raises
+        the same errors as :meth:`reserve`; passing it guarantees nothing (reserve decides,
+        atomically), it only keeps a member who cannot be served from costing any work.
+        """
+        g, u = req.guild_id, req.user_id
+        gs = await self.get_guild_settings(g)
+        now = self.now()
+        today = utc_day(now)
+        allowed = self.settings.allowed_guild_ids
+        if allowed and g not in allowed:
+            raise GuildNotEnabled(f"server {g} is not enabled")
+        async with self.db.read() as conn:
+            control = (await conn.execute(self._sql.guild_control, {"g": g})).first()
+            member = (await conn.execute(self._sql.member_row, {"g": g, "u": u})).first()
+            spent = (
+                await conn.execute(select(budget_days.c.reserved_micros).where(budget_days.c.day == today))
+            ).scalar()
+            guild_spent = (
+                await conn.execute(
+                    select(guild_budget_days.c.reserved_micros).where(
+                        guild_budget_days.c.guild_id == g, guild_budget_days.c.day == today
+                    )
+                )
+            ).scalar()
+            waiting = (await conn.execute(self._sql.count_waiting)).scalar_one()
+        if control is not None and control.blocked:
+            raise GuildNotEnabled(f"server {g} is blocked")
+        cost = gs.credits_per_image
+        if member is None:
+            balance, inflight, cooldown_until = gs.starting_credits, 0, None
+            topup = gs.daily_free_credits
+        else:
+            balance, inflight = int(member.balance), int(member.inflight)
+            cooldown_until = member.cooldown_until
+            topup = gs.daily_free_credits if member.last_daily != today else 0
+        if not req.exempt_from_cooldown and gs.cooldown_seconds > 0 and cooldown_until:
+            if float(cooldown_until) > now:
+                raise OnCooldown(retry_after=float(cooldown_until) - now)
+        if inflight >= gs.jobs_per_member:
+            raise TooManyJobs(limit=gs.jobs_per_member)
+        if max(balance, topup) < cost:  # a top-up never lowers: it tops up *to* the daily amount
+            raise InsufficientCredits(balance=balance, needed=cost)
+        if req.account == OWNER_ACCOUNT:
+            usd = usd_to_micros(self.settings.cost_per_image_usd)
+            hours, minutes = until_midnight_utc(now)
+            if int(spent or 0) + usd > usd_to_micros(self.settings.daily_budget_usd):
+                raise BudgetExhausted("daily budget", hours=hours, minutes=minutes)
+            guild_cap_usd = self.settings.guild_daily_budget_usd
+            if control is not None and control.daily_budget_usd is not None:
+                guild_cap_usd = float(control.daily_budget_usd)
+            if guild_cap_usd > 0 and int(guild_spent or 0) + usd > usd_to_micros(guild_cap_usd):
+                raise GuildBudgetExhausted(f"server {g}", hours=hours, minutes=minutes)
+        if waiting >= self.settings.max_queue_size:
+            raise QueueFull(f"queue at {self.settings.max_queue_size}")
+
     def _reserve_tx(
         self, conn: Connection, req: ReserveRequest, gs: GuildSettings, params: str
     ) -> Reservation:
@@ -184,7 +250,15 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin):
             "created_at": now,
             "api_charged": False,
             "parent_job_id": req.parent_job_id,
+            "account": req.account,
         }
+        control = execute(conn, sql.guild_control, {"g": g}).first()
+        allowed = self.settings.allowed_guild_ids
+        if (allowed and g not in allowed) or (control is not None and control.blocked):
+            raise GuildNotEnabled(f"server {g} is not enabled")
+        guild_cap_usd = self.settings.guild_daily_budget_usd
+        if control is not None and control.daily_budget_usd is not None:
+            guild_cap_usd = float(control.daily_budget_usd)
         if execute(conn, sql.insert_job, job_values).first() is None:
             raise JobAlreadyExists(f"job {req.job_id} exists", job_id=req.job_id)
         # the whole bot's queue (every process's): this job is one of the waiting ones now
@@ -205,12 +279,29 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin):
         )
         # one upsert books the day's budget: a new day's row starts at this job's share (so the
         # cap is checked here first), an existing row grows only while it stays within the cap
-        booked = usd <= cap and (
-            execute(conn, sql.book_budget, {"b_day": today, "usd": usd, "cap": cap}).first()
-            is not None
-        )
-        if not booked:
-            raise BudgetExhausted(f"daily budget of {self.settings.daily_budget_usd} USD")
+        if req.account == OWNER_ACCOUNT:  # a server's own key spends none of the owner's money
+            hours, minutes = until_midnight_utc(now)
+            booked = usd <= cap and (
+                execute(conn, sql.book_budget, {"b_day": today, "usd": usd, "cap": cap}).first()
+                is not None
+            )
+            if not booked:
+                raise BudgetExhausted(
+                    f"daily budget of {self.settings.daily_budget_usd} USD",
+                    hours=hours, minutes=minutes,
+                )
+            # every server's spend is booked (the owner's listing); 0 means no cap
+            guild_cap = usd_to_micros(guild_cap_usd) if guild_cap_usd > 0 else NO_CAP
+            if not (
+                usd <= guild_cap
+                and execute(
+                    conn, sql.book_guild_budget, {"g": g, "b_day": today, "usd": usd, "cap": guild_cap}
+                ).first()
+                is not None
+            ):
+                raise GuildBudgetExhausted(
+                    f"server {g}: daily budget of {guild_cap_usd} USD", hours=hours, minutes=minutes
+                )
         return Reservation(
             job_id=req.job_id, cost=cost, balance_after=balance, cooldown_until=until
         )
@@ -422,12 +513,10 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin):
                 job_id=job_id,
                 reason=cause,
             )
-            if not job.api_charged:
-                execute(
-                    conn,
-                    sql.release_budget,
-                    {"b_day": utc_day(job.created_at), "usd": job.cost_usd_micros},
-                )
+            if not job.api_charged and job.account == OWNER_ACCOUNT:
+                share = {"b_day": utc_day(job.created_at), "usd": job.cost_usd_micros}
+                execute(conn, sql.release_budget, share)
+                execute(conn, sql.release_guild_budget, {**share, "g": job.guild_id})
             return True
 
         return await self.db.transact(tx)

@@ -8,8 +8,17 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
-from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members, workers
+from kontext.schema import (
+    ACTIVE_STATES,
+    budget_days,
+    guild_budget_days,
+    jobs,
+    ledger,
+    members,
+    workers,
+)
 from kontext.store_base import StoreBase
+from kontext.store_queue import OWNER_ACCOUNT
 from kontext.store_types import GuildStats, StatsWindow, day_start, usd_to_micros, utc_day
 
 _j = jobs.c
@@ -161,10 +170,12 @@ class AdminMixin(StoreBase):
                         _j.created_at,
                         _j.api_charged,
                         _j.lease_owner,
+                        _j.account,
                     )
                 )
             ).all()
             budget_rows = (await conn.execute(select(budget_days))).all()
+            guild_budget_rows = (await conn.execute(select(guild_budget_days))).all()
             retired = {
                 str(w)
                 for (w,) in await conn.execute(select(_w.id).where(_w.retired_at.is_not(None)))
@@ -172,14 +183,19 @@ class AdminMixin(StoreBase):
 
         active: Counter[tuple[int, int]] = Counter()
         budget_expected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        guild_expected: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])
         for job in job_rows:
             problems.extend(_job_problems(job, per_job.get(int(job.id), Counter()), job_delta))
             if job.state in ACTIVE_STATES:
                 active[(job.guild_id, job.user_id)] += 1
-            if job.state in (*ACTIVE_STATES, "posted") or job.api_charged:
-                day = budget_expected[utc_day(job.created_at)]
-                day[0] += int(job.cost_usd_micros)
-                day[1] += 1
+            owners_money = job.account == OWNER_ACCOUNT
+            if owners_money and (job.state in (*ACTIVE_STATES, "posted") or job.api_charged):
+                for day in (
+                    budget_expected[utc_day(job.created_at)],
+                    guild_expected[(int(job.guild_id), utc_day(job.created_at))],
+                ):
+                    day[0] += int(job.cost_usd_micros)
+                    day[1] += 1
             if job.state == "running" and job.lease_owner in retired:
                 problems.append(f"job {job.id}: lease held by retired worker {job.lease_owner}")
         known_jobs = {int(j.id) for j in job_rows}
@@ -221,6 +237,18 @@ class AdminMixin(StoreBase):
                 )
         for day in budget_expected.keys() - seen_days:
             problems.append(f"budget {day}: no row but jobs reserved budget that day")
+        seen_guild_days = set()
+        for b in guild_budget_rows:
+            key = (int(b.guild_id), str(b.day))
+            seen_guild_days.add(key)
+            expected = guild_expected.get(key, [0, 0])
+            if [int(b.reserved_micros), int(b.generations)] != expected:
+                problems.append(
+                    f"server {key[0]} budget {key[1]}: (reserved, generations) = "
+                    f"({b.reserved_micros}, {b.generations}), jobs say {tuple(expected)}"
+                )
+        for g, day in guild_expected.keys() - seen_guild_days:
+            problems.append(f"server {g} budget {day}: no row but jobs reserved budget that day")
         return problems
 
 

@@ -36,7 +36,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
 from kontext.db import Database, execute
-from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members
+from kontext.schema import (
+    ACTIVE_STATES,
+    budget_days,
+    guild_budget_days,
+    guild_controls,
+    jobs,
+    ledger,
+    members,
+)
 from kontext.settings import Settings
 from kontext.store_types import Job, utc_day
 
@@ -169,6 +177,37 @@ class Statements:
             )
             .returning(_b.day)
         )
+        _gb = guild_budget_days.c
+        #: params: g, b_day, usd, cap. Books one generation on the server's day (as
+        #: :attr:`book_budget`, per server); nothing returned when the server's cap would be passed.
+        self.book_guild_budget = (
+            dialect_insert(dialect, guild_budget_days)
+            .values(guild_id=g, day=_p("b_day", Text), reserved_micros=usd, generations=1)
+            .on_conflict_do_update(
+                index_elements=["guild_id", "day"],
+                set_={
+                    "reserved_micros": _gb.reserved_micros + usd,
+                    "generations": _gb.generations + 1,
+                },
+                where=_gb.reserved_micros + usd <= _p("cap", BigInteger),
+            )
+            .returning(_gb.day)
+        )
+        #: params: g, b_day, usd. Gives one generation's share of the server's day back.
+        self.release_guild_budget = (
+            update(guild_budget_days)
+            .where(
+                _gb.guild_id == g,
+                _gb.day == _p("b_day", Text),
+                _gb.reserved_micros >= usd,
+                _gb.generations > 0,
+            )
+            .values(reserved_micros=_gb.reserved_micros - usd, generations=_gb.generations - 1)
+        )
+        #: params: g. The owner's controls of the server (blocked, own budget), if any.
+        self.guild_control = select(
+            guild_controls.c.blocked, guild_controls.c.daily_budget_usd
+        ).where(guild_controls.c.guild_id == g)
         #: params: b_day, usd. Gives one generation's share back (never below zero).
         self.release_budget = (
             update(budget_days)
@@ -287,6 +326,7 @@ class Statements:
                 _j.cooldown_until,
                 _j.created_at,
                 _j.api_charged,
+                _j.account,
             )
             for name, where in fences.items()
         }

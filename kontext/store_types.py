@@ -19,6 +19,12 @@ def utc_day(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
 
 
+def until_midnight_utc(ts: float) -> tuple[int, int]:
+    """``(hours, minutes)`` from ``ts`` to the next 00:00 UTC (rounded up to a minute)."""
+    left = int(day_start(ts) + 86_400 - ts + 59) // 60
+    return left // 60, left % 60
+
+
 def day_start(ts: float) -> float:
     """Epoch seconds of 00:00 UTC of the day containing ``ts``."""
     d = dt.datetime.fromtimestamp(ts, dt.UTC)
@@ -63,6 +69,8 @@ class ReserveRequest:
     exempt_from_cooldown: bool = False
     worker_id: str | None = None
     parent_job_id: int | None = None
+    #: whose API key runs it: ``"owner"`` (the owner's budgets apply) or ``"guild:<id>"``
+    account: str = "owner"
 
 
 @dataclass(frozen=True, slots=True)

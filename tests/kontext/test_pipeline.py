@@ -423,11 +423,14 @@ async def test_images_are_checked_a_few_jobs_at_a_time_in_arrival_order(
         specs = [env.spec() for _ in range(pipeline_mod.INTAKE_AT_ONCE * 2)]
         tasks = [asyncio.create_task(env.pipeline.run(s, FakeSink())) for s in specs]
         await eventually(lambda: _value(len(started)), lambda n: n == pipeline_mod.INTAKE_AT_ONCE)
-        assert started == [s.job_id for s in specs[: pipeline_mod.INTAKE_AT_ONCE]]
+        # the first arrivals get the first turns (within a turn, each first reads what could
+        # refuse it, so they may start their downloads in any order)
+        first = [s.job_id for s in specs[: pipeline_mod.INTAKE_AT_ONCE]]
+        assert sorted(started) == first
         gate.set()
         outcomes = await asyncio.gather(*tasks)
         assert [o.status for o in outcomes] == ["posted"] * len(specs)
-        assert started == [s.job_id for s in specs]  # first come, first served
+        assert sorted(started[len(first):]) == [s.job_id for s in specs[len(first):]]
         assert peak == pipeline_mod.INTAKE_AT_ONCE
 
 

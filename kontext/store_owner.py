@@ -1,0 +1,146 @@
+"""The owner's controls over servers: blocks, per-server budgets, and the servers listing.
+
+None of this is reachable from Discord: the owner uses it from a console (``python bot.py owner
+…``, e.g. through ``heroku run``), so no server admin can unblock a server or raise its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+
+from kontext.schema import guild_budget_days, guild_controls, jobs, members
+from kontext.store_base import StoreBase
+from kontext.store_types import day_start, utc_day
+
+_gc = guild_controls.c
+_gb = guild_budget_days.c
+_j = jobs.c
+DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class GuildControl:
+    """The owner's controls of one server (defaults when never set)."""
+
+    guild_id: int
+    blocked: bool = False
+    daily_budget_usd: float | None = None  # None: GUILD_DAILY_BUDGET_USD
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuildSpend:
+    """One server in the owner's listing."""
+
+    guild_id: int
+    name: str | None
+    blocked: bool
+    budget_usd: float  # its cap today (0 = none)
+    spent_today_usd: float
+    spent_30d_usd: float
+    images_30d: int
+    members: int
+
+
+class OwnerMixin(StoreBase):
+    """Server blocks and budgets (the owner's), and the listing of servers with their spend."""
+
+    async def guild_control(self, guild_id: int) -> GuildControl:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(select(guild_controls).where(_gc.guild_id == guild_id))
+            ).first()
+        if row is None:
+            return GuildControl(guild_id)
+        budget = None if row.daily_budget_usd is None else float(row.daily_budget_usd)
+        return GuildControl(guild_id, bool(row.blocked), budget, row.name)
+
+    async def _set_control(self, guild_id: int, **values: object) -> None:
+        async with self.db.write() as conn:
+            now = self.now()
+            done = await conn.execute(
+                update(guild_controls)
+                .where(_gc.guild_id == guild_id)
+                .values(**values, updated_at=now)
+            )
+            if done.rowcount == 0:
+                await conn.execute(
+                    self._insert(guild_controls)
+                    .values(guild_id=guild_id, updated_at=now, **values)
+                    .on_conflict_do_nothing(index_elements=["guild_id"])
+                )
+
+    async def set_guild_blocked(self, guild_id: int, blocked: bool) -> None:
+        """Block (or unblock) a server: its commands are refused, nothing charged or called."""
+        await self._set_control(guild_id, blocked=blocked)
+
+    async def set_guild_budget(self, guild_id: int, usd: float | None) -> None:
+        """Set a server's own daily cap in USD (0 = none; None = back to the default)."""
+        await self._set_control(guild_id, daily_budget_usd=usd)
+
+    async def note_guild_name(self, guild_id: int, name: str) -> None:
+        """Remember a server's name for the owner's listing (when it changed)."""
+        current = await self.guild_control(guild_id)
+        if current.name != name:
+            await self._set_control(guild_id, name=name)
+
+    async def list_guilds(self) -> list[GuildSpend]:
+        """Every server the bot knows (controls, members or jobs), most spend first."""
+        now = self.now()
+        today = utc_day(now)
+        since = day_start(now) - 29 * DAY
+        first_day = utc_day(since)
+        async with self.db.read() as conn:
+            controls = {
+                int(r.guild_id): r for r in await conn.execute(select(guild_controls))
+            }
+            spend_today = {
+                int(g): int(m)
+                for g, m in await conn.execute(
+                    select(_gb.guild_id, _gb.reserved_micros).where(_gb.day == today)
+                )
+            }
+            spend_30 = {
+                int(g): int(m or 0)
+                for g, m in await conn.execute(
+                    select(_gb.guild_id, func.sum(_gb.reserved_micros))
+                    .where(_gb.day >= first_day)
+                    .group_by(_gb.guild_id)
+                )
+            }
+            images = {
+                int(g): int(n)
+                for g, n in await conn.execute(
+                    select(_j.guild_id, func.count())
+                    .where(_j.state == "posted", _j.created_at >= since)
+                    .group_by(_j.guild_id)
+                )
+            }
+            member_counts = {
+                int(g): int(n)
+                for g, n in await conn.execute(
+                    select(members.c.guild_id, func.count()).group_by(members.c.guild_id)
+                )
+            }
+        out = []
+        for g in set(controls) | set(spend_30) | set(member_counts) | set(images):
+            c = controls.get(g)
+            budget = self.settings.guild_daily_budget_usd
+            if c is not None and c.daily_budget_usd is not None:
+                budget = float(c.daily_budget_usd)
+            out.append(
+                GuildSpend(
+                    guild_id=g,
+                    name=None if c is None else c.name,
+                    blocked=bool(c is not None and c.blocked),
+                    budget_usd=budget,
+                    spent_today_usd=spend_today.get(g, 0) / 1_000_000,
+                    spent_30d_usd=spend_30.get(g, 0) / 1_000_000,
+                    images_30d=images.get(g, 0),
+                    members=member_counts.get(g, 0),
+                )
+            )
+        out.sort(key=lambda s: (-s.spent_30d_usd, s.guild_id))
+        return out
