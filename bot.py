@@ -52,7 +52,12 @@ HEARTBEAT_S = 10.0
 LEASE_S = 60.0
 #: an interaction token lives 15 minutes; past this age a recovered job talks through the channel
 TOKEN_USABLE_S = 14 * 60.0
-USAGE = "usage: python bot.py [sync]\n  (no argument: run the bot; sync: sync the slash commands and exit)"
+USAGE = (
+    "usage: python bot.py [sync]\n"
+    "       python bot.py owner COMMAND …\n"
+    "  (no argument: run the bot; sync: sync the slash commands and exit;\n"
+    "   owner: the owner's server controls, see 'python bot.py owner help')"
+)
 
 # Hidden knobs for development and tests only (not settings, not in .env.example):
 #   KONTEXT_LEASE_SECONDS          a job's lease life; a killed process's jobs move after it (60)
@@ -575,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv in (["-h"], ["--help"], ["help"]):
         print(USAGE)
         return 0
-    if argv not in ([], ["sync"]):
+    owner = bool(argv) and argv[0] == "owner"
+    if argv not in ([], ["sync"]) and not owner:
         print(USAGE, file=sys.stderr)
         return 2
     try:
@@ -584,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Configuration error: {err}", file=sys.stderr)
         return 2
     setup_logging(settings)
+    if owner:
+        from kontext.owner_cli import run_owner
+
+        return asyncio.run(run_owner(argv[1:], settings))
     try:
         return asyncio.run(run_bot(settings, sync_only=argv == ["sync"]))
     except KeyboardInterrupt:
