@@ -27,6 +27,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from kontext import images
+from kontext.accounts import Accounts, KeyVault
 from kontext.errors import KontextError
 from kontext.gate import GuildGate
 from kontext.metrics import Metrics
@@ -225,6 +226,8 @@ class KontextBot(commands.Bot):
         self.pipeline: Any = None
         self.health: Any = None
         self.gate: GuildGate | None = None
+        self.vault: KeyVault | None = None
+        self.accounts: Accounts | None = None
         self._named_guilds: set[int] = set()
         self.metrics = Metrics()
         self._background: list[asyncio.Task[Any]] = []
@@ -289,6 +292,23 @@ class KontextBot(commands.Bot):
             progress_interval_s=self.progress_interval_s,
             probe_interval_s=self.probe_interval_s,
         )
+        self.vault = KeyVault(s.encryption_key)
+        self.accounts = Accounts(
+            self.store,
+            self.vault,
+            self.segmind,
+            self.queue.limits,
+            lambda key: SegmindClient(
+                self.http_session,  # type: ignore[arg-type]  # set above
+                api_key=key,
+                base_url=s.segmind_base_url,
+                model=s.segmind_model,
+                mode=s.segmind_api_mode,
+                timeout_s=s.segmind_timeout_seconds,
+            ),
+        )
+        self.pipeline.accounts = self.accounts
+        self.queue.accounts = self.accounts
         queue = self.queue
         self.metrics.bind_queue(
             lambda: queue.waiting_count, lambda: queue.running_count, lambda: queue.paused

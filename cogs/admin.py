@@ -10,8 +10,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.common import ASPECT_NAMES, locale_of
+from cogs.common import ASPECT_NAMES, locale_of, not_allowed, reply_error
+from kontext.accounts import GUILD_KEY_CONCURRENCY, GUILD_KEY_RPM, guild_account
+from kontext.errors import ApiError
 from kontext.i18n import t
+from kontext.segmind import SegmindClient
 from kontext.settings import ASPECT_RATIOS
 from kontext.store import GuildSettings, StatsWindow
 
@@ -104,6 +107,19 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     def __init__(self, bot: KontextBot) -> None:
         super().__init__()
         self.bot = bot
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """The bot checks Manage Server itself on every admin action: a server may have shown
+        the command to others (Server Settings → Integrations), which must not grant it."""
+        perms = interaction.permissions
+        if perms.manage_guild or perms.administrator:
+            return True
+        log.warning(
+            "refused /kontext-admin for %s in server %s: no Manage Server",
+            interaction.user.id, interaction.guild_id,
+        )
+        await reply_error(interaction, not_allowed())
+        return False
 
     async def _ephemeral(self, interaction: discord.Interaction, text: str | None = None, **kwargs: Any) -> None:
         if interaction.response.is_done():
@@ -267,6 +283,81 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             inline=False,
         )
         await interaction.followup.send(embed=embed, ephemeral=True)
+
+
+    @app_commands.command(name="api-key", description="Use this server's own Segmind API key (or remove it)")
+    @app_commands.describe(remove="Remove the server's own key (images use the bot owner's key again)")
+    async def api_key(self, interaction: discord.Interaction, remove: bool = False) -> None:
+        assert interaction.guild_id is not None
+        locale = locale_of(interaction)
+        vault = self.bot.vault
+        if vault is None or not vault.enabled:
+            await self._ephemeral(interaction, t("apikey.off", locale))
+            return
+        if remove:
+            had = await self.bot.store.remove_guild_api_key(interaction.guild_id)
+            if self.bot.accounts is not None:
+                self.bot.accounts.forget(interaction.guild_id)
+            log.info("admin %s removed server %s's own Segmind key", interaction.user.id, interaction.guild_id)
+            await self._ephemeral(interaction, t("apikey.removed" if had else "apikey.none", locale))
+            return
+        await interaction.response.send_modal(ApiKeyModal(self.bot, locale))
+
+
+class ApiKeyModal(discord.ui.Modal):
+    """Asks for the key (never echoed), checks it with Segmind, stores it encrypted."""
+
+    def __init__(self, bot: KontextBot, locale: str) -> None:
+        super().__init__(title=t("apikey.modal_title", locale)[:45], timeout=600)
+        self.bot = bot
+        self.locale = locale
+        self.key: discord.ui.TextInput[ApiKeyModal] = discord.ui.TextInput(
+            label=t("apikey.modal_label", locale)[:45], min_length=8, max_length=200
+        )
+        self.add_item(self.key)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        assert interaction.guild_id is not None
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        secret = self.key.value.strip()
+        verdict = await check_segmind_key(self.bot, secret)
+        if verdict != "ok":
+            await interaction.followup.send(t(f"apikey.{verdict}", self.locale), ephemeral=True)
+            return
+        assert self.bot.vault is not None
+        guild_id = interaction.guild_id
+        await self.bot.store.set_guild_api_key(guild_id, self.bot.vault.encrypt(secret), interaction.user.id)
+        await self.bot.store.set_account_paused(guild_account(guild_id), False)
+        if self.bot.accounts is not None:
+            self.bot.accounts.forget(guild_id)
+        log.info("admin %s set server %s's own Segmind key", interaction.user.id, guild_id)
+        await interaction.followup.send(
+            t("apikey.saved", self.locale, concurrent=GUILD_KEY_CONCURRENCY, rpm=GUILD_KEY_RPM),
+            ephemeral=True,
+        )
+
+
+async def check_segmind_key(bot: KontextBot, secret: str) -> str:
+    """``"ok"``, ``"invalid"`` (Segmind refused it) or ``"unreachable"``: one credits request
+    with the key. The key never reaches a log or an error text."""
+    s = bot.settings
+    client = SegmindClient(
+        bot.http_session,  # type: ignore[arg-type]  # open while the bot runs
+        api_key=secret,
+        base_url=s.segmind_base_url,
+        model=s.segmind_model,
+        mode=s.segmind_api_mode,
+        timeout_s=20.0,
+        max_retries=1,
+    )
+    try:
+        await client.account_credits()
+    except ApiError as err:
+        return "invalid" if err.account_problem else "unreachable"
+    except Exception as exc:  # noqa: BLE001 - the network: say so, plainly
+        log.warning("could not check a server's Segmind key: %s", type(exc).__name__)
+        return "unreachable"
+    return "ok"
 
 
 class AdminCog(commands.Cog, name="Admin"):

@@ -181,7 +181,7 @@ class KontextCog(commands.Cog, name="Kontext"):
         try:
             if interaction.guild_id is None:
                 raise InputError("not in a guild", key="input.guild_only")
-            self.bot.pipeline.ensure_accepting()
+            await self.bot.pipeline.ensure_accepting_for(interaction.guild_id)
             gs = await self.bot.store.get_guild_settings(interaction.guild_id)
             clean_prompt = images.validate_prompt(prompt)
             channel = interaction.channel

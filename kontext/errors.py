@@ -120,6 +120,14 @@ class GuildBudgetExhausted(KontextError):
     cause = "guild_budget"
 
 
+class GuildKeyRefused(KontextError):
+    """The server's own Segmind key was refused (401/403/404/406): that server's jobs pause
+    until an admin sets a new key (or removes it)."""
+
+    key = "apikey.refused"
+    cause = "guild_key_refused"
+
+
 class GuildNotEnabled(KontextError):
     """The bot is not enabled in this server (``ALLOWED_GUILD_IDS``, or blocked by the owner)."""
 

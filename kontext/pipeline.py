@@ -34,6 +34,7 @@ from kontext import images
 from kontext.errors import (
     ApiError,
     ApiRateLimited,
+    GuildKeyRefused,
     JobAlreadyExists,
     KontextError,
     QueueTimeout,
@@ -46,6 +47,7 @@ from kontext.queue import SharedQueue
 from kontext.segmind import GenerationRequest, GenerationResult, SegmindClient, SubmittedJob
 from kontext.settings import Settings
 from kontext.store import Job, Lease, Reservation, ReserveRequest, Store
+from kontext.store_queue import OWNER_ACCOUNT
 
 log = logging.getLogger("kontext.pipeline")
 
@@ -83,6 +85,8 @@ class JobSpec:
     interaction_token: str | None = field(default=None, repr=False)
     parent_job_id: int | None = None
     source: str = "slash"
+    #: whose API key runs it: the owner's, or ``guild:<id>`` (a server's own key)
+    account: str = OWNER_ACCOUNT
 
     def params(self) -> dict[str, Any]:
         """The job's parameters as stored in the database (no token)."""
@@ -129,6 +133,7 @@ class JobSpec:
             interaction_token=job.interaction_token,
             parent_job_id=job.parent_job_id,
             source=p.get("source", "slash"),
+            account=job.account,
         )
 
 
@@ -244,6 +249,8 @@ class JobPipeline:
         self.http = http
         self.worker_id = worker_id
         self.sink_factory = sink_factory
+        #: servers' own keys (kontext.accounts.Accounts); None: every job on the owner's key
+        self.accounts: Any = None
         self.progress_interval_s = progress_interval_s
         self.probe_interval_s = probe_interval_s
         self._clock = clock
@@ -275,12 +282,22 @@ class JobPipeline:
         """Start serving the shared queue (claims, lease renewals, takeovers)."""
         self.queue.start()
 
-    def ensure_accepting(self) -> None:
-        """Raise when new jobs are refused right now (restart, account paused)."""
+    def ensure_accepting(self, account: str = OWNER_ACCOUNT) -> None:
+        """Raise when new jobs are refused right now (restart, the owner's account paused)."""
         if not self.accepting:
             raise ShuttingDown("not accepting")
-        if self.queue.paused:
+        if self.queue.paused and account == OWNER_ACCOUNT:
             raise ServicePaused("API account paused")
+
+    async def ensure_accepting_for(self, guild_id: int) -> None:
+        """:meth:`ensure_accepting` for a new job of ``guild_id`` (its server may bring its own
+        key: the owner's pause then does not apply, its own does)."""
+        account = OWNER_ACCOUNT
+        if self.accounts is not None:
+            account = await self.accounts.account_for(guild_id)
+        self.ensure_accepting(account)
+        if account != OWNER_ACCOUNT and await self.store.account_paused(account):
+            raise GuildKeyRefused(f"{account} paused")
 
     @property
     def paused(self) -> bool:
@@ -306,13 +323,15 @@ class JobPipeline:
         t0 = self._clock()
         timings: dict[str, float] = {}
         try:
-            self.ensure_accepting()
+            self.ensure_accepting(OWNER_ACCOUNT if self.accounts is None else "")
+            await self._use_account(spec)
+            self.ensure_accepting(spec.account)
             # everything that can refuse the member is checked before any download, and one
             # member's jobs are taken in one at a time
             async with self._member_lock(spec):
                 await self._check_in_turn(spec)
                 timings["checked"] = self._clock() - t0
-                self.ensure_accepting()  # a shutdown may have begun during the image checks
+                self.ensure_accepting(spec.account)  # a shutdown may have begun meanwhile
                 reservation = await self._reserve(spec)
                 timings["reserved"] = self._clock() - t0
         except JobAlreadyExists:
@@ -348,6 +367,23 @@ class JobPipeline:
         finally:
             reporter.cancel()
             self._waiting.pop(spec.job_id, None)
+
+    async def _use_account(self, spec: JobSpec) -> None:
+        """Pick the job's API account (a server's own key, else the owner's); refuse while a
+        server's own key is paused (Segmind refused it)."""
+        if self.accounts is None:
+            return
+        spec.account = await self.accounts.account_for(spec.guild_id)
+        if spec.account != OWNER_ACCOUNT and await self.store.account_paused(spec.account):
+            raise GuildKeyRefused(f"{spec.account} paused")
+
+    async def _client(self, active: _Active) -> Any:
+        if self.accounts is None or active.spec.account == OWNER_ACCOUNT:
+            return self.client
+        try:
+            return await self.accounts.client_for(active.spec.account)
+        except LookupError as exc:  # the key was removed meanwhile: nothing was sent
+            raise GuildKeyRefused(str(exc)) from None
 
     @contextlib.asynccontextmanager
     async def _member_lock(self, spec: JobSpec) -> Any:
@@ -636,6 +672,23 @@ class JobPipeline:
             active = self._waiting.get(job.id) or self._active_from_job(job)
             await self._refund_waiting(active, ServicePaused("account paused"))
 
+    async def _pause_guild_account(self, account: str, err: ApiError) -> None:
+        """A server's own key was refused: hold that server's jobs until its admins fix it."""
+        log.warning(
+            "%s: the server's own Segmind key was refused (%s, HTTP %s); its jobs pause until an "
+            "admin sets a new key", account, err.cause, err.status,
+        )
+        try:
+            await self.store.set_account_paused(account, True, err.cause)
+            waiting = await self.store.waiting_jobs()
+        except Exception:
+            log.exception("could not pause %s", account)
+            return
+        for job in waiting:
+            if job.account == account:
+                active = self._waiting.get(job.id) or self._active_from_job(job)
+                await self._refund_waiting(active, GuildKeyRefused("key paused"))
+
     async def _probe_account(self) -> None:
         while self.queue.paused and self.accepting:
             await asyncio.sleep(self.probe_interval_s)
@@ -678,6 +731,7 @@ class JobPipeline:
             exempt_from_cooldown=spec.exempt_from_cooldown,
             worker_id=self.worker_id,
             parent_job_id=spec.parent_job_id,
+            account=spec.account,
         )
 
     async def _report_queue(self, active: _Active) -> None:
@@ -690,7 +744,7 @@ class JobPipeline:
         await asyncio.sleep(QUEUED_STATUS_AFTER_S)
         while active.lease is None and active.done is not None and not active.done.done():
             try:
-                view = await self.queue.view()
+                view = await self.queue.view(account=active.spec.account)
             except Exception as exc:  # noqa: BLE001 - the database is away: look again later
                 log.debug("job %s: queue view failed: %s", job_id, exc)
                 await asyncio.sleep(self.progress_interval_s)
@@ -756,16 +810,17 @@ class JobPipeline:
                 )
                 self._settle_later("request-id", spec.job_id, lambda: self._store_request_id(active))
 
+        client = await self._client(active)
         for attempt in range(1, 6):
             self._check_lease(active)  # no API call for a job this process may have lost
             try:
                 active.sent = True
                 if resume:
                     assert active.request_id is not None
-                    return await self.client.resume(
+                    return await client.resume(
                         active.request_id, active.status_url, active.response_url
                     )
-                return await self.client.generate(spec.request(), on_submitted=submitted)
+                return await client.generate(spec.request(), on_submitted=submitted)
             except ApiRateLimited as err:
                 # a 429 is never billed: slow the whole queue down and try again
                 wait = min(60.0, err.retry_after or 5.0 * attempt)
@@ -870,6 +925,10 @@ class JobPipeline:
             await _stop(ticker, active.progress)
             # billed unless the answer proves nothing was generated (the client says which)
             active.api_charged = bool(err.charged_maybe)
+            if err.account_problem and spec.account != OWNER_ACCOUNT:
+                # a server's own key: pause that server's jobs only, and say what to do
+                self._spawn(self._pause_guild_account(spec.account, err), "kontext-pause-key")
+                return await self._refund(active, GuildKeyRefused(err.detail))
             if err.account_problem:
                 self.pause_for_account(err)
             return await self._refund(active, err)

@@ -79,6 +79,7 @@ class SharedQueue:
         self._view: QueueView | None = None
         self._view_at = float("-inf")
         self._view_lock = asyncio.Lock()
+        self._other_views: dict[str, tuple[float, QueueView]] = {}
         self._holds: set[asyncio.Task[Any]] = set()
         #: the pipeline's hooks
         self.on_claim: Callable[[Job, Lease], None] = lambda job, lease: None
@@ -86,6 +87,8 @@ class SharedQueue:
         self.on_lost: Callable[[int], None] = lambda job_id: None
         self.on_expired: Callable[[Job], Awaitable[None]] | None = None
         self.on_paused: Callable[[bool], None] = lambda paused: None
+        #: every account's limits (the owner's and servers' own keys); the owner's alone if unset
+        self.accounts: Any = None
 
     # --- life ----------------------------------------------------------------------------------
 
@@ -218,9 +221,18 @@ class SharedQueue:
         if seconds > 0:
             self._durations.append(seconds)
 
-    async def view(self, *, max_age: float | None = None) -> QueueView:
-        """The whole bot's queue, read at most every ``view_s`` seconds (shared by callers)."""
+    async def view(self, *, max_age: float | None = None, account: str | None = None) -> QueueView:
+        """The whole bot's queue, read at most every ``view_s`` seconds (shared by callers).
+
+        ``account``: a server's own account's queue instead of the owner's.
+        """
         age = self.view_s if max_age is None else max_age
+        if account is not None and account != self.limits.account:
+            cached = self._other_views.get(account)
+            if cached is None or time.monotonic() - cached[0] >= age:
+                cached = (time.monotonic(), await self.store.queue_view(account))
+                self._other_views[account] = cached
+            return cached[1]
         async with self._view_lock:
             if self._view is None or time.monotonic() - self._view_at >= age:
                 self._view = await self.store.queue_view(self.limits.account)
@@ -266,8 +278,12 @@ class SharedQueue:
                 continue
             sent = time.monotonic()
             try:
+                every = [self.limits]
+                if self.accounts is not None:
+                    await self.accounts.refresh()
+                    every = self.accounts.limits()
                 claim: Claim = await self.store.claim_next(
-                    self.worker_id, self.limits, lease_s=self.lease_s
+                    self.worker_id, every, lease_s=self.lease_s
                 )
             except Exception as exc:  # noqa: BLE001 - the database is away: try again later
                 log.warning("queue: could not claim a job (%s); retrying", type(exc).__name__)

@@ -7,10 +7,11 @@ None of this is reachable from Discord: the owner uses it from a console (``pyth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select, update
 
-from kontext.schema import guild_budget_days, guild_controls, jobs, members
+from kontext.schema import guild_api_keys, guild_budget_days, guild_controls, jobs, members
 from kontext.store_base import StoreBase
 from kontext.store_types import day_start, utc_day
 
@@ -85,6 +86,37 @@ class OwnerMixin(StoreBase):
         current = await self.guild_control(guild_id)
         if current.name != name:
             await self._set_control(guild_id, name=name)
+
+    # --- servers' own keys (stored encrypted; see kontext.accounts) -------------------------
+
+    async def guild_api_keys(self) -> list[Any]:
+        """Every server's own key row (encrypted)."""
+        async with self.db.read() as conn:
+            return list((await conn.execute(select(guild_api_keys))).all())
+
+    async def set_guild_api_key(self, guild_id: int, encrypted: str, actor_id: int) -> None:
+        """Store (or replace) a server's own key, already encrypted."""
+        async with self.db.write() as conn:
+            now = self.now()
+            done = await conn.execute(
+                update(guild_api_keys)
+                .where(guild_api_keys.c.guild_id == guild_id)
+                .values(key_encrypted=encrypted, added_by=actor_id, added_at=now)
+            )
+            if done.rowcount == 0:
+                await conn.execute(
+                    self._insert(guild_api_keys).values(
+                        guild_id=guild_id, key_encrypted=encrypted, added_by=actor_id, added_at=now
+                    )
+                )
+
+    async def remove_guild_api_key(self, guild_id: int) -> bool:
+        """Forget a server's own key; True when there was one."""
+        async with self.db.write() as conn:
+            done = await conn.execute(
+                guild_api_keys.delete().where(guild_api_keys.c.guild_id == guild_id)
+            )
+            return bool(done.rowcount)
 
     async def list_guilds(self) -> list[GuildSpend]:
         """Every server the bot knows (controls, members or jobs), most spend first."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,36 +135,76 @@ class QueueMixin(StoreBase):
     # --- the queue --------------------------------------------------------------------------------
 
     async def claim_next(
-        self, worker_id: str, limits: AccountLimits, *, lease_s: float
+        self,
+        worker_id: str,
+        limits: AccountLimits | Sequence[AccountLimits],
+        *,
+        lease_s: float,
     ) -> Claim:
-        """Take the next waiting job of ``limits.account`` for ``worker_id``, within the limits.
+        """Take the next waiting job for ``worker_id``, within its API account's limits.
 
-        The job moves ``accepted → running`` with a new lease; its ``started_at`` (the RPM
-        window) is the database's now, and it counts as billed from here (its request may be
-        sent at once; a refund that proves nothing was generated gives the budget back).
+        ``limits``: one account's, or every account's (the owner's and servers' own keys);
+        accounts are served in the order of their oldest waiting job. The job moves
+        ``accepted → running`` with a new lease; its ``started_at`` (the RPM window) is the
+        database's now, and it counts as billed from here (its request may be sent at once; a
+        refund that proves nothing was generated gives the budget back).
         """
-        return await self.db.transact(lambda conn: self._claim_tx(conn, worker_id, limits, lease_s))
+        every = [limits] if isinstance(limits, AccountLimits) else list(limits)
+        return await self.db.transact(lambda conn: self._claim_tx(conn, worker_id, every, lease_s))
 
     def _claim_tx(
-        self, conn: Connection, worker_id: str, limits: AccountLimits, lease_s: float
+        self, conn: Connection, worker_id: str, every: list[AccountLimits], lease_s: float
     ) -> Claim:
         self._lock_queue(conn)
         now = self._db_now(conn)
-        account = conn.execute(
-            select(_a.paused, _a.blocked_until).where(_a.id == limits.account)
-        ).first()
-        if account is not None and account.paused:
-            return Claim(paused=True)
-        mine = _j.account == limits.account
+        known = {lim.account: lim for lim in every}
         waiting = conn.execute(
-            select(_j.id, _j.guild_id, _j.user_id, _j.queued_at)
-            .where(_j.state == "accepted", mine)
+            select(_j.id, _j.guild_id, _j.user_id, _j.queued_at, _j.account)
+            .where(_j.state == "accepted")
             .order_by(_j.queued_at, _j.id)
         ).all()
-        if not waiting:
-            return Claim(empty=True)
-        if account is not None and account.blocked_until > now:
-            return Claim(wait_s=float(account.blocked_until) - now)
+        by_account: dict[str, list[Any]] = {}
+        for row in waiting:
+            if row.account in known:
+                by_account.setdefault(row.account, []).append(row)
+        accounts = {
+            r.id: r
+            for r in conn.execute(
+                select(_a.id, _a.paused, _a.blocked_until).where(
+                    or_(*(_a.id == name for name in (OWNER_ACCOUNT, *by_account)))
+                )
+            )
+        }
+        owner = accounts.get(OWNER_ACCOUNT)
+        result = Claim(empty=True, paused=bool(owner is not None and owner.paused))
+        waits: list[float] = []
+        for name, rows in by_account.items():  # oldest waiting job first (dicts keep order)
+            state = accounts.get(name)
+            if state is not None and state.paused:
+                continue
+            claim = self._claim_account(conn, worker_id, known[name], rows, state, now, lease_s)
+            if claim.job is not None:
+                claim.paused = result.paused
+                return claim
+            waits.append(claim.wait_s)
+        if waits:
+            result.empty = False
+            result.wait_s = min(waits)
+        return result
+
+    def _claim_account(
+        self,
+        conn: Connection,
+        worker_id: str,
+        limits: AccountLimits,
+        waiting: list[Any],
+        state: Any,
+        now: float,
+        lease_s: float,
+    ) -> Claim:
+        mine = _j.account == limits.account
+        if state is not None and state.blocked_until > now:
+            return Claim(wait_s=float(state.blocked_until) - now)
         in_progress = conn.execute(
             select(func.count())
             .select_from(jobs)

@@ -88,6 +88,8 @@ class CallRecord:
     finished: float | None = None
     #: the bytes answered (v1 200) or served as the output (v2), so tests can compare them
     image: bytes | None = None
+    #: the API key the call was made with (the emulator knows several: ``add_key``)
+    api_key: str | None = None
 
 
 @dataclass
@@ -134,6 +136,7 @@ class SegmindEmulator:
         output_long_side: int = 256,
     ) -> None:
         self.api_key = api_key
+        self.other_keys: set[str] = set()
         self.models = set(models)
         self.latency = latency
         self.credits = credits
@@ -315,7 +318,10 @@ class SegmindEmulator:
 
     def _record(self, request: web.Request, api: str) -> CallRecord:
         now = time.monotonic()
-        record = CallRecord(time=now, method=request.method, path=request.path, api=api)
+        record = CallRecord(
+            time=now, method=request.method, path=request.path, api=api,
+            api_key=request.headers.get("x-api-key"),
+        )
         self.calls.append(record)
         self.started_times.append(now)
         return record
@@ -331,9 +337,13 @@ class SegmindEmulator:
         key = request.headers.get("x-api-key")
         if key is None and request.headers.get("Authorization", "").lower().startswith("bearer"):
             return self._error(401, "Unauthorized: use the x-api-key header (bearer not supported)")
-        if not key or key != self.api_key:
+        if not key or (key != self.api_key and key not in self.other_keys):
             return self._error(401, DEFAULT_ERRORS[401])
         return None
+
+    def add_key(self, key: str) -> None:
+        """Accept another account's key too (a server that brings its own)."""
+        self.other_keys.add(key)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep ``seconds``; True when the emulator is stopping."""
