@@ -218,3 +218,16 @@ async def wait_for(predicate: Any, timeout: float, demu: DiscordEmulator, *bots:
         await demu.wait_until(predicate, timeout)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout} s\n{logs(*bots)}") from None
+
+
+async def wait_logged(bot: BotProcess, text: str, timeout: float = 15.0) -> None:
+    """Wait until ``bot`` logged ``text`` (its log file is polled every 20 ms); fails with the
+    log when it does not come in ``timeout`` s, or when the process exits first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while text not in bot.log():
+        if not bot.running:
+            raise AssertionError(f"waiting for {text!r}: {describe_exit(bot)}")
+        if loop.time() > deadline:
+            raise AssertionError(f"{bot.name} did not log {text!r} in {timeout} s\n{logs(bot)}")
+        await asyncio.sleep(0.02)
