@@ -312,7 +312,8 @@ class ApiKeyModal(discord.ui.Modal):
         self.bot = bot
         self.locale = locale
         self.key: discord.ui.TextInput[ApiKeyModal] = discord.ui.TextInput(
-            label=t("apikey.modal_label", locale)[:45], min_length=8, max_length=200
+            label=t("apikey.modal_label", locale)[:45], min_length=8, max_length=200,
+            custom_id="api_key",
         )
         self.add_item(self.key)
 
