@@ -122,3 +122,50 @@ def test_upload_buffer_is_not_copied_by_aiohttp() -> None:
     finally:
         tracemalloc.stop()
     assert plain_peak >= len(data)  # what UploadBuffer avoids (CPython unshares the buffer)
+
+
+class _PostedThenBrokenInteraction(FakeInteraction):
+    """The result follow-up goes out; the status edit after it hits a transport error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.edits = 0
+        posted = SimpleNamespace(id=99, channel=SimpleNamespace(id=5), jump_url="https://x/y")
+
+        async def send(**_: Any) -> Any:
+            return posted
+
+        self.followup = SimpleNamespace(send=send)
+
+    async def edit_original_response(self, *, content: str, **kw: Any) -> None:
+        self.edits += 1
+        if self.edits > 1:  # the edit after the public post
+            raise aiohttp.ClientOSError(104, "Connection reset by peer")
+        await super().edit_original_response(content=content, **kw)
+
+
+async def test_a_transport_error_after_the_post_does_not_undo_the_delivery() -> None:
+    """Review finding (d): the image is public, so the job must end posted, not refunded."""
+    from kontext.images import FittedImage
+    from kontext.pipeline import InputImage, JobSpec, ResultInfo
+
+    it = _PostedThenBrokenInteraction()
+    bot = SimpleNamespace(get_cog=lambda name: None)
+    sink = InteractionSink(bot, it, job_id=1)  # type: ignore[arg-type]
+    await sink._status("generating")  # the private message was edited once already
+    spec = JobSpec(
+        job_id=1, guild_id=2, channel_id=5, user_id=7, prompt="p",
+        image_1=InputImage("https://cdn.discordapp.com/a.png"),
+        image_2=InputImage("https://cdn.discordapp.com/b.png"),
+    )
+    image = FittedImage(
+        data=b"\xff\xd8\xff" + b"0" * 10, format="jpg", filename_ext="jpg", width=1, height=1,
+        reencoded=False, scale=1.0,
+    )
+    info = ResultInfo(
+        spec=spec, image=image, generation=SimpleNamespace(), api_seconds=1.0,  # type: ignore[arg-type]
+        total_seconds=1.0, balance_after=9, cost=1,
+    )
+    delivery = await sink.deliver(info)
+    assert (delivery.message_id, delivery.channel_id) == (99, 5)
+    assert it.edits == 2  # the status edit after the post was tried, failed, and was shrugged off

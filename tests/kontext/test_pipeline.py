@@ -240,6 +240,10 @@ async def test_shutdown_refunds_an_overdue_running_job_and_leaves_waiting_ones_q
         assert "failed" not in waiting.kinds()  # nothing to tell: it stays in the queue
         assert await env.balance(specs[0].user_id) == 10
         assert await env.balance(specs[1].user_id) == 9  # still reserved, for the next process
+        # (a) its request was sent: the budget keeps the refunded job's share (Segmind bills it)
+        refunded = await env.store.get_job(specs[0].job_id)
+        assert refunded is not None and refunded.api_charged
+        assert (await env.store.budget_status()).reserved_usd == pytest.approx(0.20)
         job = await env.store.get_job(specs[1].job_id)
         assert job is not None and job.state == "accepted" and job.lease_owner is None
         with pytest.raises(ShuttingDown):
@@ -311,6 +315,44 @@ async def test_a_result_already_in_the_channel_is_committed_not_refunded(tmp_pat
         assert job.result_message_id == 4242 and sink.kinds() == ["find_result"]
         assert await env.balance(spec.user_id) == 9
         assert env.semu.calls == []
+
+
+async def test_async_request_id_kept_in_memory_when_the_database_refuses_it(
+    tmp_path: Path,
+) -> None:
+    """(c) storing the request id failed after an accepted submit: the job is still polled and
+    posted (Segmind bills it), and the id is stored in the background."""
+    async with pipeline_env(tmp_path, mode="async", latency=0.3) as env:
+        real = env.store.set_api_request
+        calls = []
+
+        async def flaky(*args: Any, **kw: Any) -> bool:
+            calls.append(args)
+            if len(calls) == 1:
+                raise ConnectionResetError("the database went away")
+            return await real(*args, **kw)
+
+        env.store.set_api_request = flaky  # type: ignore[method-assign]
+        spec = env.spec()
+        outcome = await env.pipeline.run(spec, FakeSink())
+        assert outcome.status == "posted"
+        assert len(env.semu.calls) == 1 and env.semu.charged_count == 1
+        job = await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "posted")
+        assert job.api_charged and len(calls) >= 1
+
+
+async def test_a_job_waiting_past_the_bound_is_refunded_and_told(tmp_path: Path) -> None:
+    async with pipeline_env(tmp_path, latency=3.0, max_concurrent=1) as env:
+        env.queue.max_wait_s = 0.3
+        first = asyncio.create_task(env.pipeline.run(env.spec(), FakeSink()))
+        await env.semu.wait_calls(1)
+        sink, spec = FakeSink(), env.spec()
+        outcome = await env.pipeline.run(spec, sink)
+        assert outcome.status == "refunded" and outcome.cause == "queue_timeout"
+        assert "waited in the queue too long" in sink.events[-1][1].user_message("en-US")
+        assert await env.balance(spec.user_id) == 10
+        assert len(env.semu.calls) == 1  # it never reached the API
+        assert (await first).status == "posted"
 
 
 async def test_caller_cancelled_while_waiting_is_refunded(tmp_path: Path) -> None:
