@@ -33,6 +33,7 @@ def _settings() -> Any:
         jobs_per_member=10,
         starting_credits=1_000_000,
         daily_budget_usd=1_000_000_000.0,
+        guild_daily_budget_usd=0.0,  # one server sends every pair: no per-server cap here
     )
 
 
