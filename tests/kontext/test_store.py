@@ -259,6 +259,26 @@ async def test_api_request_fields_and_charged_flag(store: Store) -> None:
 # --- daily credits ------------------------------------------------------------------------------
 
 
+async def test_daily_top_up_counts_credits_held_by_unfinished_jobs(
+    store_factory: Any, clock: FakeClock
+) -> None:
+    """Review finding: credits held by an unfinished job are the member's. With 2 in the balance
+    and 1 held by a job still running at midnight, a daily top-up to 3 adds nothing (topping the
+    balance up to 3 would leave the member 3 + 1 held = 4 against a daily 3)."""
+    store = await store_factory(
+        starting_credits=3, daily_free_credits=3, cooldown_seconds=0, jobs_per_member=2
+    )
+    first = await store.reserve(req(1))  # day 1: 3 -> 2, one held
+    assert first.balance_after == 2
+    clock.advance(DAY)  # job 1 still runs past midnight
+    second = await store.reserve(req(2))  # day 2's first job: 2 + 1 held >= 3: no top-up
+    assert second.balance_after == 1
+    assert "daily" not in [e.kind for e in await store.recent_ledger(G, U, limit=20)]
+    await store.commit(1, result_message_id=1, result_channel_id=CH)
+    await store.commit(2, result_message_id=2, result_channel_id=CH)
+    await assert_ok(store)
+
+
 async def test_daily_top_up_once_per_utc_day(store_factory: Any, clock: FakeClock) -> None:
     store = await store_factory(
         starting_credits=2, daily_free_credits=5, cooldown_seconds=0, jobs_per_member=2
