@@ -1,8 +1,17 @@
 """``python -m bench`` (``make bench``): run the benchmark, print the table, write it to a file.
 
 Options: ``--smoke`` (tiny sizes, seconds: proves the code paths), ``--only SECTION[,SECTION]``
-(overhead, concurrent, throughput, baseline, ledger), ``--out PATH`` (default
-``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see :mod:`bench.profiling`).
+(overhead, concurrent, throughput, baseline, dbqueue, shared, ledger), ``--out PATH`` (default
+``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see :mod:`bench.profiling`),
+``--before REV`` (the revision whose bot the ``dbqueue`` section compares with, checked out in a
+temporary git worktree; default 2c73ae8, the last commit with the queue in memory; ``--before ''``
+skips the comparison), ``--after REV`` (the other side of that comparison; default: this
+checkout, as it is on disk).
+
+Sections ``dbqueue``: the single-job overhead (SQLite) of the bot at ``--before`` and of this
+checkout, and their difference; ``shared``: two bot processes on one Postgres database
+(``MAX_CONCURRENT_JOBS`` = 4 for both, API latency 1 s, 32 jobs half to each): throughput and
+the API's peak concurrency.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from .common import machine_facts
 from .scenarios import Report, Sizes, run_all
 
 HERE = Path(__file__).resolve().parent
+#: the last commit before the database queue (the queue was in memory)
+DEFAULT_BEFORE = "2c73ae8"
 
 
 def render(report: Report, facts: dict[str, str], *, seconds: float, smoke: bool) -> str:
@@ -51,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated sections")
     parser.add_argument("--out", default=str(HERE / "results" / "latest.md"))
     parser.add_argument("--profile", metavar="DIR", help="record the bots with py-spy into DIR")
+    parser.add_argument("--before", metavar="REV", default=DEFAULT_BEFORE,
+                        help=f"revision of the 'before' bot for the dbqueue section (default {DEFAULT_BEFORE})")
+    parser.add_argument("--after", metavar="REV", default="",
+                        help="revision of the 'after' bot for the dbqueue section (default: this checkout)")
     args = parser.parse_args(argv)
     if args.profile:
         from .world import BotProcess
@@ -65,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the machine is busy (load average {load_before[0]:.2f}); figures will be "
               "worse than on an idle machine", file=sys.stderr)
     started = time.monotonic()
-    report = asyncio.run(run_all(sizes, Report(), sections=sections))
+    report = asyncio.run(run_all(sizes, Report(), sections=sections, before=args.before or None,
+                                 after=args.after or None))
     facts = machine_facts()
     load_after = os.getloadavg()
     facts["load average (1, 5, 15 min) before / after the run"] = (

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
+import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -16,7 +21,7 @@ from tests.emulators.discord import InteractionRecord
 
 from . import ledger
 from .common import MB, lag_in_window, median, percentile, sized_jpeg
-from .world import BotProcess, World, bot_process, world
+from .world import ROOT, BotProcess, World, bot_process, world
 
 _JOB_RE = re.compile(r"^bench job (\d+):")
 
@@ -39,6 +44,11 @@ class Sizes:
     small_result: int = 1 * MB
     large_result: int = 9 * MB
     warmup_jobs: int = 2
+    shared_processes: int = 2  # bot processes on one Postgres database
+    shared_c: int = 4  # MAX_CONCURRENT_JOBS, global to the processes
+    shared_jobs: int = 32  # N, delivered half to each process
+    shared_latency: float = 1.0
+    dbqueue_runs: int = 2  # before/after runs of sequential_jobs / dbqueue_runs jobs each, ABBA
 
     @classmethod
     def smoke(cls) -> Sizes:
@@ -47,6 +57,7 @@ class Sizes:
             throughput_latency=0.1, throughput_c=(2,), rounds=2, stress_latency=0.1,
             stress_rounds=2, baseline_c=2,
             ledger_seconds=0.3, small_result=64 * 1024, large_result=256 * 1024, warmup_jobs=1,
+            shared_c=2, shared_jobs=4, shared_latency=0.1, dbqueue_runs=2,
         )
 
 
@@ -143,18 +154,24 @@ async def _warm_up(w: World, count: int, first: int = 10_000) -> None:
 # --- scenarios ---------------------------------------------------------------------------------
 
 
-async def sequential(size: int, sizes: Sizes) -> tuple[list[JobTiming], dict[str, float]]:
-    """Jobs one at a time: each is sent once the previous one was committed."""
+async def sequential(
+    size: int, sizes: Sizes, *, root: Path = ROOT, jobs: int | None = None, label: str = ""
+) -> tuple[list[JobTiming], dict[str, Any]]:
+    """Jobs one at a time: each is sent once the previous one was committed (the bot of
+    checkout ``root``, on a fresh SQLite database)."""
     async with world(segmind_latency=sizes.sequential_latency, result=sized_jpeg(size)) as w:
-        async with bot_process("kontext", w, f"sequential-{size}") as bot:
+        async with bot_process("kontext", w, label or f"sequential-{size}", root=root) as bot:
             await _warm_up(w, sizes.warmup_jobs)
             recs = []
-            for n in range(sizes.sequential_jobs):
+            for n in range(sizes.sequential_jobs if jobs is None else jobs):
                 rec = await w.send(n)
                 await w.wait_results([rec], 60)
                 recs.append(rec)
             t = timings(w, recs)
-        return t, _lag_rss(bot, t)
+        stats: dict[str, Any] = dict(_lag_rss(bot, t))
+        stats["bot_file"] = bot.bot_file
+        stats["kontext_file"] = bot.kontext_file
+        return t, stats
 
 
 async def concurrent(size: int, sizes: Sizes) -> tuple[list[JobTiming], dict[str, float]]:
@@ -248,10 +265,137 @@ async def throughput(
         }
 
 
+async def shared_queue(sizes: Sizes, database_url: str) -> dict[str, float]:
+    """``shared_processes`` bot processes on one Postgres database (one queue), the API account's
+    limit ``MAX_CONCURRENT_JOBS = shared_c`` global to them, ``shared_jobs`` jobs sent at once and
+    delivered round-robin (job n to process n mod P, each interaction to one process only).
+
+    Throughput is N over the time from the first API call's start to the last result posted
+    (as ``busy`` in :func:`throughput`); ``api_peak`` is the most calls the API saw at once
+    during the burst (the warm-up is forgotten first).
+    """
+    c, n_jobs, latency, procs = sizes.shared_c, sizes.shared_jobs, sizes.shared_latency, sizes.shared_processes
+    async with world(segmind_latency=latency, result=sized_jpeg(sizes.small_result)) as w:
+        async with contextlib.AsyncExitStack() as stack:
+            bots: list[BotProcess] = []
+            for i in range(procs):
+                bots.append(await stack.enter_async_context(bot_process(
+                    "kontext", w, f"shared-P{i}", database_url=database_url, connections=i + 1,
+                    MAX_CONCURRENT_JOBS=c,
+                )))
+            for i in range(procs):  # first connections, first writes, lazy imports: each process
+                rec = await w.send(10_000 + i, to=i)
+                await w.wait_results([rec], 60)
+            await asyncio.sleep(0.2)
+            w.segmind.reset_stats()  # calls, peak: the burst's alone
+            recs = list(await asyncio.gather(*(w.send(n, to=n % procs) for n in range(n_jobs))))
+            await w.wait_results(recs, 60 + n_jobs * latency * 2, settled=False)
+            t = timings(w, recs)
+            api_peak = w.segmind.peak_concurrency
+        # every bot stopped here: its lag samples are read
+    start, end = min(r.created_at for r in recs), max(w.discord.result_seen[r.id] for r in recs)
+    calls = api_calls(w)
+    ours = [calls[n] for n in range(n_jobs) if n in calls]
+    first_call = min(call.time for call in ours)
+    last_api_end = max(call.finished for call in ours)
+    api_latency = median([call.finished - call.time for call in ours])
+    busy = end - first_call
+    # a freed slot's handoff: the (i + C)-th API call's start after the i-th call's end
+    starts, ends = sorted(call.time for call in ours), sorted(call.finished for call in ours)
+    handoffs = [starts[i + c] - ends[i] for i in range(len(ends) - c) if i + c < len(starts)]
+    lags = [max(lag_in_window(b.lag_samples, start, end), default=math.nan) for b in bots]
+    delivered = [sum(1 for r in recs if r.delivered_to and r.delivered_to[0] == b) for b in
+                 sorted({r.delivered_to[0] for r in recs if r.delivered_to})]
+    return {
+        "jobs": n_jobs, "c": c, "latency": latency, "processes": procs, "api_latency": api_latency,
+        "busy": busy, "per_second": n_jobs / busy, "target_per_second": 0.95 * c / latency,
+        "ideal": math.ceil(n_jobs / c) * latency, "ideal_measured": math.ceil(n_jobs / c) * api_latency,
+        "api_window": last_api_end - first_call, "elapsed": end - start, "ingest": first_call - start,
+        "handoff_median": median(handoffs), "handoff_max": max(handoffs, default=math.nan),
+        "last_post": end - last_api_end,
+        "stagger": starts[min(c, len(starts)) - 1] - starts[0],  # the C-th call's start after the first's
+        "api_peak": api_peak, "api_calls": len(ours), "delivered": delivered,
+        "lag_max_per_process": lags, "overhead_median": median([j.overhead for j in t]),
+    }
+
+
+@contextlib.contextmanager
+def git_worktree(rev: str) -> Iterator[tuple[Path, str]]:
+    """A detached worktree of this repository at ``rev`` in a temporary directory; yields
+    ``(path, short hash)``; removed afterwards. Raises ``RuntimeError`` when git cannot."""
+    tmp = Path(tempfile.mkdtemp(prefix="kontext-before-"))
+    path = tmp / "tree"
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)}: {res.stderr.strip() or res.stdout.strip()}")
+        return res.stdout.strip()
+
+    try:
+        short = git("rev-parse", "--short", f"{rev}^{{commit}}")
+        git("worktree", "add", "--detach", str(path), rev)
+        try:
+            yield path, short
+        finally:
+            with contextlib.suppress(RuntimeError):
+                git("worktree", "remove", "--force", str(path))
+            with contextlib.suppress(RuntimeError):
+                git("worktree", "prune")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _git_out(*args: str) -> str:
+    """``git args…`` in this checkout: its output, or "" when it fails."""
+    res = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def head_description() -> str:
+    """This checkout's HEAD (short hash), marked when the bot's code has uncommitted changes."""
+    short = _git_out("rev-parse", "--short", "HEAD") or "?"
+    dirty = _git_out("status", "--porcelain", "--untracked-files=no", "--", "bot.py", "kontext")
+    return short + (" + uncommitted changes" if dirty else "")
+
+
+async def dbqueue_overhead(
+    sizes: Sizes, before_root: Path, after_root: Path = ROOT
+) -> tuple[list[JobTiming], list[JobTiming], dict[str, Any]]:
+    """The single-job overhead (the ``sequential`` scenario, SQLite, small result) of the bot
+    at ``before_root`` and at ``after_root`` (default: this checkout), ``sequential_jobs`` jobs
+    each, in ``dbqueue_runs`` alternating runs (before, after, after, before, …) so that drift
+    hits both alike."""
+    runs = max(1, sizes.dbqueue_runs)
+    per_run = [sizes.sequential_jobs // runs + (1 if i < sizes.sequential_jobs % runs else 0)
+               for i in range(runs)]
+    before: list[JobTiming] = []
+    after: list[JobTiming] = []
+    files: dict[str, Any] = {}
+    for i, jobs in enumerate(per_run):
+        order = (("before", before_root), ("after", after_root))
+        for which, root in (order if i % 2 == 0 else order[::-1]):
+            t, st = await sequential(sizes.small_result, sizes, root=root, jobs=jobs,
+                                     label=f"dbqueue-{which}-{i}")
+            ran = (st.get("bot_file"), st.get("kontext_file"))
+            if ran != (str(root / "bot.py"), str(root / "kontext" / "__init__.py")):
+                raise RuntimeError(f"{which}: ran {ran}, expected the bot of {root}")
+            files[which] = ran
+            (before if which == "before" else after).extend(t)
+    return before, after, files
+
+
 # --- the whole run -------------------------------------------------------------------------------
 
 
-async def run_all(sizes: Sizes, report: Report, *, sections: set[str] | None = None) -> Report:
+async def run_all(
+    sizes: Sizes,
+    report: Report,
+    *,
+    sections: set[str] | None = None,
+    before: str | None = "2c73ae8",
+    after: str | None = None,
+) -> Report:
     want = (lambda s: True) if not sections else (lambda s: s in sections)
     small, large = mib(sizes.small_result), mib(sizes.large_result)
 
@@ -313,6 +457,12 @@ async def run_all(sizes: Sizes, report: Report, *, sections: set[str] | None = N
                    f"{ms(base['lag_max'])} / {ms(ours['lag_max'])} = {base['lag_max'] / max(ours['lag_max'], 1e-4):.0f}×",
                    None, f"p99 {ms(base['lag_p99'])} vs {ms(ours['lag_p99'])}")
 
+    if want("dbqueue"):
+        await _dbqueue_rows(report, sizes, before, after)
+
+    if want("shared"):
+        await _shared_rows(report, sizes)
+
     if want("ledger"):
         report.log(f"[ledger] reserve + commit pairs, {sizes.ledger_seconds:g} s per row, 4 tasks per process")
         for backend in ("sqlite", "postgres"):
@@ -339,6 +489,70 @@ async def _ledger_row(report: Report, backend: str, procs: int, sizes: Sizes) ->
         note += f"; INVARIANTS BROKEN: {res.invariants[:3]}"
     ok = res.per_second >= 1000 and not res.invariants if backend == "sqlite" else None
     report.add("ledger ops (reserve+commit pairs)", metric, target, f"{res.per_second:,.0f}/s", ok, note)
+
+
+async def _dbqueue_rows(report: Report, sizes: Sizes, before: str | None, after: str | None) -> None:
+    small = mib(sizes.small_result)
+    section = f"database queue vs in-memory queue (SQLite, 1 job at a time, {small} result)"
+    metric = "overhead added by the database queue (median after − median before)"
+    if not before:
+        report.add(section, metric, "≤ 5 ms", "skipped", None, "no --before revision")
+        return
+    report.log(f"[dbqueue] {sizes.sequential_jobs} sequential jobs each: the bot at {before} "
+               f"(in-memory queue) and {after or 'this checkout'}'s, {sizes.dbqueue_runs} alternating runs")
+    try:
+        with contextlib.ExitStack() as stack:
+            root, short = stack.enter_context(git_worktree(before))
+            after_root, after_name = ROOT, head_description()
+            if after:
+                after_root, after_name = stack.enter_context(git_worktree(after))
+            b, a, files = await dbqueue_overhead(sizes, root, after_root)
+    except RuntimeError as exc:
+        report.add(section, metric, "≤ 5 ms", "skipped", None, f"a bot is unavailable: {exc}")
+        return
+    sb, sa = _split(b), _split(a)
+    report.details["dbqueue"] = {"before_rev": short, "after": after_name, "before": sb, "after_stats": sa,
+                                 "bot_files": files}
+    for name, st in ((f"before ({short}, queue in memory)", sb),
+                     (f"after ({after_name}, queue in the database)", sa)):
+        report.add(section, f"bot overhead per job, median: {name}", "—", ms(st["overhead_median"]), None,
+                   f"{int(st['jobs'])} jobs; before the API {ms(st['pre_median'])}, "
+                   f"after it {ms(st['post_median'])}; p99 {ms(st['overhead_p99'])}")
+    added = sa["overhead_median"] - sb["overhead_median"]
+    commits = _git_out("rev-list", "--count", f"{before}..{after or 'HEAD'}")
+    report.add(section, metric, "≤ 5 ms", ms(added), added <= 0.005,
+               f"{ms(sa['overhead_median'])} − {ms(sb['overhead_median'])}; before the API "
+               f"{ms(sa['pre_median'] - sb['pre_median'])}, after it {ms(sa['post_median'] - sb['post_median'])} "
+               f"(differences of medians); 'after' is {commits or '?'} commit(s) past {short}, "
+               "so every change since then counts, not only the queue's")
+
+
+async def _shared_rows(report: Report, sizes: Sizes) -> None:
+    c, n, lat, procs = sizes.shared_c, sizes.shared_jobs, sizes.shared_latency, sizes.shared_processes
+    section = f"{procs} processes, one Postgres queue (C = {c}, N = {n}, L = {lat:g} s)"
+    target = 0.95 * c / lat
+    report.log(f"[shared] {procs} bot processes on one Postgres database, C = {c}, L = {lat:g} s, "
+               f"N = {n} delivered round-robin")
+    async with ledger.postgres_url() as url:
+        if url is None:
+            reason = getattr(ledger.postgres_url, "reason", "unreachable")
+            report.add(section, "throughput", f"≥ {target:.2f} jobs/s", "skipped", None, reason)
+            return
+        st = await shared_queue(sizes, url)
+    report.details["shared_queue"] = st
+    report.add(section, "throughput, first API call → last result posted",
+               f"≥ {target:.2f} jobs/s (0.95 × C/L)", f"{st['per_second']:.2f} jobs/s",
+               st["per_second"] >= target,
+               f"{n} jobs in {st['busy']:.2f} s (ideal ⌈N/C⌉·L = {st['ideal']:.2f} s; with the API calls' "
+               f"measured {st['api_latency']:.3f} s, {st['ideal_measured']:.2f} s: ratio "
+               f"{st['ideal_measured'] / st['busy']:.3f}); delivered {'/'.join(map(str, st['delivered']))} "
+               f"to the processes; a freed slot's next call started after {ms(st['handoff_median'])} "
+               f"(median; max {ms(st['handoff_max'])}), the C-th first call {ms(st['stagger'])} after the first, "
+               f"last API end → last post {ms(st['last_post'])}; "
+               f"first interaction → last result {st['elapsed']:.2f} s; loop lag max "
+               + " / ".join(ms(x) for x in st["lag_max_per_process"]))
+    report.add(section, "peak API calls in flight (all processes)", f"= {c}", str(int(st["api_peak"])),
+               int(st["api_peak"]) == c, f"{int(st['api_calls'])} API calls answered for {n} jobs")
 
 
 def _throughput_row(report: Report, section: str, st: dict[str, float]) -> None:

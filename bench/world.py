@@ -236,6 +236,8 @@ class BotProcess:
         self.env = env
         self.root = Path(root).resolve()
         self.bot_file: str | None = None
+        self.kontext_file: str | None = None
+        self.trace: list[tuple[Any, ...]] = []  # BENCH_TRACE=1: see bench.botproc
         stamp = f"{kind}-{label or time.monotonic_ns()}"
         self.out = tmp / f"{stamp}.json"
         self.log = (self.profile_dir or tmp) / f"{stamp}.log"
@@ -311,6 +313,8 @@ class BotProcess:
             data = json.loads(self.out.read_text())
             self.lag_samples = [tuple(s) for s in data["samples"]]  # type: ignore[misc]
             self.bot_file = data.get("bot_file")
+            self.kontext_file = data.get("kontext_file")
+            self.trace = [tuple(t) for t in data.get("trace") or []]
         except (OSError, ValueError, KeyError) as exc:
             raise RuntimeError(f"{self.kind} bot left no samples ({exc}):\n{self.log_tail()}") from None
 
