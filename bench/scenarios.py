@@ -338,10 +338,8 @@ def git_worktree(rev: str) -> Iterator[tuple[Path, str]]:
         try:
             yield path, short
         finally:
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError):  # its own entry only (no prune: others' are theirs)
                 git("worktree", "remove", "--force", str(path))
-            with contextlib.suppress(RuntimeError):
-                git("worktree", "prune")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
