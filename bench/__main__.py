@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): run the benchmark, print the table, write it to a file.
 
 Options: ``--smoke`` (tiny sizes, seconds: proves the code paths), ``--only SECTION[,SECTION]``
-(overhead, concurrent, throughput, baseline, ledger), ``--out PATH`` (default
+(overhead, concurrent, memory, throughput, baseline, ledger), ``--out PATH`` (default
 ``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see :mod:`bench.profiling`).
 """
 
