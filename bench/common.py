@@ -73,6 +73,14 @@ def sized_jpeg(target_bytes: int, seed: int = 1) -> bytes:
     return out
 
 
+def noisy_png(target_bytes: int) -> bytes:
+    """A real PNG of a little over ``target_bytes`` (random noise: it barely compresses), made by
+    the Segmind emulator's ``oversize`` fault machinery. Stands in for a big generated result."""
+    from tests.emulators.segmind import _noisy_image
+
+    return _noisy_image(target_bytes, "png")
+
+
 def input_jpeg(side: int = 1024, colour: tuple[int, int, int] = (200, 80, 40)) -> bytes:
     """A member's input photo: a smooth gradient JPEG (a few dozen KB at 1024 px)."""
     img = Image.linear_gradient("L").resize((side, side)).convert("RGB")

@@ -20,7 +20,7 @@ import psutil
 from tests.emulators.discord import InteractionRecord
 
 from . import ledger
-from .common import MB, lag_in_window, median, percentile, sized_jpeg
+from .common import MB, lag_in_window, median, noisy_png, percentile, sized_jpeg
 from .world import ROOT, BotProcess, World, bot_process, world
 
 _JOB_RE = re.compile(r"^bench job (\d+):")
@@ -174,10 +174,14 @@ async def sequential(
         return t, stats
 
 
-async def concurrent(size: int, sizes: Sizes) -> tuple[list[JobTiming], dict[str, float]]:
-    """``concurrent_jobs`` members send ``/kontext`` at the same moment."""
-    async with world(segmind_latency=sizes.concurrent_latency, result=sized_jpeg(size)) as w:
-        async with bot_process("kontext", w, f"concurrent-{size}") as bot:
+async def concurrent(
+    size: int, sizes: Sizes, result: bytes | None = None, label: str = ""
+) -> tuple[list[JobTiming], dict[str, float]]:
+    """``concurrent_jobs`` members send ``/kontext`` at the same moment; every result is
+    ``result`` (default: a JPEG of ``size`` bytes)."""
+    body = result if result is not None else sized_jpeg(size)
+    async with world(segmind_latency=sizes.concurrent_latency, result=body) as w:
+        async with bot_process("kontext", w, label or f"concurrent-{size}") as bot:
             await _warm_up(w, 1)
             await asyncio.sleep(0.2)
             idle_rss = bot.rss.at(time.monotonic()) if bot.rss else 0
@@ -419,6 +423,21 @@ async def run_all(
             report.add(sect, "peak RSS of the bot process", "≤ 150 MiB" if is_small else "—",
                        mib(st["rss_peak"]), st["rss_peak"] <= 150 * MB if is_small else None,
                        f"idle before the burst {mib(st['idle_rss'])}; API saw {int(st['api_peak'])} at once")
+
+    if want("memory"):
+        # real image content (noise: a PNG of ~9 MiB barely compresses), under Discord's default
+        # 10 MiB upload limit so that it is posted as it is
+        png = noisy_png(sizes.large_result)
+        report.log(f"[memory] {sizes.concurrent_jobs} jobs at once, {mib(len(png))} PNG results, "
+                   f"API latency {sizes.concurrent_latency:g} s")
+        t, st = await concurrent(len(png), sizes, result=png, label="memory")
+        report.details[f"memory_{large}"] = {**_split(t), **st, "result_bytes": len(png)}
+        sect = f"{sizes.concurrent_jobs} in flight, {large} results (noisy PNG)"
+        limit = 300 * MB if sizes.large_result >= MB else 150 * MB
+        report.add(sect, f"peak RSS, {sizes.concurrent_jobs} in flight, {large} results",
+                   f"≤ {mib(limit)}", mib(st["rss_peak"]), st["rss_peak"] <= limit,
+                   f"{len(t)} jobs; idle before the burst {mib(st['idle_rss'])}; "
+                   f"API saw {int(st['api_peak'])} at once; loop lag max {ms(st['lag_max'])}")
 
     stress = {"latency": sizes.stress_latency, "rounds": sizes.stress_rounds,
               "result_size": sizes.small_result}

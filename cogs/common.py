@@ -160,6 +160,15 @@ class UploadBuffer(io.BytesIO):
 
 
 def result_file(result: ResultInfo) -> discord.File:
+    """The result as an upload: from its temporary file when it has one (aiohttp streams the
+    file in pieces; nothing is read into memory here), else from its bytes without a copy.
+
+    The file stays the pipeline's: discord.py never closes a file object it did not open, and
+    the pipeline closes it when the job ends. Each call starts at the first byte (a post that
+    falls back to the channel uploads again)."""
+    file = result.image.file
+    if file is not None:
+        return discord.File(file.stream(), filename=result_filename(result))
     return discord.File(UploadBuffer(result.image.data), filename=result_filename(result))
 
 

@@ -43,13 +43,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from yarl import URL
 
 from kontext.errors import InputError
+from kontext.spool import SPOOL_BYTES, ResultFile
 
 log = logging.getLogger("kontext.images")
 
@@ -879,18 +880,50 @@ def validate_seed(seed: int | None, rng: Callable[[int], int] | None = None) -> 
 class FittedImage:
     """A result ready to upload.
 
-    ``format`` is ``"jpg"`` or ``"png"`` (``"webp"`` only for a WebP that already fitted),
-    ``filename_ext`` the extension to name the file with, ``reencoded`` whether the bytes were
-    changed, ``scale`` the linear scale applied (1.0 when not resized).
+    ``body`` is the image: ``bytes``, or a :class:`~kontext.spool.ResultFile` for one past
+    :data:`~kontext.spool.SPOOL_BYTES` (the API's own file passed through, or a re-encoded copy
+    written to a new one). ``format`` is ``"jpg"`` or ``"png"`` (``"webp"`` only for a WebP
+    that already fitted), ``filename_ext`` the extension to name the file with, ``reencoded``
+    whether the bytes were changed, ``scale`` the linear scale applied (1.0 when not resized).
     """
 
-    data: bytes
+    body: bytes | ResultFile
     format: str
     filename_ext: str
     width: int
     height: int
     reencoded: bool
     scale: float
+
+    @property
+    def data(self) -> bytes:
+        """The image's bytes when it is held in memory (TypeError for one in a file: read it
+        with :meth:`open`, never whole)."""
+        if isinstance(self.body, ResultFile):
+            raise TypeError(f"the image is in a file ({self.body.size} bytes): use open()")
+        return self.body
+
+    @property
+    def file(self) -> ResultFile | None:
+        """The image's temporary file, or None when it is ``bytes``."""
+        return self.body if isinstance(self.body, ResultFile) else None
+
+    @property
+    def size(self) -> int:
+        """The image's length in bytes."""
+        return self.body.size if isinstance(self.body, ResultFile) else len(self.body)
+
+    def open(self) -> IO[bytes]:
+        """A readable, seekable stream at the image's first byte: the file itself (owned by the
+        file: do not close it) or a ``BytesIO`` sharing the bytes."""
+        if isinstance(self.body, ResultFile):
+            return self.body.stream()
+        return io.BytesIO(self.body)
+
+    def close(self) -> None:
+        """Release the image's temporary file, if any (idempotent)."""
+        if isinstance(self.body, ResultFile):
+            self.body.close()
 
 
 _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -899,9 +932,11 @@ _MAX_ENCODES = 6  # refining a fitted size upwards stops here (shrinking to fit 
 _JPEG_REACH = {92: 1.0, 85: 0.75, 75: 0.6}
 
 
-def _open_oriented(data: bytes) -> Image.Image:
-    """Decode ``data`` upright (EXIF orientation applied), metadata not carried over."""
-    with Image.open(io.BytesIO(data)) as img:
+def _open_oriented(data: bytes | ResultFile) -> Image.Image:
+    """Decode ``data`` upright (EXIF orientation applied), metadata not carried over (a file is
+    decoded from the file: Pillow reads it piece by piece)."""
+    stream = data.stream() if isinstance(data, ResultFile) else io.BytesIO(data)
+    with Image.open(stream) as img:
         img.load()
         upright = ImageOps.exif_transpose(img)
         upright = upright if upright is not img else img.copy()
@@ -951,8 +986,15 @@ def _resized(img: Image.Image, scale: float) -> Image.Image:
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def fit_to_limit(data: bytes, *, output_format: str, limit_bytes: int) -> FittedImage:
+def fit_to_limit(
+    data: bytes | ResultFile, *, output_format: str, limit_bytes: int
+) -> FittedImage:
     """Return ``data`` as is when it fits in ``limit_bytes``, else a re-encoded copy that does.
+
+    ``data`` may be a :class:`~kontext.spool.ResultFile`: one that fits is passed through
+    without reading it back (only its header, for the dimensions); one that does not is decoded
+    from the file, and a re-encoded copy past :data:`~kontext.spool.SPOOL_BYTES` is written to a
+    new file (the caller closes both: :meth:`FittedImage.close`).
 
     Fitting never decodes a result that already fits. Otherwise, in order, stopping at the first
     that fits: an optimized PNG (only when ``output_format`` is png and the overshoot is small);
@@ -964,13 +1006,17 @@ def fit_to_limit(data: bytes, *, output_format: str, limit_bytes: int) -> Fitted
     profile is kept. Transparency is composited on white for JPEG. Data that does not fit and
     cannot be decoded raises :class:`OSError` (``PIL.UnidentifiedImageError``).
     """
-    if len(data) <= limit_bytes:
-        fmt = sniff_format(data)
+    spooled = isinstance(data, ResultFile)
+    in_size = data.size if isinstance(data, ResultFile) else len(data)
+    if in_size <= limit_bytes:
+        head = data.head if isinstance(data, ResultFile) else data
+        fmt = sniff_format(head)
         kind = _EXT.get(fmt or "", "jpg" if output_format in ("jpg", "jpeg") else "png")
-        dims = header_size(data, fmt)
+        dims = header_size(head, fmt)
         if dims is None:
+            stream = data.stream() if isinstance(data, ResultFile) else io.BytesIO(data)
             try:
-                with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+                with Image.open(stream) as img:  # lazy: reads the header only
                     dims = img.size
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 dims = (0, 0)
@@ -989,13 +1035,14 @@ def fit_to_limit(data: bytes, *, output_format: str, limit_bytes: int) -> Fitted
         assert len(out) <= limit_bytes, (len(out), limit_bytes)
         log.info(
             "re-encoded result to fit %d bytes: %d -> %d bytes, %s %dx%d, scale %.3f, "
-            "%d encode(s), %.0f ms",
-            limit_bytes, len(data), len(out), fmt, img.width, img.height, scale, encodes,
-            (time.perf_counter() - started) * 1000,
+            "%d encode(s), %.0f ms%s",
+            limit_bytes, in_size, len(out), fmt, img.width, img.height, scale, encodes,
+            (time.perf_counter() - started) * 1000, " (from a file)" if spooled else "",
         )
-        return FittedImage(out, fmt, fmt, img.width, img.height, reencoded=True, scale=scale)
+        body: bytes | ResultFile = ResultFile.from_bytes(out) if len(out) > SPOOL_BYTES else out
+        return FittedImage(body, fmt, fmt, img.width, img.height, reencoded=True, scale=scale)
 
-    if output_format == "png" and len(data) <= limit_bytes * 1.25:
+    if output_format == "png" and in_size <= limit_bytes * 1.25:
         png_src = src if src.mode in ("RGB", "RGBA", "L", "LA", "P", "1") else src.convert("RGBA")
         out = _encode_png(png_src, icc)
         encodes += 1
@@ -1051,11 +1098,75 @@ def fit_to_limit(data: bytes, *, output_format: str, limit_bytes: int) -> Fitted
             size = len(out)
 
 
-async def fit_to_limit_async(data: bytes, *, output_format: str, limit_bytes: int) -> FittedImage:
-    """:func:`fit_to_limit` in a worker thread."""
-    return await asyncio.to_thread(
-        fit_to_limit, data, output_format=output_format, limit_bytes=limit_bytes
-    )
+FIT_THREADS = 2
+"""Threads that re-encode results too large to upload (CPU-bound: more would not be quicker)."""
+
+_fit_pool_lock = threading.Lock()
+_fit_pool_executor: ThreadPoolExecutor | None = None
+
+
+def _fit_pool() -> ThreadPoolExecutor:
+    global _fit_pool_executor
+    with _fit_pool_lock:
+        if _fit_pool_executor is None:
+            _fit_pool_executor = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="kontext-fit")
+        return _fit_pool_executor
+
+
+def _fit_cost(head: bytes, limit_bytes: int) -> int:
+    """Bytes a re-encode may hold beyond its input: the decode (RGBA, or libwebp's ~16 bytes a
+    pixel), an upright and an RGB copy, resized copies and the encoded outputs. Unknown
+    dimensions cost the whole budget (the fit then runs alone)."""
+    fmt = sniff_format(head)
+    dims = header_size(head, fmt)
+    if fmt not in ACCEPTED_FORMATS or dims is None:
+        return DECODE_BUDGET_BYTES
+    pixels = dims[0] * dims[1]
+    return pixels * (max(4, _BYTES_PER_PIXEL.get(fmt, 4)) + 4 + 3 + 3) + 2 * limit_bytes
+
+
+async def fit_to_limit_async(
+    data: bytes | ResultFile, *, output_format: str, limit_bytes: int
+) -> FittedImage:
+    """:func:`fit_to_limit` off the event loop.
+
+    One that fits (no decode) runs in a worker thread at once; a re-encode runs on its own pool
+    of :data:`FIT_THREADS` threads once its estimated memory is free in :data:`DECODE_BUDGET`
+    (shared with the checks of member images), so that however many large results arrive
+    together their decodes stay within the budget. A re-encoded file whose caller stopped
+    waiting (cancelled) is closed when its thread ends.
+    """
+    size = data.size if isinstance(data, ResultFile) else len(data)
+    if size <= limit_bytes:
+        return await asyncio.to_thread(
+            fit_to_limit, data, output_format=output_format, limit_bytes=limit_bytes
+        )
+    head = data.head if isinstance(data, ResultFile) else data[:_HEAD_BYTES]
+    take = await DECODE_BUDGET.acquire(_fit_cost(head, limit_bytes))
+    abandoned = False
+
+    def finished(work: Any) -> None:
+        DECODE_BUDGET.release(take)
+        if abandoned and not work.cancelled() and work.exception() is None:
+            work.result().close()
+
+    try:
+        work = _fit_pool().submit(
+            functools.partial(
+                fit_to_limit, data, output_format=output_format, limit_bytes=limit_bytes
+            )
+        )
+    except BaseException:
+        DECODE_BUDGET.release(take)
+        raise
+    work.add_done_callback(finished)
+    try:
+        return await asyncio.wrap_future(work)
+    except asyncio.CancelledError:
+        abandoned = True
+        if work.done() and not work.cancelled() and work.exception() is None:
+            work.result().close()  # it ended before ``abandoned`` was seen
+        raise
 
 
 def thumbnail_bytes(data: bytes, max_side: int = 256) -> bytes:

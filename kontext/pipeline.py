@@ -848,6 +848,8 @@ class JobPipeline:
         active.task = asyncio.current_task()
         self._active[spec.job_id] = active
         ticker = asyncio.create_task(self._report_generating(active, started))
+        result: GenerationResult | None = None
+        fitted: images.FittedImage | None = None
         try:
             result = await self._call_api(active, resume)
             api_seconds = self._clock() - started
@@ -888,7 +890,7 @@ class JobPipeline:
                 spec.job_id,
                 api_seconds,
                 self._clock() - active.t0,
-                len(fitted.data),
+                fitted.size,
                 " (re-encoded)" if fitted.reencoded else "",
                 " ".join(f"{k}={v * 1000:.1f}" for k, v in active.timings.items()),
             )
@@ -943,6 +945,11 @@ class JobPipeline:
         finally:
             if active.task is asyncio.current_task():
                 self._active.pop(spec.job_id, None)
+            # a big result's temporary file(s), whatever the end: posted, refunded, cancelled
+            if fitted is not None:
+                fitted.close()
+            if result is not None:
+                result.close()
 
     def _api_done(self, active: _Active) -> None:
         """Free the job's API slot for the whole bot, without holding up the post."""

@@ -56,6 +56,7 @@ from kontext.errors import (
     ApiTimeout,
 )
 from kontext.settings import ASPECT_RATIOS, OUTPUT_FORMATS
+from kontext.spool import SPOOL_BYTES, ResultFile
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -132,9 +133,13 @@ class GenerationResult:
     ``content_type``/``output_format`` describe the bytes actually received (sniffed), which may
     differ from the format asked for (e.g. a PNG when JPEG was asked: accepted, logged).
     ``attempts`` counts the POSTs this call made (0 for :meth:`SegmindClient.resume`).
+
+    ``image`` is the bytes of a result up to :data:`~kontext.spool.SPOOL_BYTES`; a longer one
+    was written to a :class:`~kontext.spool.ResultFile` as it arrived and never held whole in
+    memory. Whoever receives a result owns it: :meth:`close` it when done (a no-op for bytes).
     """
 
-    image: bytes
+    image: bytes | ResultFile
     content_type: str
     output_format: str
     request_id: str | None
@@ -143,6 +148,22 @@ class GenerationResult:
     seed: int | None
     elapsed_s: float
     attempts: int
+
+    @property
+    def size(self) -> int:
+        """The image's length in bytes."""
+        image = self.image
+        return image.size if isinstance(image, ResultFile) else len(image)
+
+    @property
+    def spooled(self) -> bool:
+        """Whether the image is in a temporary file (:class:`~kontext.spool.ResultFile`)."""
+        return isinstance(self.image, ResultFile)
+
+    def close(self) -> None:
+        """Release the image's temporary file, if any (idempotent)."""
+        if isinstance(self.image, ResultFile):
+            self.image.close()
 
 
 @dataclass(frozen=True)
@@ -304,15 +325,19 @@ def image_is_complete(data: bytes, fmt: str) -> bool:
     JPEG: an end-of-image marker ``FF D9`` near the end; PNG: the ``IEND`` chunk near the end;
     WebP: the RIFF size covers the data. Catches bodies cut short.
     """
-    if len(data) < _MIN_IMAGE_BYTES:
+    return _is_complete(data[:12], data[-64:], len(data), fmt)
+
+
+def _is_complete(head: bytes, tail: bytes, size: int, fmt: str) -> bool:
+    """:func:`image_is_complete` from the first 12 and last 64 bytes of ``size`` bytes."""
+    if size < _MIN_IMAGE_BYTES:
         return False
-    tail = data[-64:]
     if fmt == "jpg":
-        return b"\xff\xd9" in tail
+        return b"\xff\xd9" in tail[-64:]
     if fmt == "png":
-        return b"IEND\xaeB`\x82" in tail
+        return b"IEND\xaeB`\x82" in tail[-64:]
     if fmt == "webp":
-        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+        return int.from_bytes(head[4:8], "little") + 8 <= size
     return False
 
 
@@ -394,13 +419,19 @@ def _failed_job_error(message: str, detail: str, status: int | None) -> ApiError
 
 @dataclass
 class _Answer:
-    """One HTTP answer, fully read."""
+    """One HTTP answer, fully read: into ``body``, or (a long 200 read with ``spool=True``) into
+    ``file``, with ``body`` then holding the file's first bytes only."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
     elapsed_s: float
     url: str
+    file: ResultFile | None = None
+
+    @property
+    def size(self) -> int:
+        return self.file.size if self.file is not None else len(self.body)
 
 
 class _Retry(Exception):
@@ -543,7 +574,9 @@ class SegmindClient:
         url = self.base_url + path
         payload = req.to_payload()
         answer, attempts = await self._with_retries(
-            lambda: self._checked(self._request("POST", url, json_body=payload), f"POST {path}"),
+            lambda: self._checked(
+                self._request("POST", url, json_body=payload, spool=True), f"POST {path}"
+            ),
             f"POST {path}",
         )
         self._log_call("POST", path, answer, attempts=attempts)
@@ -655,8 +688,9 @@ class SegmindClient:
             attempts=attempts,
         )
         log.info(
-            "segmind v2 job %s completed after %d polls in %.2fs, %d bytes (%s)",
-            job.request_id, polls, result.elapsed_s, len(image), fmt,
+            "segmind v2 job %s completed after %d polls in %.2fs, %d bytes (%s%s)",
+            job.request_id, polls, result.elapsed_s, result.size, fmt,
+            ", spooled" if result.spooled else "",
         )
         return result
 
@@ -712,8 +746,8 @@ class SegmindClient:
 
     async def _v2_output(
         self, job: SubmittedJob, body: Mapping[str, Any], asked_format: str | None
-    ) -> tuple[bytes, str, Mapping[str, str]]:
-        """The image bytes of a COMPLETED job's ``output`` (URL, list of URLs, or base64)."""
+    ) -> tuple[bytes | ResultFile, str, Mapping[str, str]]:
+        """The image of a COMPLETED job's ``output`` (URL, list of URLs, or base64)."""
         output: Any = body.get("output")
         if isinstance(output, list):
             output = output[0] if output else None
@@ -749,7 +783,7 @@ class SegmindClient:
         """GET a result image (the key is sent only to the API's own hosts)."""
 
         async def once() -> _Answer:
-            answer = await self._request("GET", url, idempotent=True)
+            answer = await self._request("GET", url, idempotent=True, spool=True)
             if answer.status == 200:
                 return answer
             if answer.status == 429 or answer.status >= 500:
@@ -769,24 +803,36 @@ class SegmindClient:
 
     async def _image_from_answer(
         self, answer: _Answer, asked_format: str | None, request_id: str | None
-    ) -> tuple[bytes, str]:
-        """The image of a 200: raw bytes, or (some models) JSON carrying a URL or base64."""
+    ) -> tuple[bytes | ResultFile, str]:
+        """The image of a 200: raw bytes, or (some models) JSON carrying a URL or base64.
+
+        A spooled answer's file goes on in the result (closed here when anything fails)."""
         label = f"answer of {URL(answer.url).path}"
-        body = answer.body
-        if sniff_image(body) is None and body[:1] in (b"{", b"["):
-            try:
-                data = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                data = None
-            found = _image_in_json(data)
-            if found is not None and found.startswith(("http://", "https://")):
-                inner = await self._download(found, label)
-                body = inner.body
-            elif found is not None:
-                decoded = _decode_base64_image(found)
-                if decoded is not None:
-                    body = decoded
-        fmt = self._validate_image(body, asked_format, label, request_id, answer.status)
+        body: bytes | ResultFile = answer.file if answer.file is not None else answer.body
+        try:
+            head = body.head if isinstance(body, ResultFile) else body
+            if sniff_image(head) is None and head[:1] in (b"{", b"["):
+                if isinstance(body, ResultFile):  # a long JSON answer (base64 inside): parse it
+                    text = body.read_bytes()
+                    body.close()
+                    body = text
+                try:
+                    data = json.loads(body)
+                except (ValueError, UnicodeDecodeError):
+                    data = None
+                found = _image_in_json(data)
+                if found is not None and found.startswith(("http://", "https://")):
+                    inner = await self._download(found, label)
+                    body = inner.file if inner.file is not None else inner.body
+                elif found is not None:
+                    decoded = _decode_base64_image(found)
+                    if decoded is not None:
+                        body = decoded
+            fmt = self._validate_image(body, asked_format, label, request_id, answer.status)
+        except BaseException:
+            if isinstance(body, ResultFile):
+                body.close()
+            raise
         declared = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if declared.startswith("image/") and declared != CONTENT_TYPES[fmt] and not (
             declared == "image/jpg" and fmt == "jpg"
@@ -795,26 +841,32 @@ class SegmindClient:
         return body, fmt
 
     def _validate_image(
-        self, body: bytes, asked_format: str | None, label: str, request_id: str | None,
-        status: int,
+        self, body: bytes | ResultFile, asked_format: str | None, label: str,
+        request_id: str | None, status: int,
     ) -> str:
-        fmt = sniff_image(body)
+        """The sniffed format of ``body``; it must be JPEG/PNG/WebP and end as a whole file does
+        (a spooled body is checked on its first and last bytes, never read back)."""
+        if isinstance(body, ResultFile):
+            first, last, size = body.head, body.tail, body.size
+        else:
+            first, last, size = body, body[-64:], len(body)
+        fmt = sniff_image(first)
         if fmt is None:
-            head = body[:200]
-            if not body:
+            head = first[:200]
+            if not size:
                 what = "empty body"
             elif head.lstrip()[:1] in (b"{", b"["):
-                what = "JSON instead of an image: " + _error_message(body)
+                what = "JSON instead of an image: " + _error_message(first)
             elif b"<html" in head.lower() or b"<!doctype" in head.lower():
-                what = "HTML instead of an image: " + _error_message(body)
+                what = "HTML instead of an image: " + _error_message(first)
             else:
-                what = f"{len(body)} bytes that are not JPEG/PNG/WebP (starts {body[:8].hex()})"
+                what = f"{size} bytes that are not JPEG/PNG/WebP (starts {first[:8].hex()})"
             # a 200 is a finished, billed generation even when its body is useless
             raise ApiBadResponse(self._detail(label, status, what, request_id), status=status,
                                  charged_maybe=status == 200)
-        if not image_is_complete(body, fmt):
+        if not _is_complete(first[:12], last, size, fmt):
             raise ApiBadResponse(
-                self._detail(label, status, f"truncated {fmt} ({len(body)} bytes)", request_id),
+                self._detail(label, status, f"truncated {fmt} ({size} bytes)", request_id),
                 status=status, charged_maybe=status == 200,
             )
         if asked_format and fmt != asked_format:
@@ -892,21 +944,21 @@ class SegmindClient:
         json_body: Mapping[str, Any] | None = None,
         idempotent: bool = False,
         timeout: aiohttp.ClientTimeout | None = None,
+        spool: bool = False,
     ) -> _Answer:
-        """One HTTP request, body read in full. Transport failures become typed errors; those
-        where repeating is free are wrapped in :class:`_Retry`."""
+        """One HTTP request, body read in full (with ``spool``, a 200's body past
+        :data:`~kontext.spool.SPOOL_BYTES` into a temporary file). Transport failures become
+        typed errors; those where repeating is free are wrapped in :class:`_Retry`."""
         with_key = self._sends_key(url)
         headers = {"x-api-key": self._api_key, "Accept": "*/*"} if with_key else {"Accept": "*/*"}
         label = f"{method} {URL(url).path}"
         started = time.monotonic()
         try:
-            async with self._session.request(
-                method, url, json=json_body, headers=headers, timeout=timeout or self._timeout,
-                allow_redirects=not with_key,
-            ) as resp:
-                body = await self._read_body(resp, label)
-                return _Answer(resp.status, resp.headers.copy(), body,
-                               time.monotonic() - started, str(resp.url))
+            return await self._exchange(
+                method, url, json_body=json_body, headers=headers,
+                timeout=timeout or self._timeout, allow_redirects=not with_key, label=label,
+                started=started, spool=spool,
+            )
         except ApiError:
             raise
         except (
@@ -947,7 +999,36 @@ class SegmindClient:
                 charged_maybe=not idempotent,
             ) from None
 
-    async def _read_body(self, resp: aiohttp.ClientResponse, label: str) -> bytes:
+    async def _exchange(
+        self, method: str, url: str, *, json_body: Mapping[str, Any] | None,
+        headers: Mapping[str, str], timeout: aiohttp.ClientTimeout, allow_redirects: bool,
+        label: str, started: float, spool: bool,
+    ) -> _Answer:
+        """Send, read the answer; a spooled body's file is closed unless the answer is returned
+        (a failure or a cancellation while the response is released)."""
+        body: bytes | ResultFile = b""
+        try:
+            async with self._session.request(
+                method, url, json=json_body, headers=headers, timeout=timeout,
+                allow_redirects=allow_redirects,
+            ) as resp:
+                body = await self._read_body(resp, label, spool=spool)
+                elapsed = time.monotonic() - started
+                headers_copy, status, where = resp.headers.copy(), resp.status, str(resp.url)
+        except BaseException:
+            if isinstance(body, ResultFile):
+                body.close()
+            raise
+        if isinstance(body, ResultFile):
+            return _Answer(status, headers_copy, body.head, elapsed, where, body)
+        return _Answer(status, headers_copy, body, elapsed, where)
+
+    async def _read_body(
+        self, resp: aiohttp.ClientResponse, label: str, *, spool: bool = False
+    ) -> bytes | ResultFile:
+        """The body, never more than ``max_image_bytes``. With ``spool``, a 200's body longer
+        than :data:`~kontext.spool.SPOOL_BYTES` is written to a :class:`ResultFile` chunk by
+        chunk as it arrives (only ~64 KiB of it in memory at a time)."""
         limit = self.max_image_bytes
         length = resp.content_length
         if length is not None and length > limit:
@@ -956,22 +1037,41 @@ class SegmindClient:
                 status=resp.status, charged_maybe=resp.status == 200,
             )
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if length is not None and encoding == "identity":
+        spooling = spool and resp.status == 200
+        if length is not None and encoding == "identity" and not (
+            spooling and length > SPOOL_BYTES
+        ):
             # aiohttp stops at Content-Length, and nothing is decompressed, so this cannot read
             # more than the limit; one read is several times cheaper than a loop of 64 KiB chunks
-            # for a 1-10 MiB image. A compressed body is counted as it is inflated, below.
+            # for a 1 MiB image. A compressed body is counted as it is inflated, below.
             return await resp.read()
         chunks: list[bytes] = []
         size = 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > limit:
-                raise ApiBadResponse(
-                    self._detail(label, resp.status, f"body over {limit} bytes", None),
-                    status=resp.status, charged_maybe=resp.status == 200,
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        file: ResultFile | None = None
+        try:
+            if spooling and length is not None and length > SPOOL_BYTES:
+                file = ResultFile()
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiBadResponse(
+                        self._detail(label, resp.status, f"body over {limit} bytes", None),
+                        status=resp.status, charged_maybe=resp.status == 200,
+                    )
+                if file is not None:
+                    file.write(chunk)
+                    continue
+                chunks.append(chunk)
+                if spooling and size > SPOOL_BYTES:  # no Content-Length, or compressed
+                    file = ResultFile()
+                    for held in chunks:
+                        file.write(held)
+                    chunks.clear()
+        except BaseException:
+            if file is not None:
+                file.close()
+            raise
+        return file if file is not None else b"".join(chunks)
 
     async def _with_retries(
         self, op: Callable[[], Awaitable[T]], label: str
@@ -1023,7 +1123,7 @@ class SegmindClient:
         log.info(
             "segmind %s %s -> %d in %.2fs, request id %s, %d bytes%s",
             method, what, answer.status, answer.elapsed_s,
-            answer.headers.get("x-request-id", "-"), len(answer.body),
+            answer.headers.get("x-request-id", "-"), answer.size,
             f", {attempts} attempts" if attempts > 1 else "",
         )
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
+from cogs import common
 from kontext import errors as kontext_errors
+from kontext import spool
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, Harness, harness
 
 START = 10  # STARTING_CREDITS in the harness; one image costs 1 credit
@@ -210,6 +213,64 @@ async def test_upload_refused_refunds_and_says_so() -> None:
         assert "could not be posted" in text and "refunded" in text, text
         assert h.result_messages() == []
         await serves_next(h, balance_after=START - 1)
+
+
+BIG = 3 * 1024 * 1024  # past SPOOL_BYTES, under the 10 MiB upload limit: posted from its file
+
+
+@pytest.mark.parametrize("upload", ["ok", "503-once", "token-dead", "followup-dead", "refused"])
+async def test_a_big_result_is_uploaded_from_its_file_which_is_closed_at_the_end(
+    upload: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result past SPOOL_BYTES goes API → temporary file → Discord, uploaded again from the
+    file's start when the first upload is retried or falls back to the channel; whatever the
+    end, the file is closed when the job ends."""
+    posted: list[int] = []
+    original = common.result_file
+
+    def result_file(result: Any) -> Any:
+        file = original(result)
+        posted.append(result.image.file is not None)
+        return file
+
+    monkeypatch.setattr(common, "result_file", result_file)
+    before = spool.open_count()
+    async with harness(segmind_latency=0.3 if upload == "token-dead" else 0.0) as h:
+        h.segmind.oversize_next(BIG)
+        if upload == "503-once":
+            h.discord.fail_next("POST", WEBHOOK_POST, 503)
+        elif upload == "refused":
+            h.discord.fail_next("POST", WEBHOOK_POST, 413)
+        elif upload == "followup-dead":  # the upload fails on a dead token: again in the channel
+            h.discord.fail_next("POST", WEBHOOK_POST, 404, code=10015, message="Unknown Webhook")
+        rec = await h.kontext(output_format="png", wait=upload != "token-dead")
+        if upload == "token-dead":
+            await rec.wait_response()
+            await h.segmind.wait_calls(1)
+            h.discord.expire_token(rec)
+            await h.wait_settled(rec)
+        assert spool.open_count() == before  # closed when the job ended
+        if upload == "refused":
+            await settle_and_check(h, rec, status="refunded", balance=START)
+            assert posted == [True]
+        else:
+            assert h.outcomes[rec.id].status == "posted", seen_by(h, rec)
+            assert await h.bot.store.check_invariants() == []
+            assert await h.balance() == START - 1
+            assert posted == ([True, True] if upload == "followup-dead" else [True])
+            if upload in ("token-dead", "followup-dead"):
+                posts = [m for m in h.discord.public_messages(h.channel_id) if m.get("attachments")]
+            else:
+                posts = h.result_messages()
+            assert len(posts) == 1
+            data = h.discord.attachment_bytes(posts[0]["attachments"][0])
+            assert data == h.segmind.calls[0].image and len(data) >= BIG  # whole, unchanged
+        await serves_next(h, balance_after=h_balance_after(upload))
+        assert spool.open_count() == before
+
+
+def h_balance_after(upload: str) -> int:
+    return START - (1 if upload == "refused" else 2)
 
 
 async def test_defer_answered_40060_does_nothing_else() -> None:

@@ -7,6 +7,7 @@ import io
 import pytest
 from PIL import Image
 
+from kontext import spool
 from tests.e2e.harness import harness, make_image
 
 PRODUCT_ASPECTS = 14
@@ -143,6 +144,7 @@ async def test_hang_times_out_and_reset_is_not_retried() -> None:
 
 
 async def test_oversized_result_is_fitted_under_the_limit() -> None:
+    before = spool.open_count()
     async with harness() as h:
         h.segmind.oversize_next(12 * 1024 * 1024)
         rec = await h.kontext(output_format="png")
@@ -152,6 +154,8 @@ async def test_oversized_result_is_fitted_under_the_limit() -> None:
         assert len(data) <= rec.attachment_size_limit
         Image.open(io.BytesIO(data)).verify()
         assert "fit" in str(msg["embeds"][0]["footer"]).lower()
+        # the API's 12 MB went to a file, and so did the re-encoded copy: both closed
+        assert spool.open_count() == before
 
 
 async def test_dead_token_posts_through_the_channel() -> None:

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from kontext import images
+from kontext import images, spool
 from kontext.errors import InputError
 from kontext.images import (
     MIN_LIMIT_BYTES,
@@ -46,6 +46,7 @@ from kontext.images import (
     validate_prompt,
     validate_seed,
 )
+from kontext.spool import SPOOL_BYTES, ResultFile, open_count
 
 MB = 1024 * 1024
 MAX_BYTES = 20 * MB
@@ -596,7 +597,7 @@ def test_seed() -> None:
 
 
 def decode(fitted: FittedImage) -> Image.Image:
-    img = Image.open(io.BytesIO(fitted.data))
+    img = Image.open(fitted.open())  # bytes, or a re-encoded copy past SPOOL_BYTES in a file
     img.load()
     assert img.size == (fitted.width, fitted.height)
     assert {"png": "PNG", "jpg": "JPEG"}[fitted.format] == img.format
@@ -620,7 +621,7 @@ def test_fit_large_noisy_png(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="kontext.images"):
         fitted = fit_to_limit(noisy_png, output_format="png", limit_bytes=limit)
-    assert len(fitted.data) <= limit
+    assert fitted.size <= limit
     assert fitted.reencoded and fitted.format == "jpg" and fitted.filename_ext == "jpg"
     img = decode(fitted)
     assert img.mode == "RGB"
@@ -628,9 +629,11 @@ def test_fit_large_noisy_png(
     assert abs(fitted.width - 2000 * fitted.scale) <= 1
     record = next(r for r in caplog.records if "re-encoded" in r.getMessage())
     message = record.getMessage()
-    assert str(len(noisy_png)) in message and str(len(fitted.data)) in message
+    assert str(len(noisy_png)) in message and str(fitted.size) in message
     encodes = int(re.search(r"(\d+) encode", message).group(1))  # type: ignore[union-attr]
     assert encodes <= 6
+    assert isinstance(fitted.body, ResultFile) == (fitted.size > SPOOL_BYTES)
+    fitted.close()
 
 
 def test_fit_png_that_only_needs_optimizing() -> None:
@@ -650,7 +653,7 @@ def test_fit_rgba_is_flattened_on_white() -> None:
     data = encode(img, "PNG")
     fitted = fit_to_limit(data, output_format="png", limit_bytes=len(data) // 3)
     out = decode(fitted)
-    assert len(fitted.data) <= len(data) // 3
+    assert fitted.size <= len(data) // 3
     assert out.mode == "RGB" and fitted.format == "jpg"
     r, g, b = out.getpixel((10, out.height // 2))  # type: ignore[misc]
     assert min(r, g, b) > 240
@@ -662,14 +665,14 @@ def test_fit_palette_and_grey_inputs() -> None:
     for img in (pal, noise(500, 500, "L"), noise(500, 500, "LA")):
         data = encode(img, "PNG")
         fitted = fit_to_limit(data, output_format="jpg", limit_bytes=30_000)
-        assert len(fitted.data) <= 30_000
+        assert fitted.size <= 30_000
         assert decode(fitted).mode == "RGB"
 
 
 @pytest.mark.parametrize("limit", [20_000, 10_000, MIN_LIMIT_BYTES])
 def test_fit_tiny_limits(noisy_png: bytes, limit: int) -> None:
     fitted = fit_to_limit(noisy_png, output_format="png", limit_bytes=limit)
-    assert len(fitted.data) <= limit
+    assert fitted.size <= limit
     decode(fitted)
 
 
@@ -721,7 +724,7 @@ def test_fit_always_fits(
     data = encode(noise(width, height, mode), "PNG")
     limit = max(MIN_LIMIT_BYTES, int(len(data) * fraction))
     fitted = fit_to_limit(data, output_format=output_format, limit_bytes=limit)
-    assert len(fitted.data) <= limit
+    assert fitted.size <= limit
     if len(data) <= limit:
         assert fitted.data is data
     out = decode(fitted)
@@ -731,10 +734,152 @@ def test_fit_always_fits(
 
 async def test_async_wrappers(noisy_png: bytes) -> None:
     fitted = await fit_to_limit_async(noisy_png, output_format="png", limit_bytes=2 * MB)
-    assert len(fitted.data) <= 2 * MB
+    assert fitted.size <= 2 * MB
+    fitted.close()
     thumb = await thumbnail_bytes_async(noisy_png, 128)
     with Image.open(io.BytesIO(thumb)) as img:
         assert img.format == "JPEG" and max(img.size) == 128
+
+
+# --- fitting results held in a temporary file -------------------------------------------------------
+
+
+@pytest.fixture
+def spooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[bytes], ResultFile]]:
+    """Makes ResultFiles in ``tmp_path``; at the end every one of them (and every file the code
+    under test made) must be closed: no descriptor left on the directory."""
+    monkeypatch.setattr(spool, "SPOOL_DIR", str(tmp_path))
+    before = open_count()
+    made: list[ResultFile] = []
+
+    def make(data: bytes) -> ResultFile:
+        made.append(ResultFile.from_bytes(data))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for file in made:
+        file.close()
+    assert open_count() == before
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    assert not [f for f in fds if f.startswith(str(tmp_path))]
+
+
+@pytest.fixture
+def no_whole_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """ResultFile.read_bytes (the whole file in memory) fails; ``stream`` calls are recorded."""
+    streams: list[str] = []
+    original = ResultFile.stream
+
+    def read_bytes(self: ResultFile) -> bytes:
+        raise AssertionError("a spooled result was read into memory")
+
+    def stream(self: ResultFile) -> io.BufferedIOBase:
+        streams.append(threading.current_thread().name)
+        return original(self)  # type: ignore[return-value]
+
+    monkeypatch.setattr(ResultFile, "read_bytes", read_bytes)
+    monkeypatch.setattr(ResultFile, "stream", stream)
+    return streams
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+async def test_a_spooled_result_that_fits_is_passed_through_unread(
+    fmt: str, spooled: Callable[[bytes], ResultFile], no_whole_read: list[str]
+) -> None:
+    data = encode(noise(900, 700), fmt, **({"quality": 95} if fmt != "PNG" else {}))
+    file = spooled(data)
+    fitted = await fit_to_limit_async(file, output_format="jpg", limit_bytes=10 * MB)
+    assert fitted.body is file and fitted.file is file and not fitted.reencoded
+    assert (fitted.width, fitted.height, fitted.size) == (900, 700, len(data))
+    assert fitted.format == {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}[fmt]
+    assert no_whole_read == []  # the header was read from the bytes kept in memory
+    with pytest.raises(TypeError):
+        fitted.data  # noqa: B018 - never the whole file in memory by accident
+    fitted.close()
+    assert file.closed
+
+
+def test_a_spooled_jpeg_whose_header_is_far_in_reads_only_the_header(
+    spooled: Callable[[bytes], ResultFile], no_whole_read: list[str]
+) -> None:
+    """A JPEG with long comment segments before its frame header: the dimensions come from a
+    lazy Pillow open of the file (which stops at the header), not from reading the file."""
+    jpeg = encode(noise(640, 480), "JPEG")
+    pad = b"".join(b"\xff\xfe" + struct.pack(">H", 65535) + b"\0" * 65533 for _ in range(4))
+    fitted = fit_to_limit(spooled(jpeg[:2] + pad + jpeg[2:]), output_format="jpg",
+                          limit_bytes=10 * MB)
+    assert (fitted.width, fitted.height, fitted.reencoded) == (640, 480, False)
+    assert len(no_whole_read) == 1
+
+
+async def test_a_spooled_result_too_big_is_decoded_from_the_file_within_the_budget(
+    noisy_png: bytes, spooled: Callable[[bytes], ResultFile], no_whole_read: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    budget = images.MemoryBudget(1000 * MB)
+    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    file = spooled(noisy_png)
+    fitted = await fit_to_limit_async(file, output_format="png", limit_bytes=2 * MB)
+    assert fitted.reencoded and fitted.size <= 2 * MB and fitted.format == "jpg"
+    assert no_whole_read and all(name.startswith("kontext-fit") for name in no_whole_read)
+    # decoded from the file: 2000x1800 RGBA-sized decode and copies, plus the outputs
+    assert budget.peak_in_use == images._fit_cost(noisy_png[:65536], 2 * MB)
+    assert budget.peak_in_use >= 2000 * 1800 * 4 and budget.in_use == 0
+    # past SPOOL_BYTES the re-encoded copy is a new file of its own; the source stays open
+    assert isinstance(fitted.body, ResultFile) and fitted.body is not file and not file.closed
+    assert open_count() >= 2
+    with Image.open(fitted.open()) as img:
+        assert img.format == "JPEG" and img.size == (fitted.width, fitted.height)
+    fitted.close()
+
+
+async def test_big_fits_wait_for_the_decode_budget(
+    noisy_png: bytes, spooled: Callable[[bytes], ResultFile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = images.MemoryBudget(images._fit_cost(noisy_png, 2 * MB) + 1)  # room for one
+    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    fits = await asyncio.gather(*(
+        fit_to_limit_async(spooled(noisy_png), output_format="png", limit_bytes=2 * MB)
+        for _ in range(3)
+    ))
+    assert budget.peak_holders == 1 and budget.in_use == 0
+    for fitted in fits:
+        assert fitted.size <= 2 * MB
+        fitted.close()
+
+
+async def test_a_cancelled_fit_closes_its_new_file(
+    noisy_png: bytes, spooled: Callable[[bytes], ResultFile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller stops waiting while the thread re-encodes: the file it makes is closed (by
+    the pool's callback, not by the garbage collector's backstop)."""
+    monkeypatch.setattr(ResultFile, "__del__", lambda self: None)
+    file = spooled(noisy_png)
+    before = open_count()
+    task = asyncio.create_task(fit_to_limit_async(file, output_format="png", limit_bytes=2 * MB))
+    await asyncio.sleep(0.05)  # running in its thread by now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(300):  # the thread finishes on its own
+        if images.DECODE_BUDGET.in_use == 0:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    assert open_count() == before
+
+
+def test_fitted_image_of_bytes_keeps_data(noisy_png: bytes) -> None:
+    data = encode(gradient(300, 200), "PNG")
+    fitted = fit_to_limit(data, output_format="png", limit_bytes=10 * MB)
+    assert fitted.data is data and fitted.file is None and fitted.size == len(data)
+    assert fitted.open().read() == data
+    fitted.close()  # nothing to close
 
 
 def test_thumbnail_bytes() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -17,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from kontext import spool
 from kontext.errors import (
     ApiAuthError,
     ApiBadRequest,
@@ -45,6 +48,7 @@ from kontext.segmind import (
     retry_after_from_headers,
     sniff_image,
 )
+from kontext.spool import ResultFile, open_count
 from tests.emulators.segmind import SegmindEmulator
 
 KEY = "sk-test-7f3a9c1e5b2d4f60"
@@ -508,15 +512,263 @@ async def test_other_format_is_accepted_and_reported(
 
 
 async def test_oversize_image_is_delivered_whole(
-    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient]
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    spool_dir: Callable[[], int],
 ) -> None:
     emu.oversize_next(1_500_000)
     result = await make_client().generate(_req(inputs, output_format="png"))
-    assert len(result.image) >= 1_500_000 and sniff_image(result.image) == "png"
+    assert isinstance(result.image, ResultFile)  # past SPOOL_BYTES: in a temporary file
+    assert result.size >= 1_500_000 and sniff_image(result.image.head) == "png"
+    assert result.image.read_bytes() == emu.calls[-1].image
+    result.close()
     emu.oversize_next(1_500_000)
     with pytest.raises(ApiBadResponse) as info:
         await make_client(max_image_bytes=1_000_000).generate(_req(inputs, output_format="png"))
     assert info.value.charged_maybe
+    assert open_count() == 0 and spool_dir() == 0
+
+
+# --- big results go to a temporary file -----------------------------------------------------------
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], int]]:
+    """Temporary files made in ``tmp_path``; yields a counter of this process's descriptors open
+    on files there (an unnamed temporary file shows as ``<dir>/#<inode> (deleted)``)."""
+    monkeypatch.setattr(spool, "SPOOL_DIR", str(tmp_path))
+    before = open_count()
+
+    def open_here() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
+        return count
+
+    yield open_here
+    assert open_count() == before, "a ResultFile was left open"
+    assert open_here() == 0
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every chunk written to a ResultFile; a whole-body ``resp.read()`` fails."""
+    seen: list[int] = []
+    original = ResultFile.write
+
+    def write(self: ResultFile, chunk: bytes) -> None:
+        seen.append(len(chunk))
+        original(self, chunk)
+
+    async def no_whole_read(self: aiohttp.ClientResponse) -> bytes:
+        if self.content_length and self.content_length > spool.SPOOL_BYTES:
+            raise AssertionError(f"a {self.content_length}-byte body was read whole")
+        return await original_read(self)
+
+    original_read = aiohttp.ClientResponse.read
+    monkeypatch.setattr(ResultFile, "write", write)
+    monkeypatch.setattr(aiohttp.ClientResponse, "read", no_whole_read)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_big_result_is_spooled_never_whole_in_memory(
+    mode: str, emu: SegmindEmulator, inputs: tuple[str, str],
+    make_client: Callable[..., SegmindClient], spool_dir: Callable[[], int], writes: list[int],
+) -> None:
+    emu.oversize_next(3 * 1024 * 1024)
+    result = await make_client(mode=mode).generate(_req(inputs, output_format="png"))
+    try:
+        assert result.spooled and isinstance(result.image, ResultFile)
+        assert spool_dir() == 1  # the one file, open, in the spool directory
+        expected = emu._oversize_cache[(3 * 1024 * 1024, "png")]  # what the emulator answered
+        assert result.size == len(expected) and result.output_format == "png"
+        assert writes and max(writes) <= 1 << 16 and sum(writes) == len(expected)
+        assert len(result.image.head) == spool.HEAD_BYTES  # all the bytes kept in memory
+        assert result.image.read_bytes() == expected
+    finally:
+        result.close()
+    assert spool_dir() == 0 and result.image.closed
+
+
+async def test_a_result_up_to_the_spool_size_stays_bytes(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    spool_dir: Callable[[], int], writes: list[int],
+) -> None:
+    result = await make_client().generate(_req(inputs, output_format="png"))
+    assert isinstance(result.image, bytes) and not result.spooled
+    assert result.size == len(result.image) and not writes
+    result.close()  # a no-op for bytes
+
+
+async def _serve(handler: Callable[..., Any]) -> tuple[Any, str]:
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post(f"/v1/{MODEL}", handler)
+    app.router.add_get("/out/{name}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def _big_png(size: int = 2 * 1024 * 1024) -> bytes:
+    from tests.emulators.segmind import _noisy_image
+
+    return _noisy_image(size, "png")
+
+
+_ANY_REQ = GenerationRequest("p", "https://cdn.example/1.png", "https://cdn.example/2.png",
+                             output_format="png")
+
+
+@pytest.mark.parametrize("size", [200_000, 2 * 1024 * 1024])
+async def test_a_chunked_answer_is_spooled_once_it_passes_the_size(
+    size: int, make_client: Callable[..., SegmindClient], spool_dir: Callable[[], int],
+    writes: list[int],
+) -> None:
+    """Without Content-Length the body is held in memory up to SPOOL_BYTES, then moved to a
+    file and the rest written there."""
+    from aiohttp import web
+
+    body = _big_png(size)
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "image/png"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for at in range(0, len(body), 100_000):
+            await resp.write(body[at : at + 100_000])
+        await resp.write_eof()
+        return resp
+
+    runner, base = await _serve(answer)
+    try:
+        result = await make_client(base_url=base).generate(_ANY_REQ)
+        try:
+            if size > spool.SPOOL_BYTES:
+                assert isinstance(result.image, ResultFile)
+                assert result.image.read_bytes() == body and max(writes) <= 1 << 16
+            else:
+                assert result.image == body and not writes
+        finally:
+            result.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "over_limit", "broken", "not_an_image"])
+async def test_a_failed_big_answer_leaves_no_file(
+    fault: str, make_client: Callable[..., SegmindClient], spool_dir: Callable[[], int],
+    writes: list[int],
+) -> None:
+    """Every way a spooled body can fail after its file was made: the file is closed."""
+    from aiohttp import web
+
+    body = _big_png()
+    if fault == "truncated":
+        body = body[: len(body) - 100]  # no IEND: checked on the file's tail
+    elif fault == "not_an_image":
+        body = b"\0" * len(body)
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if fault == "broken":  # promises the whole body, sends a half, hangs up
+            resp = web.StreamResponse(headers={"Content-Type": "image/png",
+                                               "Content-Length": str(len(body))})
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        if fault == "over_limit":
+            resp = web.StreamResponse(headers={"Content-Type": "image/png"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(body)
+            await resp.write_eof()
+            return resp
+        return web.Response(body=body, content_type="image/png")
+
+    runner, base = await _serve(answer)
+    try:
+        client = make_client(base_url=base, max_image_bytes=len(body) - 1000
+                             if fault == "over_limit" else 64 * 1024 * 1024)
+        with pytest.raises(ApiError) as info:
+            await client.generate(_ANY_REQ)
+        assert info.value.charged_maybe
+        if fault == "truncated":
+            assert "truncated png" in str(info.value.detail)
+        assert writes  # the body did go to a file
+        assert spool_dir() == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_download_cancelled_midway_leaves_no_file(
+    make_client: Callable[..., SegmindClient], spool_dir: Callable[[], int],
+) -> None:
+    from aiohttp import web
+
+    body = _big_png()
+    halfway, release = asyncio.Event(), asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "image/png",
+                                           "Content-Length": str(len(body))})
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        halfway.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), 30)
+        return resp
+
+    runner, base = await _serve(answer)
+    try:
+        task = asyncio.create_task(make_client(base_url=base).generate(_ANY_REQ))
+        await halfway.wait()
+        for _ in range(50):  # until the client wrote into its file
+            await asyncio.sleep(0.01)
+            if spool_dir():
+                break
+        assert spool_dir() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert spool_dir() == 0
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def test_a_json_answer_pointing_to_a_big_image_spools_the_download(
+    make_client: Callable[..., SegmindClient], spool_dir: Callable[[], int],
+) -> None:
+    from aiohttp import web
+
+    body = _big_png()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            await request.read()
+            base = f"{request.scheme}://{request.host}"
+            return web.json_response({"image": f"{base}/out/result.png"})
+        return web.Response(body=body, content_type="image/png")
+
+    runner, base = await _serve(answer)
+    try:
+        result = await make_client(base_url=base).generate(_ANY_REQ)
+        try:
+            assert isinstance(result.image, ResultFile) and result.image.read_bytes() == body
+        finally:
+            result.close()
+    finally:
+        await runner.cleanup()
 
 
 async def test_compressed_answer_is_counted_as_it_inflates(
