@@ -159,7 +159,7 @@ async def test_a_transport_error_after_the_post_does_not_undo_the_delivery() -> 
         image_2=InputImage("https://cdn.discordapp.com/b.png"),
     )
     image = FittedImage(
-        data=b"\xff\xd8\xff" + b"0" * 10, format="jpg", filename_ext="jpg", width=1, height=1,
+        body=b"\xff\xd8\xff" + b"0" * 10, format="jpg", filename_ext="jpg", width=1, height=1,
         reencoded=False, scale=1.0,
     )
     info = ResultInfo(
