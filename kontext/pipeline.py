@@ -959,10 +959,10 @@ class JobPipeline:
 
         async def done() -> None:
             try:
-                await self.store.api_done(lease)
+                await self.queue.slot_freed(lease)  # and the next job, in one transaction
             except Exception as exc:  # noqa: BLE001 - the slot frees at commit / refund then
                 log.warning("job %s: could not free its API slot early (%s)", lease.job_id, exc)
-            self.queue.kick()
+                self.queue.kick()
 
         self._spawn(done(), f"kontext-api-done-{lease.job_id}")
 

@@ -278,12 +278,8 @@ class SharedQueue:
                 continue
             sent = time.monotonic()
             try:
-                every = [self.limits]
-                if self.accounts is not None:
-                    await self.accounts.refresh()
-                    every = self.accounts.limits()
                 claim: Claim = await self.store.claim_next(
-                    self.worker_id, every, lease_s=self.lease_s
+                    self.worker_id, await self._every_account(), lease_s=self.lease_s
                 )
             except Exception as exc:  # noqa: BLE001 - the database is away: try again later
                 log.warning("queue: could not claim a job (%s); retrying", type(exc).__name__)
@@ -291,22 +287,47 @@ class SharedQueue:
                 backoff = min(5.0, backoff * 2)
                 continue
             backoff = self.poll_s
-            self._set_paused(claim.paused)
-            if claim.job is not None and claim.lease is not None:
-                if not self._claiming:  # shutdown began while claiming: give it back at once
-                    await self._let_go_quietly(claim.lease)
-                    continue
-                self.hold(claim.lease, since=sent)
-                self._view_at = float("-inf")  # positions moved
-                try:
-                    self.on_claim(claim.job, claim.lease)
-                except Exception:
-                    log.exception("job %s: could not start it", claim.job.id)
+            if await self._take(claim, sent):
                 continue
             if claim.wait_s > 0:
                 await self._sleep(min(claim.wait_s, 60.0))
             else:
                 await self._sleep(self.poll_s)
+
+    async def _every_account(self) -> list[AccountLimits]:
+        if self.accounts is None:
+            return [self.limits]
+        await self.accounts.refresh()
+        return list(self.accounts.limits())
+
+    async def _take(self, claim: Claim, sent: float) -> bool:
+        """Start a claimed job (True), or note why there was none (False)."""
+        self._set_paused(claim.paused)
+        if claim.job is None or claim.lease is None:
+            return False
+        if not self._claiming:  # shutdown began while claiming: give it back at once
+            await self._let_go_quietly(claim.lease)
+            return True
+        self.hold(claim.lease, since=sent)
+        self._view_at = float("-inf")  # positions moved
+        try:
+            self.on_claim(claim.job, claim.lease)
+        except Exception:
+            log.exception("job %s: could not start it", claim.job.id)
+        return True
+
+    async def slot_freed(self, lease: Lease) -> None:
+        """The API call of ``lease``'s job ended: free its slot and, in the same transaction,
+        take the next job (when this process still claims)."""
+        if not self._claiming:
+            await self.store.api_done(lease)
+            return
+        sent = time.monotonic()
+        claim = await self.store.claim_next(
+            self.worker_id, await self._every_account(), lease_s=self.lease_s, done=lease
+        )
+        if await self._take(claim, sent):
+            self.kick()  # there may be room for more
 
     async def _sleep(self, seconds: float) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that

@@ -37,7 +37,7 @@ from kontext.errors import (
     QueueFull,
     TooManyJobs,
 )
-from kontext.schema import bot_meta, budget_days, guild_budget_days, run_migrations
+from kontext.schema import bot_meta, run_migrations
 from kontext.settings import Settings
 from kontext.store_admin import AdminMixin
 from kontext.store_base import fence_params
@@ -177,29 +177,19 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
         if allowed and g not in allowed:
             raise GuildNotEnabled(f"server {g} is not enabled")
         async with self.db.read() as conn:
-            control = (await conn.execute(self._sql.guild_control, {"g": g})).first()
-            member = (await conn.execute(self._sql.member_row, {"g": g, "u": u})).first()
-            spent = (
-                await conn.execute(select(budget_days.c.reserved_micros).where(budget_days.c.day == today))
-            ).scalar()
-            guild_spent = (
-                await conn.execute(
-                    select(guild_budget_days.c.reserved_micros).where(
-                        guild_budget_days.c.guild_id == g, guild_budget_days.c.day == today
-                    )
-                )
-            ).scalar()
-            waiting = (await conn.execute(self._sql.count_waiting)).scalar_one()
-        if control is not None and control.blocked:
+            row = (
+                await conn.execute(self._sql.precheck, {"g": g, "u": u, "today": today})
+            ).one()
+        if row.blocked:
             raise GuildNotEnabled(f"server {g} is blocked")
         cost = gs.credits_per_image
-        if member is None:
+        if row.balance is None:  # a new member
             balance, inflight, cooldown_until = gs.starting_credits, 0, None
             topup = gs.daily_free_credits
         else:
-            balance, inflight = int(member.balance), int(member.inflight)
-            cooldown_until = member.cooldown_until
-            topup = gs.daily_free_credits if member.last_daily != today else 0
+            balance, inflight = int(row.balance), int(row.inflight)
+            cooldown_until = row.cooldown_until
+            topup = gs.daily_free_credits if row.last_daily != today else 0
         if not req.exempt_from_cooldown and gs.cooldown_seconds > 0 and cooldown_until:
             if float(cooldown_until) > now:
                 raise OnCooldown(retry_after=float(cooldown_until) - now)
@@ -210,14 +200,14 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
         if req.account == OWNER_ACCOUNT:
             usd = usd_to_micros(self.settings.cost_per_image_usd)
             hours, minutes = until_midnight_utc(now)
-            if int(spent or 0) + usd > usd_to_micros(self.settings.daily_budget_usd):
+            if int(row.spent or 0) + usd > usd_to_micros(self.settings.daily_budget_usd):
                 raise BudgetExhausted("daily budget", hours=hours, minutes=minutes)
             guild_cap_usd = self.settings.guild_daily_budget_usd
-            if control is not None and control.daily_budget_usd is not None:
-                guild_cap_usd = float(control.daily_budget_usd)
-            if guild_cap_usd > 0 and int(guild_spent or 0) + usd > usd_to_micros(guild_cap_usd):
+            if row.guild_cap is not None:
+                guild_cap_usd = float(row.guild_cap)
+            if guild_cap_usd > 0 and int(row.guild_spent or 0) + usd > usd_to_micros(guild_cap_usd):
                 raise GuildBudgetExhausted(f"server {g}", hours=hours, minutes=minutes)
-        if waiting >= self.settings.max_queue_size:
+        if row.waiting >= self.settings.max_queue_size:
             raise QueueFull(f"queue at {self.settings.max_queue_size}")
 
     def _reserve_tx(

@@ -208,6 +208,30 @@ class Statements:
         self.guild_control = select(
             guild_controls.c.blocked, guild_controls.c.daily_budget_usd
         ).where(guild_controls.c.guild_id == g)
+        gc = guild_controls.c
+
+        def one(column: Any, *where: Any) -> Any:
+            return select(column).where(*where).scalar_subquery()
+
+        today = _p("today", Text)
+        #: params: g, u, today. Everything :meth:`Store.precheck` reads, in one statement (one
+        #: round trip): the owner's controls of the server, the member's row (NULLs when new),
+        #: both budgets' spend today and the queue's length.
+        self.precheck = select(
+            one(gc.blocked, gc.guild_id == g).label("blocked"),
+            one(gc.daily_budget_usd, gc.guild_id == g).label("guild_cap"),
+            one(_m.balance, who).label("balance"),
+            one(_m.inflight, who).label("inflight"),
+            one(_m.cooldown_until, who).label("cooldown_until"),
+            one(_m.last_daily, who).label("last_daily"),
+            one(_b.reserved_micros, _b.day == today).label("spent"),
+            one(_gb.reserved_micros, _gb.guild_id == g, _gb.day == today).label("guild_spent"),
+            select(func.count())
+            .select_from(jobs)
+            .where(_j.state == "accepted")
+            .scalar_subquery()
+            .label("waiting"),
+        )
         #: params: b_day, usd. Gives one generation's share back (never below zero).
         self.release_budget = (
             update(budget_days)

@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, or_, select, text, update
 
+from kontext.db import execute
 from kontext.schema import api_accounts, jobs
 from kontext.store_base import StoreBase, _db_now, job_from_row
 from kontext.store_types import Job
@@ -140,6 +141,7 @@ class QueueMixin(StoreBase):
         limits: AccountLimits | Sequence[AccountLimits],
         *,
         lease_s: float,
+        done: Lease | None = None,
     ) -> Claim:
         """Take the next waiting job for ``worker_id``, within its API account's limits.
 
@@ -148,14 +150,26 @@ class QueueMixin(StoreBase):
         ``accepted → running`` with a new lease; its ``started_at`` (the RPM window) is the
         database's now, and it counts as billed from here (its request may be sent at once; a
         refund that proves nothing was generated gives the budget back).
+
+        ``done``: a job of this worker whose API call just ended: its slot is freed in the same
+        transaction (:meth:`api_done`), so a freed slot is taken again in one round trip.
         """
         every = [limits] if isinstance(limits, AccountLimits) else list(limits)
-        return await self.db.transact(lambda conn: self._claim_tx(conn, worker_id, every, lease_s))
+        return await self.db.transact(
+            lambda conn: self._claim_tx(conn, worker_id, every, lease_s, done)
+        )
 
     def _claim_tx(
-        self, conn: Connection, worker_id: str, every: list[AccountLimits], lease_s: float
+        self,
+        conn: Connection,
+        worker_id: str,
+        every: list[AccountLimits],
+        lease_s: float,
+        done: Lease | None = None,
     ) -> Claim:
         self._lock_queue(conn)
+        if done is not None:
+            execute(conn, self._sql.api_done, done.params())
         now = self._db_now(conn)
         known = {lim.account: lim for lim in every}
         waiting = conn.execute(
@@ -205,30 +219,23 @@ class QueueMixin(StoreBase):
         mine = _j.account == limits.account
         if state is not None and state.blocked_until > now:
             return Claim(wait_s=float(state.blocked_until) - now)
-        in_progress = conn.execute(
-            select(func.count())
-            .select_from(jobs)
-            .where(_j.state == "running", _j.api_done_at.is_(None), mine)
-        ).scalar_one()
-        if in_progress >= limits.max_concurrent:
+        running_rows = conn.execute(
+            select(_j.guild_id, _j.user_id, _j.api_done_at).where(_j.state == "running", mine)
+        ).all()
+        if sum(1 for r in running_rows if r.api_done_at is None) >= limits.max_concurrent:
             return Claim(wait_s=0.0)
-        starts = [
-            float(t)
-            for (t,) in conn.execute(
+        in_window = (_j.started_at > now - RPM_WINDOW_S, mine)
+        starts = conn.execute(select(func.count()).select_from(jobs).where(*in_window)).scalar_one()
+        if starts >= limits.rpm:  # the rpm-th newest start must leave the window first
+            nth = conn.execute(
                 select(_j.started_at)
-                .where(_j.started_at > now - RPM_WINDOW_S, mine)
+                .where(*in_window)
                 .order_by(_j.started_at.desc())
-                .limit(limits.rpm)
-            )
-        ]
-        if len(starts) >= limits.rpm:
-            return Claim(wait_s=max(0.001, starts[-1] + RPM_WINDOW_S - now))
-        running = Counter(
-            (int(g), int(u))
-            for g, u in conn.execute(
-                select(_j.guild_id, _j.user_id).where(_j.state == "running", mine)
-            )
-        )
+                .offset(limits.rpm - 1)
+                .limit(1)
+            ).scalar_one()
+            return Claim(wait_s=max(0.001, float(nth) + RPM_WINDOW_S - now))
+        running = Counter((int(r.guild_id), int(r.user_id)) for r in running_rows)
         for row in fair_order(waiting, running):
             claimed = conn.execute(
                 update(jobs)
