@@ -448,7 +448,7 @@ class KontextBot(commands.Bot):
         status edits, the result as a follow-up), else through the channel with a mention."""
         from cogs.common import ChannelSink, InteractionSink
 
-        fresh = time.time() - job.created_at < TOKEN_USABLE_S
+        fresh = token_age(job, self.lease_s) < TOKEN_USABLE_S
         if job.interaction_token and job.application_id and fresh:
             return InteractionSink(self, StoredInteraction(self, job), job_id=job.id)
         return ChannelSink(self, job.channel_id, job.user_id, job.locale, job_id=job.id)
@@ -492,6 +492,18 @@ class KontextBot(commands.Bot):
             await self.store.close()
         if self.http_session is not None:
             await self.http_session.close()
+
+
+def token_age(job: Any, lease_s: float) -> float:
+    """Seconds since the job's interaction, by the database's clock when it can be told.
+
+    A claimed job's lease expiry is the database's now + ``lease_s`` at the claim, and its
+    ``queued_at`` the database's now at the reservation: their difference does not depend on
+    any process's clock (a process whose clock is off would misjudge the token's 15 minutes).
+    """
+    if job.lease_expires_at is not None and job.queued_at is not None:
+        return max(0.0, float(job.lease_expires_at) - lease_s - float(job.queued_at))
+    return time.time() - float(job.created_at)
 
 
 class ShardedKontextBot(KontextBot, commands.AutoShardedBot):
