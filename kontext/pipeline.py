@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -326,6 +327,7 @@ class JobPipeline:
             self.ensure_accepting(OWNER_ACCOUNT if self.accounts is None else "")
             await self._use_account(spec)
             self.ensure_accepting(spec.account)
+            reserving = time.monotonic()
             # everything that can refuse the member is checked before any download, and one
             # member's jobs are taken in one at a time
             async with self._member_lock(spec):
@@ -354,7 +356,11 @@ class JobPipeline:
         )
         active.done = asyncio.get_running_loop().create_future()
         self._waiting[spec.job_id] = active
-        self.queue.kick()
+        claim = reservation.claim
+        if claim is not None and claim.job is not None:
+            await self.queue.adopt(claim, reserving)  # runs it now (or, shutting down, requeues)
+        else:
+            self.queue.kick()
         reporter = asyncio.create_task(self._report_queue(active))
         try:
             return await asyncio.shield(active.done)
@@ -408,7 +414,13 @@ class JobPipeline:
         gives the credits back, or finds none (or one already claimed) and changes nothing.
         """
         try:
-            return await self.store.reserve(self._reserve_request(spec))
+            request = self._reserve_request(spec)
+            if self.queue.claiming:  # an empty queue with room: claimed in the same transaction
+                every = await self.queue.every_account()
+                request = dataclasses.replace(
+                    request, claim_for=(self.worker_id, every, self.queue.lease_s)
+                )
+            return await self.store.reserve(request)
         except KontextError:
             raise  # a refusal: decided inside the transaction, which was rolled back
         except BaseException:
@@ -419,11 +431,20 @@ class JobPipeline:
 
     async def _refund_if_ours(self, job_id: int) -> bool:
         job = await self.store.get_job(job_id)
-        if job is None or job.worker_id != self.worker_id or job.state != "accepted":
-            return False  # nothing was reserved, or the job is in someone's hands
-        return await self.store.refund(
-            job_id, cause="internal", clear_cooldown=True, api_charged=False, waiting_only=True
-        )
+        if job is None or job.worker_id != self.worker_id:
+            return False  # nothing was reserved, or the job is in another process's hands
+        if job.state == "accepted":
+            return await self.store.refund(
+                job_id, cause="internal", clear_cooldown=True, api_charged=False, waiting_only=True
+            )
+        if job.state == "running" and job.lease_owner == self.worker_id and job.id not in self._active:
+            # claimed inside the reservation we never heard back from: ours, and never sent
+            lease = Lease(job.id, self.worker_id, job.lease_epoch)
+            self.queue.forget(job.id)
+            return await self.store.refund(
+                job_id, cause="internal", clear_cooldown=True, api_charged=False, lease=lease
+            )
+        return False
 
     async def _check_in_turn(self, spec: JobSpec) -> None:
         """:meth:`check_inputs`, a few jobs at a time, first come first served.
@@ -489,6 +510,9 @@ class JobPipeline:
 
     def _on_taken_over(self, job: Job, lease: Lease) -> None:
         """A stopped (or silent) process left ``job`` running: settle it here."""
+        if job.id in self._doomed:  # claimed inside a reservation whose outcome we never heard
+            self._spawn(self._refund_doomed(lease), f"kontext-refund-{job.id}")
+            return
         active = self._active_from_job(job)
         active.lease = lease
         self._spawn(self._recover(active), f"kontext-recover-{job.id}")

@@ -294,6 +294,14 @@ class SharedQueue:
             else:
                 await self._sleep(self.poll_s)
 
+    async def every_account(self) -> list[AccountLimits]:
+        """Every account's limits (the owner's, then servers' own keys)."""
+        return await self._every_account()
+
+    async def adopt(self, claim: Claim, sent: float) -> bool:
+        """Start a job claimed elsewhere in this process (inside its reservation)."""
+        return await self._take(claim, sent)
+
     async def _every_account(self) -> list[AccountLimits]:
         if self.accounts is None:
             return [self.limits]
@@ -305,8 +313,8 @@ class SharedQueue:
         self._set_paused(claim.paused)
         if claim.job is None or claim.lease is None:
             return False
-        if not self._claiming:  # shutdown began while claiming: give it back at once
-            await self._let_go_quietly(claim.lease)
+        if not self._claiming:  # shutdown began while claiming: back in the queue (never sent)
+            await self._requeue_quietly(claim.lease)
             return True
         self.hold(claim.lease, since=sent)
         self._view_at = float("-inf")  # positions moved
@@ -336,9 +344,11 @@ class SharedQueue:
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
 
-    async def _let_go_quietly(self, lease: Lease) -> None:
-        with contextlib.suppress(Exception):
-            await self.store.let_go(lease)
+    async def _requeue_quietly(self, lease: Lease) -> None:
+        try:
+            await self.store.requeue(lease)
+        except Exception as exc:  # noqa: BLE001 - its lease then expires and it is taken over
+            log.warning("job %s: could not put it back in the queue (%s)", lease.job_id, exc)
 
     async def _renew(self) -> None:
         every = self.lease_s / RENEWALS_PER_LEASE

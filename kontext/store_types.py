@@ -69,6 +69,9 @@ class ReserveRequest:
     exempt_from_cooldown: bool = False
     worker_id: str | None = None
     parent_job_id: int | None = None
+    #: claim it at once for this worker when nothing else waits: ``(worker_id, every account's
+    #: limits, lease seconds)`` (see :meth:`kontext.store.Store.reserve`)
+    claim_for: Any = None
     #: whose API key runs it: ``"owner"`` (the owner's budgets apply) or ``"guild:<id>"``
     account: str = "owner"
 
@@ -81,6 +84,9 @@ class Reservation:
     cost: int
     balance_after: int
     cooldown_until: float | None
+    #: the job claimed in the same transaction (an empty queue with room): a
+    #: :class:`kontext.store_queue.Claim`, or None when it waits for a dispatcher
+    claim: Any = None
 
 
 @dataclass(frozen=True, slots=True)
