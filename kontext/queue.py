@@ -76,6 +76,7 @@ class SharedQueue:
         self._closed = False
         self._paused = False
         self._changing_pause = False
+        self._idle = False  # the last claim found nothing waiting, anywhere
         self._view: QueueView | None = None
         self._view_at = float("-inf")
         self._view_lock = asyncio.Lock()
@@ -287,6 +288,7 @@ class SharedQueue:
                 backoff = min(5.0, backoff * 2)
                 continue
             backoff = self.poll_s
+            self._idle = claim.empty and claim.job is None
             if await self._take(claim, sent):
                 continue
             if claim.wait_s > 0:
@@ -327,8 +329,11 @@ class SharedQueue:
     async def slot_freed(self, lease: Lease) -> None:
         """The API call of ``lease``'s job ended: free its slot and, in the same transaction,
         take the next job (when this process still claims)."""
-        if not self._claiming:
+        if self._idle or not self._claiming:
+            # nothing waited at the last look (at most ``poll_s`` ago), or this process claims
+            # no more: just free the slot (one small update) and let the dispatchers look
             await self.store.api_done(lease)
+            self.kick()
             return
         sent = time.monotonic()
         claim = await self.store.claim_next(
