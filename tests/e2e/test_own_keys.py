@@ -3,8 +3,10 @@ rest, never shown back; that server's jobs run on it and leave the owner's budge
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
@@ -98,3 +100,26 @@ async def test_admin_commands_check_manage_server_themselves() -> None:
         )
         assert "not allowed" in h.reply_text(rec)
         assert await h.balance() == 10
+
+
+async def test_a_server_key_echoed_by_segmind_reaches_no_log_and_no_member(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with harness(ENCRYPTION_KEY=ENC) as h:
+        h.segmind.add_key(SERVER_KEY)
+        await set_key(h, SERVER_KEY)
+        h.segmind.fail_next(401, error=f"Unauthorized: invalid API key {SERVER_KEY}")
+        rec = await h.kontext()
+        assert h.outcomes[rec.id].status == "refunded"
+        assert SERVER_KEY not in h.last_status(rec)
+        outcome = h.outcomes[rec.id]
+        assert outcome.error is not None and SERVER_KEY not in outcome.error.detail
+        # discord.py's own gateway DEBUG lines carry whatever a modal sends (the bot keeps the
+        # discord loggers at INFO, see setup_logging); everything else, at any level, is clean
+        for record in caplog.records:
+            if record.name.startswith("discord") and record.levelno < logging.INFO:
+                continue
+            assert SERVER_KEY not in record.getMessage(), record.getMessage()
+        metrics = h.bot.metrics.render()
+        assert SERVER_KEY.encode() not in metrics
