@@ -258,7 +258,7 @@ class KontextBot(commands.Bot):
             self.store = await Store.open(s.database_url, s)
         except Exception as exc:  # unreachable server, corrupt file, wrong credentials
             why = _describe(exc)
-            for secret in (*s.secrets, *_url_passwords(s.database_url)):
+            for secret in s.secrets:  # the token, the API key, DATABASE_URL's password
                 if len(secret) >= 4:  # as RedactingFilter: a 1-char "secret" would mangle words
                     why = why.replace(secret, "***")
             raise StartupError("DATABASE_URL", f"the database cannot be opened ({why})") from None
@@ -591,14 +591,6 @@ async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
         log.error("could not reach Discord (%s); is the network up?", _describe(exc))
         return 1
     return 0
-
-
-def _url_passwords(url: str) -> tuple[str, ...]:
-    try:
-        password = yarl.URL(url).password
-    except (ValueError, TypeError):
-        return ()
-    return (password,) if password and len(password) >= 3 else ()
 
 
 def _on_signal(bot: KontextBot, sig: signal.Signals) -> None:

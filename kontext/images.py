@@ -482,16 +482,22 @@ DECODE_BUDGET = MemoryBudget(DECODE_BUDGET_BYTES)
 DOWNLOAD_BUDGET = MemoryBudget(DOWNLOAD_BUDGET_BYTES)
 """Every :func:`fetch_and_check` holds its body's bytes here until it returns."""
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+class _LazyPool:
+    """A small thread pool made on first use (no threads in a process that never needs it)."""
+
+    def __init__(self, threads: int, prefix: str) -> None:
+        self._threads, self._prefix = threads, prefix
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix=self._prefix)
+            return self._pool
 
 
-def _check_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kontext-image")
-        return _pool
+_check_pool = _LazyPool(CHECK_THREADS, "kontext-image")
 
 
 async def _run_budgeted(cost: int, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
@@ -1101,16 +1107,7 @@ def fit_to_limit(
 FIT_THREADS = 2
 """Threads that re-encode results too large to upload (CPU-bound: more would not be quicker)."""
 
-_fit_pool_lock = threading.Lock()
-_fit_pool_executor: ThreadPoolExecutor | None = None
-
-
-def _fit_pool() -> ThreadPoolExecutor:
-    global _fit_pool_executor
-    with _fit_pool_lock:
-        if _fit_pool_executor is None:
-            _fit_pool_executor = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="kontext-fit")
-        return _fit_pool_executor
+_fit_pool = _LazyPool(FIT_THREADS, "kontext-fit")
 
 
 def _fit_cost(head: bytes, limit_bytes: int) -> int:
