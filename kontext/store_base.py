@@ -488,7 +488,7 @@ class StoreBase:
 
 def job_from_row(row: Row[Any]) -> Job:
     """A :class:`Job` from a ``jobs`` row."""
-    m = row._mapping
+    m = row._mapping if hasattr(row, "_mapping") else row._asdict()  # SQLAlchemy / fast path
     values = {c.name: m[c.name] for c in jobs.columns}
     values["params"] = json.loads(values["params"] or "{}")
     values["api_charged"] = bool(values["api_charged"])

@@ -24,13 +24,25 @@ machine's clock as SQLite reads it).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Double,
+    Text,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from kontext.db import execute
 from kontext.schema import api_accounts, jobs
@@ -119,8 +131,61 @@ def fair_order(rows: list[Any], running: Counter[tuple[int, int]]) -> list[Any]:
     return [k[3] for k in keyed]
 
 
+class QueueStatements:
+    """The claim's statements, built once per dialect (run through :func:`kontext.db.execute`)."""
+
+    def __init__(self, dialect: str) -> None:
+        acct = bindparam("acct", type_=Text)
+        #: no params. The database's clock.
+        self.now = select(db_now(dialect).label("now"))
+        #: no params. Every waiting job, oldest first.
+        self.waiting = (
+            select(_j.id, _j.guild_id, _j.user_id, _j.queued_at, _j.account)
+            .where(_j.state == "accepted")
+            .order_by(_j.queued_at, _j.id)
+        )
+        #: params: acct. The account's shared state (paused, 429 hold), if any.
+        self.account = select(_a.id, _a.paused, _a.blocked_until).where(_a.id == acct)
+        #: params: acct. The account's running jobs (their members; still at the API or not).
+        self.running = select(_j.guild_id, _j.user_id, _j.api_done_at).where(
+            _j.state == "running", _j.account == acct
+        )
+        #: params: acct, since. Starts in the RPM window.
+        self.starts = (
+            select(func.count())
+            .select_from(jobs)
+            .where(_j.started_at > bindparam("since", type_=Double), _j.account == acct)
+        )
+        now = bindparam("now", type_=Double)
+        owner = bindparam("owner", type_=Text)
+        #: params: job_id, owner, expires, now. accepted → running with a new lease.
+        self.claim = (
+            update(jobs)
+            .where(_j.id == bindparam("job_id", type_=BigInteger), _j.state == "accepted")
+            .values(
+                state="running",
+                lease_owner=owner,
+                lease_epoch=_j.lease_epoch + 1,
+                lease_expires_at=bindparam("expires", type_=Double),
+                started_at=now,
+                worker_id=owner,
+                api_charged=True,
+            )
+            .returning(*jobs.columns)
+        )
+
+
+@functools.cache
+def queue_statements(dialect: str) -> QueueStatements:
+    return QueueStatements(dialect)
+
+
 class QueueMixin(StoreBase):
     """The shared queue: :meth:`claim_next`, leases, takeovers and the API accounts' state."""
+
+    @property
+    def _queue_sql(self) -> QueueStatements:
+        return queue_statements(self.db.dialect)
 
     def _now_sql(self) -> Any:
         return db_now(self.db.dialect)
@@ -170,25 +235,18 @@ class QueueMixin(StoreBase):
         self._lock_queue(conn)
         if done is not None:
             execute(conn, self._sql.api_done, done.params())
-        now = self._db_now(conn)
+        q = self._queue_sql
+        now = float(execute(conn, q.now, {}).scalar_one())
         known = {lim.account: lim for lim in every}
-        waiting = conn.execute(
-            select(_j.id, _j.guild_id, _j.user_id, _j.queued_at, _j.account)
-            .where(_j.state == "accepted")
-            .order_by(_j.queued_at, _j.id)
-        ).all()
         by_account: dict[str, list[Any]] = {}
-        for row in waiting:
+        for row in execute(conn, q.waiting, {}).all():
             if row.account in known:
                 by_account.setdefault(row.account, []).append(row)
-        accounts = {
-            r.id: r
-            for r in conn.execute(
-                select(_a.id, _a.paused, _a.blocked_until).where(
-                    or_(*(_a.id == name for name in (OWNER_ACCOUNT, *by_account)))
-                )
-            )
-        }
+        accounts = {}
+        for name in (OWNER_ACCOUNT, *by_account):
+            state = execute(conn, q.account, {"acct": name}).first()
+            if state is not None:
+                accounts[name] = state
         owner = accounts.get(OWNER_ACCOUNT)
         result = Claim(empty=True, paused=bool(owner is not None and owner.paused))
         waits: list[float] = []
@@ -216,17 +274,18 @@ class QueueMixin(StoreBase):
         now: float,
         lease_s: float,
     ) -> Claim:
+        q = self._queue_sql
+        acct = {"acct": limits.account}
         mine = _j.account == limits.account
         if state is not None and state.blocked_until > now:
             return Claim(wait_s=float(state.blocked_until) - now)
-        running_rows = conn.execute(
-            select(_j.guild_id, _j.user_id, _j.api_done_at).where(_j.state == "running", mine)
-        ).all()
+        running_rows = execute(conn, q.running, acct).all()
         if sum(1 for r in running_rows if r.api_done_at is None) >= limits.max_concurrent:
             return Claim(wait_s=0.0)
-        in_window = (_j.started_at > now - RPM_WINDOW_S, mine)
-        starts = conn.execute(select(func.count()).select_from(jobs).where(*in_window)).scalar_one()
+        since = {**acct, "since": now - RPM_WINDOW_S}
+        starts = execute(conn, q.starts, since).scalar_one()
         if starts >= limits.rpm:  # the rpm-th newest start must leave the window first
+            in_window = (_j.started_at > now - RPM_WINDOW_S, mine)
             nth = conn.execute(
                 select(_j.started_at)
                 .where(*in_window)
@@ -237,19 +296,10 @@ class QueueMixin(StoreBase):
             return Claim(wait_s=max(0.001, float(nth) + RPM_WINDOW_S - now))
         running = Counter((int(r.guild_id), int(r.user_id)) for r in running_rows)
         for row in fair_order(waiting, running):
-            claimed = conn.execute(
-                update(jobs)
-                .where(_j.id == row.id, _j.state == "accepted")
-                .values(
-                    state="running",
-                    lease_owner=worker_id,
-                    lease_epoch=_j.lease_epoch + 1,
-                    lease_expires_at=now + lease_s,
-                    started_at=now,
-                    worker_id=worker_id,
-                    api_charged=True,
-                )
-                .returning(*jobs.columns)
+            claimed = execute(
+                conn,
+                q.claim,
+                {"job_id": row.id, "owner": worker_id, "expires": now + lease_s, "now": now},
             ).first()
             if claimed is not None:
                 job = job_from_row(claimed)
