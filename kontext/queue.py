@@ -41,8 +41,12 @@ RENEWALS_PER_LEASE = 6
 @dataclass(slots=True)
 class _Held:
     lease: Lease
-    since: float  # monotonic: when it was claimed
-    renewed: float  # monotonic: when the last renewal that returned it was *sent*
+    #: monotonic, once the claim had committed: a renewal sent before this may not have seen
+    #: the claim yet, so its answer says nothing about this lease
+    since: float
+    #: monotonic, when the last renewal that returned it (or the claim) was *sent*: the lease
+    #: lives at least ``lease_s`` from then, by the database's clock
+    renewed: float
 
 
 class SharedQueue:
@@ -132,9 +136,10 @@ class SharedQueue:
 
     # --- leases --------------------------------------------------------------------------------
 
-    def hold(self, lease: Lease, since: float | None = None) -> None:
-        now = time.monotonic() if since is None else since
-        self._held[lease.job_id] = _Held(lease, now, now)
+    def hold(self, lease: Lease, sent: float | None = None) -> None:
+        """Renew ``lease`` from now on; ``sent``: when the claim that gave it was sent."""
+        now = time.monotonic()
+        self._held[lease.job_id] = _Held(lease, now, now if sent is None else sent)
 
     def forget(self, job_id: int) -> None:
         """The job ended here (or was let go): stop renewing its lease."""
@@ -318,7 +323,7 @@ class SharedQueue:
         if not self._claiming:  # shutdown began while claiming: back in the queue (never sent)
             await self._requeue_quietly(claim.lease)
             return True
-        self.hold(claim.lease, since=sent)
+        self.hold(claim.lease, sent=sent)
         self._view_at = float("-inf")  # positions moved
         try:
             self.on_claim(claim.job, claim.lease)
@@ -369,7 +374,7 @@ class SharedQueue:
                 continue
             for job_id, held in list(self._held.items()):
                 if held.since >= sent:
-                    continue  # claimed while the renewal was under way: not in its answer
+                    continue  # claimed around this renewal: its answer may predate the claim
                 if kept.get(job_id) == held.lease.epoch:
                     held.renewed = sent
                 else:

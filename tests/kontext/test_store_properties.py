@@ -276,6 +276,9 @@ async def _two_processes(url: str) -> None:
         "cooldown_seconds": 0,
         "jobs_per_member": 1000,
         "daily_budget_usd": 1000.0,
+        # the credits are what binds here: no queue bound, no per-server budget in the way
+        "max_queue_size": 10_000,
+        "guild_daily_budget_usd": 0.0,
     }
     start_at = time.time() + 3.0  # both open (and migrate) the fresh database, then go at once
     ranges = (range(1, 61), range(31, 91))  # ids 31..60 are delivered to both processes
