@@ -28,7 +28,6 @@ from discord.ext import commands
 
 from kontext import images
 from kontext.accounts import Accounts, KeyVault
-from kontext.errors import KontextError
 from kontext.gate import GuildGate
 from kontext.metrics import Metrics
 from kontext.queue import SharedQueue
@@ -40,6 +39,7 @@ from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
 log = logging.getLogger("kontext.bot")
 
 COGS = (
+    "cogs.errors",  # first: the tree's error handler is in place before any command is
     "cogs.kontext",
     "cogs.credits",
     "cogs.admin",
@@ -158,32 +158,13 @@ def point_discord_py_at(settings: Settings) -> None:
 
 
 class KontextTree(app_commands.CommandTree["KontextBot"]):
-    """Refuses every command where the bot is not enabled; routes every app-command error to
-    one plain, ephemeral reply."""
+    """Refuses every command where the bot is not enabled. Errors are answered by the
+    ``cogs.errors`` cog, which installs itself as this tree's error handler."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         from cogs.common import gate_refuses
 
         return not await gate_refuses(interaction)
-
-    async def on_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        from cogs.common import reply_error
-
-        original = getattr(error, "original", error)
-        if isinstance(original, KontextError):
-            await reply_error(interaction, original)
-            return
-        if isinstance(error, app_commands.CheckFailure):
-            await reply_error(interaction, KontextError("check failed", key="error.not_allowed"))
-            return
-        log.error(
-            "command %s failed",
-            interaction.command.qualified_name if interaction.command else "?",
-            exc_info=original,
-        )
-        await reply_error(interaction, KontextError(type(original).__name__))
 
 
 def freeze_long_lived_objects() -> None:
