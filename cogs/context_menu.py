@@ -20,6 +20,7 @@ from cogs.common import locale_of, reply_error
 from cogs.kontext import input_from_attachment
 from cogs.results import PromptModal
 from kontext.errors import InputError
+from kontext.vocab import ImageFormat, Source
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -75,10 +76,10 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
                 image_1=image_1,
                 image_2=image_2,
                 aspect_ratio=None,
-                output_format="jpg",
+                output_format=ImageFormat.JPG,
                 safety_tolerance=None,
                 seed=None,
-                source="context_menu",
+                source=Source.CONTEXT_MENU,
             )
 
         await interaction.response.send_modal(

@@ -28,6 +28,7 @@ from kontext.errors import InputError, JobCancelled, KontextError
 from kontext.i18n import t
 from kontext.pipeline import InputImage, JobOutcome, JobSpec
 from kontext.settings import ASPECT_RATIOS
+from kontext.vocab import ImageFormat, Source
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -39,8 +40,8 @@ ASPECT_CHOICES = [
     app_commands.Choice(name=_(ASPECT_NAMES[a], key=f"choice.{a}"), value=a) for a in ASPECT_RATIOS
 ]
 FORMAT_CHOICES = [
-    app_commands.Choice(name=_("JPG (smaller)", key="choice.jpg"), value="jpg"),
-    app_commands.Choice(name=_("PNG (lossless)", key="choice.png"), value="png"),
+    app_commands.Choice(name=_("JPG (smaller)", key="choice.jpg"), value=ImageFormat.JPG.value),
+    app_commands.Choice(name=_("PNG (lossless)", key="choice.png"), value=ImageFormat.PNG.value),
 ]
 SAFETY_CHOICES = [
     app_commands.Choice(name=_("0 · strict", key="choice.0"), value=0),
@@ -150,7 +151,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             image_1=input_from_attachment(image_1),
             image_2=input_from_attachment(image_2),
             aspect_ratio=aspect_ratio.value if aspect_ratio else None,
-            output_format=output_format.value if output_format else "jpg",
+            output_format=ImageFormat(output_format.value) if output_format else ImageFormat.JPG,
             safety_tolerance=safety_tolerance.value if safety_tolerance is not None else None,
             seed=seed,
         )
@@ -163,11 +164,11 @@ class KontextCog(commands.Cog, name="Kontext"):
         image_1: InputImage,
         image_2: InputImage,
         aspect_ratio: str | None,
-        output_format: str,
+        output_format: ImageFormat,
         safety_tolerance: int | None,
         seed: int | None,
         parent_job_id: int | None = None,
-        source: str = "slash",
+        source: Source = Source.SLASH,
     ) -> JobOutcome | None:
         """Start one job for ``interaction`` (slash command, button, modal or context menu).
 

@@ -28,6 +28,7 @@ from kontext.errors import InputError, KontextError
 from kontext.i18n import t
 from kontext.pipeline import InputImage, JobSpec
 from kontext.store import Job
+from kontext.vocab import Source
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -201,9 +202,9 @@ class ResultsCog(commands.Cog, name="Results"):
             return
         log.info("button %s on job %s by %s", action, job_id, interaction.user.id)
         if action == "reroll":
-            await self.rerun(interaction, job, keep_seed=False, source="reroll")
+            await self.rerun(interaction, job, keep_seed=False, source=Source.REROLL)
         elif action == "swap":
-            await self.rerun(interaction, job, swap=True, source="swap")
+            await self.rerun(interaction, job, swap=True, source=Source.SWAP)
         elif action == "edit":
             await self.ask_prompt(interaction, job)
         elif action == "use":
@@ -227,7 +228,7 @@ class ResultsCog(commands.Cog, name="Results"):
         prompt: str | None = None,
         swap: bool = False,
         keep_seed: bool = True,
-        source: str,
+        source: Source,
     ) -> None:
         """A new job from ``job``'s inputs: the parent's seed, or a random one."""
         if not await self.kontext.acknowledge(interaction):
@@ -258,7 +259,7 @@ class ResultsCog(commands.Cog, name="Results"):
             return
 
         async def done(submit: discord.Interaction, prompt: str) -> None:
-            await self.rerun(submit, job, prompt=prompt, source="edit")
+            await self.rerun(submit, job, prompt=prompt, source=Source.EDIT)
 
         await interaction.response.send_modal(
             PromptModal(
@@ -308,7 +309,7 @@ class ResultsCog(commands.Cog, name="Results"):
             safety_tolerance=spec.safety_tolerance,
             seed=None,
             parent_job_id=job.id,
-            source="use_as_input",
+            source=Source.USE_AS_INPUT,
         )
 
     # --- fresh input URLs ---------------------------------------------------------------------

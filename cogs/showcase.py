@@ -33,6 +33,7 @@ from kontext.i18n import t
 from kontext.pipeline import JobSpec
 from kontext.store import Job
 from kontext.store_showcase import ShowcasePost, ShowcaseStore
+from kontext.vocab import JobState
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -154,7 +155,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
     async def share(self, interaction: discord.Interaction, job: Job) -> None:
         locale = locale_of(interaction)
         try:
-            if job.state != "posted":
+            if job.state != JobState.POSTED:
                 raise refuse("showcase.not_ready")
             channel = await self.check_target(job)
             is_mod = moderates(interaction, getattr(channel, "id", None))

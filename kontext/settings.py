@@ -16,7 +16,6 @@ ASPECT_RATIOS: tuple[str, ...] = (
     "match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2",
     "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2",
 )
-OUTPUT_FORMATS: tuple[str, ...] = ("jpg", "png")
 API_MODES: tuple[str, ...] = ("sync", "async")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -10,6 +10,7 @@ from kontext.db import execute
 from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members
 from kontext.store_base import StoreBase, job_from_row
 from kontext.store_types import BudgetStatus, Job, LedgerEntry, MemberStatus, utc_day
+from kontext.vocab import LedgerKind
 
 MAX_GRANT = 1_000_000
 _m = members.c
@@ -53,7 +54,7 @@ class MembersMixin(StoreBase):
                 guild_id=guild_id,
                 user_id=user_id,
                 delta=amount,
-                kind="grant",
+                kind=LedgerKind.GRANT,
                 balance_after=balance,
                 now=now,
                 reason=reason,
@@ -92,7 +93,7 @@ class MembersMixin(StoreBase):
                 guild_id=guild_id,
                 user_id=user_id,
                 delta=-take,
-                kind="revoke",
+                kind=LedgerKind.REVOKE,
                 balance_after=balance,
                 now=now,
                 reason=reason,

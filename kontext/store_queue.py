@@ -36,6 +36,7 @@ from kontext.db import execute
 from kontext.schema import api_accounts, jobs
 from kontext.store_base import StoreBase, _db_now, job_from_row
 from kontext.store_types import Job
+from kontext.vocab import JobState
 
 _j = jobs.c
 _a = api_accounts.c
@@ -174,7 +175,7 @@ class QueueMixin(StoreBase):
         known = {lim.account: lim for lim in every}
         waiting = conn.execute(
             select(_j.id, _j.guild_id, _j.user_id, _j.queued_at, _j.account)
-            .where(_j.state == "accepted")
+            .where(_j.state == JobState.ACCEPTED)
             .order_by(_j.queued_at, _j.id)
         ).all()
         by_account: dict[str, list[Any]] = {}
@@ -220,7 +221,7 @@ class QueueMixin(StoreBase):
         if state is not None and state.blocked_until > now:
             return Claim(wait_s=float(state.blocked_until) - now)
         running_rows = conn.execute(
-            select(_j.guild_id, _j.user_id, _j.api_done_at).where(_j.state == "running", mine)
+            select(_j.guild_id, _j.user_id, _j.api_done_at).where(_j.state == JobState.RUNNING, mine)
         ).all()
         if sum(1 for r in running_rows if r.api_done_at is None) >= limits.max_concurrent:
             return Claim(wait_s=0.0)
@@ -239,9 +240,9 @@ class QueueMixin(StoreBase):
         for row in fair_order(waiting, running):
             claimed = conn.execute(
                 update(jobs)
-                .where(_j.id == row.id, _j.state == "accepted")
+                .where(_j.id == row.id, _j.state == JobState.ACCEPTED)
                 .values(
-                    state="running",
+                    state=JobState.RUNNING,
                     lease_owner=worker_id,
                     lease_epoch=_j.lease_epoch + 1,
                     lease_expires_at=now + lease_s,
@@ -264,14 +265,14 @@ class QueueMixin(StoreBase):
             waiting = (
                 await conn.execute(
                     select(_j.id, _j.guild_id, _j.user_id, _j.queued_at)
-                    .where(_j.state == "accepted", mine)
+                    .where(_j.state == JobState.ACCEPTED, mine)
                     .order_by(_j.queued_at, _j.id)
                 )
             ).all()
             running = (
                 await conn.execute(
                     select(_j.guild_id, _j.user_id, _j.started_at, _j.api_done_at).where(
-                        _j.state == "running", mine
+                        _j.state == JobState.RUNNING, mine
                     )
                 )
             ).all()
@@ -309,7 +310,7 @@ class QueueMixin(StoreBase):
             return int(
                 (
                     await conn.execute(
-                        select(func.count()).select_from(jobs).where(_j.state == "accepted")
+                        select(func.count()).select_from(jobs).where(_j.state == JobState.ACCEPTED)
                     )
                 ).scalar_one()
             )
@@ -323,7 +324,7 @@ class QueueMixin(StoreBase):
             now = self._db_now(conn)
             rows = conn.execute(
                 update(jobs)
-                .where(_j.lease_owner == worker_id, _j.state == "running")
+                .where(_j.lease_owner == worker_id, _j.state == JobState.RUNNING)
                 .values(lease_expires_at=now + lease_s)
                 .returning(_j.id, _j.lease_epoch)
             ).all()
@@ -345,7 +346,7 @@ class QueueMixin(StoreBase):
             seen = conn.execute(
                 select(_j.id, _j.lease_epoch)
                 .where(
-                    _j.state == "running",
+                    _j.state == JobState.RUNNING,
                     or_(
                         _j.lease_owner.is_(None),
                         _j.lease_expires_at.is_(None),
@@ -361,7 +362,7 @@ class QueueMixin(StoreBase):
                     update(jobs)
                     .where(
                         _j.id == row.id,
-                        _j.state == "running",
+                        _j.state == JobState.RUNNING,
                         _j.lease_epoch == row.lease_epoch,
                     )
                     .values(
@@ -404,7 +405,7 @@ class QueueMixin(StoreBase):
             ).first()
         return (
             row is not None
-            and row.state == "running"
+            and row.state == JobState.RUNNING
             and row.lease_owner == lease.owner
             and int(row.lease_epoch) == lease.epoch
         )
@@ -416,7 +417,7 @@ class QueueMixin(StoreBase):
             rows = (
                 await conn.execute(
                     select(jobs)
-                    .where(_j.state == "accepted", _j.queued_at < now - max_wait_s)
+                    .where(_j.state == JobState.ACCEPTED, _j.queued_at < now - max_wait_s)
                     .order_by(_j.queued_at)
                     .limit(limit)
                 )
@@ -428,7 +429,7 @@ class QueueMixin(StoreBase):
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
-                    select(jobs).where(_j.state == "accepted").order_by(_j.queued_at).limit(limit)
+                    select(jobs).where(_j.state == JobState.ACCEPTED).order_by(_j.queued_at).limit(limit)
                 )
             ).all()
         return [job_from_row(r) for r in rows]
