@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import discord
@@ -431,7 +431,9 @@ class KontextBot(commands.Bot):
 
         fresh = time.time() - job.created_at < TOKEN_USABLE_S
         if job.interaction_token and job.application_id and fresh:
-            return InteractionSink(self, StoredInteraction(self, job), job_id=job.id)
+            # StoredInteraction has what InteractionSink uses of a discord.Interaction
+            stored = cast(discord.Interaction, StoredInteraction(self, job))
+            return InteractionSink(self, stored, job_id=job.id)
         return ChannelSink(self, job.channel_id, job.user_id, job.locale, job_id=job.id)
 
     async def shutdown(self) -> None:
@@ -529,7 +531,8 @@ class StoredInteraction:
         return guild.filesize_limit if guild is not None else 10 * 1024 * 1024
 
     async def edit_original_response(self, **kwargs: Any) -> discord.WebhookMessage:
-        return await self.followup.edit_message("@original", **kwargs)  # type: ignore[arg-type]
+        message: discord.WebhookMessage = await self.followup.edit_message("@original", **kwargs)  # type: ignore[call-overload]  # discord.py takes "@original" (typed int only)
+        return message
 
 
 async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
@@ -538,7 +541,7 @@ async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, lambda s=sig: _on_signal(bot, s))
+            loop.add_signal_handler(sig, _on_signal, bot, sig)
     try:
         async with bot:
             if sync_only:

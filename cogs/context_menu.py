@@ -64,7 +64,7 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
                 InputError("need two images", key="contextmenu.need_two_images", count=len(pictures)),
             )
             return
-        kontext: KontextCog = self.bot.get_cog("Kontext")  # type: ignore[assignment]
+        kontext: KontextCog = self.bot.get_cog("Kontext")  # type: ignore[assignment]  # get_cog is untyped by name; COGS loads it
         if not await kontext.check_channel(interaction):
             return
         image_1, image_2 = (input_from_attachment(a, message.id) for a in pictures)

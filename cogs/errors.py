@@ -30,9 +30,6 @@ from kontext.errors import KontextError
 if TYPE_CHECKING:
     from bot import KontextBot
 
-TreeErrorHandler = Callable[
-    [discord.Interaction, app_commands.AppCommandError], Coroutine[Any, Any, None]
-]
 
 log = logging.getLogger("kontext.cogs.errors")
 
@@ -42,7 +39,7 @@ class ErrorHandler(commands.Cog, name="Errors"):
 
     def __init__(self, bot: KontextBot) -> None:
         self.bot = bot
-        self._previous: TreeErrorHandler | None = None
+        self._previous: Callable[..., Coroutine[Any, Any, None]] | None = None
 
     async def cog_load(self) -> None:
         self._previous = self.bot.tree.on_error

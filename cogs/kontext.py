@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -21,7 +21,9 @@ from cogs.common import (
     ASPECT_NAMES,
     InteractionSink,
     locale_of,
+    queue_of,
     reply_error,
+    store_of,
 )
 from kontext import images, policy
 from kontext.errors import InputError, JobCancelled, KontextError
@@ -80,14 +82,14 @@ class QuoteView(discord.ui.View):
         return interaction.user.id == self.user_id
 
     @discord.ui.button(style=discord.ButtonStyle.success, label="Confirm")
-    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         self.confirmed = True
         await interaction.response.defer()
         self.done.set()
         self.stop()
 
     @discord.ui.button(style=discord.ButtonStyle.secondary, label="Cancel")
-    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         self.confirmed = False
         await interaction.response.defer()
         self.done.set()
@@ -131,9 +133,8 @@ class KontextCog(commands.Cog, name="Kontext"):
             key="cmd.kontext.seed.description",
         ),
     )
-    @app_commands.choices(
-        aspect_ratio=ASPECT_CHOICES, output_format=FORMAT_CHOICES, safety_tolerance=SAFETY_CHOICES
-    )
+    @app_commands.choices(aspect_ratio=ASPECT_CHOICES, output_format=FORMAT_CHOICES)
+    @app_commands.choices(safety_tolerance=SAFETY_CHOICES)  # apart: int choices, not str
     async def kontext(
         self,
         interaction: discord.Interaction,
@@ -183,7 +184,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             if interaction.guild_id is None:
                 raise InputError("not in a guild", key="input.guild_only")
             await self.bot.pipeline.ensure_accepting_for(interaction.guild_id)
-            gs = await self.bot.store.get_guild_settings(interaction.guild_id)
+            gs = await store_of(self.bot).get_guild_settings(interaction.guild_id)
             clean_prompt = images.validate_prompt(prompt)
             channel = interaction.channel
             channel_ids = [interaction.channel_id or 0]
@@ -230,7 +231,8 @@ class KontextCog(commands.Cog, name="Kontext"):
         sink = InteractionSink(self.bot, interaction, job_id=spec.job_id)
         sink.show(t("status.accepted", locale), after=ACCEPTED_STATUS_AFTER_S)
         try:
-            return await self.bot.pipeline.run(spec, sink)
+            outcome: JobOutcome = await self.bot.pipeline.run(spec, sink)
+            return outcome
         finally:
             sink.close()
 
@@ -243,7 +245,7 @@ class KontextCog(commands.Cog, name="Kontext"):
         if interaction.guild_id is None:
             await reply_error(interaction, InputError("not in a guild", key="input.guild_only"))
             return False
-        gs = await self.bot.store.get_guild_settings(interaction.guild_id)
+        gs = await store_of(self.bot).get_guild_settings(interaction.guild_id)
         ids = [interaction.channel_id or 0]
         parent_id = getattr(interaction.channel, "parent_id", None)
         if parent_id:
@@ -272,7 +274,7 @@ class KontextCog(commands.Cog, name="Kontext"):
     async def _status(self, interaction: discord.Interaction, text: str, **kwargs: object) -> bool:
         """Edit the private status message; False when that failed."""
         try:
-            await interaction.edit_original_response(content=text, **kwargs)  # type: ignore[arg-type]
+            await interaction.edit_original_response(content=text, **kwargs)  # type: ignore[arg-type]  # kwargs are edit options (view=…), passed through
         except discord.HTTPException as exc:
             log.debug("status edit failed: %s", exc)
             return False
@@ -281,9 +283,9 @@ class KontextCog(commands.Cog, name="Kontext"):
     async def quote(self, interaction: discord.Interaction, spec: JobSpec, cost: int) -> bool:
         """Show cost, balance after and wait, with Confirm / Cancel. True when confirmed."""
         locale = spec.locale
-        status = await self.bot.store.member_status(spec.guild_id, spec.user_id)
-        eta = self.bot.queue.estimate_duration() * (
-            1 + self.bot.queue.waiting_count // max(1, self.bot.queue.max_concurrent)
+        status = await store_of(self.bot).member_status(spec.guild_id, spec.user_id)
+        eta = queue_of(self.bot).estimate_duration() * (
+            1 + queue_of(self.bot).waiting_count // max(1, queue_of(self.bot).max_concurrent)
         )
         view = QuoteView(spec.user_id, locale or "en-US")
         text = t(
@@ -293,7 +295,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             balance=status.balance,
             after=status.balance - cost,
             eta=round(eta),
-            queue=self.bot.queue.waiting_count,
+            queue=queue_of(self.bot).waiting_count,
         )
         await self._status(interaction, text, view=view)
         await view.done.wait()

@@ -411,7 +411,7 @@ class MemoryBudget:
         self.peak_in_use = 0
         self.peak_holders = 0
         self._lock = threading.Lock()
-        self._waiters: deque[list[Any]] = deque()  # [take, future, granted]
+        self._waiters: deque[_Waiter] = deque()
 
     def reset_peaks(self) -> None:
         with self._lock:
@@ -434,13 +434,13 @@ class MemoryBudget:
             if not self._waiters and self.in_use + take <= self.capacity:
                 self._grant(take)
                 return take
-            waiter = [take, asyncio.get_running_loop().create_future(), False]
+            waiter = _Waiter(take, asyncio.get_running_loop().create_future())
             self._waiters.append(waiter)
         try:
-            await waiter[1]
+            await waiter.future
         except BaseException:
             with self._lock:
-                granted = waiter[2]
+                granted = waiter.granted
                 if not granted:
                     self._waiters.remove(waiter)
             if granted:
@@ -458,18 +458,27 @@ class MemoryBudget:
         self._wake()
 
     def _wake(self) -> None:
-        ready = []
+        ready: list[_Waiter] = []
         with self._lock:
-            while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            while self._waiters and self.in_use + self._waiters[0].take <= self.capacity:
                 waiter = self._waiters.popleft()
-                waiter[2] = True
-                self._grant(waiter[0])
+                waiter.granted = True
+                self._grant(waiter.take)
                 ready.append(waiter)
-        for take, future, _ in ready:
+        for waiter in ready:
             try:
-                future.get_loop().call_soon_threadsafe(_resolve, future)
+                waiter.future.get_loop().call_soon_threadsafe(_resolve, waiter.future)
             except RuntimeError:  # its event loop is closed: nobody will use the grant
-                self.release(take)
+                self.release(waiter.take)
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """One :meth:`MemoryBudget.acquire` waiting in line for ``take`` bytes."""
+
+    take: int
+    future: asyncio.Future[None]
+    granted: bool = False  # set under the budget's lock when its bytes were given to it
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -1018,8 +1027,8 @@ def fit_to_limit(
         if dims is None:
             stream = data.stream() if isinstance(data, ResultFile) else io.BytesIO(data)
             try:
-                with Image.open(stream) as img:  # lazy: reads the header only
-                    dims = img.size
+                with Image.open(stream) as probe:  # lazy: reads the header only
+                    dims = probe.size
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 dims = (0, 0)
         return FittedImage(data, kind, kind, dims[0], dims[1], reencoded=False, scale=1.0)

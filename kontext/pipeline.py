@@ -24,13 +24,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 
 from kontext import images
+from kontext.accounts import Accounts
 from kontext.errors import (
     ApiError,
     ApiRateLimited,
@@ -249,7 +250,7 @@ class JobPipeline:
         self.worker_id = worker_id
         self.sink_factory = sink_factory
         #: servers' own keys (kontext.accounts.Accounts); None: every job on the owner's key
-        self.accounts: Any = None
+        self.accounts: Accounts | None = None
         self.progress_interval_s = progress_interval_s
         self.probe_interval_s = probe_interval_s
         self._clock = clock
@@ -376,7 +377,7 @@ class JobPipeline:
         if spec.account != OWNER_ACCOUNT and await self.store.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
 
-    async def _client(self, active: _Active) -> Any:
+    async def _client(self, active: _Active) -> SegmindClient:
         if self.accounts is None or active.spec.account == OWNER_ACCOUNT:
             return self.client
         try:
@@ -385,7 +386,7 @@ class JobPipeline:
             raise GuildKeyRefused(str(exc)) from None
 
     @contextlib.asynccontextmanager
-    async def _member_lock(self, spec: JobSpec) -> Any:
+    async def _member_lock(self, spec: JobSpec) -> AsyncIterator[None]:
         """One intake (checks and reservation) per member at a time in this process."""
         key = (spec.guild_id, spec.user_id)
         lock = self._intakes.get(key)
@@ -395,7 +396,7 @@ class JobPipeline:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]  # noqa: SLF001
+            if not lock.locked() and not lock._waiters:  # noqa: SLF001
                 self._intakes.pop(key, None)
 
     async def _reserve(self, spec: JobSpec) -> Reservation:
@@ -939,8 +940,7 @@ class JobPipeline:
         except Exception as exc:  # a bug: the member still gets their credits back
             await _stop(ticker, active.progress)
             log.exception("job %s failed unexpectedly", spec.job_id)
-            err = KontextError(f"{type(exc).__name__}")
-            return await self._refund(active, err)
+            return await self._refund(active, KontextError(f"{type(exc).__name__}"))
         finally:
             if active.task is asyncio.current_task():
                 self._active.pop(spec.job_id, None)

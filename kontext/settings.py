@@ -313,7 +313,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
             values[field_name] = parse(raw)
         except ValueError as exc:
             raise SettingsError(name, str(exc)) from None
-    settings = Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]  # each value was parsed to its field's type above
     if settings.segmind_api_mode not in API_MODES:  # pragma: no cover - guarded by the parser
         raise SettingsError("SEGMIND_API_MODE", "must be sync or async")
     if settings.shard_ids is not None:

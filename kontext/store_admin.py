@@ -192,12 +192,12 @@ class AdminMixin(StoreBase):
                 active[(job.guild_id, job.user_id)] += 1
             owners_money = job.account == OWNER_ACCOUNT
             if owners_money and (job.state in (*ACTIVE_STATES, JobState.POSTED) or job.api_charged):
-                for day in (
+                for counts in (
                     budget_expected[utc_day(job.created_at)],
                     guild_expected[(int(job.guild_id), utc_day(job.created_at))],
                 ):
-                    day[0] += int(job.cost_usd_micros)
-                    day[1] += 1
+                    counts[0] += int(job.cost_usd_micros)
+                    counts[1] += 1
             if job.state == JobState.RUNNING and job.lease_owner in retired:
                 problems.append(f"job {job.id}: lease held by retired worker {job.lease_owner}")
         known_jobs = {int(j.id) for j in job_rows}
@@ -224,7 +224,7 @@ class AdminMixin(StoreBase):
                 )
 
         cap = usd_to_micros(self.settings.daily_budget_usd)
-        seen_days = set()
+        seen_days: set[str] = set()
         for b in budget_rows:
             seen_days.add(b.day)
             if b.reserved_micros < 0 or b.generations < 0:

@@ -35,7 +35,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.dml import Insert
 
 from kontext.db import Database, execute
 from kontext.schema import (
@@ -48,7 +47,7 @@ from kontext.schema import (
     members,
 )
 from kontext.settings import Settings
-from kontext.store_types import Job, utc_day
+from kontext.store_types import GuildSettings, Job, utc_day
 from kontext.vocab import JobState, LedgerKind
 
 _m = members.c
@@ -56,7 +55,7 @@ _j = jobs.c
 _b = budget_days.c
 
 
-def dialect_insert(dialect: str, table: Any) -> Insert:
+def dialect_insert(dialect: str, table: Any) -> postgresql.Insert | sqlite.Insert:
     """A dialect-specific INSERT that supports ``on_conflict_do_nothing`` / ``_do_update``."""
     if dialect == "sqlite":
         return sqlite.insert(table)
@@ -394,7 +393,7 @@ class StoreBase:
         self.db = db
         self.settings = settings
         self._clock = clock
-        self._settings_cache: dict[int, tuple[float, Any]] = {}
+        self._settings_cache: dict[int, tuple[float, GuildSettings]] = {}
         self._sql = statements(db.dialect)
 
     def now(self) -> float:
@@ -405,7 +404,7 @@ class StoreBase:
         """Today's UTC day, ``YYYY-MM-DD``, from the injected clock."""
         return utc_day(self.now())
 
-    def _insert(self, table: Any) -> Insert:
+    def _insert(self, table: Any) -> postgresql.Insert | sqlite.Insert:
         """A dialect-specific INSERT that supports ``on_conflict_do_nothing``."""
         return dialect_insert(self.db.dialect, table)
 
@@ -489,7 +488,8 @@ class StoreBase:
     ) -> Row[Any] | None:
         """The member's row; ``lock`` takes the row lock (Postgres; SQLite holds the write lock)."""
         stmt = self._sql.member_row_locked if lock else self._sql.member_row
-        return execute(conn, stmt, {"g": guild_id, "u": user_id}).first()
+        row: Row[Any] | None = execute(conn, stmt, {"g": guild_id, "u": user_id}).first()
+        return row
 
 
 def job_from_row(row: Row[Any]) -> Job:
