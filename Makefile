@@ -27,6 +27,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 demo: $(STAMP)
 	$(PY) -m devtools.demo
@@ -39,4 +40,4 @@ audit: $(STAMP)
 	$(VENV)/bin/pip-audit --strict -r requirements.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-output

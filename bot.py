@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import discord
@@ -28,7 +28,6 @@ from discord.ext import commands
 
 from kontext import images
 from kontext.accounts import Accounts, KeyVault
-from kontext.errors import KontextError
 from kontext.gate import GuildGate
 from kontext.metrics import Metrics
 from kontext.queue import SharedQueue
@@ -40,6 +39,7 @@ from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
 log = logging.getLogger("kontext.bot")
 
 COGS = (
+    "cogs.errors",  # first: the tree's error handler is in place before any command is
     "cogs.kontext",
     "cogs.credits",
     "cogs.admin",
@@ -158,32 +158,13 @@ def point_discord_py_at(settings: Settings) -> None:
 
 
 class KontextTree(app_commands.CommandTree["KontextBot"]):
-    """Refuses every command where the bot is not enabled; routes every app-command error to
-    one plain, ephemeral reply."""
+    """Refuses every command where the bot is not enabled. Errors are answered by the
+    ``cogs.errors`` cog, which installs itself as this tree's error handler."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         from cogs.common import gate_refuses
 
         return not await gate_refuses(interaction)
-
-    async def on_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        from cogs.common import reply_error
-
-        original = getattr(error, "original", error)
-        if isinstance(original, KontextError):
-            await reply_error(interaction, original)
-            return
-        if isinstance(error, app_commands.CheckFailure):
-            await reply_error(interaction, KontextError("check failed", key="error.not_allowed"))
-            return
-        log.error(
-            "command %s failed",
-            interaction.command.qualified_name if interaction.command else "?",
-            exc_info=original,
-        )
-        await reply_error(interaction, KontextError(type(original).__name__))
 
 
 def freeze_long_lived_objects() -> None:
@@ -450,7 +431,9 @@ class KontextBot(commands.Bot):
 
         fresh = token_age(job, self.lease_s) < TOKEN_USABLE_S
         if job.interaction_token and job.application_id and fresh:
-            return InteractionSink(self, StoredInteraction(self, job), job_id=job.id)
+            # StoredInteraction has what InteractionSink uses of a discord.Interaction
+            stored = cast(discord.Interaction, StoredInteraction(self, job))
+            return InteractionSink(self, stored, job_id=job.id)
         return ChannelSink(self, job.channel_id, job.user_id, job.locale, job_id=job.id)
 
     async def shutdown(self) -> None:
@@ -560,7 +543,8 @@ class StoredInteraction:
         return guild.filesize_limit if guild is not None else 10 * 1024 * 1024
 
     async def edit_original_response(self, **kwargs: Any) -> discord.WebhookMessage:
-        return await self.followup.edit_message("@original", **kwargs)  # type: ignore[arg-type]
+        message: discord.WebhookMessage = await self.followup.edit_message("@original", **kwargs)  # type: ignore[call-overload]  # discord.py takes "@original" (typed int only)
+        return message
 
 
 async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
@@ -569,7 +553,7 @@ async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, lambda s=sig: _on_signal(bot, s))
+            loop.add_signal_handler(sig, _on_signal, bot, sig)
     try:
         async with bot:
             if sync_only:

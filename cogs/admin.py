@@ -10,7 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.common import ASPECT_NAMES, locale_of, not_allowed, reply_error
+from cogs.common import ASPECT_NAMES, locale_of, not_allowed, reply_error, store_of
 from kontext.accounts import GUILD_KEY_CONCURRENCY, GUILD_KEY_RPM, guild_account
 from kontext.errors import ApiError
 from kontext.i18n import t
@@ -122,10 +122,12 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         return False
 
     async def _ephemeral(self, interaction: discord.Interaction, text: str | None = None, **kwargs: Any) -> None:
+        if text is not None:
+            kwargs["content"] = text
         if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True, **kwargs)
+            await interaction.followup.send(ephemeral=True, **kwargs)
         else:
-            await interaction.response.send_message(text, ephemeral=True, **kwargs)
+            await interaction.response.send_message(ephemeral=True, **kwargs)
 
     @app_commands.command(name="grant", description="Give credits to a member")
     @app_commands.describe(member="Who gets the credits", amount="How many", reason="Shown in their history")
@@ -137,7 +139,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        balance = await self.bot.store.grant(
+        balance = await store_of(self.bot).grant(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s granted %d to %s in %s", interaction.user.id, amount, member.id, interaction.guild_id)
@@ -157,7 +159,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        revoked, balance = await self.bot.store.revoke(
+        revoked, balance = await store_of(self.bot).revoke(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s revoked %d from %s in %s", interaction.user.id, revoked, member.id, interaction.guild_id)
@@ -170,7 +172,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     @app_commands.command(name="balance", description="See a member's credits")
     async def balance(self, interaction: discord.Interaction, member: discord.Member) -> None:
         assert interaction.guild_id is not None
-        status = await self.bot.store.member_status(interaction.guild_id, member.id)
+        status = await store_of(self.bot).member_status(interaction.guild_id, member.id)
         await self._ephemeral(
             interaction,
             t(
@@ -203,8 +205,10 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     )
     @app_commands.choices(
         default_aspect_ratio=[app_commands.Choice(name=ASPECT_NAMES[a], value=a) for a in ASPECT_RATIOS],
-        max_safety_tolerance=[app_commands.Choice(name=f"{n}", value=n) for n in (0, 1, 2)],
         reset=[app_commands.Choice(name=k, value=k) for k in SETTING_KEYS],
+    )
+    @app_commands.choices(  # apart: int choices, not str
+        max_safety_tolerance=[app_commands.Choice(name=f"{n}", value=n) for n in (0, 1, 2)],
     )
     async def settings(
         self,
@@ -245,7 +249,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             }.items()
             if v is not None
         }
-        store = self.bot.store
+        store = store_of(self.bot)
         try:
             if reset is not None:
                 await store.reset_guild_setting(interaction.guild_id, interaction.user.id, reset.value)
@@ -272,8 +276,8 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         assert interaction.guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)
         locale = locale_of(interaction)
-        stats = await self.bot.store.stats(interaction.guild_id)
-        budget = await self.bot.store.budget_status()
+        stats = await store_of(self.bot).stats(interaction.guild_id)
+        budget = await store_of(self.bot).budget_status()
         embed = discord.Embed(title=t("admin.stats_title", locale), colour=discord.Colour.gold())
         embed.add_field(name=t("admin.today", locale), value=describe_window(stats.today, locale)[:1024], inline=False)
         embed.add_field(name=t("admin.last_30", locale), value=describe_window(stats.last_30_days, locale)[:1024], inline=False)
@@ -295,7 +299,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             await self._ephemeral(interaction, t("apikey.off", locale))
             return
         if remove:
-            had = await self.bot.store.remove_guild_api_key(interaction.guild_id)
+            had = await store_of(self.bot).remove_guild_api_key(interaction.guild_id)
             if self.bot.accounts is not None:
                 self.bot.accounts.forget(interaction.guild_id)
             log.info("admin %s removed server %s's own Segmind key", interaction.user.id, interaction.guild_id)
@@ -327,8 +331,8 @@ class ApiKeyModal(discord.ui.Modal):
             return
         assert self.bot.vault is not None
         guild_id = interaction.guild_id
-        await self.bot.store.set_guild_api_key(guild_id, self.bot.vault.encrypt(secret), interaction.user.id)
-        await self.bot.store.set_account_paused(guild_account(guild_id), False)
+        await store_of(self.bot).set_guild_api_key(guild_id, self.bot.vault.encrypt(secret), interaction.user.id)
+        await store_of(self.bot).set_account_paused(guild_account(guild_id), False)
         if self.bot.accounts is not None:
             self.bot.accounts.forget(guild_id)
         log.info("admin %s set server %s's own Segmind key", interaction.user.id, guild_id)

@@ -21,6 +21,8 @@ from kontext.pipeline import Delivery, ResultInfo
 
 if TYPE_CHECKING:
     from bot import KontextBot
+    from kontext.queue import SharedQueue
+    from kontext.store import Store
 
 log = logging.getLogger("kontext.cogs")
 
@@ -50,6 +52,18 @@ POSTING_STATUS_AFTER_S = 0.3
 #: how many of a channel's newest messages are searched for a job's result after an
 #: interrupted or ambiguous post
 RESULT_LOOKBACK = 100
+
+
+def store_of(bot: KontextBot) -> Store:
+    """The bot's store; the cogs are loaded by ``setup_hook`` after it opened it."""
+    assert bot.store is not None, "the cogs run after setup_hook opened the store"
+    return bot.store
+
+
+def queue_of(bot: KontextBot) -> SharedQueue:
+    """The bot's shared queue (built by ``setup_hook`` before the cogs are loaded)."""
+    assert bot.queue is not None, "the cogs run after setup_hook built the queue"
+    return bot.queue
 
 
 def locale_of(interaction: discord.Interaction) -> str:
@@ -168,7 +182,8 @@ def result_file(result: ResultInfo) -> discord.File:
     falls back to the channel uploads again)."""
     file = result.image.file
     if file is not None:
-        return discord.File(file.stream(), filename=result_filename(result))
+        # discord.File reads any binary stream; its annotation names only BufferedIOBase
+        return discord.File(file.stream(), filename=result_filename(result))  # type: ignore[arg-type]  # see above
     return discord.File(UploadBuffer(result.image.data), filename=result_filename(result))
 
 
@@ -182,7 +197,8 @@ async def result_view(bot: KontextBot, result: ResultInfo) -> discord.ui.View | 
     if make is None:
         return None
     try:
-        return await make(result.spec)
+        view: discord.ui.View | None = await make(result.spec)
+        return view
     except Exception:
         log.exception("job %s: could not build the result buttons", result.spec.job_id)
         return None
@@ -216,7 +232,7 @@ class ChannelSink:
         channel = self.bot.get_channel(self.channel_id)
         if channel is None:
             channel = await self.bot.fetch_channel(self.channel_id)
-        return channel  # type: ignore[return-value]
+        return channel  # type: ignore[return-value]  # a job's channel is a text channel or thread
 
     @property
     def upload_limit(self) -> int:
@@ -264,7 +280,7 @@ class ChannelSink:
         channel = await self.channel()
         own = {i for i in (getattr(self.bot.user, "id", None), self.bot.application_id) if i}
         prefix = f"kontext-{self.job_id}."
-        async for msg in channel.history(limit=RESULT_LOOKBACK):  # type: ignore[attr-defined]
+        async for msg in channel.history(limit=RESULT_LOOKBACK):
             if msg.author.id not in own and msg.webhook_id not in own:
                 continue
             if any(a.filename.startswith(prefix) for a in msg.attachments):

@@ -20,6 +20,7 @@ from cogs.common import locale_of, reply_error
 from cogs.kontext import input_from_attachment
 from cogs.results import PromptModal
 from kontext.errors import InputError
+from kontext.vocab import ImageFormat, Source
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -63,7 +64,7 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
                 InputError("need two images", key="contextmenu.need_two_images", count=len(pictures)),
             )
             return
-        kontext: KontextCog = self.bot.get_cog("Kontext")  # type: ignore[assignment]
+        kontext: KontextCog = self.bot.get_cog("Kontext")  # type: ignore[assignment]  # get_cog is untyped by name; COGS loads it
         if not await kontext.check_channel(interaction):
             return
         image_1, image_2 = (input_from_attachment(a, message.id) for a in pictures)
@@ -75,10 +76,10 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
                 image_1=image_1,
                 image_2=image_2,
                 aspect_ratio=None,
-                output_format="jpg",
+                output_format=ImageFormat.JPG,
                 safety_tolerance=None,
                 seed=None,
-                source="context_menu",
+                source=Source.CONTEXT_MENU,
             )
 
         await interaction.response.send_modal(

@@ -8,7 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.common import locale_of
+from cogs.common import locale_of, store_of
 from kontext.i18n import t
 from kontext.store import LedgerEntry
 
@@ -39,7 +39,7 @@ class CreditsCog(commands.Cog, name="Credits"):
         await interaction.response.defer(ephemeral=True, thinking=True)
         assert interaction.guild_id is not None
         locale = locale_of(interaction)
-        store = self.bot.store
+        store = store_of(self.bot)
         status = await store.member_status(interaction.guild_id, interaction.user.id)
         gs = await store.get_guild_settings(interaction.guild_id)
         entries = await store.recent_ledger(interaction.guild_id, interaction.user.id, limit=5)

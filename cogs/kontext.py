@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -21,13 +21,16 @@ from cogs.common import (
     ASPECT_NAMES,
     InteractionSink,
     locale_of,
+    queue_of,
     reply_error,
+    store_of,
 )
 from kontext import images, policy
 from kontext.errors import InputError, JobCancelled, KontextError
 from kontext.i18n import t
 from kontext.pipeline import InputImage, JobOutcome, JobSpec
 from kontext.settings import ASPECT_RATIOS
+from kontext.vocab import ImageFormat, Source
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -39,8 +42,8 @@ ASPECT_CHOICES = [
     app_commands.Choice(name=_(ASPECT_NAMES[a], key=f"choice.{a}"), value=a) for a in ASPECT_RATIOS
 ]
 FORMAT_CHOICES = [
-    app_commands.Choice(name=_("JPG (smaller)", key="choice.jpg"), value="jpg"),
-    app_commands.Choice(name=_("PNG (lossless)", key="choice.png"), value="png"),
+    app_commands.Choice(name=_("JPG (smaller)", key="choice.jpg"), value=ImageFormat.JPG.value),
+    app_commands.Choice(name=_("PNG (lossless)", key="choice.png"), value=ImageFormat.PNG.value),
 ]
 SAFETY_CHOICES = [
     app_commands.Choice(name=_("0 · strict", key="choice.0"), value=0),
@@ -79,14 +82,14 @@ class QuoteView(discord.ui.View):
         return interaction.user.id == self.user_id
 
     @discord.ui.button(style=discord.ButtonStyle.success, label="Confirm")
-    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         self.confirmed = True
         await interaction.response.defer()
         self.done.set()
         self.stop()
 
     @discord.ui.button(style=discord.ButtonStyle.secondary, label="Cancel")
-    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button[Any]) -> None:
         self.confirmed = False
         await interaction.response.defer()
         self.done.set()
@@ -130,9 +133,8 @@ class KontextCog(commands.Cog, name="Kontext"):
             key="cmd.kontext.seed.description",
         ),
     )
-    @app_commands.choices(
-        aspect_ratio=ASPECT_CHOICES, output_format=FORMAT_CHOICES, safety_tolerance=SAFETY_CHOICES
-    )
+    @app_commands.choices(aspect_ratio=ASPECT_CHOICES, output_format=FORMAT_CHOICES)
+    @app_commands.choices(safety_tolerance=SAFETY_CHOICES)  # apart: int choices, not str
     async def kontext(
         self,
         interaction: discord.Interaction,
@@ -150,7 +152,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             image_1=input_from_attachment(image_1),
             image_2=input_from_attachment(image_2),
             aspect_ratio=aspect_ratio.value if aspect_ratio else None,
-            output_format=output_format.value if output_format else "jpg",
+            output_format=ImageFormat(output_format.value) if output_format else ImageFormat.JPG,
             safety_tolerance=safety_tolerance.value if safety_tolerance is not None else None,
             seed=seed,
         )
@@ -163,11 +165,11 @@ class KontextCog(commands.Cog, name="Kontext"):
         image_1: InputImage,
         image_2: InputImage,
         aspect_ratio: str | None,
-        output_format: str,
+        output_format: ImageFormat,
         safety_tolerance: int | None,
         seed: int | None,
         parent_job_id: int | None = None,
-        source: str = "slash",
+        source: Source = Source.SLASH,
     ) -> JobOutcome | None:
         """Start one job for ``interaction`` (slash command, button, modal or context menu).
 
@@ -182,7 +184,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             if interaction.guild_id is None:
                 raise InputError("not in a guild", key="input.guild_only")
             await self.bot.pipeline.ensure_accepting_for(interaction.guild_id)
-            gs = await self.bot.store.get_guild_settings(interaction.guild_id)
+            gs = await store_of(self.bot).get_guild_settings(interaction.guild_id)
             clean_prompt = images.validate_prompt(prompt)
             channel = interaction.channel
             channel_ids = [interaction.channel_id or 0]
@@ -229,7 +231,8 @@ class KontextCog(commands.Cog, name="Kontext"):
         sink = InteractionSink(self.bot, interaction, job_id=spec.job_id)
         sink.show(t("status.accepted", locale), after=ACCEPTED_STATUS_AFTER_S)
         try:
-            return await self.bot.pipeline.run(spec, sink)
+            outcome: JobOutcome = await self.bot.pipeline.run(spec, sink)
+            return outcome
         finally:
             sink.close()
 
@@ -242,7 +245,7 @@ class KontextCog(commands.Cog, name="Kontext"):
         if interaction.guild_id is None:
             await reply_error(interaction, InputError("not in a guild", key="input.guild_only"))
             return False
-        gs = await self.bot.store.get_guild_settings(interaction.guild_id)
+        gs = await store_of(self.bot).get_guild_settings(interaction.guild_id)
         ids = [interaction.channel_id or 0]
         parent_id = getattr(interaction.channel, "parent_id", None)
         if parent_id:
@@ -271,7 +274,7 @@ class KontextCog(commands.Cog, name="Kontext"):
     async def _status(self, interaction: discord.Interaction, text: str, **kwargs: object) -> bool:
         """Edit the private status message; False when that failed."""
         try:
-            await interaction.edit_original_response(content=text, **kwargs)  # type: ignore[arg-type]
+            await interaction.edit_original_response(content=text, **kwargs)  # type: ignore[arg-type]  # kwargs are edit options (view=…), passed through
         except discord.HTTPException as exc:
             log.debug("status edit failed: %s", exc)
             return False
@@ -280,9 +283,9 @@ class KontextCog(commands.Cog, name="Kontext"):
     async def quote(self, interaction: discord.Interaction, spec: JobSpec, cost: int) -> bool:
         """Show cost, balance after and wait, with Confirm / Cancel. True when confirmed."""
         locale = spec.locale
-        status = await self.bot.store.member_status(spec.guild_id, spec.user_id)
-        eta = self.bot.queue.estimate_duration() * (
-            1 + self.bot.queue.waiting_count // max(1, self.bot.queue.max_concurrent)
+        status = await store_of(self.bot).member_status(spec.guild_id, spec.user_id)
+        eta = queue_of(self.bot).estimate_duration() * (
+            1 + queue_of(self.bot).waiting_count // max(1, queue_of(self.bot).max_concurrent)
         )
         view = QuoteView(spec.user_id, locale or "en-US")
         text = t(
@@ -292,7 +295,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             balance=status.balance,
             after=status.balance - cost,
             eta=round(eta),
-            queue=self.bot.queue.waiting_count,
+            queue=queue_of(self.bot).waiting_count,
         )
         await self._status(interaction, text, view=view)
         await view.done.wait()

@@ -23,11 +23,12 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from cogs.common import gate_refuses, locale_of, reply_error
+from cogs.common import gate_refuses, locale_of, reply_error, store_of
 from kontext.errors import InputError, KontextError
 from kontext.i18n import t
 from kontext.pipeline import InputImage, JobSpec
 from kontext.store import Job
+from kontext.vocab import Source
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -55,7 +56,7 @@ def custom_id(action: str, job_id: int) -> str:
 
 
 class ResultButton(
-    discord.ui.DynamicItem[discord.ui.Button],
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
     template=r"kontext:(?P<action>reroll|edit|swap|use|share|delete):(?P<job_id>[0-9]{1,20})",
 ):
     """One button under a result; rebuilt from its custom id whenever it is pressed."""
@@ -84,7 +85,7 @@ class ResultButton(
         return not await gate_refuses(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        cog = interaction.client.get_cog("Results")  # type: ignore[attr-defined]
+        cog = interaction.client.get_cog("Results")  # type: ignore[attr-defined]  # the client is our commands.Bot
         if not isinstance(cog, ResultsCog):
             await reply_error(interaction, KontextError("results cog not loaded"))
             return
@@ -114,7 +115,7 @@ class PromptModal(discord.ui.Modal):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         await self.on_done(interaction, self.prompt.value)
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]  # as discord.ui.Modal.on_error: a modal has no item
         log.error("prompt modal failed", exc_info=error)
         await reply_error(interaction, KontextError(type(error).__name__))
 
@@ -156,7 +157,7 @@ class UseAsInputModal(discord.ui.Modal):
         keep = 2 if self.keep.values and self.keep.values[0] == "2" else 1
         await self.on_done(interaction, self.prompt.value, keep)
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]  # as discord.ui.Modal.on_error: a modal has no item
         log.error("use-as-input modal failed", exc_info=error)
         await reply_error(interaction, KontextError(type(error).__name__))
 
@@ -177,13 +178,13 @@ class ResultsCog(commands.Cog, name="Results"):
     def kontext(self) -> KontextCog:
         cog = self.bot.get_cog("Kontext")
         assert cog is not None, "cogs.kontext must be loaded"
-        return cog  # type: ignore[return-value]
+        return cog  # type: ignore[return-value]  # get_cog is untyped by name; asserted loaded above
 
     # --- the view ---------------------------------------------------------------------------
 
     async def result_view(self, spec: JobSpec) -> discord.ui.View:
         """The buttons for a new result (Share only when the server has a showcase channel)."""
-        gs = await self.bot.store.get_guild_settings(spec.guild_id)
+        gs = await store_of(self.bot).get_guild_settings(spec.guild_id)
         view = discord.ui.View(timeout=None)
         for action in ACTIONS:
             if action == "share" and not gs.showcase_channel_id:
@@ -195,15 +196,15 @@ class ResultsCog(commands.Cog, name="Results"):
     # --- dispatch ---------------------------------------------------------------------------
 
     async def handle(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
-        job = await self.bot.store.get_job(job_id)
+        job = await store_of(self.bot).get_job(job_id)
         if job is None or job.guild_id != interaction.guild_id:
             await reply_error(interaction, InputError("unknown job", key="result.unknown"))
             return
         log.info("button %s on job %s by %s", action, job_id, interaction.user.id)
         if action == "reroll":
-            await self.rerun(interaction, job, keep_seed=False, source="reroll")
+            await self.rerun(interaction, job, keep_seed=False, source=Source.REROLL)
         elif action == "swap":
-            await self.rerun(interaction, job, swap=True, source="swap")
+            await self.rerun(interaction, job, swap=True, source=Source.SWAP)
         elif action == "edit":
             await self.ask_prompt(interaction, job)
         elif action == "use":
@@ -213,7 +214,7 @@ class ResultsCog(commands.Cog, name="Results"):
             if showcase is None:
                 await reply_error(interaction, InputError("no showcase", key="showcase.no_channel"))
                 return
-            await showcase.share(interaction, job)  # type: ignore[attr-defined]
+            await showcase.share(interaction, job)  # type: ignore[attr-defined]  # the ShowcaseCog (no import: cycle)
         elif action == "delete":
             await self.delete(interaction, job)
 
@@ -227,7 +228,7 @@ class ResultsCog(commands.Cog, name="Results"):
         prompt: str | None = None,
         swap: bool = False,
         keep_seed: bool = True,
-        source: str,
+        source: Source,
     ) -> None:
         """A new job from ``job``'s inputs: the parent's seed, or a random one."""
         if not await self.kontext.acknowledge(interaction):
@@ -258,7 +259,7 @@ class ResultsCog(commands.Cog, name="Results"):
             return
 
         async def done(submit: discord.Interaction, prompt: str) -> None:
-            await self.rerun(submit, job, prompt=prompt, source="edit")
+            await self.rerun(submit, job, prompt=prompt, source=Source.EDIT)
 
         await interaction.response.send_modal(
             PromptModal(
@@ -308,7 +309,7 @@ class ResultsCog(commands.Cog, name="Results"):
             safety_tolerance=spec.safety_tolerance,
             seed=None,
             parent_job_id=job.id,
-            source="use_as_input",
+            source=Source.USE_AS_INPUT,
         )
 
     # --- fresh input URLs ---------------------------------------------------------------------
@@ -417,7 +418,7 @@ class ResultsCog(commands.Cog, name="Results"):
             return
         showcase = self.bot.get_cog("Showcase")
         if showcase is not None:
-            await showcase.remove_for_job(job)  # type: ignore[attr-defined]
+            await showcase.remove_for_job(job)  # type: ignore[attr-defined]  # the ShowcaseCog (no import: cycle)
         log.info("job %s: result deleted by %s", job.id, interaction.user.id)
         await interaction.followup.send(t("result.deleted", locale_of(interaction)), ephemeral=True)
 

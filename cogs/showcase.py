@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from cogs.common import aspect_name, gate_refuses, locale_of, reply_error, safety_name
+from cogs.common import aspect_name, gate_refuses, locale_of, reply_error, safety_name, store_of
 from kontext import images
 from kontext.errors import InputError, KontextError
 from kontext.i18n import t
 from kontext.pipeline import JobSpec
 from kontext.store import Job
 from kontext.store_showcase import ShowcasePost, ShowcaseStore
+from kontext.vocab import JobState
 
 if TYPE_CHECKING:
     from bot import KontextBot
@@ -45,7 +46,7 @@ NO_PINGS = discord.AllowedMentions.none()
 
 
 class DecisionButton(
-    discord.ui.DynamicItem[discord.ui.Button],
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
     template=r"kontext:(?P<decision>approve|reject):(?P<job_id>[0-9]{1,20})",
 ):
     """Approve / Reject under a showcase request; rebuilt from its custom id when pressed."""
@@ -70,7 +71,7 @@ class DecisionButton(
         return not await gate_refuses(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        cog = interaction.client.get_cog("Showcase")  # type: ignore[attr-defined]
+        cog = interaction.client.get_cog("Showcase")  # type: ignore[attr-defined]  # the client is our commands.Bot
         if not isinstance(cog, ShowcaseCog):
             await reply_error(interaction, KontextError("showcase cog not loaded"))
             return
@@ -120,7 +121,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     @property
     def results(self) -> ResultsCog:
-        return self.bot.get_cog("Results")  # type: ignore[return-value]
+        return self.bot.get_cog("Results")  # type: ignore[return-value]  # get_cog is untyped by name; COGS loads it
 
     def guild_locale(self, guild_id: int) -> str:
         guild = self.bot.get_guild(guild_id)
@@ -137,7 +138,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def check_target(self, job: Job) -> discord.abc.Messageable:
         """The showcase channel ``job`` may go to; InputError when none or not allowed."""
-        gs = await self.bot.store.get_guild_settings(job.guild_id)
+        gs = await store_of(self.bot).get_guild_settings(job.guild_id)
         if not gs.showcase_channel_id:
             raise refuse("showcase.no_channel")
         channel = await self.showcase_channel(gs.showcase_channel_id)
@@ -154,7 +155,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
     async def share(self, interaction: discord.Interaction, job: Job) -> None:
         locale = locale_of(interaction)
         try:
-            if job.state != "posted":
+            if job.state != JobState.POSTED:
                 raise refuse("showcase.not_ready")
             channel = await self.check_target(job)
             is_mod = moderates(interaction, getattr(channel, "id", None))
@@ -164,7 +165,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
             await reply_error(interaction, err)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        gs = await self.bot.store.get_guild_settings(job.guild_id)
+        gs = await store_of(self.bot).get_guild_settings(job.guild_id)
         needs_approval = gs.showcase_requires_approval and not is_mod
         state = "pending" if needs_approval else "posted"
         claimed = await self.posts.claim(
@@ -190,8 +191,8 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
         except (discord.HTTPException, KontextError) as exc:
             log.warning("job %s: showcase share failed: %s", job.id, exc)
             await self.posts.release(job.id, state=state)
-            err = exc if isinstance(exc, KontextError) else refuse("showcase.failed")
-            await reply_error(interaction, err)
+            error = exc if isinstance(exc, KontextError) else refuse("showcase.failed")
+            await reply_error(interaction, error)
             return
         log.info("job %s shared by %s (%s)", job.id, interaction.user.id, state)
         await interaction.followup.send(text, ephemeral=True)
@@ -228,7 +229,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
                 guild_id=job.guild_id,
                 fail_if_not_exists=False,
             )
-        return await where.send(text, view=view, reference=reference, allowed_mentions=NO_PINGS)  # type: ignore[arg-type]
+        return await where.send(text, view=view, reference=reference, allowed_mentions=NO_PINGS)  # type: ignore[arg-type]  # view=None is accepted at runtime, typed View only
 
     async def post_card(self, job: Job, channel: discord.abc.Messageable) -> discord.Message:
         """Post the showcase card for ``job`` (result + inputs attached)."""
@@ -312,14 +313,14 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def decide(self, interaction: discord.Interaction, decision: str, job_id: int) -> None:
         locale = locale_of(interaction)
-        job = await self.bot.store.get_job(job_id)
+        job = await store_of(self.bot).get_job(job_id)
         pending = await self.posts.get(job_id) if job is not None else None
         if job is None or job.guild_id != interaction.guild_id or pending is None:
             await reply_error(interaction, refuse("result.unknown"))
             return
         mod = interaction.user.id
         # the showcase the card would go to now; the one asked for when it is no longer set
-        gs = await self.bot.store.get_guild_settings(job.guild_id)
+        gs = await store_of(self.bot).get_guild_settings(job.guild_id)
         if not moderates(interaction, gs.showcase_channel_id or pending.showcase_channel_id):
             await reply_error(interaction, refuse("showcase.moderators_only"))
             return
@@ -366,8 +367,8 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
         except (discord.HTTPException, KontextError) as exc:
             log.warning("job %s: approved card could not be posted: %s", job.id, exc)
             await self.posts.transition(job.id, from_states=("posted",), to_state="pending")
-            err = exc if isinstance(exc, KontextError) else refuse("showcase.failed")
-            await reply_error(interaction, err)
+            error = exc if isinstance(exc, KontextError) else refuse("showcase.failed")
+            await reply_error(interaction, error)
             return
         await self.posts.set_message(job.id, state="posted", showcase_message_id=msg.id)
         await self.edit_request(

@@ -6,6 +6,8 @@ before syncing. The lookup itself is discord-free (:mod:`kontext.translator`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import discord
 from discord import app_commands
 from discord.app_commands import TranslationContextLocation as Loc
@@ -15,7 +17,7 @@ from kontext.translator import KIND_MENU, KIND_NAME, KIND_TEXT, command_text, de
 _NAME_LOCATIONS = {Loc.command_name, Loc.group_name, Loc.parameter_name}
 
 
-def context_key(string: app_commands.locale_str, context: app_commands.TranslationContext) -> str:
+def context_key(string: app_commands.locale_str, context: app_commands.TranslationContext[Any, Any]) -> str:
     """The catalog key of ``string``: its explicit ``key`` extra, or one derived from its place."""
     explicit = string.extras.get("key")
     if explicit:
@@ -30,7 +32,7 @@ def context_key(string: app_commands.locale_str, context: app_commands.Translati
     return derived_key(loc.name, path=path, value=string.message)
 
 
-def context_kind(context: app_commands.TranslationContext) -> str:
+def context_kind(context: app_commands.TranslationContext[Any, Any]) -> str:
     if context.location == Loc.command_name and isinstance(context.data, app_commands.ContextMenu):
         return KIND_MENU
     return KIND_NAME if context.location in _NAME_LOCATIONS else KIND_TEXT
@@ -43,7 +45,7 @@ class KontextTranslator(app_commands.Translator):
         self,
         string: app_commands.locale_str,
         locale: discord.Locale,
-        context: app_commands.TranslationContext,
+        context: app_commands.TranslationContext[Any, Any],
     ) -> str | None:
         return command_text(
             context_key(string, context),

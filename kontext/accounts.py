@@ -14,11 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+
+if TYPE_CHECKING:
+    from kontext.segmind import SegmindClient
 
 log = logging.getLogger("kontext.accounts")
 
@@ -76,9 +79,9 @@ class Accounts:
         self,
         store: Any,
         vault: KeyVault,
-        owner_client: Any,
+        owner_client: SegmindClient,
         owner_limits: AccountLimits,
-        make_client: Callable[[str], Any],
+        make_client: Callable[[str], SegmindClient],
         *,
         ttl_s: float = 5.0,
     ) -> None:
@@ -90,7 +93,7 @@ class Accounts:
         self.ttl_s = ttl_s
         self._keys: dict[int, _GuildKey] = {}
         self._read_at = float("-inf")
-        self._clients: dict[str, tuple[str, Any]] = {}  # account -> (encrypted key, client)
+        self._clients: dict[str, tuple[str, SegmindClient]] = {}  # account -> (encrypted key, client)
 
     async def refresh(self, *, force: bool = False) -> None:
         """Re-read the servers' keys (at most every ``ttl_s`` unless forced)."""
@@ -115,7 +118,7 @@ class Accounts:
         """Every account's limits (the owner's first), for the dispatcher."""
         return [self.owner_limits, *(k.limits for k in self._keys.values())]
 
-    async def client_for(self, account: str) -> Any:
+    async def client_for(self, account: str) -> SegmindClient:
         """The Segmind client of ``account`` (the owner's, or one per server key)."""
         guild_id = account_guild(account)
         if guild_id is None:

@@ -67,6 +67,8 @@ from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, Oper
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
@@ -114,7 +116,7 @@ def engine_args(database_url: str) -> tuple[URL, dict[str, Any]]:
     query = dict(url.query)
     connect_args: dict[str, Any] = {}
     mode = query.pop("sslmode", None)
-    cert_params = {k: query.pop(k) for k in ("sslrootcert", "sslcert", "sslkey") if k in query}
+    cert_params: dict[str, Any] = {k: query.pop(k) for k in ("sslrootcert", "sslcert", "sslkey") if k in query}
     if "ssl" in query:  # already asyncpg style
         mode = query.pop("ssl")
     if isinstance(mode, tuple):
@@ -221,7 +223,11 @@ class _Prepared:
     __slots__ = ("statement", "sql", "names", "constants", "processors", "row_type")
 
     def __init__(self, statement: Executable, dialect: Any, keys: tuple[str, ...]) -> None:
+        # a prebuilt select / insert / update, compiled by a SQL dialect (both checked once: the
+        # compiled statement is cached)
+        assert isinstance(statement, ClauseElement), type(statement)
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        assert isinstance(compiled, SQLCompiler), type(compiled)
         sql = compiled.string
         if "POSTCOMPILE" in sql or compiled.positiontup is None:
             raise ValueError("execute() takes no expanding IN; write it as OR of equalities")
@@ -233,6 +239,8 @@ class _Prepared:
         for index, name in enumerate(compiled.positiontup):
             names.append(name)
             processor = bind_processors.get(name)
+            if processor is not None and not callable(processor):  # a tuple type's, per element
+                raise ValueError(f"execute() takes no tuple-typed bind parameter ({name!r})")
             if name in given:
                 if processor is not None:
                     processors.append((index, processor))
@@ -328,7 +336,7 @@ def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> 
         return Rows([])
     if prepared.row_type is None:
         names = [d[0] for d in description]
-        prepared.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+        prepared.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]  # field names known only at run time
     make = prepared.row_type._make
     return Rows([make(r) for r in rows])
 

@@ -21,7 +21,8 @@ def catalog(lang: str) -> dict[str, str]:
     path = LOCALES_DIR / f"{lang}.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    entries: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+    return entries
 
 
 def available_locales() -> list[str]:

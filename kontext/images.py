@@ -51,13 +51,15 @@ from yarl import URL
 
 from kontext.errors import InputError
 from kontext.spool import SPOOL_BYTES, ResultFile
+from kontext.vocab import ImageFormat
 
 log = logging.getLogger("kontext.images")
 
 _T = TypeVar("_T")
 
-ACCEPTED_FORMATS: frozenset[str] = frozenset({"png", "jpeg", "webp"})
-"""Formats :func:`inspect_image` accepts (names as returned by :func:`sniff_format`)."""
+ACCEPTED_FORMATS: frozenset[ImageFormat] = frozenset(ImageFormat)
+"""Formats :func:`inspect_image` accepts (as returned by :func:`sniff_format`: ``"jpg"``, never
+``"jpeg"``; Pillow's names are :attr:`ImageFormat.pil`)."""
 
 SEED_MAX = 2**32 - 1
 """The largest seed the API takes (inclusive)."""
@@ -66,7 +68,6 @@ MIN_LIMIT_BYTES = 1024
 """The smallest ``limit_bytes`` :func:`fit_to_limit` guarantees (a 1×1 JPEG is ~300 bytes)."""
 
 _MIB = 1024 * 1024
-_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A JPEG is decoded at 1/2..1/8 scale (libjpeg's DCT scaling): every byte of the entropy-coded
 # data is still read, so truncation is caught, but the pixel buffer is up to 64× smaller.
@@ -84,18 +85,18 @@ _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 def sniff_format(data: bytes) -> str | None:
     """Name the format of ``data`` from its first bytes, or None when unknown.
 
-    Returns ``"png"``, ``"jpeg"`` or ``"webp"`` for the accepted formats, and for better logs a
-    name for common wrong files: ``"gif"``, ``"pdf"``, ``"bmp"``, ``"tiff"``, ``"ico"``,
-    ``"heic"``, ``"avif"``, ``"mp4"`` (other ISO-BMFF), ``"jxl"``, ``"zip"``, ``"svg"``,
-    ``"html"``, ``"xml"``, ``"json"``. Only :data:`ACCEPTED_FORMATS` pass :func:`inspect_image`.
+    Returns an :class:`ImageFormat` (``"png"``, ``"jpg"``, ``"webp"``) for the accepted formats,
+    and for better logs a name for common wrong files: ``"gif"``, ``"pdf"``, ``"bmp"``,
+    ``"tiff"``, ``"ico"``, ``"heic"``, ``"avif"``, ``"mp4"`` (other ISO-BMFF), ``"jxl"``,
+    ``"zip"``, ``"svg"``, ``"html"``, ``"xml"``, ``"json"``. Only :data:`ACCEPTED_FORMATS` pass :func:`inspect_image`.
     """
     head = bytes(data[:512])
     if head.startswith(_PNG_SIGNATURE):
-        return "png"
+        return ImageFormat.PNG
     if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
+        return ImageFormat.JPG
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
+        return ImageFormat.WEBP
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
     if head.startswith(b"%PDF-"):
@@ -137,14 +138,14 @@ def header_size(data: bytes, fmt: str | None = None) -> tuple[int, int] | None:
     """
     fmt = fmt or sniff_format(data)
     try:
-        if fmt == "png":
+        if fmt == ImageFormat.PNG:
             if data[12:16] != b"IHDR":
                 return None
             width, height = struct.unpack(">II", data[16:24])
             return width, height
-        if fmt == "webp":
+        if fmt == ImageFormat.WEBP:
             return _webp_size(data)
-        if fmt == "jpeg":
+        if fmt == ImageFormat.JPG:
             return _jpeg_size(data)
     except (struct.error, IndexError):
         return None
@@ -237,7 +238,7 @@ CHECK_THREADS = 2
 # peak bytes per pixel of a full Pillow decode: PNG at most RGBA 8-bit (16-bit colour is read as
 # 8-bit); WebP goes through libwebp's animation decoder (canvas + frame + copies, measured ~16);
 # JPEG is decoded at reduced scale here (draft), see _jpeg_check_cost.
-_BYTES_PER_PIXEL = {"png": 4, "webp": 16, "jpeg": 0}
+_BYTES_PER_PIXEL: dict[str, int] = {ImageFormat.PNG: 4, ImageFormat.WEBP: 16, ImageFormat.JPG: 0}
 _PNG_PIECE = 1 * _MIB  # a PNG's image data is inflated this much at a time
 _PNG_STREAM_COST = 2 * _MIB  # the piece, zlib's window and state
 
@@ -280,10 +281,10 @@ def _check_cost(data: bytes, fmt: str | None, dims: tuple[int, int] | None) -> i
     if fmt not in ACCEPTED_FORMATS or dims is None:
         return DECODE_BUDGET_BYTES
     size = len(data)
-    if fmt == "png":
+    if fmt == ImageFormat.PNG:
         return size + _PNG_STREAM_COST
-    if fmt == "webp":
-        full = _decode_cost("webp", *dims)
+    if fmt == ImageFormat.WEBP:
+        full = _decode_cost(ImageFormat.WEBP, *dims)
         return size + (full if full <= DECODE_BUDGET_BYTES else 0)
     frame = _jpeg_frame(data)
     if frame is None:
@@ -293,7 +294,7 @@ def _check_cost(data: bytes, fmt: str | None, dims: tuple[int, int] | None) -> i
 
 async def _check_cost_async(data: bytes, fmt: str | None, dims: tuple[int, int] | None) -> int:
     """:func:`_check_cost`; a large JPEG's scan count (~1 ms a MiB) is taken off the loop."""
-    if fmt == "jpeg" and len(data) > _MIB:
+    if fmt == ImageFormat.JPG and len(data) > _MIB:
         return await asyncio.to_thread(_check_cost, data, fmt, dims)
     return _check_cost(data, fmt, dims)
 
@@ -410,7 +411,7 @@ class MemoryBudget:
         self.peak_in_use = 0
         self.peak_holders = 0
         self._lock = threading.Lock()
-        self._waiters: deque[list[Any]] = deque()  # [take, future, granted]
+        self._waiters: deque[_Waiter] = deque()
 
     def reset_peaks(self) -> None:
         with self._lock:
@@ -433,13 +434,13 @@ class MemoryBudget:
             if not self._waiters and self.in_use + take <= self.capacity:
                 self._grant(take)
                 return take
-            waiter = [take, asyncio.get_running_loop().create_future(), False]
+            waiter = _Waiter(take, asyncio.get_running_loop().create_future())
             self._waiters.append(waiter)
         try:
-            await waiter[1]
+            await waiter.future
         except BaseException:
             with self._lock:
-                granted = waiter[2]
+                granted = waiter.granted
                 if not granted:
                     self._waiters.remove(waiter)
             if granted:
@@ -457,18 +458,27 @@ class MemoryBudget:
         self._wake()
 
     def _wake(self) -> None:
-        ready = []
+        ready: list[_Waiter] = []
         with self._lock:
-            while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            while self._waiters and self.in_use + self._waiters[0].take <= self.capacity:
                 waiter = self._waiters.popleft()
-                waiter[2] = True
-                self._grant(waiter[0])
+                waiter.granted = True
+                self._grant(waiter.take)
                 ready.append(waiter)
-        for take, future, _ in ready:
+        for waiter in ready:
             try:
-                future.get_loop().call_soon_threadsafe(_resolve, future)
+                waiter.future.get_loop().call_soon_threadsafe(_resolve, waiter.future)
             except RuntimeError:  # its event loop is closed: nobody will use the grant
-                self.release(take)
+                self.release(waiter.take)
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """One :meth:`MemoryBudget.acquire` waiting in line for ``take`` bytes."""
+
+    take: int
+    future: asyncio.Future[None]
+    granted: bool = False  # set under the budget's lock when its bytes were given to it
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -519,7 +529,7 @@ async def _run_budgeted(cost: int, fn: Callable[..., _T], /, *args: Any, **kwarg
 
 @dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """What :func:`inspect_image` found: ``format`` is ``"png"``, ``"jpeg"`` or ``"webp"``."""
+    """What :func:`inspect_image` found: ``format`` is ``"png"``, ``"jpg"`` or ``"webp"``."""
 
     format: str
     width: int
@@ -615,22 +625,22 @@ def inspect_image(
         data, which=which, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side
     )
     try:
-        with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]]) as img:  # lazy: header
+        with Image.open(io.BytesIO(data), formats=[ImageFormat(fmt).pil]) as img:  # lazy: header
             width, height = img.size
             _check_dimensions(fmt, width, height, which=which, limit=limit, min_side=min_side)
-            if fmt == "jpeg":
+            if fmt == ImageFormat.JPG:
                 if max(width, height) > _JPEG_CHECK_SIDE:
                     scale = max(width, height) / _JPEG_CHECK_SIDE
                     img.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
                 img.load()
-            elif fmt == "webp":
+            elif fmt == ImageFormat.WEBP:
                 if _decode_cost(fmt, width, height) <= DECODE_BUDGET_BYTES:
                     img.load()
                 else:
                     _check_webp_structure(data)
                     log.debug("image %d: webp %dx%d checked by structure only (decode over "
                               "budget)", which, width, height)
-        if fmt == "png":
+        if fmt == ImageFormat.PNG:
             _check_png_stream(data)
     except InputError:
         raise
@@ -829,7 +839,7 @@ async def thumbnail_bytes_async(data: bytes, max_side: int = 256) -> bytes:
     """:func:`thumbnail_bytes` on the check pool, within :data:`DECODE_BUDGET`."""
     fmt = sniff_format(data)
     dims = header_size(data, fmt)
-    if fmt == "jpeg" or dims is None:
+    if fmt == ImageFormat.JPG or dims is None:
         cost = await _check_cost_async(data, fmt, dims)
     else:
         full = _decode_cost(fmt or "", *dims)
@@ -932,7 +942,6 @@ class FittedImage:
             self.body.close()
 
 
-_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _MAX_ENCODES = 6  # refining a fitted size upwards stops here (shrinking to fit never does)
 # rough size of a JPEG at each quality relative to quality 92 (noise ~0.79/0.62, photos lower)
 _JPEG_REACH = {92: 1.0, 85: 0.75, 75: 0.6}
@@ -975,13 +984,13 @@ def _encode_jpeg(img: Image.Image, quality: int, icc: bytes | None) -> bytes:
         kwargs["progressive"] = True
     if icc:
         kwargs["icc_profile"] = icc
-    img.save(out, "JPEG", **kwargs)
+    img.save(out, ImageFormat.JPG.pil, **kwargs)
     return out.getvalue()
 
 
 def _encode_png(img: Image.Image, icc: bytes | None) -> bytes:
     out = io.BytesIO()
-    img.save(out, "PNG", optimize=True, icc_profile=icc)  # None: not even the one in img.info
+    img.save(out, ImageFormat.PNG.pil, optimize=True, icc_profile=icc)  # None: not even the one in img.info
     return out.getvalue()
 
 
@@ -1017,13 +1026,15 @@ def fit_to_limit(
     if in_size <= limit_bytes:
         head = data.head if isinstance(data, ResultFile) else data
         fmt = sniff_format(head)
-        kind = _EXT.get(fmt or "", "jpg" if output_format in ("jpg", "jpeg") else "png")
+        kind = ImageFormat(fmt) if fmt in ACCEPTED_FORMATS else (
+            ImageFormat.JPG if output_format == ImageFormat.JPG else ImageFormat.PNG
+        )
         dims = header_size(head, fmt)
         if dims is None:
             stream = data.stream() if isinstance(data, ResultFile) else io.BytesIO(data)
             try:
-                with Image.open(stream) as img:  # lazy: reads the header only
-                    dims = img.size
+                with Image.open(stream) as probe:  # lazy: reads the header only
+                    dims = probe.size
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 dims = (0, 0)
         return FittedImage(data, kind, kind, dims[0], dims[1], reencoded=False, scale=1.0)
@@ -1048,12 +1059,12 @@ def fit_to_limit(
         body: bytes | ResultFile = ResultFile.from_bytes(out) if len(out) > SPOOL_BYTES else out
         return FittedImage(body, fmt, fmt, img.width, img.height, reencoded=True, scale=scale)
 
-    if output_format == "png" and in_size <= limit_bytes * 1.25:
+    if output_format == ImageFormat.PNG and in_size <= limit_bytes * 1.25:
         png_src = src if src.mode in ("RGB", "RGBA", "L", "LA", "P", "1") else src.convert("RGBA")
         out = _encode_png(png_src, icc)
         encodes += 1
         if len(out) <= limit_bytes:
-            return done(out, "png", png_src, 1.0)
+            return done(out, ImageFormat.PNG, png_src, 1.0)
 
     base = _flatten(src)
     # full size, quality ladder: q92 first; q85 (~0.75x of q92) and q75 (~0.6x) are only tried
@@ -1062,7 +1073,7 @@ def fit_to_limit(
     encodes += 1
     quality, size = 92, len(out)
     if size <= limit_bytes:
-        return done(out, "jpg", base, 1.0)
+        return done(out, ImageFormat.JPG, base, 1.0)
     for next_quality in (85, 75):
         predicted = size * _JPEG_REACH[next_quality] / _JPEG_REACH[quality]
         if predicted > limit_bytes * 1.1:
@@ -1071,7 +1082,7 @@ def fit_to_limit(
         encodes += 1
         quality, size = next_quality, len(out)
         if size <= limit_bytes:
-            return done(out, "jpg", base, 1.0)
+            return done(out, ImageFormat.JPG, base, 1.0)
 
     # downscale: estimate the scale from the last size (JPEG size ~ pixel count), re-sampling the
     # full-size image each time; once a size fits with much room left, refine upwards (bounded)
@@ -1086,7 +1097,7 @@ def fit_to_limit(
             if target >= fail_scale * 0.9:
                 target = math.sqrt(scale * fail_scale)
             if encodes >= _MAX_ENCODES or size > limit_bytes * 0.7 or target <= scale * 1.05:
-                return done(best[0], "jpg", best[1], best[2])
+                return done(best[0], ImageFormat.JPG, best[1], best[2])
         target = max(target, 1 / long_side)
         img = _resized(base, target)
         side = max(img.size)
@@ -1174,9 +1185,9 @@ def thumbnail_bytes(data: bytes, max_side: int = 256) -> bytes:
     than :data:`DECODE_BUDGET_BYTES` to decode (show a link instead).
     """
     with Image.open(io.BytesIO(data)) as img:
-        if img.format == "JPEG":
+        if img.format == ImageFormat.JPG.pil:
             img.draft("RGB", (max_side, max_side))
-        elif _decode_cost((img.format or "").lower(), *img.size) > DECODE_BUDGET_BYTES:
+        elif _decode_cost(ImageFormat.from_pil(img.format) or "", *img.size) > DECODE_BUDGET_BYTES:
             raise ValueError(f"{img.format} {img.width}x{img.height} is too large to thumbnail")
         img.load()
         upright = ImageOps.exif_transpose(img)

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from kontext.settings import Settings
 from kontext.store import Store
+from kontext.store_owner import GuildSpend
 
 USAGE = __doc__.split("\n\n", 2)[2].rstrip() if __doc__ else ""
 
@@ -44,6 +45,7 @@ async def run_owner(argv: list[str], settings: Settings, out: TextIO = sys.stdou
         return 0
     try:
         command, args = argv[0], argv[1:]
+        action: tuple[str, int, float | None] | None
         if command == "servers" and not args:
             action = None
         elif command in ("block", "unblock") and len(args) == 1:
@@ -77,7 +79,7 @@ async def run_owner(argv: list[str], settings: Settings, out: TextIO = sys.stdou
         await store.close()
 
 
-def _print_servers(rows: list, settings: Settings, out: TextIO) -> None:
+def _print_servers(rows: list[GuildSpend], settings: Settings, out: TextIO) -> None:
     allowed = settings.allowed_guild_ids
     print(
         f"{'server id':<20} {'name':<24} {'status':<11} {'today':>8} {'cap':>8} "

@@ -25,13 +25,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 
 from kontext import images
+from kontext.accounts import Accounts
 from kontext.errors import (
     ApiError,
     ApiRateLimited,
@@ -49,6 +50,7 @@ from kontext.segmind import GenerationRequest, GenerationResult, SegmindClient, 
 from kontext.settings import Settings
 from kontext.store import Job, Lease, Reservation, ReserveRequest, Store
 from kontext.store_queue import OWNER_ACCOUNT
+from kontext.vocab import ImageFormat, JobState, Outcome, Source
 
 log = logging.getLogger("kontext.pipeline")
 
@@ -77,7 +79,7 @@ class JobSpec:
     image_1: InputImage
     image_2: InputImage
     aspect_ratio: str = "match_input_image"
-    output_format: str = "jpg"
+    output_format: ImageFormat = ImageFormat.JPG
     safety_tolerance: int = 1
     seed: int = 42
     locale: str | None = None
@@ -85,7 +87,7 @@ class JobSpec:
     application_id: int | None = None
     interaction_token: str | None = field(default=None, repr=False)
     parent_job_id: int | None = None
-    source: str = "slash"
+    source: Source = Source.SLASH
     #: whose API key runs it: the owner's, or ``guild:<id>`` (a server's own key)
     account: str = OWNER_ACCOUNT
 
@@ -126,14 +128,14 @@ class JobSpec:
             image_1=InputImage(**p["image_1"]),
             image_2=InputImage(**p["image_2"]),
             aspect_ratio=p.get("aspect_ratio", "match_input_image"),
-            output_format=p.get("output_format", "jpg"),
+            output_format=ImageFormat(p.get("output_format", ImageFormat.JPG)),
             safety_tolerance=int(p.get("safety_tolerance", 1)),
             seed=int(p.get("seed", job.seed or 0)),
             locale=job.locale,
             application_id=job.application_id,
             interaction_token=job.interaction_token,
             parent_job_id=job.parent_job_id,
-            source=p.get("source", "slash"),
+            source=Source(p.get("source", Source.SLASH)),
             account=job.account,
         )
 
@@ -164,9 +166,7 @@ class JobOutcome:
     """How a job ended, for callers and tests."""
 
     job_id: int
-    #: posted | refunded | rejected | duplicate | handed_over | queued (left waiting at a
-    #: restart) | elsewhere (another process runs or ended it) | lost (its lease was lost)
-    status: str
+    status: Outcome
     cause: str | None = None
     error: KontextError | None = None
     delivery: Delivery | None = None
@@ -251,7 +251,7 @@ class JobPipeline:
         self.worker_id = worker_id
         self.sink_factory = sink_factory
         #: servers' own keys (kontext.accounts.Accounts); None: every job on the owner's key
-        self.accounts: Any = None
+        self.accounts: Accounts | None = None
         self.progress_interval_s = progress_interval_s
         self.probe_interval_s = probe_interval_s
         self._clock = clock
@@ -338,7 +338,7 @@ class JobPipeline:
                 timings["reserved"] = self._clock() - t0
         except JobAlreadyExists:
             log.info("job %s: duplicate delivery, already handled", spec.job_id)
-            return self._finish(JobOutcome(spec.job_id, "duplicate", cause="duplicate"))
+            return self._finish(JobOutcome(spec.job_id, Outcome.DUPLICATE, cause="duplicate"))
         except KontextError as err:
             log.info("job %s refused: %s (%s)", spec.job_id, err.cause, err.detail)
             return await self._reject(spec, sink, err)
@@ -383,7 +383,7 @@ class JobPipeline:
         if spec.account != OWNER_ACCOUNT and await self.store.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
 
-    async def _client(self, active: _Active) -> Any:
+    async def _client(self, active: _Active) -> SegmindClient:
         if self.accounts is None or active.spec.account == OWNER_ACCOUNT:
             return self.client
         try:
@@ -392,7 +392,7 @@ class JobPipeline:
             raise GuildKeyRefused(str(exc)) from None
 
     @contextlib.asynccontextmanager
-    async def _member_lock(self, spec: JobSpec) -> Any:
+    async def _member_lock(self, spec: JobSpec) -> AsyncIterator[None]:
         """One intake (checks and reservation) per member at a time in this process."""
         key = (spec.guild_id, spec.user_id)
         lock = self._intakes.get(key)
@@ -402,7 +402,7 @@ class JobPipeline:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]  # noqa: SLF001
+            if not lock.locked() and not lock._waiters:  # noqa: SLF001
                 self._intakes.pop(key, None)
 
     async def _reserve(self, spec: JobSpec) -> Reservation:
@@ -433,11 +433,11 @@ class JobPipeline:
         job = await self.store.get_job(job_id)
         if job is None or job.worker_id != self.worker_id:
             return False  # nothing was reserved, or the job is in another process's hands
-        if job.state == "accepted":
+        if job.state == JobState.ACCEPTED:
             return await self.store.refund(
                 job_id, cause="internal", clear_cooldown=True, api_charged=False, waiting_only=True
             )
-        if job.state == "running" and job.lease_owner == self.worker_id and job.id not in self._active:
+        if job.state == JobState.RUNNING and job.lease_owner == self.worker_id and job.id not in self._active:
             # claimed inside the reservation we never heard back from: ours, and never sent
             lease = Lease(job.id, self.worker_id, job.lease_epoch)
             self.queue.forget(job.id)
@@ -580,11 +580,11 @@ class JobPipeline:
                     spec.job_id, type(exc).__name__,
                 )
                 await self._let_go(active)
-                return self._finish(JobOutcome(spec.job_id, "handed_over"), active)
+                return self._finish(JobOutcome(spec.job_id, Outcome.HANDED_OVER), active)
             if found is not None:
                 log.warning("job %s: its result was already posted; committing it", spec.job_id)
                 await self._commit(active, found, None)
-                return self._finish(JobOutcome(spec.job_id, "posted", delivery=found), active)
+                return self._finish(JobOutcome(spec.job_id, Outcome.POSTED, delivery=found), active)
             if (
                 self.settings.segmind_api_mode == "async"
                 and active.request_id
@@ -622,7 +622,7 @@ class JobPipeline:
         self.queue.stop_claiming()
         for active in list(self._waiting.values()):  # they stay queued: their run() returns
             if active.done is not None and not active.done.done():
-                active.done.set_result(self._finish(JobOutcome(active.spec.job_id, "queued")))
+                active.done.set_result(self._finish(JobOutcome(active.spec.job_id, Outcome.QUEUED)))
         if self._waiting:
             log.info("shutdown: %d waiting job(s) stay in the queue", len(self._waiting))
         if self._probe_task is not None:
@@ -796,12 +796,12 @@ class JobPipeline:
         job = await self.store.get_job(active.spec.job_id)
         if active.lease is not None or job is None:
             return False
-        if job.state == "accepted" or job.lease_owner == self.worker_id:
+        if job.state == JobState.ACCEPTED or job.lease_owner == self.worker_id:
             return False  # still waiting, or our own claim is on its way
         if active.done is not None and not active.done.done():
             active.progress.closed = True
             log.info("job %s: in another process's hands (%s)", job.id, job.state)
-            active.done.set_result(self._finish(JobOutcome(job.id, "elsewhere")))
+            active.done.set_result(self._finish(JobOutcome(job.id, Outcome.ELSEWHERE)))
         return True
 
     async def _report_generating(self, active: _Active, started: float) -> None:
@@ -905,7 +905,7 @@ class JobPipeline:
             delivery = await self._deliver(active, info)
             if delivery is None:  # the post's fate is unknown and the channel cannot tell yet
                 await self._let_go(active)
-                return self._finish(JobOutcome(spec.job_id, "handed_over"), active)
+                return self._finish(JobOutcome(spec.job_id, Outcome.HANDED_OVER), active)
             active.timings["delivered"] = self._clock() - active.t0
             await self._commit(active, delivery, api_seconds)
             self.metrics.credits_spent.inc(active.reservation.cost)
@@ -919,7 +919,7 @@ class JobPipeline:
                 " ".join(f"{k}={v * 1000:.1f}" for k, v in active.timings.items()),
             )
             return self._finish(
-                JobOutcome(spec.job_id, "posted", delivery=delivery, timings=active.timings),
+                JobOutcome(spec.job_id, Outcome.POSTED, delivery=delivery, timings=active.timings),
                 active,
             )
         except _LeaseLost:
@@ -937,7 +937,7 @@ class JobPipeline:
                 log.info("job %s handed over to the next process", spec.job_id)
                 await asyncio.shield(self._let_go(active))
                 await asyncio.shield(self._tell_handover(active))
-                outcome = self._finish(JobOutcome(spec.job_id, "handed_over"), active)
+                outcome = self._finish(JobOutcome(spec.job_id, Outcome.HANDED_OVER), active)
             else:
                 outcome = await asyncio.shield(
                     self._refund(active, ShuttingDown("cancelled while running"))
@@ -964,8 +964,7 @@ class JobPipeline:
         except Exception as exc:  # a bug: the member still gets their credits back
             await _stop(ticker, active.progress)
             log.exception("job %s failed unexpectedly", spec.job_id)
-            err = KontextError(f"{type(exc).__name__}")
-            return await self._refund(active, err)
+            return await self._refund(active, KontextError(f"{type(exc).__name__}"))
         finally:
             if active.task is asyncio.current_task():
                 self._active.pop(spec.job_id, None)
@@ -1020,7 +1019,7 @@ class JobPipeline:
                 if await self.store.requeue(lease):
                     log.info("job %s: back in the queue (no request was sent)", lease.job_id)
                     self.queue.kick()
-                    return self._finish(JobOutcome(active.spec.job_id, "queued"), active)
+                    return self._finish(JobOutcome(active.spec.job_id, Outcome.QUEUED), active)
             except Exception as exc:  # noqa: BLE001 - then the lease expires and it is taken over
                 log.warning("job %s: could not put it back in the queue (%s)", lease.job_id, exc)
         return self._lost(active)
@@ -1032,7 +1031,7 @@ class JobPipeline:
         )
         if active.lease is not None:
             self.queue.forget(active.lease.job_id)
-        return self._finish(JobOutcome(active.spec.job_id, "lost"), active)
+        return self._finish(JobOutcome(active.spec.job_id, Outcome.LOST), active)
 
     async def _commit(self, active: _Active, delivery: Delivery, api_seconds: float | None) -> None:
         spec, lease = active.spec, active.lease
@@ -1127,7 +1126,7 @@ class JobPipeline:
             err = _Restarted(credits=refunded)
         await self._tell(active.sink, err, refunded=refunded)
         return self._finish(
-            JobOutcome(spec.job_id, "refunded", err.cause, err, timings=active.timings), active
+            JobOutcome(spec.job_id, Outcome.REFUNDED, err.cause, err, timings=active.timings), active
         )
 
     async def _refund_waiting(self, active: _Active, err: KontextError) -> JobOutcome | None:
@@ -1151,14 +1150,14 @@ class JobPipeline:
             return None  # claimed (or ended) meanwhile: not ours to end
         log.info("job %s refunded while waiting: %s", spec.job_id, err.cause)
         await self._tell(active.sink, err, refunded=active.reservation.cost)
-        outcome = self._finish(JobOutcome(spec.job_id, "refunded", err.cause, err), active)
+        outcome = self._finish(JobOutcome(spec.job_id, Outcome.REFUNDED, err.cause, err), active)
         if active.done is not None and not active.done.done():
             active.done.set_result(outcome)
         return outcome
 
     async def _reject(self, spec: JobSpec, sink: JobSink, err: KontextError) -> JobOutcome:
         await self._tell(sink, err, refunded=0)
-        return self._finish(JobOutcome(spec.job_id, "rejected", err.cause, err))
+        return self._finish(JobOutcome(spec.job_id, Outcome.REJECTED, err.cause, err))
 
     async def _tell(self, sink: JobSink, err: KontextError, *, refunded: int) -> None:
         try:

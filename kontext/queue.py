@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kontext.accounts import Accounts
 from kontext.store_queue import AccountLimits, Claim, Lease, QueueView
 from kontext.store_types import Job
 
@@ -93,7 +94,7 @@ class SharedQueue:
         self.on_expired: Callable[[Job], Awaitable[None]] | None = None
         self.on_paused: Callable[[bool], None] = lambda paused: None
         #: every account's limits (the owner's and servers' own keys); the owner's alone if unset
-        self.accounts: Any = None
+        self.accounts: Accounts | None = None
 
     # --- life ----------------------------------------------------------------------------------
 

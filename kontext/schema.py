@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kontext.db import Database
+from kontext.vocab import JobState, LedgerKind
 
 #: Key of the Postgres advisory lock that serializes migrations ("Kontext" in ASCII).
 MIGRATION_LOCK_KEY = 0x4B6F6E74657874
@@ -43,14 +44,18 @@ MIGRATION_LOCK_KEY = 0x4B6F6E74657874
 
 metadata = MetaData()
 
-LEDGER_KINDS: tuple[str, ...] = ("start", "grant", "revoke", "daily", "reserve", "commit", "refund")
-JOB_STATES: tuple[str, ...] = ("accepted", "running", "posted", "failed", "refunded")
-ACTIVE_STATES: tuple[str, ...] = ("accepted", "running")
+LEDGER_KINDS: tuple[LedgerKind, ...] = tuple(LedgerKind)
+JOB_STATES: tuple[JobState, ...] = tuple(JobState)
+#: a job still in the queue or being generated
+ACTIVE_STATES: tuple[JobState, ...] = (JobState.ACCEPTED, JobState.RUNNING)
+#: a job that ended without a post (refunded; "failed" when there was nothing to refund)
+UNPOSTED_STATES: tuple[JobState, ...] = (JobState.FAILED, JobState.REFUNDED)
 
 
 def _in_check(column: str, values: Sequence[str], name: str) -> CheckConstraint:
-    # Constant DDL built from the module's own tuples, never from input.
-    quoted = ", ".join(f"'{v}'" for v in values)
+    # Constant DDL built from the enums in kontext.vocab, never from input. The text is the one
+    # the migrations created (``state IN ('accepted', …)``), so changing an enum needs a migration.
+    quoted = ", ".join(f"'{str(v)}'" for v in values)  # str(): a StrEnum member's value
     return CheckConstraint(f"{column} IN ({quoted})", name=name)
 
 

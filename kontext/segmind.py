@@ -55,8 +55,9 @@ from kontext.errors import (
     ApiServerError,
     ApiTimeout,
 )
-from kontext.settings import ASPECT_RATIOS, OUTPUT_FORMATS
+from kontext.settings import ASPECT_RATIOS
 from kontext.spool import SPOOL_BYTES, ResultFile
+from kontext.vocab import OUTPUT_FORMATS, ImageFormat
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -85,7 +86,7 @@ SleepFn = Callable[[float], Awaitable[Any]]
 ERROR_TEXT_MAX = 300
 """The API's error message is trimmed to this many characters in error details."""
 
-CONTENT_TYPES: dict[str, str] = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+CONTENT_TYPES: dict[str, str] = {fmt: fmt.mime for fmt in ImageFormat}
 
 IN_PROGRESS_STATES = frozenset({"QUEUED", "PROCESSING", "IN_PROGRESS", "STARTING", "RUNNING"})
 
@@ -109,7 +110,7 @@ class GenerationRequest:
     image_1_url: str
     image_2_url: str
     aspect_ratio: str = "match_input_image"
-    output_format: str = "jpg"
+    output_format: ImageFormat = ImageFormat.JPG
     safety_tolerance: int = 1
     seed: int = 42
 
@@ -141,7 +142,7 @@ class GenerationResult:
 
     image: bytes | ResultFile
     content_type: str
-    output_format: str
+    output_format: ImageFormat
     request_id: str | None
     cost_usd: float | None
     remaining_credits: float | None
@@ -305,14 +306,14 @@ def retry_after_from_headers(headers: Mapping[str, str], *, now: float | None = 
     return seconds
 
 
-def sniff_image(data: bytes) -> str | None:
+def sniff_image(data: bytes) -> ImageFormat | None:
     """``"jpg"``, ``"png"`` or ``"webp"`` from the magic bytes, else None."""
     if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
+        return ImageFormat.JPG
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
+        return ImageFormat.PNG
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
+        return ImageFormat.WEBP
     return None
 
 
@@ -332,11 +333,11 @@ def _is_complete(head: bytes, tail: bytes, size: int, fmt: str) -> bool:
     """:func:`image_is_complete` from the first 12 and last 64 bytes of ``size`` bytes."""
     if size < _MIN_IMAGE_BYTES:
         return False
-    if fmt == "jpg":
+    if fmt == ImageFormat.JPG:
         return b"\xff\xd9" in tail[-64:]
-    if fmt == "png":
+    if fmt == ImageFormat.PNG:
         return b"IEND\xaeB`\x82" in tail[-64:]
-    if fmt == "webp":
+    if fmt == ImageFormat.WEBP:
         return int.from_bytes(head[4:8], "little") + 8 <= size
     return False
 
@@ -584,7 +585,7 @@ class SegmindClient:
         image, fmt = await self._image_from_answer(answer, req.output_format, meta.request_id)
         return GenerationResult(
             image=image,
-            content_type=CONTENT_TYPES[fmt],
+            content_type=fmt.mime,
             output_format=fmt,
             request_id=meta.request_id,
             cost_usd=meta.cost_usd,
@@ -674,7 +675,7 @@ class SegmindClient:
             cost = parse_number(str(raw)) if raw is not None else None
         result = GenerationResult(
             image=image,
-            content_type=CONTENT_TYPES[fmt],
+            content_type=fmt.mime,
             output_format=fmt,
             request_id=job.request_id,
             cost_usd=cost,
@@ -746,7 +747,7 @@ class SegmindClient:
 
     async def _v2_output(
         self, job: SubmittedJob, body: Mapping[str, Any], asked_format: str | None
-    ) -> tuple[bytes | ResultFile, str, Mapping[str, str]]:
+    ) -> tuple[bytes | ResultFile, ImageFormat, Mapping[str, str]]:
         """The image of a COMPLETED job's ``output`` (URL, list of URLs, or base64)."""
         output: Any = body.get("output")
         if isinstance(output, list):
@@ -803,7 +804,7 @@ class SegmindClient:
 
     async def _image_from_answer(
         self, answer: _Answer, asked_format: str | None, request_id: str | None
-    ) -> tuple[bytes | ResultFile, str]:
+    ) -> tuple[bytes | ResultFile, ImageFormat]:
         """The image of a 200: raw bytes, or (some models) JSON carrying a URL or base64.
 
         A spooled answer's file goes on in the result (closed here when anything fails)."""
@@ -834,8 +835,8 @@ class SegmindClient:
                 body.close()
             raise
         declared = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if declared.startswith("image/") and declared != CONTENT_TYPES[fmt] and not (
-            declared == "image/jpg" and fmt == "jpg"
+        if declared.startswith("image/") and declared != fmt.mime and not (
+            declared == "image/jpg" and fmt == ImageFormat.JPG
         ):
             log.info("segmind %s: Content-Type %s but the bytes are %s", label, declared, fmt)
         return body, fmt
@@ -843,7 +844,7 @@ class SegmindClient:
     def _validate_image(
         self, body: bytes | ResultFile, asked_format: str | None, label: str,
         request_id: str | None, status: int,
-    ) -> str:
+    ) -> ImageFormat:
         """The sniffed format of ``body``; it must be JPEG/PNG/WebP and end as a whole file does
         (a spooled body is checked on its first and last bytes, never read back)."""
         if isinstance(body, ResultFile):

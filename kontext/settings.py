@@ -16,7 +16,6 @@ ASPECT_RATIOS: tuple[str, ...] = (
     "match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2",
     "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2",
 )
-OUTPUT_FORMATS: tuple[str, ...] = ("jpg", "png")
 API_MODES: tuple[str, ...] = ("sync", "async")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -314,7 +313,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
             values[field_name] = parse(raw)
         except ValueError as exc:
             raise SettingsError(name, str(exc)) from None
-    settings = Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]  # each value was parsed to its field's type above
     if settings.segmind_api_mode not in API_MODES:  # pragma: no cover - guarded by the parser
         raise SettingsError("SEGMIND_API_MODE", "must be sync or async")
     if settings.shard_ids is not None:

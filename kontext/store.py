@@ -59,6 +59,7 @@ from kontext.store_types import (
     usd_to_micros,
     utc_day,
 )
+from kontext.vocab import JobState, LedgerKind
 
 #: the cap of a server without one (its spend is still booked, for the owner's listing)
 NO_CAP = 2**62
@@ -227,7 +228,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             "guild_id": g,
             "channel_id": req.channel_id,
             "user_id": u,
-            "state": "accepted",
+            "state": JobState.ACCEPTED,
             "params": params,
             "seed": req.seed,
             "cost_credits": cost,
@@ -263,7 +264,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             guild_id=g,
             user_id=u,
             delta=-cost,
-            kind="reserve",
+            kind=LedgerKind.RESERVE,
             balance_after=balance,
             now=now,
             job_id=req.job_id,
@@ -333,7 +334,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             guild_id=gs.guild_id,
             user_id=user_id,
             delta=delta,
-            kind="daily",
+            kind=LedgerKind.DAILY,
             balance_after=balance,
             now=now,
             reason=f"daily free credits {today}",
@@ -446,7 +447,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
                 guild_id=job.guild_id,
                 user_id=job.user_id,
                 delta=0,
-                kind="commit",
+                kind=LedgerKind.COMMIT,
                 balance_after=balance,
                 now=now,
                 job_id=job_id,
@@ -504,7 +505,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
                 guild_id=job.guild_id,
                 user_id=job.user_id,
                 delta=int(job.cost_credits),
-                kind="refund",
+                kind=LedgerKind.REFUND,
                 balance_after=balance,
                 now=now,
                 job_id=job_id,

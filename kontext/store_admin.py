@@ -10,6 +10,7 @@ from sqlalchemy import func, or_, select, update
 
 from kontext.schema import (
     ACTIVE_STATES,
+    UNPOSTED_STATES,
     budget_days,
     guild_budget_days,
     jobs,
@@ -20,6 +21,7 @@ from kontext.schema import (
 from kontext.store_base import StoreBase
 from kontext.store_queue import OWNER_ACCOUNT
 from kontext.store_types import GuildStats, StatsWindow, day_start, usd_to_micros, utc_day
+from kontext.vocab import JobState, LedgerKind
 
 _j = jobs.c
 _w = workers.c
@@ -78,7 +80,7 @@ class AdminMixin(StoreBase):
 
     async def _window(self, guild_id: int, since: float) -> StatsWindow:
         base = (_j.guild_id == guild_id, _j.created_at >= since)
-        posted = _j.state == "posted"
+        posted = _j.state == JobState.POSTED
         async with self.db.read() as conn:
             generations, credits = (
                 await conn.execute(
@@ -94,7 +96,7 @@ class AdminMixin(StoreBase):
             )
             failures = await conn.execute(
                 select(_j.failure_cause, func.count())
-                .where(*base, _j.state.in_(("failed", "refunded")))
+                .where(*base, _j.state.in_(UNPOSTED_STATES))
                 .group_by(_j.failure_cause)
             )
             failures_by_cause = {str(cause or "unknown"): int(n) for cause, n in failures}
@@ -107,7 +109,7 @@ class AdminMixin(StoreBase):
                 .limit(5)
             )
             top_members = [(int(user), int(n)) for user, n in top]
-            refunds = await conn.scalar(select(func.count()).where(*base, _j.state == "refunded"))
+            refunds = await conn.scalar(select(func.count()).where(*base, _j.state == JobState.REFUNDED))
         return StatsWindow(
             generations=int(generations),
             credits_spent=int(credits),
@@ -189,14 +191,14 @@ class AdminMixin(StoreBase):
             if job.state in ACTIVE_STATES:
                 active[(job.guild_id, job.user_id)] += 1
             owners_money = job.account == OWNER_ACCOUNT
-            if owners_money and (job.state in (*ACTIVE_STATES, "posted") or job.api_charged):
-                for day in (
+            if owners_money and (job.state in (*ACTIVE_STATES, JobState.POSTED) or job.api_charged):
+                for counts in (
                     budget_expected[utc_day(job.created_at)],
                     guild_expected[(int(job.guild_id), utc_day(job.created_at))],
                 ):
-                    day[0] += int(job.cost_usd_micros)
-                    day[1] += 1
-            if job.state == "running" and job.lease_owner in retired:
+                    counts[0] += int(job.cost_usd_micros)
+                    counts[1] += 1
+            if job.state == JobState.RUNNING and job.lease_owner in retired:
                 problems.append(f"job {job.id}: lease held by retired worker {job.lease_owner}")
         known_jobs = {int(j.id) for j in job_rows}
         for job_id, n in (posts or {}).items():
@@ -222,7 +224,7 @@ class AdminMixin(StoreBase):
                 )
 
         cap = usd_to_micros(self.settings.daily_budget_usd)
-        seen_days = set()
+        seen_days: set[str] = set()
         for b in budget_rows:
             seen_days.add(b.day)
             if b.reserved_micros < 0 or b.generations < 0:
@@ -258,23 +260,23 @@ def _job_problems(
     """The broken rules of one job, given the count of its ledger rows per kind."""
     out: list[str] = []
     name = f"job {job.id} ({job.state})"
-    if kinds["reserve"] != 1:
-        out.append(f"{name}: {kinds['reserve']} reserve rows")
-    elif job_delta[(int(job.id), "reserve")] != -int(job.cost_credits):
+    if kinds[LedgerKind.RESERVE] != 1:
+        out.append(f"{name}: {kinds[LedgerKind.RESERVE]} reserve rows")
+    elif job_delta[(int(job.id), LedgerKind.RESERVE)] != -int(job.cost_credits):
         out.append(f"{name}: reserve delta != -cost")
-    if kinds["commit"] > 1 or kinds["refund"] > 1:
-        out.append(f"{name}: {kinds['commit']} commit rows, {kinds['refund']} refund rows")
-    if kinds["commit"] and kinds["refund"]:
+    if kinds[LedgerKind.COMMIT] > 1 or kinds[LedgerKind.REFUND] > 1:
+        out.append(f"{name}: {kinds[LedgerKind.COMMIT]} commit rows, {kinds[LedgerKind.REFUND]} refund rows")
+    if kinds[LedgerKind.COMMIT] and kinds[LedgerKind.REFUND]:
         out.append(f"{name}: both committed and refunded")
-    if job.state == "posted" and kinds["commit"] != 1:
+    if job.state == JobState.POSTED and kinds[LedgerKind.COMMIT] != 1:
         out.append(f"{name}: posted without a commit row")
-    if job.state in ("refunded", "failed") and kinds["refund"] != 1:
+    if job.state in UNPOSTED_STATES and kinds[LedgerKind.REFUND] != 1:
         out.append(f"{name}: ended without a refund row")
-    if kinds["refund"] and job_delta[(int(job.id), "refund")] != int(job.cost_credits):
+    if kinds[LedgerKind.REFUND] and job_delta[(int(job.id), LedgerKind.REFUND)] != int(job.cost_credits):
         out.append(f"{name}: refund delta != cost")
-    if job.state in ACTIVE_STATES and (kinds["commit"] or kinds["refund"]):
+    if job.state in ACTIVE_STATES and (kinds[LedgerKind.COMMIT] or kinds[LedgerKind.REFUND]):
         out.append(f"{name}: active but has a commit/refund row")
-    other = set(kinds) - {"reserve", "commit", "refund"}
+    other = set(kinds) - {LedgerKind.RESERVE, LedgerKind.COMMIT, LedgerKind.REFUND}
     if other:
         out.append(f"{name}: unexpected ledger kinds {sorted(other)}")
     return out

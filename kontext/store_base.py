@@ -22,18 +22,19 @@ from sqlalchemy import (
     Double,
     Integer,
     Row,
+    String,
     Text,
     and_,
     bindparam,
     case,
     func,
+    literal,
     null,
     or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.dml import Insert
 
 from kontext.db import Database, execute
 from kontext.schema import (
@@ -46,14 +47,15 @@ from kontext.schema import (
     members,
 )
 from kontext.settings import Settings
-from kontext.store_types import Job, utc_day
+from kontext.store_types import GuildSettings, Job, utc_day
+from kontext.vocab import JobState, LedgerKind
 
 _m = members.c
 _j = jobs.c
 _b = budget_days.c
 
 
-def dialect_insert(dialect: str, table: Any) -> Insert:
+def dialect_insert(dialect: str, table: Any) -> postgresql.Insert | sqlite.Insert:
     """A dialect-specific INSERT that supports ``on_conflict_do_nothing`` / ``_do_update``."""
     if dialect == "sqlite":
         return sqlite.insert(table)
@@ -113,7 +115,7 @@ class Statements:
             _j.guild_id == g, _j.user_id == u, active, _j.id != job_id
         )
         #: no params. The jobs waiting in the queue, every process's.
-        self.count_waiting = select(func.count()).select_from(jobs).where(_j.state == "accepted")
+        self.count_waiting = select(func.count()).select_from(jobs).where(_j.state == JobState.ACCEPTED)
         #: params: guild_id, user_id, balance, inflight, created_at. Returns a row when created.
         self.insert_member = (
             dialect_insert(dialect, members)
@@ -228,7 +230,7 @@ class Statements:
             one(_gb.reserved_micros, _gb.guild_id == g, _gb.day == today).label("guild_spent"),
             select(func.count())
             .select_from(jobs)
-            .where(_j.state == "accepted")
+            .where(_j.state == JobState.ACCEPTED)
             .scalar_subquery()
             .label("waiting"),
         )
@@ -241,8 +243,8 @@ class Statements:
         #: params: job_id, now. accepted → running without a lease (tests, tools); returns ``id``.
         self.mark_running = (
             update(jobs)
-            .where(_j.id == job_id, _j.state == "accepted")
-            .values(state="running", started_at=now)
+            .where(_j.id == job_id, _j.state == JobState.ACCEPTED)
+            .values(state=JobState.RUNNING, started_at=now)
             .returning(_j.id)
         )
         # Every change of a job after its claim is fenced: it names the lease it holds (owner and
@@ -250,12 +252,12 @@ class Statements:
         # A job nobody holds (waiting, or let go) is changed with the ``unleased`` condition.
         leased = and_(
             _j.id == job_id,
-            _j.state == "running",
+            _j.state == JobState.RUNNING,
             _j.lease_owner == _p("owner", Text),
             _j.lease_epoch == _p("epoch", BigInteger),
         )
         unleased = and_(_j.id == job_id, _j.lease_owner.is_(None), active)
-        waiting = and_(_j.id == job_id, _j.state == "accepted")
+        waiting = and_(_j.id == job_id, _j.state == JobState.ACCEPTED)
         fences = {"leased": leased, "unleased": unleased, "waiting": waiting}
         #: params: job_id, request_id, status_url, response_url (+ the fence's).
         self.set_api_request = {
@@ -278,7 +280,7 @@ class Statements:
             update(jobs)
             .where(leased)
             .values(
-                state="accepted",
+                state=JobState.ACCEPTED,
                 lease_owner=None,
                 lease_expires_at=None,
                 started_at=None,
@@ -295,7 +297,7 @@ class Statements:
             .returning(_j.id)
         )
         posted = {
-            "state": "posted",
+            "state": JobState.POSTED,
             "api_charged": True,  # the API made the image that was posted: it billed it
             "interaction_token": None,  # an ended job needs it no more: keep no live secret
             "finished_at": now,
@@ -326,7 +328,10 @@ class Statements:
             update(members).where(who).values(inflight=inflight_minus_one).returning(_m.balance)
         )
         refunded = {
-            "state": case((_j.cost_credits == 0, "failed"), else_="refunded"),
+            "state": case(
+                (_j.cost_credits == 0, literal(JobState.FAILED, String)),
+                else_=literal(JobState.REFUNDED, String),
+            ),
             "failure_cause": _p("cause", Text),
             "finished_at": now,
             # ``billed``: true = the API billed it; false = the answer proves nothing was made;
@@ -388,7 +393,7 @@ class StoreBase:
         self.db = db
         self.settings = settings
         self._clock = clock
-        self._settings_cache: dict[int, tuple[float, Any]] = {}
+        self._settings_cache: dict[int, tuple[float, GuildSettings]] = {}
         self._sql = statements(db.dialect)
 
     def now(self) -> float:
@@ -399,7 +404,7 @@ class StoreBase:
         """Today's UTC day, ``YYYY-MM-DD``, from the injected clock."""
         return utc_day(self.now())
 
-    def _insert(self, table: Any) -> Insert:
+    def _insert(self, table: Any) -> postgresql.Insert | sqlite.Insert:
         """A dialect-specific INSERT that supports ``on_conflict_do_nothing``."""
         return dialect_insert(self.db.dialect, table)
 
@@ -463,7 +468,7 @@ class StoreBase:
                 guild_id=guild_id,
                 user_id=user_id,
                 delta=starting,
-                kind="start",
+                kind=LedgerKind.START,
                 balance_after=starting,
                 now=now,
                 reason="starting credits",
@@ -483,7 +488,8 @@ class StoreBase:
     ) -> Row[Any] | None:
         """The member's row; ``lock`` takes the row lock (Postgres; SQLite holds the write lock)."""
         stmt = self._sql.member_row_locked if lock else self._sql.member_row
-        return execute(conn, stmt, {"g": guild_id, "u": user_id}).first()
+        row: Row[Any] | None = execute(conn, stmt, {"g": guild_id, "u": user_id}).first()
+        return row
 
 
 def job_from_row(row: Row[Any]) -> Job:

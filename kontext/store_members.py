@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, func, select
 
 from kontext.db import execute
 from kontext.schema import ACTIVE_STATES, budget_days, jobs, ledger, members
 from kontext.store_base import StoreBase, job_from_row
-from kontext.store_types import BudgetStatus, Job, LedgerEntry, MemberStatus, utc_day
+from kontext.store_types import (
+    BudgetStatus,
+    GuildSettings,
+    Job,
+    LedgerEntry,
+    MemberStatus,
+    utc_day,
+)
+from kontext.vocab import LedgerKind
 
 MAX_GRANT = 1_000_000
 _m = members.c
@@ -26,6 +35,10 @@ def _check_amount(amount: int) -> int:
 
 class MembersMixin(StoreBase):
     """``grant``, ``revoke``, ``member_status``, ``recent_ledger`` and the job queries."""
+
+    if TYPE_CHECKING:  # provided by GuildSettingsMixin in the composed Store
+
+        async def get_guild_settings(self, guild_id: int) -> GuildSettings: ...
 
     # --- admin credit changes ----------------------------------------------------------------
 
@@ -53,7 +66,7 @@ class MembersMixin(StoreBase):
                 guild_id=guild_id,
                 user_id=user_id,
                 delta=amount,
-                kind="grant",
+                kind=LedgerKind.GRANT,
                 balance_after=balance,
                 now=now,
                 reason=reason,
@@ -92,7 +105,7 @@ class MembersMixin(StoreBase):
                 guild_id=guild_id,
                 user_id=user_id,
                 delta=-take,
-                kind="revoke",
+                kind=LedgerKind.REVOKE,
                 balance_after=balance,
                 now=now,
                 reason=reason,

@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from kontext.schema import guild_api_keys, guild_budget_days, guild_controls, jobs, members
 from kontext.store_base import StoreBase
 from kontext.store_types import day_start, utc_day
+from kontext.vocab import JobState
 
 _gc = guild_controls.c
 _gb = guild_budget_days.c
@@ -146,7 +147,7 @@ class OwnerMixin(StoreBase):
                 int(g): int(n)
                 for g, n in await conn.execute(
                     select(_j.guild_id, func.count())
-                    .where(_j.state == "posted", _j.created_at >= since)
+                    .where(_j.state == JobState.POSTED, _j.created_at >= since)
                     .group_by(_j.guild_id)
                 )
             }

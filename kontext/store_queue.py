@@ -48,6 +48,7 @@ from kontext.db import execute
 from kontext.schema import api_accounts, jobs
 from kontext.store_base import StoreBase, _db_now, job_from_row
 from kontext.store_types import Job
+from kontext.vocab import JobState
 
 _j = jobs.c
 _a = api_accounts.c
@@ -141,14 +142,14 @@ class QueueStatements:
         #: no params. Every waiting job, oldest first.
         self.waiting = (
             select(_j.id, _j.guild_id, _j.user_id, _j.queued_at, _j.account)
-            .where(_j.state == "accepted")
+            .where(_j.state == JobState.ACCEPTED)
             .order_by(_j.queued_at, _j.id)
         )
         #: params: acct. The account's shared state (paused, 429 hold), if any.
         self.account = select(_a.id, _a.paused, _a.blocked_until).where(_a.id == acct)
         #: params: acct. The account's running jobs (their members; still at the API or not).
         self.running = select(_j.guild_id, _j.user_id, _j.api_done_at).where(
-            _j.state == "running", _j.account == acct
+            _j.state == JobState.RUNNING, _j.account == acct
         )
         #: params: acct, since. Starts in the RPM window.
         self.starts = (
@@ -161,9 +162,9 @@ class QueueStatements:
         #: params: job_id, owner, expires, now. accepted → running with a new lease.
         self.claim = (
             update(jobs)
-            .where(_j.id == bindparam("job_id", type_=BigInteger), _j.state == "accepted")
+            .where(_j.id == bindparam("job_id", type_=BigInteger), _j.state == JobState.ACCEPTED)
             .values(
-                state="running",
+                state=JobState.RUNNING,
                 lease_owner=owner,
                 lease_epoch=_j.lease_epoch + 1,
                 lease_expires_at=bindparam("expires", type_=Double),
@@ -314,14 +315,14 @@ class QueueMixin(StoreBase):
             waiting = (
                 await conn.execute(
                     select(_j.id, _j.guild_id, _j.user_id, _j.queued_at)
-                    .where(_j.state == "accepted", mine)
+                    .where(_j.state == JobState.ACCEPTED, mine)
                     .order_by(_j.queued_at, _j.id)
                 )
             ).all()
             running = (
                 await conn.execute(
                     select(_j.guild_id, _j.user_id, _j.started_at, _j.api_done_at).where(
-                        _j.state == "running", mine
+                        _j.state == JobState.RUNNING, mine
                     )
                 )
             ).all()
@@ -359,7 +360,7 @@ class QueueMixin(StoreBase):
             return int(
                 (
                     await conn.execute(
-                        select(func.count()).select_from(jobs).where(_j.state == "accepted")
+                        select(func.count()).select_from(jobs).where(_j.state == JobState.ACCEPTED)
                     )
                 ).scalar_one()
             )
@@ -373,7 +374,7 @@ class QueueMixin(StoreBase):
             now = self._db_now(conn)
             rows = conn.execute(
                 update(jobs)
-                .where(_j.lease_owner == worker_id, _j.state == "running")
+                .where(_j.lease_owner == worker_id, _j.state == JobState.RUNNING)
                 .values(lease_expires_at=now + lease_s)
                 .returning(_j.id, _j.lease_epoch)
             ).all()
@@ -395,7 +396,7 @@ class QueueMixin(StoreBase):
             seen = conn.execute(
                 select(_j.id, _j.lease_epoch)
                 .where(
-                    _j.state == "running",
+                    _j.state == JobState.RUNNING,
                     or_(
                         _j.lease_owner.is_(None),
                         _j.lease_expires_at.is_(None),
@@ -411,7 +412,7 @@ class QueueMixin(StoreBase):
                     update(jobs)
                     .where(
                         _j.id == row.id,
-                        _j.state == "running",
+                        _j.state == JobState.RUNNING,
                         _j.lease_epoch == row.lease_epoch,
                     )
                     .values(
@@ -454,7 +455,7 @@ class QueueMixin(StoreBase):
             ).first()
         return (
             row is not None
-            and row.state == "running"
+            and row.state == JobState.RUNNING
             and row.lease_owner == lease.owner
             and int(row.lease_epoch) == lease.epoch
         )
@@ -466,7 +467,7 @@ class QueueMixin(StoreBase):
             rows = (
                 await conn.execute(
                     select(jobs)
-                    .where(_j.state == "accepted", _j.queued_at < now - max_wait_s)
+                    .where(_j.state == JobState.ACCEPTED, _j.queued_at < now - max_wait_s)
                     .order_by(_j.queued_at)
                     .limit(limit)
                 )
@@ -478,7 +479,7 @@ class QueueMixin(StoreBase):
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
-                    select(jobs).where(_j.state == "accepted").order_by(_j.queued_at).limit(limit)
+                    select(jobs).where(_j.state == JobState.ACCEPTED).order_by(_j.queued_at).limit(limit)
                 )
             ).all()
         return [job_from_row(r) for r in rows]

@@ -123,7 +123,7 @@ def bomb() -> bytes:
     ("data", "expected"),
     [
         (images._PNG_SIGNATURE + b"rest", "png"),
-        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpeg"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpg"),
         (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "webp"),
         (b"RIFF\x24\x00\x00\x00WAVEfmt ", None),
         (b"GIF89a\x01\x00", "gif"),
@@ -172,8 +172,8 @@ def test_header_size_agrees_with_pillow(fmt: str, mode: str, params: dict[str, o
 
 @pytest.mark.parametrize(
     ("fmt", "name", "mode"),
-    [("PNG", "png", "RGB"), ("PNG", "png", "P"), ("PNG", "png", "RGBA"), ("JPEG", "jpeg", "RGB"),
-     ("JPEG", "jpeg", "CMYK"), ("WEBP", "webp", "RGB"), ("WEBP", "webp", "RGBA")],
+    [("PNG", "png", "RGB"), ("PNG", "png", "P"), ("PNG", "png", "RGBA"), ("JPEG", "jpg", "RGB"),
+     ("JPEG", "jpg", "CMYK"), ("WEBP", "webp", "RGB"), ("WEBP", "webp", "RGBA")],
 )
 def test_accepted_formats(fmt: str, name: str, mode: str) -> None:
     data = encode(gradient(200, 100, mode), fmt)
@@ -182,7 +182,7 @@ def test_accepted_formats(fmt: str, name: str, mode: str) -> None:
 
 def test_large_jpeg_is_checked_at_reduced_scale() -> None:
     data = encode(noise(3000, 2000), "JPEG", quality=80)
-    assert check(data) == ImageInfo("jpeg", 3000, 2000, len(data))
+    assert check(data) == ImageInfo("jpg", 3000, 2000, len(data))
     err = refused(data[: len(data) - 5000], "input.unreadable")
     assert "truncated" in err.detail
 
@@ -247,7 +247,7 @@ def test_inspect_memory_is_bounded_by_the_budget() -> None:
     # a 40 MP RGBA PNG is the most a single decode may take
     assert images._decode_cost("png", 8000, 5000) <= images.DECODE_BUDGET_BYTES
     assert images._decode_cost("webp", 8000, 5000) > images.DECODE_BUDGET_BYTES
-    assert images._decode_cost("jpeg", 8000, 5000) == 0  # decoded at 1/8 scale
+    assert images._decode_cost("jpg", 8000, 5000) == 0  # decoded at 1/8 scale
 
 
 def test_too_large_bytes() -> None:
@@ -482,7 +482,7 @@ async def test_fetch_ok(cdn: Server, session: aiohttp.ClientSession) -> None:
     cdn.files["a.jpg"] = data
     got, info = await fetch(session, cdn.url("/files/a.jpg?ex=1&is=2&hm=3"), declared_size=len(data))
     assert got == data
-    assert info == ImageInfo("jpeg", 100, 80, len(data))
+    assert info == ImageInfo("jpg", 100, 80, len(data))
 
 
 async def test_fetch_refuses_declared_size_without_downloading(
@@ -1138,7 +1138,7 @@ async def test_costly_checks_wait_for_the_budget(monkeypatch: pytest.MonkeyPatch
     """Progressive JPEGs cost their whole coefficient buffer: with room for two, ten checks
     never hold more than two at a time."""
     data = encode(noise(1500, 1000), "JPEG", progressive=True)
-    cost = images._check_cost(data, "jpeg", (1500, 1000))
+    cost = images._check_cost(data, "jpg", (1500, 1000))
     assert cost > 4 * MB
     budget = images.MemoryBudget(int(cost * 2.5))
     monkeypatch.setattr(images, "DECODE_BUDGET", budget)
@@ -1155,7 +1155,7 @@ async def test_thumbnail_runs_on_the_pool_within_the_budget(monkeypatch: pytest.
     budget = images.MemoryBudget(1000 * MB)
     monkeypatch.setattr(images, "DECODE_BUDGET", budget)
     out = await thumbnail_bytes_async(encode(gradient(400, 300), "PNG"), 64)
-    assert sniff_format(out) == "jpeg"
+    assert sniff_format(out) == "jpg"
     assert budget.peak_in_use >= 400 * 300 * 4  # a full PNG decode is reserved
     assert budget.in_use == 0
 
