@@ -216,6 +216,7 @@ class KontextBot(commands.Bot):
         self._close_task: asyncio.Task[None] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
         self.recovered = asyncio.Event()
+        self._frozen = False
         self.lease_s = hidden_knob("KONTEXT_LEASE_SECONDS", LEASE_S)
         self.poll_s = hidden_knob("KONTEXT_QUEUE_POLL_SECONDS", 0.5)
         self.heartbeat_s = HEARTBEAT_S
@@ -402,11 +403,18 @@ class KontextBot(commands.Bot):
         log.info("added to server %s (%s)", guild.id, guild.name)
         await self.note_guild(guild)
 
+    async def on_connect(self) -> None:
+        # serve the queue as soon as the gateway is up (interactions arrive before on_ready,
+        # which waits for every server's data); ``python bot.py sync`` never connects, so it
+        # never claims a job
+        if not self.recovered.is_set():
+            await self._start_queue()
+
     async def on_ready(self) -> None:
         log.info("connected as %s (id %s) in %d server(s)", self.user, self.user and self.user.id, len(self.guilds))
-        if not self.recovered.is_set():
+        if not self._frozen:
+            self._frozen = True
             freeze_long_lived_objects()
-            self._background.append(asyncio.create_task(self._start_queue(), name="kontext-queue"))
 
     async def _heartbeat(self) -> None:
         assert self.store is not None
