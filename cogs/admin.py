@@ -269,7 +269,24 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
                 f" (reset {reset.value})" if reset else "",
             )
         text = t("admin.saved", locale) if changes or reset is not None else None
-        await self._ephemeral(interaction, text, embed=describe_settings(gs, locale))
+        embed = describe_settings(gs, locale)
+        embed.add_field(
+            name=t("apikey.field", locale),
+            value=await self._key_state(interaction.guild_id, locale),
+            inline=False,
+        )
+        await self._ephemeral(interaction, text, embed=embed)
+
+    async def _key_state(self, guild_id: int, locale: str) -> str:
+        """This server's own Segmind key as its admins should know it (never the key itself)."""
+        store = self.bot.store
+        assert store is not None
+        has_key = any(int(row.guild_id) == guild_id for row in await store.guild_api_keys())
+        if not has_key:
+            return t("apikey.state_none", locale)
+        if await store.account_paused(guild_account(guild_id)):
+            return t("apikey.state_refused", locale)
+        return t("apikey.state_ok", locale)
 
     @app_commands.command(name="stats", description="Generations, spend and failures: today and the last 30 days")
     async def stats(self, interaction: discord.Interaction) -> None:

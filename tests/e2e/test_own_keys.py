@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from kontext.schema import guild_api_keys
 from tests.e2e.harness import SEGMIND_KEY, harness
+from tests.e2e.test_credits_flow import embed_text
 
 SERVER_KEY = "SG_server_own_key_0123456789"
 ENC = Fernet.generate_key().decode()
@@ -37,6 +38,9 @@ async def test_a_server_key_runs_its_jobs_and_leaves_the_owner_budget_alone() ->
         h.segmind.add_key(SERVER_KEY)
         said = await set_key(h, SERVER_KEY)
         assert "Saved" in said and "own Segmind key" in said
+        shown = await h.slash("kontext-admin settings", user_id=h.admin_id)
+        assert "this server's images run on its own key" in embed_text(shown)
+        assert SERVER_KEY not in embed_text(shown)
         async with h.bot.store.db.read() as conn:
             stored = (await conn.execute(select(guild_api_keys.c.key_encrypted))).scalar_one()
         assert SERVER_KEY not in stored  # encrypted at rest
@@ -83,6 +87,8 @@ async def test_a_refused_server_key_pauses_only_that_server() -> None:
         assert not h.bot.pipeline.paused  # the owner's account is fine
         again = await h.kontext()
         assert "own Segmind key was refused" in h.last_status(again)
+        shown = await h.slash("kontext-admin settings", user_id=h.admin_id)
+        assert "refused by Segmind" in embed_text(shown)  # what the admins see
         assert len(h.segmind.calls) == 1  # nothing more was sent on the refused key
         # a new key un-pauses the server
         h.segmind.add_key(SERVER_KEY + "2")
