@@ -164,6 +164,18 @@ async def temp_postgres_url(base_url: str | None = None) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
+async def backend_url(backend: str, tmp_path: Path, name: str = "kontext.db") -> AsyncIterator[str]:
+    """A fresh database for ``backend``: a SQLite file in ``tmp_path``, or a throwaway Postgres
+    database (skipped without a server, failed when ``KONTEXT_REQUIRE_POSTGRES=1``)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / name}"
+        return
+    await ensure_postgres()
+    async with temp_postgres_url() as url:
+        yield url
+
+
+@asynccontextmanager
 async def temp_database(
     backend: str, tmp_dir: str | os.PathLike[str] | None = None
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kontext.store import Store
-from tests.dbutil import ensure_postgres, make_settings, temp_postgres_url
+from tests.dbutil import backend_url, make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, bot_processes, logs, wait_for, wait_job
 from tests.emulators.discord import DiscordEmulator, InteractionRecord
@@ -27,14 +26,8 @@ from tests.emulators.segmind import SegmindEmulator
 ALREADY_ACKNOWLEDGED = 40060
 
 
-@contextlib.asynccontextmanager
-async def database(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    await ensure_postgres()
-    async with temp_postgres_url() as url:
-        yield url
+def database(backend: str, tmp_path: Path) -> contextlib.AbstractAsyncContextManager[str]:
+    return backend_url(backend, tmp_path, "shared.db")
 
 
 def kontext_options(prompt: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kontext.store import Store
-from tests.dbutil import ensure_postgres, make_settings, temp_postgres_url
+from tests.dbutil import backend_url, make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, logs, start_bot, wait_connected, wait_for, wait_job
 from tests.emulators.discord import EPHEMERAL, DiscordEmulator, InteractionRecord
@@ -26,14 +26,8 @@ STALE = "2"  # lease life: a killed process's running jobs are taken over after 
 RESTART_TEXT = "The bot restarted while your image was being made"
 
 
-@contextlib.asynccontextmanager
-async def database(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'kontext.db'}"
-        return
-    await ensure_postgres()
-    async with temp_postgres_url() as url:
-        yield url
+def database(backend: str, tmp_path: Path) -> contextlib.AbstractAsyncContextManager[str]:
+    return backend_url(backend, tmp_path, "kontext.db")
 
 
 @contextlib.asynccontextmanager

@@ -36,7 +36,7 @@ import aiohttp
 import pytest
 
 from kontext.store import Store
-from tests.dbutil import ensure_postgres, make_settings, temp_postgres_url
+from tests.dbutil import backend_url, make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, logs, start_bot, wait_logged
 from tests.emulators.discord import (
@@ -56,14 +56,8 @@ def shard_of(guild_id: int, count: int = SHARDS) -> int:
     return (guild_id >> 22) % count
 
 
-@contextlib.asynccontextmanager
-async def database(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shards.db'}"
-        return
-    await ensure_postgres()
-    async with temp_postgres_url() as url:
-        yield url
+def database(backend: str, tmp_path: Path) -> contextlib.AbstractAsyncContextManager[str]:
+    return backend_url(backend, tmp_path, "shards.db")
 
 
 @dataclass

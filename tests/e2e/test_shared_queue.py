@@ -44,7 +44,7 @@ from sqlalchemy.engine import make_url
 from kontext.schema import jobs
 from kontext.store import Store
 from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
-from tests.dbutil import _dsn, ensure_postgres, make_settings, temp_postgres_url
+from tests.dbutil import _dsn, backend_url, ensure_postgres, make_settings, temp_postgres_url
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, logs, start_bot
 from tests.emulators.discord import EPHEMERAL, DiscordEmulator, GatewayConnection, InteractionRecord
@@ -58,14 +58,8 @@ RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
 # --- the world: emulators, a database, bot processes ---------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def database(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    await ensure_postgres()
-    async with temp_postgres_url() as url:
-        yield url
+def database(backend: str, tmp_path: Path) -> contextlib.AbstractAsyncContextManager[str]:
+    return backend_url(backend, tmp_path, "shared.db")
 
 
 @dataclass
