@@ -47,7 +47,6 @@ COGS = (
     "cogs.showcase",
     "cogs.context_menu",
 )
-HEARTBEAT_S = 10.0
 #: a job's lease lives this long without a renewal (renewed every sixth of it); a killed
 #: process's running jobs are taken over after it, by the database's clock
 LEASE_S = 60.0
@@ -219,7 +218,6 @@ class KontextBot(commands.Bot):
         self._frozen = False
         self.lease_s = hidden_knob("KONTEXT_LEASE_SECONDS", LEASE_S)
         self.poll_s = hidden_knob("KONTEXT_QUEUE_POLL_SECONDS", 0.5)
-        self.heartbeat_s = HEARTBEAT_S
         self.progress_interval_s = hidden_knob("KONTEXT_PROGRESS_SECONDS", 3.0)
         self.probe_interval_s = hidden_knob("KONTEXT_ACCOUNT_PROBE_SECONDS", 60.0)
 
@@ -306,7 +304,6 @@ class KontextBot(commands.Bot):
 
             self.health = HealthServer(self, port=s.port)
             await self.health.start()
-        self._background.append(asyncio.create_task(self._heartbeat(), name="kontext-heartbeat"))
         freeze_long_lived_objects()
 
     async def _clear_dev_guild_commands(self, dev_key: str) -> None:
@@ -415,15 +412,6 @@ class KontextBot(commands.Bot):
         if not self._frozen:
             self._frozen = True
             freeze_long_lived_objects()
-
-    async def _heartbeat(self) -> None:
-        assert self.store is not None
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            try:
-                await self.store.heartbeat(self.worker_id)
-            except Exception:
-                log.exception("heartbeat failed (database unreachable?)")
 
     async def _start_queue(self) -> None:
         """Serve the shared queue once connected: claim waiting jobs, take over stopped ones."""

@@ -324,7 +324,6 @@ class JobPipeline:
         t0 = self._clock()
         timings: dict[str, float] = {}
         try:
-            self.ensure_accepting(OWNER_ACCOUNT if self.accounts is None else "")
             await self._use_account(spec)
             self.ensure_accepting(spec.account)
             reserving = time.monotonic()

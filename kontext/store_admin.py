@@ -47,17 +47,6 @@ class AdminMixin(StoreBase):
                 )
             )
 
-    async def heartbeat(self, worker_id: str) -> bool:
-        """Mark the worker alive now; False when it is unknown or retired."""
-        async with self.db.write() as conn:
-            result = await conn.execute(
-                update(workers)
-                .where(_w.id == worker_id, _w.retired_at.is_(None))
-                .values(heartbeat_at=self.now())
-                .returning(_w.id)
-            )
-            return result.first() is not None
-
     async def retire_worker(self, worker_id: str) -> None:
         """Mark the worker gone (clean shutdown): its unfinished jobs become claimable at once."""
         async with self.db.write() as conn:
