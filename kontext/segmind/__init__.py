@@ -28,6 +28,7 @@ module                  its one job
 
 from __future__ import annotations
 
+from kontext.images.formats import sniff_image
 from kontext.segmind.client import SegmindClient
 from kontext.segmind.errors import error_for_status
 from kontext.segmind.parsing import (
@@ -38,7 +39,6 @@ from kontext.segmind.parsing import (
     parse_retry_after,
     read_meta,
     retry_after_from_headers,
-    sniff_image,
 )
 from kontext.segmind.results import (
     GenerationRequest,

@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 from yarl import URL
 
 from kontext.errors import ApiBadResponse
+from kontext.images.formats import sniff_image
 from kontext.segmind.parsing import (
     decode_base64_image,
     error_message,
     image_in_json,
     is_complete,
-    sniff_image,
 )
 from kontext.segmind.transport import Answer, Transport
 from kontext.spool import ResultFile
@@ -31,7 +31,7 @@ async def image_from_answer(
     http: Transport,
     answer: Answer,
     download: Download,
-    asked_format: str | None,
+    asked_format: ImageFormat | None,
     request_id: str | None,
 ) -> tuple[bytes | ResultFile, ImageFormat]:
     """The image of a 200: raw bytes, or (some models) JSON carrying a URL or base64.
@@ -71,7 +71,7 @@ async def image_from_answer(
     return body, fmt
 
 def validate_image(
-    http: Transport, body: bytes | ResultFile, asked_format: str | None, label: str,
+    http: Transport, body: bytes | ResultFile, asked_format: ImageFormat | None, label: str,
     request_id: str | None, status: int,
 ) -> ImageFormat:
     """The sniffed format of ``body``; it must be JPEG/PNG/WebP and end as a whole file does

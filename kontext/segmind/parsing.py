@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from kontext.images.formats import sniff_image
 from kontext.segmind.results import ResponseMeta
 from kontext.vocab import ImageFormat
 
@@ -146,21 +147,10 @@ def retry_after_from_headers(headers: Mapping[str, str], *, now: float | None = 
 # --- image bytes ---------------------------------------------------------------------------------
 
 
-def sniff_image(data: bytes) -> ImageFormat | None:
-    """``"jpg"``, ``"png"`` or ``"webp"`` from the magic bytes, else None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return ImageFormat.JPG
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return ImageFormat.PNG
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ImageFormat.WEBP
-    return None
-
-
 _MIN_IMAGE_BYTES = 32
 
 
-def image_is_complete(data: bytes, fmt: str) -> bool:
+def image_is_complete(data: bytes, fmt: ImageFormat) -> bool:
     """Whether ``data`` (already sniffed as ``fmt``) ends the way a whole file of that kind does.
 
     JPEG: an end-of-image marker ``FF D9`` near the end; PNG: the ``IEND`` chunk near the end;
@@ -169,7 +159,7 @@ def image_is_complete(data: bytes, fmt: str) -> bool:
     return is_complete(data[:12], data[-64:], len(data), fmt)
 
 
-def is_complete(head: bytes, tail: bytes, size: int, fmt: str) -> bool:
+def is_complete(head: bytes, tail: bytes, size: int, fmt: ImageFormat) -> bool:
     """:func:`image_is_complete` from the first 12 and last 64 bytes of ``size`` bytes."""
     if size < _MIN_IMAGE_BYTES:
         return False

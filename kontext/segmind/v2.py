@@ -79,7 +79,7 @@ async def wait(
     deadline_s: float | None,
     attempts: int,
     started: float,
-    asked_format: str | None,
+    asked_format: ImageFormat | None,
     seed: int | None,
 ) -> GenerationResult:
     budget = client.timeout_s if deadline_s is None else float(deadline_s)
@@ -197,7 +197,7 @@ def _job_failed(client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any
 
 
 async def _output(
-    client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any], asked_format: str | None
+    client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any], asked_format: ImageFormat | None
 ) -> tuple[bytes | ResultFile, ImageFormat, Mapping[str, str]]:
     """The image of a COMPLETED job's ``output`` (URL, list of URLs, or base64)."""
     output: Any = body.get("output")
