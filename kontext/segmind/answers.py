@@ -70,6 +70,7 @@ async def image_from_answer(
         log.info("segmind %s: Content-Type %s but the bytes are %s", label, declared, fmt)
     return body, fmt
 
+
 def validate_image(
     http: Transport, body: bytes | ResultFile, asked_format: ImageFormat | None, label: str,
     request_id: str | None, status: int,

@@ -74,7 +74,7 @@ class Transport:
         except (ValueError, UnicodeDecodeError):
             raise ApiBadResponse(
                 self.detail(label, answer.status, "not JSON: " + error_message(answer.body),
-                             answer.headers.get("x-request-id")),
+                            answer.headers.get("x-request-id")),
                 status=answer.status, charged_maybe=charged_maybe,
             ) from None
 
@@ -181,7 +181,7 @@ class Transport:
             # Disconnected/reset after the request went out: the job may have run.
             error = ApiConnectionError(
                 self.detail(label, None, f"connection broke after sending: "
-                             f"{type(exc).__name__}: {exc}", None),
+                            f"{type(exc).__name__}: {exc}", None),
                 charged_maybe=not idempotent,
             )
             if idempotent:

@@ -42,12 +42,14 @@ IN_PROGRESS_STATES = frozenset({"QUEUED", "PROCESSING", "IN_PROGRESS", "STARTING
 
 
 async def submit(client: SegmindClient, req: GenerationRequest) -> tuple[SubmittedJob, int]:
+    """``POST {base}/v2/{model}``: ``(job, POSTs sent)``; the only POST of a v2 job."""
     path = f"/v2/{client.model}"
     url = client.base_url + path
     http = client.http
     answer, attempts = await client.retrying(
-        lambda: http.checked(http.request("POST", url, json_body=req.to_payload()),
-                              f"POST {path}"),
+        lambda: http.checked(
+            http.request("POST", url, json_body=req.to_payload()), f"POST {path}"
+        ),
         f"POST {path}",
     )
     http.log_call("POST", path, answer, attempts=attempts)
@@ -55,7 +57,7 @@ async def submit(client: SegmindClient, req: GenerationRequest) -> tuple[Submitt
     rid = data.get("request_id") if isinstance(data, dict) else None
     if not isinstance(rid, str) or not rid.strip():
         raise ApiBadResponse(
-            client.http.detail(f"POST {path}", answer.status, "answer without a request_id", None),
+            http.detail(f"POST {path}", answer.status, "answer without a request_id", None),
             status=answer.status, charged_maybe=True,
         )
     assert isinstance(data, dict)
@@ -82,6 +84,8 @@ async def wait(
     asked_format: ImageFormat | None,
     seed: int | None,
 ) -> GenerationResult:
+    """Poll ``job`` until it ends (within ``deadline_s``, default ``client.timeout_s``), then
+    fetch and download its image. GETs only: a poll that fails is repeated, never the submit."""
     budget = client.timeout_s if deadline_s is None else float(deadline_s)
     deadline = time.monotonic() + budget
     interval = client.poll_interval_s
@@ -148,11 +152,10 @@ async def _get(
     """GET a status/response URL; a body announcing a terminal state is valid whatever the
     HTTP code (the API serves FAILED with 422). Every other failure is charged_maybe."""
     label = f"GET {what} of job {job.request_id}"
+    http = client.http
 
     async def once() -> tuple[dict[str, Any], int, Mapping[str, str]]:
-        answer = await client.http.request(
-            "GET", url, idempotent=True, timeout=client.http.short_timeout
-        )
+        answer = await http.request("GET", url, idempotent=True, timeout=http.short_timeout)
         data: Any = None
         try:
             data = json.loads(answer.body) if answer.body else None
@@ -164,16 +167,16 @@ async def _get(
             return data, answer.status, answer.headers
         if answer.status == 404:
             raise ApiError(
-                client.http.detail(label, 404, "job unknown or expired: "
-                             + error_message(answer.body), job.request_id),
+                http.detail(label, 404, "job unknown or expired: " + error_message(answer.body),
+                            job.request_id),
                 status=404, charged_maybe=True,
             )
         if answer.status != 200:
-            raise client.http.status_error(answer, label, idempotent=True)
+            raise http.status_error(answer, label, idempotent=True)
         if not isinstance(data, dict):
             raise Retryable(ApiBadResponse(
-                client.http.detail(label, 200, "not a JSON object: " + error_message(answer.body),
-                             job.request_id),
+                http.detail(label, 200, "not a JSON object: " + error_message(answer.body),
+                            job.request_id),
                 status=200, charged_maybe=True,
             ))
         log.debug("segmind %s -> %s", label, data.get("status"))
@@ -187,17 +190,24 @@ async def _get(
     return result
 
 
-def _job_failed(client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any], status: int) -> ApiError:
+def _job_failed(
+    client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any], status: int
+) -> ApiError:
+    """The typed error of a job that ended FAILED (never billed)."""
     raw = body.get("error") or body.get("message") or "no reason given"
     message = raw if isinstance(raw, str) else json.dumps(raw)
-    detail = client.http.detail(f"v2 job {job.request_id}", status, f"FAILED: {message}",
-                          job.request_id)
+    detail = client.http.detail(
+        f"v2 job {job.request_id}", status, f"FAILED: {message}", job.request_id
+    )
     log.info("segmind v2 job %s failed: %s", job.request_id, client.http.redact(trim(message)))
     return failed_job_error(message, detail, status)
 
 
 async def _output(
-    client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any], asked_format: ImageFormat | None
+    client: SegmindClient,
+    job: SubmittedJob,
+    body: Mapping[str, Any],
+    asked_format: ImageFormat | None,
 ) -> tuple[bytes | ResultFile, ImageFormat, Mapping[str, str]]:
     """The image of a COMPLETED job's ``output`` (URL, list of URLs, or base64)."""
     output: Any = body.get("output")
@@ -210,8 +220,9 @@ async def _output(
     label = f"output of job {job.request_id}"
     if not isinstance(output, str) or not output.strip():
         raise ApiBadResponse(
-            client.http.detail(label, 200, f"COMPLETED without an output: {trim(str(body))}",
-                         job.request_id),
+            client.http.detail(
+                label, 200, f"COMPLETED without an output: {trim(str(body))}", job.request_id
+            ),
             status=200, charged_maybe=True,
         )
     try:
