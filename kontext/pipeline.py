@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +36,6 @@ from kontext import images
 from kontext.accounts import Accounts
 from kontext.errors import (
     ApiError,
-    ApiRateLimited,
     GuildKeyRefused,
     JobAlreadyExists,
     KontextError,
@@ -386,9 +386,12 @@ class JobPipeline:
         if self.accounts is None or active.spec.account == OWNER_ACCOUNT:
             return self.client
         try:
-            return await self.accounts.client_for(active.spec.account)
+            client = await self.accounts.client_for(active.spec.account)
         except LookupError as exc:  # the key was removed meanwhile: nothing was sent
             raise GuildKeyRefused(str(exc)) from None
+        # its 429s pace its own account's starts
+        client.on_rate_limited = functools.partial(self._rate_limited, account=active.spec.account)
+        return client
 
     @contextlib.asynccontextmanager
     async def _member_lock(self, spec: JobSpec) -> AsyncIterator[None]:
@@ -657,12 +660,22 @@ class JobPipeline:
                 task.cancel()
         await self.queue.aclose()
 
-    def _rate_limited(self, delay: float | None) -> None:
-        """A 429 from the API: hold every new start for a while (the request itself retries)."""
+    def _rate_limited(self, delay: float | None, account: str = OWNER_ACCOUNT) -> None:
+        """A 429 from the API (told once per 429 by the client, which retries the request
+        itself): hold every new start of ``account`` for a while, in every process."""
         wait = min(60.0, delay if delay is not None and delay > 0 else 5.0)
         self.metrics.rate_limited.inc()
-        self.queue.slow_down(wait)
-        log.warning("image API rate limit hit: starting no new job for %.1f s", wait)
+        if account == OWNER_ACCOUNT:
+            self.queue.slow_down(wait)
+        else:  # a server's own key: its own account waits, not the owner's
+            self._spawn(self._hold_account(account, wait), "kontext-hold")
+        log.warning("image API rate limit hit: %s starts no new job for %.1f s", account, wait)
+
+    async def _hold_account(self, account: str, wait: float) -> None:
+        try:
+            await self.store.hold_account(account, wait)
+        except Exception as exc:  # noqa: BLE001 - the next 429 tries again
+            log.warning("could not record the API's rate limit for %s: %s", account, exc)
 
     def pause_for_account(self, err: ApiError) -> None:
         """The API account needs the owner: hold new jobs (every process) and probe."""
@@ -834,25 +847,14 @@ class JobPipeline:
                 self._settle_later("request-id", spec.job_id, lambda: self._store_request_id(active))
 
         client = await self._client(active)
-        for attempt in range(1, 6):
-            self._check_lease(active)  # no API call for a job this process may have lost
-            try:
-                active.sent = True
-                if resume:
-                    assert active.request_id is not None
-                    return await client.resume(
-                        active.request_id, active.status_url, active.response_url
-                    )
-                return await client.generate(spec.request(), on_submitted=submitted)
-            except ApiRateLimited as err:
-                # a 429 is never billed: slow the whole queue down and try again
-                wait = min(60.0, err.retry_after or 5.0 * attempt)
-                self.queue.slow_down(wait)
-                if attempt == 5 or (err.retry_after or 0) > 60:
-                    raise  # limited for long: refund now rather than hold the member's slot
-                log.warning("job %s: rate limited, retrying in %.1f s", spec.job_id, wait)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+        self._check_lease(active)  # no API call for a job this process may have lost
+        active.sent = True
+        # one call per job: the client owns every retry (at most max_retries + 1 POSTs) and
+        # tells each 429 to _rate_limited once; a 429 it gave up on is refunded like any error
+        if resume:
+            assert active.request_id is not None
+            return await client.resume(active.request_id, active.status_url, active.response_url)
+        return await client.generate(spec.request(), on_submitted=submitted)
 
     async def _store_request_id(self, active: _Active) -> bool:
         return await self.store.set_api_request(

@@ -381,7 +381,7 @@ def sql_built_from_strings(path: Path) -> list[tuple[int, str]]:
 
 
 def test_sql_is_never_built_from_strings() -> None:
-    files = sorted([*ROOT.glob("kontext/*.py"), *ROOT.glob("cogs/*.py"), ROOT / "bot.py"])
+    files = sorted([*ROOT.glob("kontext/**/*.py"), *ROOT.glob("cogs/*.py"), ROOT / "bot.py"])
     assert len(files) > 10
     offenders = []
     allowed_seen = set()

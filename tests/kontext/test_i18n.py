@@ -94,7 +94,7 @@ def _code_keys() -> set[str]:
         r"""(?:\bt\(\s*|\bkey\s*=\s*|\brefuse\(\s*|title_key\s*=\s*)["']([a-z][a-z0-9_]*(?:\.[a-z0-9_:-]+)+)["']"""
     )
     for folder in ("cogs", "kontext"):
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             found |= set(pattern.findall(path.read_text(encoding="utf-8")))
     return found
 

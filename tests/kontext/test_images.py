@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageFile, PngImagePlugin
 
 from kontext import images, spool
 from kontext.errors import InputError
@@ -84,7 +84,7 @@ def bomb_png(side: int = 30_000) -> bytes:
     comp = zlib.compressobj(9)
     body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
     return (
-        images._PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body)
+        images.formats.PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body)
         + png_chunk(b"IEND", b"")
     )
 
@@ -122,7 +122,7 @@ def bomb() -> bytes:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (images._PNG_SIGNATURE + b"rest", "png"),
+        (images.formats.PNG_SIGNATURE + b"rest", "png"),
         (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpg"),
         (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "webp"),
         (b"RIFF\x24\x00\x00\x00WAVEfmt ", None),
@@ -219,7 +219,7 @@ def test_corrupt_png_chunk_is_unreadable() -> None:
 
 
 def test_header_only_files_are_unreadable() -> None:
-    refused(images._PNG_SIGNATURE, "input.unreadable")
+    refused(images.formats.PNG_SIGNATURE, "input.unreadable")
     refused(b"\xff\xd8\xff\xe0" + b"\x00" * 20, "input.unreadable")
     refused(b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 20, "input.unreadable")
 
@@ -230,7 +230,7 @@ def test_over_the_decode_budget_structure_is_still_checked(
 ) -> None:
     """Over the decode budget (e.g. a 40 MP WebP, ~16 bytes a pixel in libwebp) nothing is
     decoded, yet truncated or malformed files are still refused."""
-    monkeypatch.setattr(images, "DECODE_BUDGET_BYTES", 1000)
+    monkeypatch.setattr(images.budget, "DECODE_BUDGET_BYTES", 1000)
     data = encode(noise(300, 200), fmt)
     assert check(data) == ImageInfo(fmt.lower(), 300, 200, len(data))
     refused(data[: len(data) // 2], "input.unreadable")
@@ -245,16 +245,16 @@ def test_over_the_decode_budget_structure_is_still_checked(
 
 def test_inspect_memory_is_bounded_by_the_budget() -> None:
     # a 40 MP RGBA PNG is the most a single decode may take
-    assert images._decode_cost("png", 8000, 5000) <= images.DECODE_BUDGET_BYTES
-    assert images._decode_cost("webp", 8000, 5000) > images.DECODE_BUDGET_BYTES
-    assert images._decode_cost("jpg", 8000, 5000) == 0  # decoded at 1/8 scale
+    assert images.cost.decode_cost("png", 8000, 5000) <= images.DECODE_BUDGET_BYTES
+    assert images.cost.decode_cost("webp", 8000, 5000) > images.DECODE_BUDGET_BYTES
+    assert images.cost.decode_cost("jpg", 8000, 5000) == 0  # decoded at 1/8 scale
 
 
 def test_too_large_bytes() -> None:
     data = encode(gradient(), "PNG")
     err = refused(data, "input.too_large", max_bytes=len(data) - 1)
     assert err.params["limit_mb"] == f"{(len(data) - 1) / MB:.1f}"
-    big = images._PNG_SIGNATURE + b"\x00" * (20 * MB + 50_000)
+    big = images.formats.PNG_SIGNATURE + b"\x00" * (20 * MB + 50_000)
     err = refused(big, "input.too_large")
     assert err.params == {"which": 1, "size_mb": "20.1", "limit_mb": "20.0"}
     assert err.user_message() == "Image 1 is 20.1 MB; the limit is 20.0 MB."
@@ -329,7 +329,7 @@ def test_pillow_bomb_guard_is_honoured_and_never_crashes(
     err = refused(bomb, "input.too_many_pixels", max_pixels=2_000_000_000)
     assert err.params["limit_mp"] == f"{Image.MAX_IMAGE_PIXELS / 1e6:.1f}"
     # when our header reader cannot read the size, Pillow's DecompressionBombError is handled
-    monkeypatch.setattr(images, "header_size", lambda data, fmt=None: None)
+    monkeypatch.setattr(images.checks, "header_size", lambda data, fmt=None: None)
     err = refused(bomb, "input.too_many_pixels", max_pixels=2_000_000_000)
     assert "bomb" in err.detail
 
@@ -337,7 +337,7 @@ def test_pillow_bomb_guard_is_honoured_and_never_crashes(
 @pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_pillow_bomb_warning_is_handled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    monkeypatch.setattr(images, "header_size", lambda data, fmt=None: None)
+    monkeypatch.setattr(images.checks, "header_size", lambda data, fmt=None: None)
     data = encode(gradient(150, 100), "PNG")  # 15,000 px: in Pillow's warning zone
     refused(data, "input.too_many_pixels", max_pixels=MAX_PIXELS)
 
@@ -389,7 +389,7 @@ async def cdn() -> AsyncIterator[Server]:
         state.hits.append(request.path)
         resp = web.StreamResponse(headers={"Content-Type": "image/png"})
         await resp.prepare(request)
-        chunk = images._PNG_SIGNATURE + b"\x00" * (64 * 1024 - 8)
+        chunk = images.formats.PNG_SIGNATURE + b"\x00" * (64 * 1024 - 8)
         try:
             while state.streamed < 200 * MB:
                 await resp.write(chunk)
@@ -822,13 +822,13 @@ async def test_a_spooled_result_too_big_is_decoded_from_the_file_within_the_budg
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     budget = images.MemoryBudget(1000 * MB)
-    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    monkeypatch.setattr(images.budget, "DECODE_BUDGET", budget)
     file = spooled(noisy_png)
     fitted = await fit_to_limit_async(file, output_format="png", limit_bytes=2 * MB)
     assert fitted.reencoded and fitted.size <= 2 * MB and fitted.format == "jpg"
     assert no_whole_read and all(name.startswith("kontext-fit") for name in no_whole_read)
     # decoded from the file: 2000x1800 RGBA-sized decode and copies, plus the outputs
-    assert budget.peak_in_use == images._fit_cost(noisy_png[:65536], 2 * MB)
+    assert budget.peak_in_use == images.fit._fit_cost(noisy_png[:65536], 2 * MB)
     assert budget.peak_in_use >= 2000 * 1800 * 4 and budget.in_use == 0
     # past SPOOL_BYTES the re-encoded copy is a new file of its own; the source stays open
     assert isinstance(fitted.body, ResultFile) and fitted.body is not file and not file.closed
@@ -841,8 +841,8 @@ async def test_a_spooled_result_too_big_is_decoded_from_the_file_within_the_budg
 async def test_big_fits_wait_for_the_decode_budget(
     noisy_png: bytes, spooled: Callable[[bytes], ResultFile], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    budget = images.MemoryBudget(images._fit_cost(noisy_png, 2 * MB) + 1)  # room for one
-    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    budget = images.MemoryBudget(images.fit._fit_cost(noisy_png, 2 * MB) + 1)  # room for one
+    monkeypatch.setattr(images.budget, "DECODE_BUDGET", budget)
     fits = await asyncio.gather(*(
         fit_to_limit_async(spooled(noisy_png), output_format="png", limit_bytes=2 * MB)
         for _ in range(3)
@@ -867,7 +867,7 @@ async def test_a_cancelled_fit_closes_its_new_file(
     with pytest.raises(asyncio.CancelledError):
         await task
     for _ in range(300):  # the thread finishes on its own
-        if images.DECODE_BUDGET.in_use == 0:
+        if images.budget.DECODE_BUDGET.in_use == 0:
             break
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.05)
@@ -902,7 +902,7 @@ def _exif_orientation(value: int) -> bytes:
 
 
 def test_locale_has_every_key_used() -> None:
-    source = (REPO / "kontext" / "images.py").read_text()
+    source = "".join(p.read_text() for p in (REPO / "kontext" / "images").glob("*.py"))
     keys = set(re.findall(r'key="(input\.[a-z_]+)"', source))
     catalog = json.loads((REPO / "kontext" / "locales" / "en.json").read_text())
     assert keys and keys <= set(catalog)
@@ -931,8 +931,8 @@ def no_pillow(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise AssertionError(f"{name} called")
         return call
 
-    monkeypatch.setattr(images.Image, "open", forbidden("Image.open"))
-    monkeypatch.setattr(images, "_check_pool", forbidden("check pool"))
+    monkeypatch.setattr(Image, "open", forbidden("Image.open"))
+    monkeypatch.setattr(images.budget, "_check_pool", forbidden("check pool"))
     return calls
 
 
@@ -991,7 +991,7 @@ def test_bomb_png_within_the_limit_is_checked_without_a_pixel_buffer(
     def no_load(self: Image.Image) -> None:
         raise AssertionError("full decode")
 
-    monkeypatch.setattr(images.ImageFile.ImageFile, "load", no_load)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
     assert check(png_40mp) == ImageInfo("png", SIDE_40MP, SIDE_40MP, len(png_40mp))
     # yet the content really is decoded: a change inside the image data is refused
     idat = png_40mp.index(b"IDAT")
@@ -1007,14 +1007,14 @@ def _raw_png(width: int, height: int, depth: int, colour: int, interlace: int, *
              filters: Callable[[int], int] = lambda i: i % 5, cut: int = 0) -> bytes:
     rows = [
         bytes([filters(i)]) + os.urandom(length - 1)
-        for count, length in images._png_rows(width, height, depth, colour, interlace)
+        for count, length in images.cost._png_rows(width, height, depth, colour, interlace)
         for i in range(count)
     ]
     raw = b"".join(rows)
     raw = raw[: len(raw) - cut]
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     plte = png_chunk(b"PLTE", bytes(range(256)) * 3) if colour == 3 else b""
-    return (images._PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + plte
+    return (images.formats.PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + plte
             + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
 
@@ -1051,9 +1051,9 @@ def test_jpeg_check_cost_counts_the_coefficients_of_progressive_files() -> None:
     for params, per_pixel in [({}, (0.0, 0.5)), ({"progressive": True}, (2.9, 3.2)),
                               ({"progressive": True, "subsampling": 0}, (5.9, 6.2))]:
         data = encode(img, "JPEG", **params)
-        frame = images._jpeg_frame(data)
+        frame = images.formats.jpeg_frame(data)
         assert frame is not None
-        cost = images._jpeg_check_cost(frame, images._jpeg_multi_scan(data, frame))
+        cost = images.cost.jpeg_check_cost(frame, images.cost.jpeg_multi_scan(data, frame))
         assert per_pixel[0] <= cost / (800 * 600) <= per_pixel[1], params
 
 
@@ -1120,7 +1120,7 @@ async def test_concurrent_checks_share_one_budget_on_two_threads(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(images, "inspect_image", counted)
+    monkeypatch.setattr(images.checks, "inspect_image", counted)
     budget = images.DECODE_BUDGET
     budget.reset_peaks()
     infos = await asyncio.gather(*(
@@ -1138,10 +1138,10 @@ async def test_costly_checks_wait_for_the_budget(monkeypatch: pytest.MonkeyPatch
     """Progressive JPEGs cost their whole coefficient buffer: with room for two, ten checks
     never hold more than two at a time."""
     data = encode(noise(1500, 1000), "JPEG", progressive=True)
-    cost = images._check_cost(data, "jpg", (1500, 1000))
+    cost = images.cost.check_cost(data, "jpg", (1500, 1000))
     assert cost > 4 * MB
     budget = images.MemoryBudget(int(cost * 2.5))
-    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    monkeypatch.setattr(images.budget, "DECODE_BUDGET", budget)
     await asyncio.gather(*(
         inspect_image_async(data, which=1, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
         for _ in range(10)
@@ -1153,7 +1153,7 @@ async def test_costly_checks_wait_for_the_budget(monkeypatch: pytest.MonkeyPatch
 
 async def test_thumbnail_runs_on_the_pool_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     budget = images.MemoryBudget(1000 * MB)
-    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    monkeypatch.setattr(images.budget, "DECODE_BUDGET", budget)
     out = await thumbnail_bytes_async(encode(gradient(400, 300), "PNG"), 64)
     assert sniff_format(out) == "jpg"
     assert budget.peak_in_use >= 400 * 300 * 4  # a full PNG decode is reserved
@@ -1200,17 +1200,17 @@ async def test_only_discord_cdn_hosts_are_fetched(url: str, session: aiohttp.Cli
 
 
 def test_discord_cdn_urls_are_allowed() -> None:
-    allowed = frozenset(images._host_key(h) for h in images.DISCORD_CDN_HOSTS)
+    allowed = frozenset(images.fetch._host_key(h) for h in images.DISCORD_CDN_HOSTS)
     for url in ("https://cdn.discordapp.com/attachments/1/2/a.png?ex=1&is=2&hm=3&",
                 "https://media.discordapp.net/attachments/1/2/a.png",
                 "https://CDN.discordapp.com./attachments/1/2/a.png"):
-        assert images._allowed_url(url, allowed, 1).host is not None
+        assert images.fetch._allowed_url(url, allowed, 1).host is not None
 
 
 async def test_other_hosts_only_when_allowed(
     cdn: Server, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(images, "_extra_input_hosts", set())
+    monkeypatch.setattr(images.fetch, "_extra_input_hosts", set())
     cdn.files["a.png"] = encode(gradient(), "PNG")
     url = cdn.url("/files/a.png")
     await fetch_refused(session, url, "input.fetch_failed", allowed_hosts=None)
@@ -1286,7 +1286,7 @@ async def test_downloads_share_one_byte_budget(
             return await super().acquire(cost)
 
     budget = Watched(2 * len(data) + 100)
-    monkeypatch.setattr(images, "DOWNLOAD_BUDGET", budget)
+    monkeypatch.setattr(images.budget, "DOWNLOAD_BUDGET", budget)
 
     async def held_back(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Length": str(len(data))})

@@ -35,6 +35,7 @@ from kontext.errors import (
 )
 from kontext.segmind import (
     ASPECT_RATIOS,
+    DEFAULT_MAX_RETRIES,
     GenerationRequest,
     SegmindClient,
     SubmittedJob,
@@ -370,7 +371,7 @@ async def test_429_then_success_is_retried_once_and_charged_once(
     assert len(emu.calls) == 2 and emu.charged_count == 1
     assert len(sleeps) == 1 and 0 <= sleeps[0] <= 1.5  # honoured the ~1 s reset time
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "retry 1/3" in warnings[0].getMessage()
+    assert len(warnings) == 1 and f"retry 1/{DEFAULT_MAX_RETRIES}" in warnings[0].getMessage()
 
 
 async def test_429_with_retry_after_header(
@@ -482,6 +483,81 @@ async def test_connection_refused_is_retried_then_fails(
     assert "3 attempts" in info.value.detail
     with pytest.raises(ApiConnectionError):
         await client.account_credits()
+
+
+# --- the POSTs one job can send (the bound in SegmindClient's docstring) ---------------------------
+
+
+def _posts(emu: SegmindEmulator) -> int:
+    """Generation POSTs the emulated API received (v1 calls or v2 submits), counted as they
+    arrive (a hanging one too)."""
+    assert all(call.api in ("v1", "v2") for call in emu.calls)
+    return len(emu.calls)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("status", [429, 502, 503])
+async def test_a_free_failure_that_never_ends_sends_exactly_the_documented_posts(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    sleeps: list[float], mode: str, status: int,
+) -> None:
+    emu.fail_next(status, times=100, headers={"Retry-After": "0.01"} if status == 429 else None)
+    told: list[float | None] = []
+    client = make_client(mode=mode)
+    client.on_rate_limited = told.append
+    with pytest.raises(ApiError) as info:
+        await client.generate(_req(inputs))
+    assert DEFAULT_MAX_RETRIES + 1 == 6  # what the docstring promises
+    assert _posts(emu) == 6
+    assert len(sleeps) == DEFAULT_MAX_RETRIES  # a pause between two POSTs, none after the last
+    assert "(after 6 attempts)" in info.value.detail
+    assert emu.charged_count == 0 and not info.value.charged_maybe  # nothing billed: refundable
+    assert told == ([0.01] * 6 if status == 429 else [])  # each 429 told to the queue once
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 2])
+async def test_max_retries_bounds_the_posts(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    max_retries: int,
+) -> None:
+    emu.fail_next(502, times=100)
+    with pytest.raises(ApiServerError):
+        await make_client(max_retries=max_retries).generate(_req(inputs))
+    assert _posts(emu) == max_retries + 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("fault", ["500", "504", "reset", "hang", "garbage"])
+async def test_an_answer_that_may_have_billed_is_never_posted_again(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    sleeps: list[float], mode: str, fault: str,
+) -> None:
+    if fault.isdigit():
+        emu.fail_next(int(fault), times=100)
+    elif fault == "reset":
+        emu.reset_next(times=100)
+    elif fault == "hang":
+        emu.hang_next(times=100)
+    else:
+        emu.garbage_next("html", times=100)
+    with pytest.raises(ApiError) as info:
+        await make_client(mode=mode, timeout_s=0.3).generate(_req(inputs))
+    assert _posts(emu) == 1
+    assert mode == "async" or sleeps == []  # (async mode's sleeps are its polls)
+    # settled from what is known, never by a second POST: the job may have run
+    assert info.value.charged_maybe
+
+
+async def test_v2_sends_one_post_however_many_polls(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    emu.latency = 0.2
+    client = make_client(mode="async")
+    result = await client.generate(_req(inputs))
+    polls = [p for _, method, p, _ in emu.requests_log if method == "GET" and p.endswith("/status")]
+    assert len(polls) >= 2 and _posts(emu) == 1 and result.attempts == 1
+    again = await client.resume(str(result.request_id))
+    assert again.attempts == 0 and _posts(emu) == 1 and emu.charged_count == 1
 
 
 # --- garbage and size ------------------------------------------------------------------------------
@@ -1078,8 +1154,8 @@ def test_error_for_status_table() -> None:
 
 def test_key_goes_only_to_the_api(session: aiohttp.ClientSession) -> None:
     client = SegmindClient(session, api_key=KEY)
-    assert client._sends_key("https://api.segmind.com/v2/requests/x/status")
-    assert client._sends_key("https://images.segmind.com/out.jpg")
-    assert not client._sends_key("https://bucket.s3.amazonaws.com/out.jpg")
-    assert not client._sends_key("http://api.segmind.com.evil.example/x")
+    assert client.sends_key("https://api.segmind.com/v2/requests/x/status")
+    assert client.sends_key("https://images.segmind.com/out.jpg")
+    assert not client.sends_key("https://bucket.s3.amazonaws.com/out.jpg")
+    assert not client.sends_key("http://api.segmind.com.evil.example/x")
     assert KEY not in repr(client)
