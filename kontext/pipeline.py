@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 
 from kontext import images
+from kontext.accounts import Accounts
 from kontext.errors import (
     GuildKeyRefused,
     JobAlreadyExists,
@@ -76,7 +77,8 @@ class JobPipeline(Recovery):
     ``progress_interval_s`` is the least time between two progress edits of one job (queue
     position, progress bar); ``probe_interval_s`` how often a paused API account is probed.
     ``sink_factory`` builds the sink of a job this process did not receive (run for another
-    process, or taken over after one stopped).
+    process, or taken over after one stopped). ``accounts`` picks each job's API account (a
+    server's own key); without it every job runs on the owner's key.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class JobPipeline(Recovery):
         progress_interval_s: float = 3.0,
         probe_interval_s: float = 60.0,
         metrics: Metrics | None = None,
+        accounts: Accounts | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -102,7 +105,7 @@ class JobPipeline(Recovery):
         self.http = http
         self.worker_id = worker_id
         self.sink_factory = sink_factory
-        self.accounts = None  # set by the services once built (servers' own keys)
+        self.accounts = accounts
         self.progress_interval_s = progress_interval_s
         self.probe_interval_s = probe_interval_s
         self._clock = clock

@@ -177,6 +177,9 @@ def _assemble(
         poll_s=knobs.poll_s,
         max_wait_s=s.max_queue_wait_seconds,
     )
+    vault = KeyVault(s.encryption_key)
+    accounts = Accounts(store, vault, segmind, queue.limits, segmind_with)
+    queue.accounts = accounts
     pipeline = JobPipeline(
         settings=s,
         store=store,
@@ -187,12 +190,8 @@ def _assemble(
         metrics=metrics,
         progress_interval_s=knobs.progress_interval_s,
         probe_interval_s=knobs.probe_interval_s,
+        accounts=accounts,
     )
-    vault = KeyVault(s.encryption_key)
-
-    accounts = Accounts(store, vault, segmind, queue.limits, segmind_with)
-    pipeline.accounts = accounts
-    queue.accounts = accounts
     metrics.bind_queue(
         lambda: queue.waiting_count, lambda: queue.running_count, lambda: queue.paused
     )
