@@ -31,7 +31,7 @@ from discord.ext import commands
 
 from cogs.base import KontextBotBase
 from cogs.common import gate_refuses
-from cogs.sinks import recovered_sink
+from cogs.recovered import recovered_sink
 from cogs.translation import KontextTranslator
 from kontext import cli, images
 from kontext.health import HealthServer
@@ -227,7 +227,7 @@ class KontextBot(KontextBotBase):
         self.recovered.set()
 
     def recovered_sink(self, job: Job) -> JobSink:
-        """The sink of a job this process did not receive (:func:`cogs.sinks.recovered_sink`)."""
+        """The sink of a job this process did not receive (:func:`cogs.recovered.recovered_sink`)."""
         return recovered_sink(self, job)
 
     # --- stopping -------------------------------------------------------------------------------

@@ -117,3 +117,16 @@ def test_each_discord_side_module_imports_first_and_alone() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"ok {len(names)}"
+
+
+def test_no_module_reaches_a_cog_by_name() -> None:
+    """Cogs share services through ``bot.services`` and Discord pieces through imports, never
+    ``bot.get_cog("…")`` (untyped, and a silent None when the name drifts)."""
+    for name, path in project_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        calls = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "get_cog"
+        ]
+        assert not calls, f"{name} calls get_cog on line(s) {calls}"
