@@ -15,10 +15,8 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from kontext.accounts import Accounts
 from kontext.gate import GuildGate
 from kontext.jobs import JobSpec
-from kontext.launcher import JobLauncher
 from kontext.pipeline import JobPipeline
 from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
@@ -62,16 +60,8 @@ class KontextBotBase(commands.Bot):
         return self.services.queue
 
     @property
-    def launcher(self) -> JobLauncher:
-        return self.services.launcher
-
-    @property
     def segmind(self) -> SegmindClient:
         return self.services.segmind
-
-    @property
-    def accounts(self) -> Accounts:
-        return self.services.accounts
 
     @property
     def gate(self) -> GuildGate:
