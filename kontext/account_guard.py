@@ -23,7 +23,6 @@ class AccountGuard(Settlement):
         if paused and (self._probe_task is None or self._probe_task.done()):
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_account())
 
-
     def _rate_limited(self, delay: float | None) -> None:
         """A 429 from the API: hold every new start for a while (the request itself retries)."""
         wait = min(60.0, delay if delay is not None and delay > 0 else 5.0)

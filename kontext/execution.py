@@ -41,7 +41,6 @@ class Execution(AccountGuard):
         while True:
             await active.progress.show(show)
 
-
     async def _call_api(self, active: ActiveJob, resume: bool) -> GenerationResult:
         spec = active.spec
 
@@ -80,7 +79,6 @@ class Execution(AccountGuard):
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
-
     async def _store_request_id(self, active: ActiveJob) -> bool:
         return await self.store.set_api_request(
             active.spec.job_id,
@@ -89,7 +87,6 @@ class Execution(AccountGuard):
             active.response_url,
             lease=active.lease,
         )
-
 
     async def _execute(self, active: ActiveJob, *, resume: bool = False) -> JobOutcome:
         """Call the API, deliver, commit; refund on anything else. Runs under the job's lease."""
@@ -201,7 +198,6 @@ class Execution(AccountGuard):
             if result is not None:
                 result.close()
 
-
     def _api_done(self, active: ActiveJob) -> None:
         """Free the job's API slot for the whole bot, without holding up the post."""
         lease = active.lease
@@ -216,7 +212,6 @@ class Execution(AccountGuard):
                 self.queue.kick()
 
         self._spawn(done(), f"kontext-api-done-{lease.job_id}")
-
 
     async def _deliver(self, active: ActiveJob, info: ResultInfo) -> Delivery | None:
         """Post the result. A post whose fate is unknown is settled by looking in the channel:

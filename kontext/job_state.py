@@ -31,7 +31,6 @@ class LeaseLost(Exception):
     """This process no longer holds (or could not renew) the job's lease: hands off."""
 
 
-
 async def stop_progress(ticker: asyncio.Task[Any], progress: Progress) -> None:
     """End a job's progress edits; the next status edit is then the last word."""
     progress.closed = True
@@ -82,6 +81,8 @@ class RestartedRefund(ShuttingDown):
 
 @dataclass(slots=True)
 class ActiveJob:
+    """A job this process received (waiting in the queue) or runs (claimed or taken over)."""
+
     spec: JobSpec
     sink: JobSink
     reservation: Reservation

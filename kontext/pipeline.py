@@ -131,11 +131,9 @@ class JobPipeline(Recovery):
         queue.on_expired = self._on_expired
         queue.on_paused = self._on_paused
 
-
     def start(self) -> None:
         """Start serving the shared queue (claims, lease renewals, takeovers)."""
         self.queue.start()
-
 
     async def ensure_accepting_for(self, guild_id: int) -> None:
         """:meth:`ensure_accepting` for a new job of ``guild_id`` (its server may bring its own
@@ -146,7 +144,6 @@ class JobPipeline(Recovery):
         self.ensure_accepting(account)
         if account != OWNER_ACCOUNT and await self.store.account_paused(account):
             raise GuildKeyRefused(f"{account} paused")
-
 
     async def run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
         """Run one new job to its end. Never raises a KontextError; tells ``sink`` instead.
@@ -225,7 +222,6 @@ class JobPipeline(Recovery):
         if spec.account != OWNER_ACCOUNT and await self.store.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
 
-
     @contextlib.asynccontextmanager
     async def _member_lock(self, spec: JobSpec) -> AsyncIterator[None]:
         """One intake (checks and reservation) per member at a time in this process."""
@@ -263,7 +259,6 @@ class JobPipeline(Recovery):
             self._doomed.add(spec.job_id)
             self._settle_later("refund", spec.job_id, lambda: self._refund_if_ours(spec.job_id))
             raise
-
 
     async def _check_in_turn(self, spec: JobSpec) -> None:
         """:meth:`check_inputs`, a few jobs at a time, first come first served.
@@ -304,7 +299,6 @@ class JobPipeline(Recovery):
                 for n, img in ((1, spec.image_1), (2, spec.image_2))
             )
         )
-
 
     # --- shutdown and health ----------------------------------------------------------------------
 
@@ -356,7 +350,6 @@ class JobPipeline(Recovery):
             for task in late:
                 task.cancel()
         await self.queue.aclose()
-
 
     async def _report_queue(self, active: ActiveJob) -> None:
         """While the job waits: tell the member its place (when it changes, throttled), and

@@ -74,12 +74,10 @@ class PipelineBase:
         if self.queue.paused and account == OWNER_ACCOUNT:
             raise ServicePaused("API account paused")
 
-
     @property
     def paused(self) -> bool:
         """True while the API account needs attention (new jobs are refused)."""
         return self.queue.paused
-
 
     async def _client(self, active: ActiveJob) -> SegmindClient:
         if self.accounts is None or active.spec.account == OWNER_ACCOUNT:
@@ -88,7 +86,6 @@ class PipelineBase:
             return await self.accounts.client_for(active.spec.account)
         except LookupError as exc:  # the key was removed meanwhile: nothing was sent
             raise GuildKeyRefused(str(exc)) from None
-
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -115,7 +112,6 @@ class PipelineBase:
         active.response_url = job.api_response_url
         return active
 
-
     async def _let_go(self, active: ActiveJob) -> None:
         lease = active.lease
         if lease is None:
@@ -125,7 +121,6 @@ class PipelineBase:
             await self.store.let_go(lease)
         except Exception as exc:  # noqa: BLE001 - the lease then simply expires
             log.warning("job %s: could not let its lease go (%s)", lease.job_id, exc)
-
 
     def _reserve_request(self, spec: JobSpec) -> ReserveRequest:
         return ReserveRequest(
@@ -144,12 +139,10 @@ class PipelineBase:
             account=spec.account,
         )
 
-
     def _check_lease(self, active: ActiveJob) -> None:
         """Raise LeaseLost unless the job's lease is held and fresh (renewed in half its life)."""
         if active.lease is None or not self.queue.fresh(active.lease):
             raise LeaseLost(f"job {active.spec.job_id}")
-
 
     def _lost(self, active: ActiveJob) -> JobOutcome:
         log.warning(
@@ -159,7 +152,6 @@ class PipelineBase:
         if active.lease is not None:
             self.queue.forget(active.lease.job_id)
         return self._finish(JobOutcome(active.spec.job_id, Outcome.LOST), active)
-
 
     def _settle_later(self, what: str, job_id: int, op: Callable[[], Any]) -> None:
         """Retry a commit or refund in the background until the database takes it."""
@@ -190,7 +182,6 @@ class PipelineBase:
                 continue
             log.warning("job %s: %s went through after %d retries", job_id, what, tries)
             return
-
 
     async def _tell(self, sink: JobSink, err: KontextError, *, refunded: int) -> None:
         try:

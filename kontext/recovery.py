@@ -30,7 +30,6 @@ class Recovery(Execution):
         active.lease = lease
         self._spawn(self._execute(active), f"kontext-job-{job.id}")
 
-
     def _on_taken_over(self, job: Job, lease: Lease) -> None:
         """A stopped (or silent) process left ``job`` running: settle it here."""
         if job.id in self._doomed:  # claimed inside a reservation whose outcome we never heard
@@ -51,7 +50,6 @@ class Recovery(Execution):
         """``job`` waited longer than ``MAX_QUEUE_WAIT_SECONDS``: refund it and say so."""
         active = self._waiting.get(job.id) or self._active_from_job(job)
         await self._refund_waiting(active, QueueTimeout("waited too long"))
-
 
     async def _recover(self, active: ActiveJob) -> JobOutcome:
         """Settle a job taken over from a stopped process, from the database and the channel.

@@ -39,7 +39,6 @@ class Settlement(PipelineBase):
             )
         return False
 
-
     async def _refund_doomed(self, lease: Lease) -> None:
         self.queue.forget(lease.job_id)
         try:
@@ -48,7 +47,6 @@ class Settlement(PipelineBase):
             )
         except Exception as exc:  # noqa: BLE001 - the lease expires; the background refund goes on
             log.warning("job %s: refund after an unsure reservation failed (%s)", lease.job_id, exc)
-
 
     async def _requeue(self, active: ActiveJob) -> JobOutcome:
         """No request went out: put the job back in the queue (if the lease is still ours)."""
@@ -63,7 +61,6 @@ class Settlement(PipelineBase):
             except Exception as exc:  # noqa: BLE001 - then the lease expires and it is taken over
                 log.warning("job %s: could not put it back in the queue (%s)", lease.job_id, exc)
         return self._lost(active)
-
 
     async def _commit(self, active: ActiveJob, delivery: Delivery, api_seconds: float | None) -> None:
         spec, lease = active.spec, active.lease
@@ -86,7 +83,6 @@ class Settlement(PipelineBase):
         finally:
             if lease is not None:
                 self.queue.forget(lease.job_id)
-
 
     async def _refund(
         self, active: ActiveJob, err: KontextError, *, restarted: bool = False
@@ -132,7 +128,6 @@ class Settlement(PipelineBase):
             JobOutcome(spec.job_id, Outcome.REFUNDED, err.cause, err, timings=active.timings), active
         )
 
-
     async def _refund_waiting(self, active: ActiveJob, err: KontextError) -> JobOutcome | None:
         """Refund a job that still waits in the queue (no one holds it) and tell the member."""
         spec = active.spec
@@ -158,7 +153,6 @@ class Settlement(PipelineBase):
         if active.done is not None and not active.done.done():
             active.done.set_result(outcome)
         return outcome
-
 
     async def _reject(self, spec: JobSpec, sink: JobSink, err: KontextError) -> JobOutcome:
         await self._tell(sink, err, refunded=0)
