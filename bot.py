@@ -1,8 +1,14 @@
 """Kontext Bot: the entry point.
 
 ``python bot.py`` runs the bot; ``python bot.py sync`` forces a sync of the slash commands and
-exits. Settings come from the environment and ``.env`` (see ``.env.example``); a bad one prints a
+exits; ``python bot.py owner …`` are the owner's controls (:mod:`kontext.cli` parses them).
+Settings come from the environment and ``.env`` (see ``.env.example``); a bad one prints a
 single line naming it and exits with code 2.
+
+As in discord.py's ``examples/advanced_startup.py``: :func:`run_bot` opens the services (HTTP
+session, database, queue, pipeline, job launcher — :mod:`kontext.services`) and hands them to
+:class:`KontextBot`, which only wires Discord: the command tree, the cogs, the command sync, the
+health endpoint, signals and a graceful shutdown. The services are closed after the bot.
 """
 
 from __future__ import annotations
@@ -13,12 +19,9 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import signal
 import sys
-import time
-import uuid
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import discord
@@ -26,15 +29,19 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from kontext import images
-from kontext.accounts import Accounts, KeyVault
-from kontext.gate import GuildGate
-from kontext.metrics import Metrics
-from kontext.queue import SharedQueue
-from kontext.segmind import SegmindClient
-from kontext.settings import Settings, SettingsError, load_settings
-from kontext.store import Store
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+from cogs.base import KontextBotBase
+from cogs.common import gate_refuses
+from cogs.recovered import recovered_sink
+from cogs.translation import KontextTranslator
+from kontext import cli, images
+from kontext.health import HealthServer
+from kontext.jobs import JobSink
+from kontext.logging_setup import RedactingFilter, describe, setup_logging
+from kontext.services import Services, StartupError, build_services
+from kontext.settings import Settings
+from kontext.store import Job
+
+__all__ = ["KontextBot", "RedactingFilter", "ShardedKontextBot", "main", "run_bot", "setup_logging"]
 
 log = logging.getLogger("kontext.bot")
 
@@ -47,103 +54,6 @@ COGS = (
     "cogs.showcase",
     "cogs.context_menu",
 )
-#: a job's lease lives this long without a renewal (renewed every sixth of it); a killed
-#: process's running jobs are taken over after it, by the database's clock
-LEASE_S = 60.0
-#: an interaction token lives 15 minutes; past this age a recovered job talks through the channel
-TOKEN_USABLE_S = 14 * 60.0
-USAGE = (
-    "usage: python bot.py [sync]\n"
-    "       python bot.py owner COMMAND …\n"
-    "  (no argument: run the bot; sync: sync the slash commands and exit;\n"
-    "   owner: the owner's server controls, see 'python bot.py owner help')"
-)
-
-# Hidden knobs for development and tests only (not settings, not in .env.example):
-#   KONTEXT_LEASE_SECONDS          a job's lease life; a killed process's jobs move after it (60)
-#   KONTEXT_QUEUE_POLL_SECONDS     how often an idle process looks at the shared queue (0.5)
-#   KONTEXT_PROGRESS_SECONDS       least time between two progress edits of a job (default 3)
-#   KONTEXT_ACCOUNT_PROBE_SECONDS  how often a paused API account is probed (default 60)
-
-
-def hidden_knob(name: str, default: float, env: Any = None) -> float:
-    """A positive number from the environment, or ``default`` (a bad value is ignored, logged)."""
-    raw = (env if env is not None else os.environ).get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 86_400:
-        log.warning("ignoring %s=%r (a number of seconds above 0 is expected)", name, raw)
-        return default
-    return value
-
-
-class StartupError(Exception):
-    """A setting that parsed but does not work (the database cannot be opened). One line."""
-
-    def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"{name}: {why}")
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, single-line description of a startup failure (no URL, no secrets)."""
-    text = " ".join(str(exc).split())
-    if len(text) > 200:
-        text = text[:199] + "…"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class RedactingFilter(logging.Filter):
-    """Replaces every secret value in a log record's text with ``[redacted]``."""
-
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        super().__init__()
-        self.secrets = tuple(s for s in secrets if len(s) >= 4)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record is still logged
-            return True
-        exc_text = None
-        if record.exc_info:
-            exc_text = logging.Formatter().formatException(record.exc_info)
-        changed = False
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
-                changed = True
-            if exc_text and secret in exc_text:
-                exc_text = exc_text.replace(secret, "[redacted]")
-                changed = True
-        if changed:
-            record.msg, record.args = text, None
-            if exc_text is not None:
-                record.exc_info, record.exc_text = None, exc_text
-        return True
-
-
-def setup_logging(settings: Settings, stream: Any = None) -> logging.Handler:
-    """One stream handler on the root logger, secrets redacted, discord.py kept at INFO."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
-    handler.addFilter(RedactingFilter(settings.secrets))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
-    quiet = max(logging.INFO, logging.getLevelName(settings.log_level))
-    logging.getLogger("discord").setLevel(quiet)
-    # database drivers print statement parameters (interaction tokens) at DEBUG
-    for name in ("aiosqlite", "asyncpg", "sqlalchemy"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, quiet))
-    return handler
 
 
 def point_discord_py_at(settings: Settings) -> None:
@@ -161,8 +71,6 @@ class KontextTree(app_commands.CommandTree["KontextBot"]):
     ``cogs.errors`` cog, which installs itself as this tree's error handler."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        from cogs.common import gate_refuses
-
         return not await gate_refuses(interaction)
 
 
@@ -178,10 +86,11 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-class KontextBot(commands.Bot):
-    """The bot: owns the HTTP session, the database and the job services."""
+class KontextBot(KontextBotBase):
+    """The bot: wires the (already open) services to Discord."""
 
-    def __init__(self, settings: Settings, *, force_sync: bool = False, **options: Any) -> None:
+    def __init__(self, services: Services, *, force_sync: bool = False, **options: Any) -> None:
+        settings = services.settings
         point_discord_py_at(settings)
         discord.VoiceClient.warn_nacl = False  # no voice: don't warn about its libraries
         discord.VoiceClient.warn_dave = False
@@ -189,6 +98,7 @@ class KontextBot(commands.Bot):
         intents.guilds = True
         options.update(shard_options(settings))
         super().__init__(
+            services,
             command_prefix=commands.when_mentioned,
             intents=intents,
             tree_cls=KontextTree,
@@ -196,113 +106,23 @@ class KontextBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
             **options,
         )
-        self.settings = settings
         self.force_sync = force_sync
-        self.worker_id = f"{os.environ.get('DYNO', 'worker')}-{uuid.uuid4().hex[:12]}"
-        self.http_session: aiohttp.ClientSession | None = None
-        self.store: Store | None = None
-        self.segmind: SegmindClient | None = None
-        self.queue: SharedQueue | None = None
-        self.pipeline: Any = None
-        self.health: Any = None
-        self.gate: GuildGate | None = None
-        self.vault: KeyVault | None = None
-        self.accounts: Accounts | None = None
-        self._named_guilds: set[int] = set()
-        self.metrics = Metrics()
-        self._background: list[asyncio.Task[Any]] = []
+        # jobs this process did not receive talk to their member through Discord from here
+        services.pipeline.sink_factory = self.recovered_sink
+        self.health: HealthServer | None = None
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
         self.recovered = asyncio.Event()
         self._frozen = False
-        self.lease_s = hidden_knob("KONTEXT_LEASE_SECONDS", LEASE_S)
-        self.poll_s = hidden_knob("KONTEXT_QUEUE_POLL_SECONDS", 0.5)
-        self.progress_interval_s = hidden_knob("KONTEXT_PROGRESS_SECONDS", 3.0)
-        self.probe_interval_s = hidden_knob("KONTEXT_ACCOUNT_PROBE_SECONDS", 60.0)
 
     async def setup_hook(self) -> None:
-        from kontext.pipeline import JobPipeline
-
-        s = self.settings
-        if not s.segmind_api_key:
-            log.warning(
-                "SEGMIND_API_KEY is empty: every /kontext will fail at the image service (and "
-                "pause new jobs) until you set it"
-            )
-        self.http_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=100, limit_per_host=50, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        )
-        try:
-            self.store = await Store.open(s.database_url, s)
-        except Exception as exc:  # unreachable server, corrupt file, wrong credentials
-            why = _describe(exc)
-            for secret in s.secrets:  # the token, the API key, DATABASE_URL's password
-                if len(secret) >= 4:  # as RedactingFilter: a 1-char "secret" would mangle words
-                    why = why.replace(secret, "***")
-            raise StartupError("DATABASE_URL", f"the database cannot be opened ({why})") from None
-        await self.store.register_worker(self.worker_id)
-        self.gate = GuildGate(s, self.store)
-        self.segmind = SegmindClient(
-            self.http_session,
-            api_key=s.segmind_api_key,
-            base_url=s.segmind_base_url,
-            model=s.segmind_model,
-            mode=s.segmind_api_mode,
-            timeout_s=s.segmind_timeout_seconds,
-        )
-        self.queue = SharedQueue(
-            self.store,
-            worker_id=self.worker_id,
-            limits=AccountLimits(OWNER_ACCOUNT, s.max_concurrent_jobs, s.segmind_rpm),
-            lease_s=self.lease_s,
-            poll_s=self.poll_s,
-            max_wait_s=s.max_queue_wait_seconds,
-        )
-        self.pipeline = JobPipeline(
-            settings=s,
-            store=self.store,
-            client=self.segmind,
-            queue=self.queue,
-            http=self.http_session,
-            worker_id=self.worker_id,
-            sink_factory=self.recovered_sink,
-            metrics=self.metrics,
-            progress_interval_s=self.progress_interval_s,
-            probe_interval_s=self.probe_interval_s,
-        )
-        self.vault = KeyVault(s.encryption_key)
-        self.accounts = Accounts(
-            self.store,
-            self.vault,
-            self.segmind,
-            self.queue.limits,
-            lambda key: SegmindClient(
-                self.http_session,  # type: ignore[arg-type]  # set above
-                api_key=key,
-                base_url=s.segmind_base_url,
-                model=s.segmind_model,
-                mode=s.segmind_api_mode,
-                timeout_s=s.segmind_timeout_seconds,
-            ),
-        )
-        self.pipeline.accounts = self.accounts
-        self.queue.accounts = self.accounts
-        queue = self.queue
-        self.metrics.bind_queue(
-            lambda: queue.waiting_count, lambda: queue.running_count, lambda: queue.paused
-        )
         for cog in COGS:
             await self.load_extension(cog)
-        from cogs.translation import KontextTranslator
-
         await self.tree.set_translator(KontextTranslator())
         await self.sync_commands(force=self.force_sync)
-        if s.port:
-            from kontext.health import HealthServer
-
-            self.health = HealthServer(self, port=s.port)
+        if self.settings.port:
+            self.health = HealthServer(self, port=self.settings.port)
             await self.health.start()
         freeze_long_lived_objects()
 
@@ -312,7 +132,6 @@ class KontextBot(commands.Bot):
         Without this, a server used for development would list every command twice (its own
         copy and the global one) once the bot syncs globally again.
         """
-        assert self.store is not None
         old = await self.store.get_meta(dev_key)
         if not old:
             return
@@ -324,7 +143,6 @@ class KontextBot(commands.Bot):
 
     async def sync_commands(self, *, force: bool = False) -> bool:
         """Sync the command tree when it changed since the last sync (or when forced)."""
-        assert self.store is not None
         guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
         if guild is not None:
             self.tree.copy_global_to(guild=guild)
@@ -373,28 +191,18 @@ class KontextBot(commands.Bot):
         return self.ws is not None and self.ws.open
 
     async def database_ok(self) -> bool:
-        return self.store is not None and await self.store.ping()
+        return await self.store.ping()
 
     def queue_snapshot(self) -> dict[str, int | bool]:
         q = self.queue
-        if q is None:
-            return {}
         return {
             "waiting": q.waiting_count,
             "running": q.running_count,
             "paused": q.paused,
-            "accepting": bool(self.pipeline is not None and self.pipeline.accepting),
+            "accepting": self.pipeline.accepting,
         }
 
-    async def note_guild(self, guild: discord.Guild | None) -> None:
-        """Remember a server's name for the owner's listing (once per process)."""
-        if guild is None or guild.id in self._named_guilds or self.store is None:
-            return
-        self._named_guilds.add(guild.id)
-        try:
-            await self.store.note_guild_name(guild.id, guild.name)
-        except Exception as exc:  # noqa: BLE001 - a name for a listing is never worth a failure
-            log.debug("could not note server %s: %s", guild.id, exc)
+    # --- Discord's events -----------------------------------------------------------------------
 
     async def on_guild_join(self, guild: discord.Guild) -> None:
         log.info("added to server %s (%s)", guild.id, guild.name)
@@ -415,22 +223,14 @@ class KontextBot(commands.Bot):
 
     async def _start_queue(self) -> None:
         """Serve the shared queue once connected: claim waiting jobs, take over stopped ones."""
-        assert self.pipeline is not None
         self.pipeline.start()
         self.recovered.set()
 
-    def recovered_sink(self, job: Any) -> Any:
-        """How to talk to the member of a job this process did not receive (another process
-        did, or one that stopped): through its interaction while the token lives (private
-        status edits, the result as a follow-up), else through the channel with a mention."""
-        from cogs.common import ChannelSink, InteractionSink
+    def recovered_sink(self, job: Job) -> JobSink:
+        """The sink of a job this process did not receive (:func:`cogs.recovered.recovered_sink`)."""
+        return recovered_sink(self, job)
 
-        fresh = token_age(job, self.lease_s) < TOKEN_USABLE_S
-        if job.interaction_token and job.application_id and fresh:
-            # StoredInteraction has what InteractionSink uses of a discord.Interaction
-            stored = cast(discord.Interaction, StoredInteraction(self, job))
-            return InteractionSink(self, stored, job_id=job.id)
-        return ChannelSink(self, job.channel_id, job.user_id, job.locale, job_id=job.id)
+    # --- stopping -------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
         """Graceful stop: drain jobs within the grace period, then close everything."""
@@ -442,47 +242,29 @@ class KontextBot(commands.Bot):
         # before the platform's SIGKILL
         reserve = min(4.0, grace * 0.25)
         log.info("shutting down: no new jobs; %.1f s for running ones to finish", grace - reserve)
-        if self.pipeline is not None:
-            try:
-                await self.pipeline.shutdown(grace - reserve, settle_s=max(1.0, reserve / 2))
-            except Exception:
-                log.exception("draining jobs failed")
+        try:
+            await self.pipeline.shutdown(grace - reserve, settle_s=max(1.0, reserve / 2))
+        except Exception:
+            log.exception("draining jobs failed")
         await self.close()
         log.info("stopped cleanly")
 
     async def close(self) -> None:
-        """Close once, whoever asks (signal handler, ``async with``, tests); later calls wait."""
+        """Close once, whoever asks (signal handler, ``async with``, tests); later calls wait.
+
+        The bot stops serving the shared queue (it started at connect); the other services
+        stay open: whoever opened them closes them after the bot."""
         self._closing = True
         if self._close_task is None:
-            self._close_task = asyncio.create_task(self._close_everything())
+            self._close_task = asyncio.create_task(self._close_discord())
         await asyncio.shield(self._close_task)
 
-    async def _close_everything(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+    async def _close_discord(self) -> None:
         if self.health is not None:
             with contextlib.suppress(Exception):
                 await self.health.stop()
+        await self.queue.aclose()
         await super().close()
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.retire_worker(self.worker_id)
-            await self.store.close()
-        if self.http_session is not None:
-            await self.http_session.close()
-
-
-def token_age(job: Any, lease_s: float) -> float:
-    """Seconds since the job's interaction, by the database's clock when it can be told.
-
-    A claimed job's lease expiry is the database's now + ``lease_s`` at the claim, and its
-    ``queued_at`` the database's now at the reservation: their difference does not depend on
-    any process's clock (a process whose clock is off would misjudge the token's 15 minutes).
-    """
-    if job.lease_expires_at is not None and job.queued_at is not None:
-        return max(0.0, float(job.lease_expires_at) - lease_s - float(job.queued_at))
-    return time.time() - float(job.created_at)
 
 
 class ShardedKontextBot(KontextBot, commands.AutoShardedBot):
@@ -511,41 +293,22 @@ def bot_class(settings: Settings) -> type[KontextBot]:
     return ShardedKontextBot if several else KontextBot
 
 
-class StoredInteraction:
-    """Just enough of a ``discord.Interaction``, rebuilt from a stored job, for
-    :class:`cogs.common.InteractionSink`: a recovered job can still edit the member's private
-    status and post its result as a follow-up while the interaction token lives."""
-
-    def __init__(self, bot: KontextBot, job: Any) -> None:
-        self._bot = bot
-        self.id = job.id
-        self.application_id = job.application_id
-        self.token = job.interaction_token
-        self.guild_id = job.guild_id
-        self.channel_id = job.channel_id
-        self.user = discord.Object(job.user_id)
-        try:
-            self.locale = discord.Locale(job.locale or "en-US")
-        except ValueError:
-            self.locale = discord.Locale.american_english
-        self.followup = discord.Webhook.from_state(
-            data={"id": job.application_id, "type": 3, "token": job.interaction_token},
-            state=bot._connection,
-        )
-
-    @property
-    def filesize_limit(self) -> int:
-        guild = self._bot.get_guild(self.guild_id) if self.guild_id else None
-        return guild.filesize_limit if guild is not None else 10 * 1024 * 1024
-
-    async def edit_original_response(self, **kwargs: Any) -> discord.WebhookMessage:
-        message: discord.WebhookMessage = await self.followup.edit_message("@original", **kwargs)  # type: ignore[call-overload]  # discord.py takes "@original" (typed int only)
-        return message
+async def run_bot(settings: Settings, sync_only: bool = False) -> int:
+    """Open the services, run the bot until it stops, close both; returns the exit code."""
+    try:
+        services = await build_services(settings)
+    except StartupError as err:
+        print(f"Configuration error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return await _run(services, sync_only)
+    finally:
+        await services.aclose()
 
 
-async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
-    """Run until closed; returns the process exit code."""
-    bot = bot_class(settings)(settings, force_sync=sync_only)
+async def _run(services: Services, sync_only: bool) -> int:
+    settings = services.settings
+    bot = bot_class(settings)(services, force_sync=sync_only)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -558,9 +321,6 @@ async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
             await bot.start(settings.discord_token)
         if bot.shutdown_task is not None:
             await bot.shutdown_task
-    except StartupError as err:
-        print(f"Configuration error: {err}", file=sys.stderr)
-        return 2
     except discord.LoginFailure:
         log.error("DISCORD_TOKEN was refused by Discord: check the token in the Developer Portal")
         return 2
@@ -568,8 +328,12 @@ async def run_bot(settings: Settings, *, sync_only: bool = False) -> int:
         log.error("Discord refused the gateway intents; this bot needs no privileged intents")
         return 2
     except (aiohttp.ClientConnectionError, OSError) as exc:
-        log.error("could not reach Discord (%s); is the network up?", _describe(exc))
+        log.error("could not reach Discord (%s); is the network up?", describe(exc))
         return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
     return 0
 
 
@@ -580,28 +344,7 @@ def _on_signal(bot: KontextBot, sig: signal.Signals) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv in (["-h"], ["--help"], ["help"]):
-        print(USAGE)
-        return 0
-    owner = bool(argv) and argv[0] == "owner"
-    if argv not in ([], ["sync"]) and not owner:
-        print(USAGE, file=sys.stderr)
-        return 2
-    try:
-        settings = load_settings()
-    except SettingsError as err:
-        print(f"Configuration error: {err}", file=sys.stderr)
-        return 2
-    setup_logging(settings)
-    if owner:
-        from kontext.owner_cli import run_owner
-
-        return asyncio.run(run_owner(argv[1:], settings))
-    try:
-        return asyncio.run(run_bot(settings, sync_only=argv == ["sync"]))
-    except KeyboardInterrupt:
-        return 0
+    return cli.main(argv, run_bot)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.base import KontextBotBase
 from cogs.common import ASPECT_NAMES, locale_of, not_allowed, reply_error, store_of
 from kontext.accounts import GUILD_KEY_CONCURRENCY, GUILD_KEY_RPM, guild_account
 from kontext.errors import ApiError
@@ -17,9 +18,6 @@ from kontext.i18n import t
 from kontext.segmind import SegmindClient
 from kontext.settings import ASPECT_RATIOS
 from kontext.store import GuildSettings, StatsWindow
-
-if TYPE_CHECKING:
-    from bot import KontextBot
 
 log = logging.getLogger("kontext.cogs.admin")
 
@@ -104,7 +102,7 @@ def describe_window(window: StatsWindow, locale: str | None) -> str:
 class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage Kontext credits, settings and stats"):
     """The admin commands. Hidden from members without Manage Server unless a server changes it."""
 
-    def __init__(self, bot: KontextBot) -> None:
+    def __init__(self, bot: KontextBotBase) -> None:
         super().__init__()
         self.bot = bot
 
@@ -279,8 +277,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
 
     async def _key_state(self, guild_id: int, locale: str) -> str:
         """This server's own Segmind key as its admins should know it (never the key itself)."""
-        store = self.bot.store
-        assert store is not None
+        store = store_of(self.bot)
         has_key = any(int(row.guild_id) == guild_id for row in await store.guild_api_keys())
         if not has_key:
             return t("apikey.state_none", locale)
@@ -311,14 +308,13 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     async def api_key(self, interaction: discord.Interaction, remove: bool = False) -> None:
         assert interaction.guild_id is not None
         locale = locale_of(interaction)
-        vault = self.bot.vault
-        if vault is None or not vault.enabled:
+        vault = self.bot.services.vault
+        if not vault.enabled:
             await self._ephemeral(interaction, t("apikey.off", locale))
             return
         if remove:
             had = await store_of(self.bot).remove_guild_api_key(interaction.guild_id)
-            if self.bot.accounts is not None:
-                self.bot.accounts.forget(interaction.guild_id)
+            self.bot.services.accounts.forget(interaction.guild_id)
             log.info("admin %s removed server %s's own Segmind key", interaction.user.id, interaction.guild_id)
             await self._ephemeral(interaction, t("apikey.removed" if had else "apikey.none", locale))
             return
@@ -328,7 +324,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
 class ApiKeyModal(discord.ui.Modal):
     """Asks for the key (never echoed), checks it with Segmind, stores it encrypted."""
 
-    def __init__(self, bot: KontextBot, locale: str) -> None:
+    def __init__(self, bot: KontextBotBase, locale: str) -> None:
         super().__init__(title=t("apikey.modal_title", locale)[:45], timeout=600)
         self.bot = bot
         self.locale = locale
@@ -346,12 +342,10 @@ class ApiKeyModal(discord.ui.Modal):
         if verdict != "ok":
             await interaction.followup.send(t(f"apikey.{verdict}", self.locale), ephemeral=True)
             return
-        assert self.bot.vault is not None
         guild_id = interaction.guild_id
-        await store_of(self.bot).set_guild_api_key(guild_id, self.bot.vault.encrypt(secret), interaction.user.id)
+        await store_of(self.bot).set_guild_api_key(guild_id, self.bot.services.vault.encrypt(secret), interaction.user.id)
         await store_of(self.bot).set_account_paused(guild_account(guild_id), False)
-        if self.bot.accounts is not None:
-            self.bot.accounts.forget(guild_id)
+        self.bot.services.accounts.forget(guild_id)
         log.info("admin %s set server %s's own Segmind key", interaction.user.id, guild_id)
         await interaction.followup.send(
             t("apikey.saved", self.locale, concurrent=GUILD_KEY_CONCURRENCY, rpm=GUILD_KEY_RPM),
@@ -359,12 +353,12 @@ class ApiKeyModal(discord.ui.Modal):
         )
 
 
-async def check_segmind_key(bot: KontextBot, secret: str) -> str:
+async def check_segmind_key(bot: KontextBotBase, secret: str) -> str:
     """``"ok"``, ``"invalid"`` (Segmind refused it) or ``"unreachable"``: one credits request
     with the key. The key never reaches a log or an error text."""
     s = bot.settings
     client = SegmindClient(
-        bot.http_session,  # type: ignore[arg-type]  # open while the bot runs
+        bot.services.http,
         api_key=secret,
         base_url=s.segmind_base_url,
         model=s.segmind_model,
@@ -385,7 +379,7 @@ async def check_segmind_key(bot: KontextBot, secret: str) -> str:
 class AdminCog(commands.Cog, name="Admin"):
     """Holds the ``/kontext-admin`` group."""
 
-    def __init__(self, bot: KontextBot) -> None:
+    def __init__(self, bot: KontextBotBase) -> None:
         self.bot = bot
         self.group = AdminGroup(bot)
 
@@ -396,5 +390,5 @@ class AdminCog(commands.Cog, name="Admin"):
         self.bot.tree.remove_command(self.group.name)
 
 
-async def setup(bot: KontextBot) -> None:
+async def setup(bot: KontextBotBase) -> None:
     await bot.add_cog(AdminCog(bot))

@@ -1,28 +1,18 @@
-"""Shared pieces of the Discord adapter: replying with errors, and the job sinks.
+"""Shared pieces of the Discord adapter: replying with errors, the server gate, friendly names.
 
-A *sink* is how the core pipeline talks to a member: :class:`InteractionSink` answers through
-the interaction (status edits, the result, ephemeral errors) and falls back to the channel when
-the interaction token has died; :class:`ChannelSink` talks through the channel only (jobs
-recovered after a restart).
+The job sinks (how the pipeline talks to a member through Discord) are in :mod:`cogs.sinks`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
-from typing import TYPE_CHECKING, Any
 
 import discord
 
-from kontext.errors import GuildNotEnabled, InputError, KontextError, ResultNotDelivered
+from cogs.base import KontextBotBase
+from kontext.errors import GuildNotEnabled, InputError, KontextError
 from kontext.i18n import t
-from kontext.pipeline import Delivery, ResultInfo
-
-if TYPE_CHECKING:
-    from bot import KontextBot
-    from kontext.queue import SharedQueue
-    from kontext.store import Store
+from kontext.store import Store
 
 log = logging.getLogger("kontext.cogs")
 
@@ -43,44 +33,18 @@ ASPECT_NAMES: dict[str, str] = {
     "1:2": "Tall 1:2",
 }
 SAFETY_NAMES: dict[int, str] = {0: "Strict", 1: "Moderate", 2: "Permissive"}
-TOKEN_DEAD_CODES = {10015, 10062, 50027}  # unknown webhook / interaction, invalid webhook token
-BAR_WIDTH = 12
-#: a job's first status ("checking your images") and "posting" appear only when that step takes
-#: longer than this; quicker steps leave Discord's own "thinking…" / the last status on screen
+#: a job's first status ("checking your images") appears only when that step takes longer than
+#: this; a quicker check leaves Discord's own "thinking…" on screen
 ACCEPTED_STATUS_AFTER_S = 0.5
-POSTING_STATUS_AFTER_S = 0.3
-#: how many of a channel's newest messages are searched for a job's result after an
-#: interrupted or ambiguous post
-RESULT_LOOKBACK = 100
 
 
-def store_of(bot: KontextBot) -> Store:
-    """The bot's store; the cogs are loaded by ``setup_hook`` after it opened it."""
-    assert bot.store is not None, "the cogs run after setup_hook opened the store"
-    return bot.store
-
-
-def queue_of(bot: KontextBot) -> SharedQueue:
-    """The bot's shared queue (built by ``setup_hook`` before the cogs are loaded)."""
-    assert bot.queue is not None, "the cogs run after setup_hook built the queue"
-    return bot.queue
+def store_of(bot: KontextBotBase) -> Store:
+    """The bot's store (open from before the first cog loaded until the bot closed)."""
+    return bot.services.store
 
 
 def locale_of(interaction: discord.Interaction) -> str:
     return str(interaction.locale.value if interaction.locale else "en-US")
-
-
-def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
-    """``▰▰▰▱▱▱`` for ``fraction`` in 0..1."""
-    fraction = min(1.0, max(0.0, fraction))
-    full = round(fraction * width)
-    return "▰" * full + "▱" * (width - full)
-
-
-def token_dead(exc: discord.HTTPException) -> bool:
-    """True when the interaction's token can no longer be used."""
-    return exc.code in TOKEN_DEAD_CODES or exc.status == 401 or isinstance(exc, discord.NotFound)
-
 
 async def reply_error(interaction: discord.Interaction, error: KontextError) -> None:
     """Tell the member what went wrong, ephemerally, in their language."""
@@ -93,17 +57,15 @@ async def reply_error(interaction: discord.Interaction, error: KontextError) -> 
     except discord.HTTPException as exc:
         log.warning("could not send an error reply (%s): %s", exc.status, error.cause)
 
-
 async def gate_refuses(interaction: discord.Interaction) -> bool:
     """True (and the member told, the owner's log told) when the bot is not enabled in this
     server: ``ALLOWED_GUILD_IDS``, or the owner blocked it. Nothing is charged or called."""
-    bot: Any = interaction.client
-    gate = getattr(bot, "gate", None)
+    bot = interaction.client
     guild_id = interaction.guild_id
-    if gate is None or guild_id is None:
+    if not isinstance(bot, KontextBotBase) or guild_id is None:
         return False
     try:
-        allowed = await gate.allows(guild_id)
+        allowed = await bot.services.gate.allows(guild_id)
     except Exception:  # the database is away: the reservation re-checks it anyway
         log.exception("could not check whether server %s is enabled", guild_id)
         return False
@@ -123,87 +85,6 @@ def not_allowed() -> KontextError:
     return InputError("check failed", key="error.not_allowed")
 
 
-def result_filename(result: ResultInfo) -> str:
-    return f"kontext-{result.spec.job_id}.{result.image.filename_ext}"
-
-
-def result_embed(result: ResultInfo, locale: str | None) -> discord.Embed:
-    """The card under a result: prompt, inputs, settings, seed, time, credits left."""
-    spec = result.spec
-    prompt = spec.prompt if len(spec.prompt) <= 1000 else spec.prompt[:999] + "…"
-    embed = discord.Embed(description=prompt, colour=discord.Colour.blurple())
-    embed.set_author(name=t("embed.title", locale))
-    embed.set_image(url=f"attachment://{result_filename(result)}")
-    embed.set_thumbnail(url=spec.image_1.url)
-    embed.add_field(
-        name=t("embed.inputs", locale),
-        value=f"[{t('embed.image', locale, n=1)}]({spec.image_1.url}) · "
-        f"[{t('embed.image', locale, n=2)}]({spec.image_2.url})",
-        inline=False,
-    )
-    embed.add_field(name=t("embed.aspect_ratio", locale), value=aspect_name(spec.aspect_ratio, locale))
-    embed.add_field(name=t("embed.seed", locale), value=f"`{spec.seed}`")
-    embed.add_field(name=t("embed.format", locale), value=result.image.format.upper())
-    embed.add_field(name=t("embed.safety", locale), value=safety_name(spec.safety_tolerance, locale))
-    embed.add_field(name=t("embed.time", locale), value=f"{result.total_seconds:.1f} s")
-    if result.balance_after >= 0:
-        embed.add_field(name=t("embed.credits_left", locale), value=str(result.balance_after))
-    embed.add_field(name=t("embed.maker", locale), value=f"<@{spec.user_id}>")
-    footer = t("embed.footer", locale)
-    if result.image.reencoded:
-        footer += " · " + t("embed.reencoded", locale)
-    embed.set_footer(text=footer)
-    return embed
-
-
-class UploadBuffer(io.BytesIO):
-    """An ``io.BytesIO`` over a result's bytes that never copies them.
-
-    aiohttp sizes an ``io.BytesIO`` upload with ``getbuffer()``, and CPython copies a buffer it
-    still shares with the ``bytes`` it was made from the moment one is asked for: one more copy
-    of every result for as long as it uploads (50 results of 1 MiB: 50 MiB). The view handed out
-    here is read-only, of the very bytes the buffer reads from.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
-        self._data = data
-
-    def getbuffer(self) -> memoryview:
-        return memoryview(self._data)
-
-
-def result_file(result: ResultInfo) -> discord.File:
-    """The result as an upload: from its temporary file when it has one (aiohttp streams the
-    file in pieces; nothing is read into memory here), else from its bytes without a copy.
-
-    The file stays the pipeline's: discord.py never closes a file object it did not open, and
-    the pipeline closes it when the job ends. Each call starts at the first byte (a post that
-    falls back to the channel uploads again)."""
-    file = result.image.file
-    if file is not None:
-        # discord.File reads any binary stream; its annotation names only BufferedIOBase
-        return discord.File(file.stream(), filename=result_filename(result))  # type: ignore[arg-type]  # see above
-    return discord.File(UploadBuffer(result.image.data), filename=result_filename(result))
-
-
-async def result_view(bot: KontextBot, result: ResultInfo) -> discord.ui.View | None:
-    """The buttons under a result (from the "Results" cog, when loaded); None without it.
-
-    A failure to build them never stops the result from being posted.
-    """
-    cog = bot.get_cog("Results")
-    make = getattr(cog, "result_view", None)
-    if make is None:
-        return None
-    try:
-        view: discord.ui.View | None = await make(result.spec)
-        return view
-    except Exception:
-        log.exception("job %s: could not build the result buttons", result.spec.job_id)
-        return None
-
-
 def aspect_name(aspect_ratio: str, locale: str | None) -> str:
     """The friendly, translated name of an aspect ratio ("Square 1:1")."""
     name = t(f"choice.{aspect_ratio}", locale)
@@ -214,255 +95,3 @@ def safety_name(level: int, locale: str | None) -> str:
     """"Strict", "Moderate" or "Permissive", translated."""
     name = t(f"safety.{level}", locale)
     return name if name != f"safety.{level}" else str(level)
-
-
-class ChannelSink:
-    """Talks to a member through a channel (no interaction): recovered jobs, dead tokens."""
-
-    def __init__(
-        self, bot: KontextBot, channel_id: int, user_id: int, locale: str | None, *, job_id: int
-    ) -> None:
-        self.bot = bot
-        self.channel_id = channel_id
-        self.user_id = user_id
-        self.locale = locale
-        self.job_id = job_id
-
-    async def channel(self) -> discord.abc.Messageable:
-        channel = self.bot.get_channel(self.channel_id)
-        if channel is None:
-            channel = await self.bot.fetch_channel(self.channel_id)
-        return channel  # type: ignore[return-value]  # a job's channel is a text channel or thread
-
-    @property
-    def upload_limit(self) -> int:
-        channel = self.bot.get_channel(self.channel_id)
-        guild = getattr(channel, "guild", None)
-        return guild.filesize_limit if guild is not None else 10 * 1024 * 1024
-
-    async def queued(self, position: int, total: int, eta_s: float) -> None:
-        return None
-
-    async def generating(self, elapsed_s: float, estimate_s: float) -> None:
-        return None
-
-    async def deliver(self, result: ResultInfo) -> Delivery:
-        try:
-            channel = await self.channel()
-            kwargs: dict[str, Any] = {}
-            view = await result_view(self.bot, result)
-            if view is not None:
-                kwargs["view"] = view
-            msg = await channel.send(
-                content=f"<@{self.user_id}>",
-                embed=result_embed(result, self.locale),
-                file=result_file(result),
-                allowed_mentions=discord.AllowedMentions(users=True),
-                **kwargs,
-            )
-        except discord.HTTPException as exc:
-            raise ResultNotDelivered(f"channel post failed: HTTP {exc.status} code {exc.code}") from exc
-        return Delivery(msg.id, msg.channel.id)
-
-    async def failed(self, error: KontextError, *, refunded: int) -> None:
-        channel = await self.channel()
-        await channel.send(
-            f"<@{self.user_id}> {error.user_message(self.locale)}",
-            allowed_mentions=discord.AllowedMentions(users=True),
-        )
-
-    async def find_result(self) -> Delivery | None:
-        """This job's result message among the channel's recent messages (None: not there).
-
-        A result is the bot's own message carrying ``kontext-<job id>.<ext>``; raises when the
-        channel cannot be read.
-        """
-        channel = await self.channel()
-        own = {i for i in (getattr(self.bot.user, "id", None), self.bot.application_id) if i}
-        prefix = f"kontext-{self.job_id}."
-        async for msg in channel.history(limit=RESULT_LOOKBACK):
-            if msg.author.id not in own and msg.webhook_id not in own:
-                continue
-            if any(a.filename.startswith(prefix) for a in msg.attachments):
-                return Delivery(msg.id, msg.channel.id)
-        return None
-
-
-class InteractionSink:
-    """Talks to a member through their interaction, with the channel as the fallback.
-
-    The interaction is deferred ephemerally: queue position, progress and errors edit that
-    private message; the result goes out as a public follow-up (after one edit of the original,
-    so that Discord does not turn the follow-up into the ephemeral "thinking" message), and the
-    private message then links to it. When the token has died (15 minutes, or a restart), the
-    result is posted in the channel with a mention instead.
-    """
-
-    def __init__(self, bot: KontextBot, interaction: discord.Interaction, *, job_id: int) -> None:
-        self.bot = bot
-        self.interaction = interaction
-        self.locale = locale_of(interaction)
-        self.fallback = ChannelSink(
-            bot, interaction.channel_id or 0, interaction.user.id, self.locale, job_id=job_id
-        )
-        self.dead = False
-        #: the private message was edited at least once: Discord's "thinking…" state is over,
-        #: so a follow-up is a new message
-        self.edited = False
-        self._lock = asyncio.Lock()  # one edit of the private message at a time
-        self._issued = 0  # sequence number of the newest status asked for
-        self._shown = 0  # sequence number of the status on screen
-        self._pending: tuple[int, str] | None = None  # the newest background status not sent yet
-        self._background: asyncio.Task[None] | None = None
-        self._timers: list[asyncio.TimerHandle] = []  # statuses asked for with ``after``
-
-    @property
-    def upload_limit(self) -> int:
-        return int(self.interaction.filesize_limit)
-
-    def show(self, text: str, *, after: float = 0.0) -> None:
-        """Show ``text`` in the private message soon, without waiting for Discord.
-
-        Statuses appear in the order they were asked for; one overtaken by a newer status
-        before it was sent is never sent at all, so a quick job skips straight ahead. With
-        ``after``, the status waits that many seconds first: a step that is over by then (the
-        image checks, a quick upload) costs no edit at all.
-        """
-        self._issued += 1
-        if after > 0:
-            self._timers.append(
-                asyncio.get_running_loop().call_later(
-                    after, self._show_if_newest, self._issued, text
-                )
-            )
-            return
-        self._show_if_newest(self._issued, text)
-
-    def close(self) -> None:
-        """The job is over here: statuses asked for but not sent yet are dropped.
-
-        Called when :meth:`~kontext.pipeline.JobPipeline.run` returns or raises, so that no
-        delayed status lands after the last word — nor on an interaction that another process
-        took over (a duplicate delivery).
-        """
-        self._issued += 1
-        self._pending = None
-        for handle in self._timers:
-            handle.cancel()
-        self._timers.clear()
-
-    def _show_if_newest(self, seq: int, text: str) -> None:
-        if seq != self._issued:
-            return  # overtaken (or the job ended) while it waited
-        self._pending = (seq, text)
-        if self._background is None or self._background.done():
-            self._background = asyncio.get_running_loop().create_task(
-                self._send_pending(), name=f"kontext-status-{self.interaction.id}"
-            )
-
-    async def _send_pending(self) -> None:
-        while self._pending is not None:
-            seq, text = self._pending
-            self._pending = None
-            await self._edit(seq, text)
-
-    async def settle(self) -> None:
-        """Wait until the background statuses asked for so far were sent (or dropped)."""
-        if self._background is not None:
-            await asyncio.gather(self._background, return_exceptions=True)
-
-    async def _status(self, text: str, **kwargs: Any) -> bool:
-        """Edit the private message now; it overtakes every status asked for before."""
-        self._issued += 1
-        self._pending = None
-        return await self._edit(self._issued, text, **kwargs)
-
-    async def _edit(self, seq: int, text: str, **kwargs: Any) -> bool:
-        async with self._lock:
-            if self.dead:
-                return False
-            if seq < self._shown:  # cannot happen while the lock is first come first served
-                return True  # a newer status is already on screen: never go back
-            try:
-                await self.interaction.edit_original_response(content=text, **kwargs)
-            except discord.HTTPException as exc:
-                if token_dead(exc):
-                    self.dead = True
-                log.debug("status edit failed: %s", exc)
-                return False
-            except Exception as exc:  # noqa: BLE001 - a status is best-effort (transport errors)
-                log.debug("status edit failed: %s: %s", type(exc).__name__, exc)
-                return False
-            self._shown = seq
-            self.edited = True
-            return True
-
-    async def queued(self, position: int, total: int, eta_s: float) -> None:
-        await self._status(
-            t("status.queued", self.locale, position=position, total=total, eta=round(eta_s))
-        )
-
-    async def generating(self, elapsed_s: float, estimate_s: float) -> None:
-        if elapsed_s < 0:
-            await self._status(t("status.handed_over", self.locale))
-            return
-        bar = progress_bar(elapsed_s / estimate_s if estimate_s > 0 else 0.0)
-        await self._status(
-            t(
-                "status.generating",
-                self.locale,
-                bar=bar,
-                elapsed=round(elapsed_s),
-                estimate=round(estimate_s),
-            )
-        )
-
-    async def _ready_for_followup(self) -> bool:
-        """True once the private message was edited (else a follow-up would replace it)."""
-        if self.dead:
-            return False
-        if self.edited:
-            self.show(t("status.posting", self.locale), after=POSTING_STATUS_AFTER_S)
-            return True
-        await self.settle()
-        return self.edited or await self._status(t("status.posting", self.locale))
-
-    async def deliver(self, result: ResultInfo) -> Delivery:
-        if await self._ready_for_followup():
-            kwargs: dict[str, Any] = {}
-            view = await result_view(self.bot, result)
-            if view is not None:
-                kwargs["view"] = view
-            try:
-                msg = await self.interaction.followup.send(
-                    embed=result_embed(result, self.locale),
-                    file=result_file(result),
-                    wait=True,
-                    **kwargs,
-                )
-            except discord.HTTPException as exc:
-                if not token_dead(exc):
-                    raise ResultNotDelivered(
-                        f"post failed: HTTP {exc.status} code {exc.code}"
-                    ) from exc
-                log.info(
-                    "job %s: interaction token dead; posting through the channel",
-                    result.spec.job_id,
-                )
-                self.dead = True
-            else:
-                # the image is public now: whatever happens to this status edit, it was posted
-                try:
-                    await self._status(t("status.posted", self.locale, url=msg.jump_url))
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("job %s: status after the post failed: %s", result.spec.job_id, exc)
-                return Delivery(msg.id, msg.channel.id)
-        return await self.fallback.deliver(result)
-
-    async def find_result(self) -> Delivery | None:
-        return await self.fallback.find_result()
-
-    async def failed(self, error: KontextError, *, refunded: int) -> None:
-        if await self._status(error.user_message(self.locale), embed=None, view=None):
-            return
-        await self.fallback.failed(error, refunded=refunded)

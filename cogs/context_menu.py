@@ -1,7 +1,7 @@
 """The message context menu "Kontext: edit these images".
 
 On a message with exactly two images it asks for a prompt (a modal), then starts the normal job
-through :meth:`cogs.kontext.KontextCog.launch` (the modal's interaction id is the job id). The
+through :func:`cogs.launch.launch` (the modal's interaction id is the job id). The
 inputs remember their message, so later buttons can re-read it for fresh URLs. Any other
 message gets a plain refusal.
 """
@@ -9,22 +9,18 @@ message gets a plain refusal.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.app_commands import locale_str
 from discord.ext import commands
 
+from cogs.base import KontextBotBase
 from cogs.common import locale_of, reply_error
-from cogs.kontext import input_from_attachment
-from cogs.results import PromptModal
+from cogs.launch import check_channel, input_from_attachment, launch
+from cogs.modals import PromptModal
 from kontext.errors import InputError
 from kontext.vocab import ImageFormat, Source
-
-if TYPE_CHECKING:
-    from bot import KontextBot
-    from cogs.kontext import KontextCog
 
 log = logging.getLogger("kontext.cogs.context_menu")
 
@@ -42,7 +38,7 @@ def is_image(att: discord.Attachment) -> bool:
 class ContextMenuCog(commands.Cog, name="ContextMenu"):
     """Holds the message command and starts jobs from it."""
 
-    def __init__(self, bot: KontextBot) -> None:
+    def __init__(self, bot: KontextBotBase) -> None:
         self.bot = bot
         self.menu = app_commands.ContextMenu(
             name=locale_str(MENU_NAME, key="menu.edit_images"),
@@ -64,13 +60,13 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
                 InputError("need two images", key="contextmenu.need_two_images", count=len(pictures)),
             )
             return
-        kontext: KontextCog = self.bot.get_cog("Kontext")  # type: ignore[assignment]  # get_cog is untyped by name; COGS loads it
-        if not await kontext.check_channel(interaction):
+        if not await check_channel(self.bot, interaction):
             return
         image_1, image_2 = (input_from_attachment(a, message.id) for a in pictures)
 
         async def done(submit: discord.Interaction, prompt: str) -> None:
-            await kontext.launch(
+            await launch(
+                self.bot,
                 submit,
                 prompt=prompt,
                 image_1=image_1,
@@ -87,5 +83,5 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
         )
 
 
-async def setup(bot: KontextBot) -> None:
+async def setup(bot: KontextBotBase) -> None:
     await bot.add_cog(ContextMenuCog(bot))

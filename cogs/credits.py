@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.base import KontextBotBase
 from cogs.common import locale_of, store_of
 from kontext.i18n import t
 from kontext.store import LedgerEntry
-
-if TYPE_CHECKING:
-    from bot import KontextBot
 
 
 def ledger_line(entry: LedgerEntry, locale: str | None) -> str:
@@ -30,7 +26,7 @@ def ledger_line(entry: LedgerEntry, locale: str | None) -> str:
 class CreditsCog(commands.Cog, name="Credits"):
     """The member's own view of their credits."""
 
-    def __init__(self, bot: KontextBot) -> None:
+    def __init__(self, bot: KontextBotBase) -> None:
         self.bot = bot
 
     @app_commands.command(name="credits", description="Your credits, cooldown and recent activity")
@@ -69,5 +65,5 @@ class CreditsCog(commands.Cog, name="Credits"):
         await interaction.followup.send(embed=embed, ephemeral=True)
 
 
-async def setup(bot: KontextBot) -> None:
+async def setup(bot: KontextBotBase) -> None:
     await bot.add_cog(CreditsCog(bot))

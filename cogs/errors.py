@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.base import KontextBotBase
 from cogs.common import not_allowed, reply_error
 from kontext.errors import KontextError
-
-if TYPE_CHECKING:
-    from bot import KontextBot
-
 
 log = logging.getLogger("kontext.cogs.errors")
 
@@ -37,7 +34,7 @@ log = logging.getLogger("kontext.cogs.errors")
 class ErrorHandler(commands.Cog, name="Errors"):
     """The command tree's error handler, as a cog that can be loaded and unloaded."""
 
-    def __init__(self, bot: KontextBot) -> None:
+    def __init__(self, bot: KontextBotBase) -> None:
         self.bot = bot
         self._previous: Callable[..., Coroutine[Any, Any, None]] | None = None
 
@@ -68,5 +65,5 @@ class ErrorHandler(commands.Cog, name="Errors"):
         await reply_error(interaction, KontextError(type(original).__name__))
 
 
-async def setup(bot: KontextBot) -> None:
+async def setup(bot: KontextBotBase) -> None:
     await bot.add_cog(ErrorHandler(bot))

@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord.ext import commands
 
-from cogs.common import aspect_name, gate_refuses, locale_of, reply_error, safety_name, store_of
+from cogs.base import KontextBotBase, bot_of
+from cogs.common import aspect_name, gate_refuses, locale_of, reply_error, safety_name
+from cogs.inputs import fetch_message, fresh_inputs, pick_result_attachment
 from kontext import images
 from kontext.errors import InputError, KontextError
 from kontext.i18n import t
-from kontext.pipeline import JobSpec
+from kontext.jobs import JobSpec
 from kontext.store import Job
 from kontext.store_showcase import ShowcasePost, ShowcaseStore
 from kontext.vocab import JobState
-
-if TYPE_CHECKING:
-    from bot import KontextBot
-    from cogs.results import ResultsCog
 
 log = logging.getLogger("kontext.cogs.showcase")
 
@@ -71,11 +69,7 @@ class DecisionButton(
         return not await gate_refuses(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        cog = interaction.client.get_cog("Showcase")  # type: ignore[attr-defined]  # the client is our commands.Bot
-        if not isinstance(cog, ShowcaseCog):
-            await reply_error(interaction, KontextError("showcase cog not loaded"))
-            return
-        await cog.decide(interaction, self.decision, self.job_id)
+        await Showcase(bot_of(interaction)).decide(interaction, self.decision, self.job_id)
 
 
 def jump_url(guild_id: int, channel_id: int | None, message_id: int | None) -> str:
@@ -100,11 +94,10 @@ def moderates(interaction: discord.Interaction, channel_id: int | None) -> bool:
 
 
 class ShowcaseCog(commands.Cog, name="Showcase"):
-    """Share, approve, reject and remove showcase posts."""
+    """Registers the Approve / Reject buttons (the rest is :class:`Showcase`)."""
 
-    def __init__(self, bot: KontextBot) -> None:
+    def __init__(self, bot: KontextBotBase) -> None:
         self.bot = bot
-        self._posts: ShowcaseStore | None = None
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(DecisionButton)
@@ -112,16 +105,14 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(DecisionButton)
 
-    @property
-    def posts(self) -> ShowcaseStore:
-        if self._posts is None or self._posts.store is not self.bot.store:
-            assert self.bot.store is not None
-            self._posts = ShowcaseStore(self.bot.store)
-        return self._posts
 
-    @property
-    def results(self) -> ResultsCog:
-        return self.bot.get_cog("Results")  # type: ignore[return-value]  # get_cog is untyped by name; COGS loads it
+class Showcase:
+    """Share, approve, reject and remove showcase posts (a result's Share and Delete buttons,
+    the request card's Approve and Reject)."""
+
+    def __init__(self, bot: KontextBotBase) -> None:
+        self.bot = bot
+        self.posts = ShowcaseStore(bot.services.store)
 
     def guild_locale(self, guild_id: int) -> str:
         guild = self.bot.get_guild(guild_id)
@@ -138,7 +129,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def check_target(self, job: Job) -> discord.abc.Messageable:
         """The showcase channel ``job`` may go to; InputError when none or not allowed."""
-        gs = await store_of(self.bot).get_guild_settings(job.guild_id)
+        gs = await self.bot.services.store.get_guild_settings(job.guild_id)
         if not gs.showcase_channel_id:
             raise refuse("showcase.no_channel")
         channel = await self.showcase_channel(gs.showcase_channel_id)
@@ -165,7 +156,7 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
             await reply_error(interaction, err)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        gs = await store_of(self.bot).get_guild_settings(job.guild_id)
+        gs = await self.bot.services.store.get_guild_settings(job.guild_id)
         needs_approval = gs.showcase_requires_approval and not is_mod
         state = "pending" if needs_approval else "posted"
         claimed = await self.posts.claim(
@@ -237,12 +228,10 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
         return await channel.send(embeds=embeds, files=files, allowed_mentions=NO_PINGS)
 
     async def build_card(self, job: Job) -> tuple[list[discord.Embed], list[discord.File]]:
-        from cogs.results import pick_result_attachment
-
         spec = JobSpec.from_job(job)
         locale = self.guild_locale(job.guild_id)
         result_channel = job.result_channel_id or job.channel_id
-        msg = await self.results.fetch_message(result_channel, job.result_message_id or 0)
+        msg = await fetch_message(self.bot, result_channel, job.result_message_id or 0)
         att = pick_result_attachment(msg, job.id) if msg is not None else None
         if msg is None or att is None:
             raise refuse("showcase.original_gone")
@@ -287,13 +276,11 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def input_thumbnails(self, job: Job) -> list[tuple[int, bytes]]:
         """Small JPEGs of both inputs; empty when they can no longer be downloaded."""
-        session = self.bot.http_session
-        if session is None:
-            return []
+        session = self.bot.services.http
         s = self.bot.settings
         out: list[tuple[int, bytes]] = []
         try:
-            fresh = await self.results.fresh_inputs(job, (1, 2))
+            fresh = await fresh_inputs(self.bot, job, (1, 2))
             for n, image in enumerate(fresh, start=1):
                 data, _info = await images.fetch_and_check(
                     session,
@@ -313,14 +300,14 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
 
     async def decide(self, interaction: discord.Interaction, decision: str, job_id: int) -> None:
         locale = locale_of(interaction)
-        job = await store_of(self.bot).get_job(job_id)
+        job = await self.bot.services.store.get_job(job_id)
         pending = await self.posts.get(job_id) if job is not None else None
         if job is None or job.guild_id != interaction.guild_id or pending is None:
             await reply_error(interaction, refuse("result.unknown"))
             return
         mod = interaction.user.id
         # the showcase the card would go to now; the one asked for when it is no longer set
-        gs = await store_of(self.bot).get_guild_settings(job.guild_id)
+        gs = await self.bot.services.store.get_guild_settings(job.guild_id)
         if not moderates(interaction, gs.showcase_channel_id or pending.showcase_channel_id):
             await reply_error(interaction, refuse("showcase.moderators_only"))
             return
@@ -422,5 +409,5 @@ class ShowcaseCog(commands.Cog, name="Showcase"):
         log.info("job %s: showcase post removed with the original", job.id)
 
 
-async def setup(bot: KontextBot) -> None:
+async def setup(bot: KontextBotBase) -> None:
     await bot.add_cog(ShowcaseCog(bot))

@@ -2,7 +2,7 @@
 
 A generated image past :data:`SPOOL_BYTES` is written to a :class:`ResultFile` as it arrives
 from the API (:mod:`kontext.segmind`), fitted without being read back when it already fits
-(:func:`kontext.images.fit_to_limit`), and uploaded from the file (``cogs/common.py``): with 50
+(:func:`kontext.images.fit_to_limit`), and uploaded from the file (``cogs/sinks.py``): with 50
 jobs in flight, the bot holds a few hundred KiB of each big result instead of all of it.
 
 The file is an unnamed temporary file (``tempfile.TemporaryFile``: on Linux ``O_TMPFILE``, or

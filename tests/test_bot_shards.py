@@ -3,12 +3,14 @@ discord.py's client and its shard options (the processes themselves: tests/e2e/t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from discord.ext import commands
 
 import bot
+from kontext.services import open_services
 from kontext.settings import settings_from_env
 
 CASES = [
@@ -32,7 +34,9 @@ CASES = [
 IDS = ["nothing", "count-1", "count-only", "one-id", "one-id-of-one", "several-ids", "all-ids"]
 
 
-def settings(env: dict[str, str]) -> Any:
+def settings(env: dict[str, str], tmp_path: Path | None = None) -> Any:
+    if tmp_path is not None:
+        env = {**env, "DATABASE_URL": f"sqlite:///{tmp_path / 'kontext.db'}"}
     return settings_from_env({"DISCORD_TOKEN": "test-token", **env})
 
 
@@ -47,16 +51,18 @@ def test_shard_options_and_bot_class(
 
 @pytest.mark.parametrize(("env", "options", "cls"), CASES, ids=IDS)
 async def test_the_client_gets_the_shard_options(
-    env: dict[str, str], options: dict[str, Any], cls: type[bot.KontextBot]
+    env: dict[str, str], options: dict[str, Any], cls: type[bot.KontextBot], tmp_path: Path
 ) -> None:
     """The options reach discord.py through the class's constructor (and its MRO)."""
-    client = bot.bot_class(settings(env))(settings(env))
-    async with client:  # set up as ``run_bot`` does (no login, no connection), closed after
-        assert isinstance(client, bot.KontextBot)
-        sharded = isinstance(client, commands.AutoShardedBot)
-        assert sharded == (cls is bot.ShardedKontextBot)
-        assert client.shard_count == options.get("shard_count")
-        if sharded:
-            assert client.shard_ids == options.get("shard_ids")
-        else:
-            assert client.shard_id == options.get("shard_id")
+    s = settings(env, tmp_path)
+    async with open_services(s) as services:
+        client = bot.bot_class(s)(services)
+        async with client:  # set up as ``run_bot`` does (no login, no connection), closed after
+            assert isinstance(client, bot.KontextBot)
+            sharded = isinstance(client, commands.AutoShardedBot)
+            assert sharded == (cls is bot.ShardedKontextBot)
+            assert client.shard_count == options.get("shard_count")
+            if sharded:
+                assert client.shard_ids == options.get("shard_ids")
+            else:
+                assert client.shard_id == options.get("shard_id")

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bot import setup_logging
 from kontext.errors import JobAlreadyExists
+from kontext.logging_setup import setup_logging
 from kontext.pipeline import InputImage, JobSpec
 from kontext.schema import ledger, metadata
 from kontext.store import ReserveRequest

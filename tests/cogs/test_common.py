@@ -1,4 +1,4 @@
-"""The Discord adapter's shared pieces that need no Discord: the order of a job's private status
+"""The Discord adapter's sinks, in pieces that need no Discord: the order of a job's private status
 edits (``InteractionSink``) and uploads that do not copy the result (``UploadBuffer``)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp.payload
 import discord
 
-from cogs.common import InteractionSink, UploadBuffer
+from cogs.base import no_result_buttons
+from cogs.sinks import InteractionSink, UploadBuffer
 
 
 class FakeInteraction:
@@ -150,7 +151,7 @@ async def test_a_transport_error_after_the_post_does_not_undo_the_delivery() -> 
     from kontext.pipeline import InputImage, JobSpec, ResultInfo
 
     it = _PostedThenBrokenInteraction()
-    bot = SimpleNamespace(get_cog=lambda name: None)
+    bot = SimpleNamespace(result_views=no_result_buttons)
     sink = InteractionSink(bot, it, job_id=1)  # type: ignore[arg-type]
     await sink._status("generating")  # the private message was edited once already
     spec = JobSpec(

@@ -22,8 +22,10 @@ from typing import Any
 import discord
 from PIL import Image
 
-from bot import KontextBot, RedactingFilter
+from bot import KontextBot
+from kontext.logging_setup import RedactingFilter
 from kontext.pipeline import JobOutcome
+from kontext.services import open_services
 from kontext.settings import Settings, settings_from_env
 from tests.emulators.discord import DiscordEmulator, InteractionRecord
 from tests.emulators.segmind import SegmindEmulator
@@ -177,23 +179,26 @@ def test_settings(**env: str) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_bot(settings: Settings, on_outcome: Any = None) -> AsyncIterator[KontextBot]:
-    """Start a KontextBot with ``settings`` and stop it afterwards."""
-    bot = KontextBot(settings, guild_ready_timeout=0.05)
-    await bot.login(settings.discord_token)
-    if on_outcome is not None:
-        bot.pipeline.on_outcome = on_outcome
-    task = asyncio.create_task(bot.connect(reconnect=False))
-    try:
-        async with asyncio.timeout(15):
-            await bot.wait_until_ready()
-            await bot.recovered.wait()
-        yield bot
-    finally:
-        if not bot.is_closed():
-            await bot.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    """Open the services, start a KontextBot with them, and stop both afterwards."""
+    async with open_services(settings) as services:
+        bot = KontextBot(services, guild_ready_timeout=0.05)
+        task: asyncio.Task[None] | None = None
+        try:
+            await bot.login(settings.discord_token)
+            if on_outcome is not None:
+                bot.pipeline.on_outcome = on_outcome
+            task = asyncio.create_task(bot.connect(reconnect=False))
+            async with asyncio.timeout(15):
+                await bot.wait_until_ready()
+                await bot.recovered.wait()
+            yield bot
+        finally:
+            if not bot.is_closed():
+                await bot.close()
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 @contextlib.asynccontextmanager

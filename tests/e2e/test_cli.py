@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 from tests.e2e.proc import BASE_ENV, clean_env, run_cli, world
@@ -63,3 +64,23 @@ async def test_leaving_dev_guild_mode_removes_the_server_copies() -> None:
         assert code == 0, err[-3000:]
         assert w.discord.synced_commands.get(w.guild_id, []) == []
         assert {c["name"] for c in w.discord.synced_commands[None]} >= {"kontext", "credits"}
+
+
+async def test_upgrade_brings_the_database_up_to_date_without_discord(tmp_path: Path) -> None:
+    """``python bot.py upgrade`` migrates the database and exits (no Discord needed: the
+    token here would be refused); a database that cannot be opened is one line, exit code 2."""
+    fresh = tmp_path / "fresh.db"
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"not a database at all\n" * 100)
+    offline = {**BASE_ENV, "DISCORD_API_BASE_URL": "http://127.0.0.1:9/api/v10"}
+    (code, out, err), (c2, o2, e2) = await asyncio.gather(
+        run_cli("upgrade", env=clean_env(**{**offline, "DATABASE_URL": f"sqlite:///{fresh}"})),
+        run_cli("upgrade", env=clean_env(**{**offline, "DATABASE_URL": f"sqlite:///{corrupt}"})),
+    )
+    assert code == 0 and "up to date" in out, err[-2000:]
+    with sqlite3.connect(fresh) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"ledger", "jobs"} <= tables
+    assert c2 == 2 and o2 == "" and "Traceback" not in e2, e2[-2000:]
+    assert len([line for line in e2.splitlines() if "DATABASE_URL" in line]) == 1, e2[-2000:]
+    assert corrupt.read_bytes() == b"not a database at all\n" * 100  # left untouched
