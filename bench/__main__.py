@@ -1,12 +1,20 @@
 """``python -m bench`` (``make bench``): run the benchmark, print the table, write it to a file.
 
 Options: ``--smoke`` (tiny sizes, seconds: proves the code paths), ``--only SECTION[,SECTION]``
-(overhead, concurrent, memory, throughput, baseline, dbqueue, shared, ledger), ``--out PATH``
+(overhead, concurrent, memory, throughput, baseline, speedups, dbqueue, shared, ledger), ``--out PATH``
 (default ``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see
 :mod:`bench.profiling`), ``--before REV`` (the revision whose bot the ``dbqueue`` section
 compares with, checked out in a temporary git worktree; default 2c73ae8, the last commit with the
 queue in memory; ``--before ''`` skips the comparison), ``--after REV`` (the other side of that
 comparison; default: this checkout, as it is on disk).
+
+Targets are ratios to a floor measured in the same run, printed beside the absolute figure (on
+these shared machines absolute figures swing 2× between runs): ``overhead`` and ``concurrent``
+divide the bot's overhead and CPU per job by :mod:`bench.floor`'s (a bare aiohttp client making
+the same HTTP exchanges against the same emulators); ``ledger`` divides the store's pairs per
+second by :mod:`bench.ledger_floor`'s (the same statements, transactions and durability run by
+plain sqlite3 / asyncpg). ``speedups`` (:mod:`bench.speedups`) measures orjson and uvloop on the
+bot's CPU per job (it needs both installed).
 
 Sections ``memory``: 50 jobs in flight with 9 MiB results (peak RSS); ``dbqueue``: the
 single-job overhead (SQLite) of the bot at ``--before`` and of this checkout, and their

@@ -1,11 +1,13 @@
-"""Subprocess entry point: ``python -m bench.botproc {kontext|baseline} OUT.json``.
+"""Subprocess entry point: ``python -m bench.botproc {kontext|baseline|floor} OUT.json``.
 
 Runs a bot with settings from the environment and a :class:`~bench.common.LagSampler` in the
 same event loop; on SIGTERM the bot stops and the lag samples are written to ``OUT.json``.
 
 * ``kontext`` — the real bot, exactly as ``python bot.py`` runs it (:func:`bot.run_bot`, which
   installs the SIGTERM handler that drains jobs and closes everything);
-* ``baseline`` — :mod:`bench.baseline_blocking`, the seed's blocking approach.
+* ``baseline`` — :mod:`bench.baseline_blocking`, the seed's blocking approach;
+* ``floor`` — :mod:`bench.floor`, a bare aiohttp client making the same HTTP exchanges (the
+  floor each figure of the real bot is divided by).
 
 ``BENCH_BOT_ROOT`` (set by :class:`bench.world.BotProcess`) is the checkout whose ``bot`` and
 ``kontext`` are imported: it goes first on ``sys.path``, so an older worktree's bot runs under
@@ -52,6 +54,10 @@ async def _run(kind: str) -> int:
             from .baseline_blocking import run_baseline
 
             code = await run_baseline()
+        elif kind == "floor":
+            from .floor import run_floor
+
+            code = await run_floor()
         else:
             raise SystemExit(f"unknown bot kind {kind!r}")
     finally:
@@ -105,7 +111,7 @@ def _install_trace() -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m bench.botproc {kontext|baseline} OUT.json", file=sys.stderr)
+        print("usage: python -m bench.botproc {kontext|baseline|floor} OUT.json", file=sys.stderr)
         return 2
     kind, out = argv
     root = os.environ.get("BENCH_BOT_ROOT")
@@ -118,7 +124,10 @@ def main(argv: list[str]) -> int:
         setup_logging(load_settings(env_file=None))
         if os.environ.get("BENCH_TRACE") == "1":
             _install_trace()
-    code = asyncio.run(_run(kind))
+    from .speedups import apply_variant
+
+    runner = apply_variant(os.environ)  # the bench's A/B of speed-ups (see bench.speedups)
+    code = runner(_run(kind))
     with open(out, "w", encoding="utf-8") as fh:
         bot = sys.modules.get("bot")
         json.dump({"exit": code, "samples": SAMPLER.samples,

@@ -61,3 +61,47 @@ async def test_ledger_worker_on_sqlite() -> None:
         out = await ledger.worker(url, {"worker": 0, "duration": 0.3, "concurrency": 2})
         assert out["pairs"] > 0 and not out["errors"]
         assert await ledger._invariants(url) == []
+
+
+async def test_floor_bot_makes_the_same_exchanges_as_the_bot() -> None:
+    """The floor (bench.floor) answers a job with the real bot's HTTP exchanges, in its order."""
+    from bench.common import MB
+    from bench.world import bot_process, world
+
+    routes: dict[str, list[str]] = {}
+    for kind in ("kontext", "floor"):
+        async with world(segmind_latency=0.0, result=sized_jpeg(MB // 4)) as w:
+            async with bot_process(kind, w, f"exchanges-{kind}"):
+                warm = await w.send(10_000)
+                await w.wait_results([warm], 30)
+                start = len(w.discord.requests)
+                rec = await w.send(1)
+                await w.wait_results([rec], 30)
+                seen = [r for r in w.discord.requests[start:] if r.route.startswith(("/interactions", "/webhooks"))]
+                routes[kind] = [f"{r.method} {r.route.split('/')[1]} {r.status}" for r in seen]
+    assert routes["floor"] == routes["kontext"], routes
+
+
+async def test_ledger_floor_replays_the_captured_pair() -> None:
+    from bench import ledger_floor
+
+    assert ledger_floor.parameterize("UPDATE t SET a='x''y', b=-3 WHERE c1 = 2.5 AND d IS NULL") == (
+        "UPDATE t SET a=?, b=? WHERE c1 = ? AND d IS NULL", ["x'y", -3, 2.5])
+    async with ledger.sqlite_url() as url:
+        res = await ledger_floor.run(url, "sqlite", 1, duration=0.3, concurrency=2)
+    assert res.pairs > 0 and not res.errors, res
+    assert "statements a pair" in res.note
+
+
+async def test_speedups_variant_switches_the_json_codec(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import json
+
+    import discord.utils
+
+    from bench.speedups import apply_variant
+
+    for name in ("HAS_ORJSON", "_to_json", "_from_json"):
+        monkeypatch.setattr(discord.utils, name, getattr(discord.utils, name))
+    assert apply_variant({"BENCH_JSON": "stdlib", "BENCH_LOOP": "asyncio"}) is asyncio.run
+    assert discord.utils._from_json is json.loads and discord.utils.HAS_ORJSON is False
