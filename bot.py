@@ -34,7 +34,7 @@ from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.settings import Settings, SettingsError, load_settings
 from kontext.store import Store
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 
 log = logging.getLogger("kontext.bot")
 
@@ -242,7 +242,7 @@ class KontextBot(commands.Bot):
                 if len(secret) >= 4:  # as RedactingFilter: a 1-char "secret" would mangle words
                     why = why.replace(secret, "***")
             raise StartupError("DATABASE_URL", f"the database cannot be opened ({why})") from None
-        await self.store.register_worker(self.worker_id)
+        await self.store.audit.register_worker(self.worker_id)
         self.gate = GuildGate(s, self.store)
         self.segmind = SegmindClient(
             self.http_session,
@@ -392,7 +392,7 @@ class KontextBot(commands.Bot):
             return
         self._named_guilds.add(guild.id)
         try:
-            await self.store.note_guild_name(guild.id, guild.name)
+            await self.store.owner.note_name(guild.id, guild.name)
         except Exception as exc:  # noqa: BLE001 - a name for a listing is never worth a failure
             log.debug("could not note server %s: %s", guild.id, exc)
 
@@ -467,7 +467,7 @@ class KontextBot(commands.Bot):
         await super().close()
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.retire_worker(self.worker_id)
+                await self.store.audit.retire_worker(self.worker_id)
             await self.store.close()
         if self.http_session is not None:
             await self.http_session.close()

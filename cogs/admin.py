@@ -139,7 +139,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        balance = await store_of(self.bot).grant(
+        balance = await store_of(self.bot).credits.grant(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s granted %d to %s in %s", interaction.user.id, amount, member.id, interaction.guild_id)
@@ -159,7 +159,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        revoked, balance = await store_of(self.bot).revoke(
+        revoked, balance = await store_of(self.bot).credits.revoke(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s revoked %d from %s in %s", interaction.user.id, revoked, member.id, interaction.guild_id)
@@ -172,7 +172,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     @app_commands.command(name="balance", description="See a member's credits")
     async def balance(self, interaction: discord.Interaction, member: discord.Member) -> None:
         assert interaction.guild_id is not None
-        status = await store_of(self.bot).member_status(interaction.guild_id, member.id)
+        status = await store_of(self.bot).credits.member_status(interaction.guild_id, member.id)
         await self._ephemeral(
             interaction,
             t(
@@ -252,11 +252,11 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         store = store_of(self.bot)
         try:
             if reset is not None:
-                await store.reset_guild_setting(interaction.guild_id, interaction.user.id, reset.value)
+                await store.settings.reset(interaction.guild_id, interaction.user.id, reset.value)
             if changes:
-                gs = await store.update_guild_settings(interaction.guild_id, interaction.user.id, **changes)
+                gs = await store.settings.update(interaction.guild_id, interaction.user.id, **changes)
             else:
-                gs = await store.get_guild_settings(interaction.guild_id)
+                gs = await store.settings.get(interaction.guild_id)
         except ValueError as exc:
             await self._ephemeral(interaction, t("admin.invalid", locale, why=str(exc)))
             return
@@ -281,10 +281,10 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         """This server's own Segmind key as its admins should know it (never the key itself)."""
         store = self.bot.store
         assert store is not None
-        has_key = any(int(row.guild_id) == guild_id for row in await store.guild_api_keys())
+        has_key = any(int(row.guild_id) == guild_id for row in await store.owner.api_keys())
         if not has_key:
             return t("apikey.state_none", locale)
-        if await store.account_paused(guild_account(guild_id)):
+        if await store.queue.account_paused(guild_account(guild_id)):
             return t("apikey.state_refused", locale)
         return t("apikey.state_ok", locale)
 
@@ -293,8 +293,8 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         assert interaction.guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)
         locale = locale_of(interaction)
-        stats = await store_of(self.bot).stats(interaction.guild_id)
-        budget = await store_of(self.bot).budget_status()
+        stats = await store_of(self.bot).stats.guild(interaction.guild_id)
+        budget = await store_of(self.bot).budgets.status()
         embed = discord.Embed(title=t("admin.stats_title", locale), colour=discord.Colour.gold())
         embed.add_field(name=t("admin.today", locale), value=describe_window(stats.today, locale)[:1024], inline=False)
         embed.add_field(name=t("admin.last_30", locale), value=describe_window(stats.last_30_days, locale)[:1024], inline=False)
@@ -316,7 +316,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             await self._ephemeral(interaction, t("apikey.off", locale))
             return
         if remove:
-            had = await store_of(self.bot).remove_guild_api_key(interaction.guild_id)
+            had = await store_of(self.bot).owner.remove_api_key(interaction.guild_id)
             if self.bot.accounts is not None:
                 self.bot.accounts.forget(interaction.guild_id)
             log.info("admin %s removed server %s's own Segmind key", interaction.user.id, interaction.guild_id)
@@ -348,8 +348,8 @@ class ApiKeyModal(discord.ui.Modal):
             return
         assert self.bot.vault is not None
         guild_id = interaction.guild_id
-        await store_of(self.bot).set_guild_api_key(guild_id, self.bot.vault.encrypt(secret), interaction.user.id)
-        await store_of(self.bot).set_account_paused(guild_account(guild_id), False)
+        await store_of(self.bot).owner.set_api_key(guild_id, self.bot.vault.encrypt(secret), interaction.user.id)
+        await store_of(self.bot).queue.set_account_paused(guild_account(guild_id), False)
         if self.bot.accounts is not None:
             self.bot.accounts.forget(guild_id)
         log.info("admin %s set server %s's own Segmind key", interaction.user.id, guild_id)

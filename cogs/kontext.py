@@ -184,7 +184,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             if interaction.guild_id is None:
                 raise InputError("not in a guild", key="input.guild_only")
             await self.bot.pipeline.ensure_accepting_for(interaction.guild_id)
-            gs = await store_of(self.bot).get_guild_settings(interaction.guild_id)
+            gs = await store_of(self.bot).settings.get(interaction.guild_id)
             clean_prompt = images.validate_prompt(prompt)
             channel = interaction.channel
             channel_ids = [interaction.channel_id or 0]
@@ -245,7 +245,7 @@ class KontextCog(commands.Cog, name="Kontext"):
         if interaction.guild_id is None:
             await reply_error(interaction, InputError("not in a guild", key="input.guild_only"))
             return False
-        gs = await store_of(self.bot).get_guild_settings(interaction.guild_id)
+        gs = await store_of(self.bot).settings.get(interaction.guild_id)
         ids = [interaction.channel_id or 0]
         parent_id = getattr(interaction.channel, "parent_id", None)
         if parent_id:
@@ -283,7 +283,7 @@ class KontextCog(commands.Cog, name="Kontext"):
     async def quote(self, interaction: discord.Interaction, spec: JobSpec, cost: int) -> bool:
         """Show cost, balance after and wait, with Confirm / Cancel. True when confirmed."""
         locale = spec.locale
-        status = await store_of(self.bot).member_status(spec.guild_id, spec.user_id)
+        status = await store_of(self.bot).credits.member_status(spec.guild_id, spec.user_id)
         eta = queue_of(self.bot).estimate_duration() * (
             1 + queue_of(self.bot).waiting_count // max(1, queue_of(self.bot).max_concurrent)
         )

@@ -11,7 +11,7 @@ owns the money rules:
 * in async API mode a job whose request id is stored survives a restart: it is resumed and
   posted, never refunded, since the owner already paid for it.
 
-The queue is the database's (:mod:`kontext.store_queue`, :mod:`kontext.queue`): :meth:`run`
+The queue is the database's (:mod:`kontext.store.queue`, :mod:`kontext.queue`): :meth:`run`
 reserves and then waits; whichever process claims the job runs it (:meth:`_execute`) under a
 lease, and every change it makes names that lease. A process that lost the lease, or could not
 renew it for half its life, starts no API call and posts nothing for that job: the process that
@@ -49,7 +49,7 @@ from kontext.queue import SharedQueue
 from kontext.segmind import GenerationRequest, GenerationResult, SegmindClient, SubmittedJob
 from kontext.settings import Settings
 from kontext.store import Job, Lease, Reservation, ReserveRequest, Store
-from kontext.store_queue import OWNER_ACCOUNT
+from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import ImageFormat, JobState, Outcome, Source
 
 log = logging.getLogger("kontext.pipeline")
@@ -297,7 +297,7 @@ class JobPipeline:
         if self.accounts is not None:
             account = await self.accounts.account_for(guild_id)
         self.ensure_accepting(account)
-        if account != OWNER_ACCOUNT and await self.store.account_paused(account):
+        if account != OWNER_ACCOUNT and await self.store.queue.account_paused(account):
             raise GuildKeyRefused(f"{account} paused")
 
     @property
@@ -379,7 +379,7 @@ class JobPipeline:
         if self.accounts is None:
             return
         spec.account = await self.accounts.account_for(spec.guild_id)
-        if spec.account != OWNER_ACCOUNT and await self.store.account_paused(spec.account):
+        if spec.account != OWNER_ACCOUNT and await self.store.queue.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
 
     async def _client(self, active: _Active) -> SegmindClient:
@@ -405,7 +405,7 @@ class JobPipeline:
                 self._intakes.pop(key, None)
 
     async def _reserve(self, spec: JobSpec) -> Reservation:
-        """:meth:`Store.reserve`, and no credit left held when its outcome is unknown.
+        """:meth:`kontext.store.ledger.Ledger.reserve`, and no credit left held when its outcome is unknown.
 
         A connection lost while committing, or a caller cancelled once its transaction began,
         leaves it open whether the reservation was written. Then a refund follows in the
@@ -419,7 +419,7 @@ class JobPipeline:
                 request = dataclasses.replace(
                     request, claim_for=(self.worker_id, every, self.queue.lease_s)
                 )
-            return await self.store.reserve(request)
+            return await self.store.ledger.reserve(request)
         except KontextError:
             raise  # a refusal: decided inside the transaction, which was rolled back
         except BaseException:
@@ -429,18 +429,18 @@ class JobPipeline:
             raise
 
     async def _refund_if_ours(self, job_id: int) -> bool:
-        job = await self.store.get_job(job_id)
+        job = await self.store.jobs.get(job_id)
         if job is None or job.worker_id != self.worker_id:
             return False  # nothing was reserved, or the job is in another process's hands
         if job.state == JobState.ACCEPTED:
-            return await self.store.refund(
+            return await self.store.ledger.refund(
                 job_id, cause="internal", clear_cooldown=True, api_charged=False, waiting_only=True
             )
         if job.state == JobState.RUNNING and job.lease_owner == self.worker_id and job.id not in self._active:
             # claimed inside the reservation we never heard back from: ours, and never sent
             lease = Lease(job.id, self.worker_id, job.lease_epoch)
             self.queue.forget(job.id)
-            return await self.store.refund(
+            return await self.store.ledger.refund(
                 job_id, cause="internal", clear_cooldown=True, api_charged=False, lease=lease
             )
         return False
@@ -457,7 +457,7 @@ class JobPipeline:
         try:
             async with self._intake:
                 # what can refuse the member is read first: a refused job downloads nothing
-                await self.store.precheck(self._reserve_request(spec))
+                await self.store.ledger.precheck(self._reserve_request(spec))
                 check = asyncio.ensure_future(self.check_inputs(spec))
                 await asyncio.wait({check}, timeout=INTAKE_SLOT_S)
             await check
@@ -501,7 +501,7 @@ class JobPipeline:
     async def _refund_doomed(self, lease: Lease) -> None:
         self.queue.forget(lease.job_id)
         try:
-            await self.store.refund(
+            await self.store.ledger.refund(
                 lease.job_id, cause="internal", clear_cooldown=True, api_charged=False, lease=lease
             )
         except Exception as exc:  # noqa: BLE001 - the lease expires; the background refund goes on
@@ -602,7 +602,7 @@ class JobPipeline:
             return
         self.queue.forget(lease.job_id)
         try:
-            await self.store.let_go(lease)
+            await self.store.leases.let_go(lease)
         except Exception as exc:  # noqa: BLE001 - the lease then simply expires
             log.warning("job %s: could not let its lease go (%s)", lease.job_id, exc)
 
@@ -687,7 +687,7 @@ class JobPipeline:
             log.exception("could not record the pause in the database")
         # the jobs waiting now would only wait for the owner: refund them
         try:
-            waiting = await self.store.waiting_jobs()
+            waiting = await self.store.queue.waiting_jobs()
         except Exception:
             log.exception("could not list the waiting jobs")
             return
@@ -702,8 +702,8 @@ class JobPipeline:
             "admin sets a new key", account, err.cause, err.status,
         )
         try:
-            await self.store.set_account_paused(account, True, err.cause)
-            waiting = await self.store.waiting_jobs()
+            await self.store.queue.set_account_paused(account, True, err.cause)
+            waiting = await self.store.queue.waiting_jobs()
         except Exception:
             log.exception("could not pause %s", account)
             return
@@ -792,7 +792,7 @@ class JobPipeline:
 
     async def _claimed_elsewhere(self, active: _Active) -> bool:
         """The job left the waiting list: True (and run() returns) when not into our hands."""
-        job = await self.store.get_job(active.spec.job_id)
+        job = await self.store.jobs.get(active.spec.job_id)
         if active.lease is not None or job is None:
             return False
         if job.state == JobState.ACCEPTED or job.lease_owner == self.worker_id:
@@ -855,7 +855,7 @@ class JobPipeline:
         raise AssertionError("unreachable")
 
     async def _store_request_id(self, active: _Active) -> bool:
-        return await self.store.set_api_request(
+        return await self.store.jobs.set_api_request(
             active.spec.job_id,
             active.request_id,
             active.status_url,
@@ -888,7 +888,7 @@ class JobPipeline:
             balance_after = active.reservation.balance_after
             if active.remote:  # received by another process: read what the member has now
                 with contextlib.suppress(Exception):
-                    status = await self.store.member_status(spec.guild_id, spec.user_id)
+                    status = await self.store.credits.member_status(spec.guild_id, spec.user_id)
                     balance_after = status.balance
             info = ResultInfo(
                 spec=spec,
@@ -1015,7 +1015,7 @@ class JobPipeline:
         if lease is not None:
             self.queue.forget(lease.job_id)
             try:
-                if await self.store.requeue(lease):
+                if await self.store.leases.requeue(lease):
                     log.info("job %s: back in the queue (no request was sent)", lease.job_id)
                     self.queue.kick()
                     return self._finish(JobOutcome(active.spec.job_id, Outcome.QUEUED), active)
@@ -1036,7 +1036,7 @@ class JobPipeline:
         spec, lease = active.spec, active.lease
 
         async def commit() -> Any:
-            return await self.store.commit(
+            return await self.store.ledger.commit(
                 spec.job_id,
                 result_message_id=delivery.message_id,
                 result_channel_id=delivery.channel_id,
@@ -1097,7 +1097,7 @@ class JobPipeline:
             billed = None
 
         async def refund() -> bool:
-            return await self.store.refund(
+            return await self.store.ledger.refund(
                 spec.job_id,
                 cause=err.cause,
                 clear_cooldown=not err.members_fault,
@@ -1132,7 +1132,7 @@ class JobPipeline:
         """Refund a job that still waits in the queue (no one holds it) and tell the member."""
         spec = active.spec
         try:
-            done = await self.store.refund(
+            done = await self.store.ledger.refund(
                 spec.job_id,
                 cause=err.cause,
                 clear_cooldown=True,
