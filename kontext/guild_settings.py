@@ -63,6 +63,8 @@ class SettingRow:
     high: int = 0
     #: shown after the value (``"s"``)
     unit: str = ""
+    #: the text key shown for an empty value (a list, no channel)
+    empty: str = "admin.none"
 
     @property
     def text_key(self) -> str:
@@ -116,7 +118,7 @@ SETTINGS: tuple[SettingRow, ...] = (
                default=False),
     SettingRow("allowed_channel_ids", Kind.CHANNELS, "allowed_channels",
                "Channels where /kontext works (mentions; 'none' = anywhere)",
-               default=(), high=100),
+               default=(), high=100, empty="admin.anywhere"),
     SettingRow("exempt_role_ids", Kind.ROLES, "exempt_roles",
                "Roles without cooldown (mentions; 'none' to clear)",
                default=(), high=250),
