@@ -99,11 +99,11 @@ def _install_trace() -> None:
 
         setattr(cls, name, traced)
 
-    wrap("kontext.store_queue.QueueMixin", "claim_next", lambda a, r: r.job.id if r.job else None)
-    wrap("kontext.store_queue.QueueMixin", "api_done", lambda a, r: a[1].job_id)
-    wrap("kontext.store.Store", "reserve", lambda a, r: a[1].job_id)
-    wrap("kontext.store.Store", "commit", lambda a, r: a[1])
-    wrap("kontext.store.Store", "precheck", lambda a, r: a[1].job_id)
+    wrap("kontext.store.queue.QueueStore", "claim_next", lambda a, r: r.job.id if r.job else None)
+    wrap("kontext.store.queue.QueueStore", "api_done", lambda a, r: a[1].job_id)
+    wrap("kontext.store.ledger.Ledger", "reserve", lambda a, r: a[1].job_id)
+    wrap("kontext.store.ledger.Ledger", "commit", lambda a, r: a[1])
+    wrap("kontext.store.ledger.Ledger", "precheck", lambda a, r: a[1].job_id)
     wrap("kontext.pipeline.JobPipeline", "check_inputs", lambda a, r: a[1].job_id)
     wrap("kontext.pipeline.JobPipeline", "_execute", lambda a, r: a[1].spec.job_id)
     wrap("kontext.segmind.SegmindClient", "generate", lambda a, r: None)

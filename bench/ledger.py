@@ -61,13 +61,13 @@ async def worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
                 n += 1
                 job_id = (index + 1) * 10**12 + k * 10**8 + n
                 try:
-                    await store.reserve(
+                    await store.ledger.reserve(
                         ReserveRequest(
                             job_id=job_id, guild_id=GUILD_ID, channel_id=1, user_id=user,
                             params={"prompt": "bench"}, seed=n,
                         )
                     )
-                    await store.commit(job_id, result_message_id=job_id, result_channel_id=1)
+                    await store.ledger.commit(job_id, result_message_id=job_id, result_channel_id=1)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     cause = getattr(exc, "cause", type(exc).__name__)
                     errors[cause] = errors.get(cause, 0) + 1
@@ -110,7 +110,7 @@ async def _invariants(url: str) -> list[str]:
 
     store = await Store.open(url, _settings())
     try:
-        return await store.check_invariants()
+        return await store.audit.check_invariants()
     finally:
         await store.close()
 

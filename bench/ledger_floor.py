@@ -92,10 +92,10 @@ async def capture(url: str) -> dict[str, Any]:
             req = ReserveRequest(job_id=job_id, guild_id=GUILD_ID, channel_id=1, user_id=CAPTURE_USER,
                                  params={"prompt": "bench"}, seed=n)
             got.clear()
-            await store.reserve(req)
+            await store.ledger.reserve(req)
             reserve = list(got)
             got.clear()
-            await store.commit(job_id, result_message_id=job_id, result_channel_id=1)
+            await store.ledger.commit(job_id, result_message_id=job_id, result_channel_id=1)
             phases = [reserve, list(got)]
     finally:
         await store.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import discord
@@ -14,6 +16,7 @@ from cogs.base import KontextBotBase
 from cogs.common import ASPECT_NAMES, locale_of, not_allowed, reply_error, store_of
 from kontext.accounts import GUILD_KEY_CONCURRENCY, GUILD_KEY_RPM, guild_account
 from kontext.errors import ApiError
+from kontext.guild_settings import SETTINGS, Kind, SettingRow
 from kontext.i18n import t
 from kontext.segmind import SegmindClient
 from kontext.settings import ASPECT_RATIOS
@@ -21,21 +24,6 @@ from kontext.store import GuildSettings, StatsWindow
 
 log = logging.getLogger("kontext.cogs.admin")
 
-SETTING_KEYS = (
-    "starting_credits",
-    "credits_per_image",
-    "daily_free_credits",
-    "cooldown_seconds",
-    "jobs_per_member",
-    "max_safety_tolerance",
-    "default_aspect_ratio",
-    "showcase_channel_id",
-    "showcase_requires_approval",
-    "allowed_channel_ids",
-    "exempt_role_ids",
-    "blocked_words",
-    "confirm_quote",
-)
 ID_RE = re.compile(r"\d{15,21}")
 CLEAR_WORDS = {"none", "clear", "-", "off"}
 
@@ -54,34 +42,107 @@ def parse_words(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
 
 
-def describe_settings(gs: GuildSettings, locale: str | None) -> discord.Embed:
-    """Every per-server setting with its current value."""
+def display_value(row: SettingRow, value: Any, locale: str | None) -> str:
+    """One setting's value as the settings display shows it (mentions for channels and roles)."""
+    empty = t(row.empty, locale)
+    if row.kind in (Kind.INT, Kind.CHOICE_INT):
+        return f"{value} {row.unit}" if row.unit else str(value)
+    if row.kind is Kind.ASPECT_RATIO:
+        return ASPECT_NAMES.get(value, str(value))
+    if row.kind is Kind.BOOL:
+        return t("admin.yes" if value else "admin.no", locale)
+    if row.kind is Kind.CHANNEL:
+        return f"<#{value}>" if value else empty
+    if row.kind is Kind.CHANNELS:
+        return ", ".join(f"<#{v}>" for v in value) or empty
+    if row.kind is Kind.ROLES:
+        return ", ".join(f"<@&{v}>" for v in value) or empty
+    return ", ".join(f"`{w}`" for w in value) or empty  # Kind.WORDS
 
-    def ids(values: tuple[int, ...], fmt: str) -> str:
-        return ", ".join(fmt.format(v) for v in values) or t("admin.none", locale)
 
+def describe_settings(
+    gs: GuildSettings, locale: str | None, rows: Sequence[SettingRow] = SETTINGS
+) -> discord.Embed:
+    """Every per-server setting (a row of the table) with its current value."""
     embed = discord.Embed(title=t("admin.settings_title", locale), colour=discord.Colour.blurple())
-    rows: list[tuple[str, str]] = [
-        ("starting_credits", str(gs.starting_credits)),
-        ("credits_per_image", str(gs.credits_per_image)),
-        ("daily_free_credits", str(gs.daily_free_credits)),
-        ("cooldown_seconds", f"{gs.cooldown_seconds} s"),
-        ("jobs_per_member", str(gs.jobs_per_member)),
-        ("max_safety_tolerance", str(gs.max_safety_tolerance)),
-        ("default_aspect_ratio", ASPECT_NAMES.get(gs.default_aspect_ratio, gs.default_aspect_ratio)),
-        (
-            "showcase_channel_id",
-            f"<#{gs.showcase_channel_id}>" if gs.showcase_channel_id else t("admin.none", locale),
-        ),
-        ("showcase_requires_approval", t("admin.yes" if gs.showcase_requires_approval else "admin.no", locale)),
-        ("allowed_channel_ids", ids(gs.allowed_channel_ids, "<#{}>") if gs.allowed_channel_ids else t("admin.anywhere", locale)),
-        ("exempt_role_ids", ids(gs.exempt_role_ids, "<@&{}>")),
-        ("blocked_words", ", ".join(f"`{w}`" for w in gs.blocked_words) or t("admin.none", locale)),
-        ("confirm_quote", t("admin.yes" if gs.confirm_quote else "admin.no", locale)),
-    ]
-    for key, value in rows:
-        embed.add_field(name=t(f"setting.{key}", locale), value=value[:1024])
+    for row in rows:
+        value = display_value(row, getattr(gs, row.name), locale)
+        embed.add_field(name=t(row.text_key, locale), value=value[:1024])
     return embed
+
+
+# --- the /kontext-admin settings options, derived from the table ---------------------------------
+
+RESET_DESCRIPTION = "Put one setting back to the bot's default"
+
+
+def option_annotation(row: SettingRow) -> Any:
+    """The command option's type for ``row`` (always optional)."""
+    if row.kind is Kind.INT:
+        return app_commands.Range[int, row.low, row.high] | None
+    if row.kind is Kind.CHOICE_INT:
+        return app_commands.Choice[int] | None
+    if row.kind is Kind.ASPECT_RATIO:
+        return app_commands.Choice[str] | None
+    if row.kind is Kind.BOOL:
+        return bool | None
+    if row.kind is Kind.CHANNEL:
+        return discord.TextChannel | None
+    return str | None  # mentions or comma-separated words, parsed by option_value
+
+
+def option_choices(row: SettingRow) -> list[app_commands.Choice[Any]] | None:
+    """The choices the option offers, if it is a choice."""
+    if row.kind is Kind.CHOICE_INT:
+        return [app_commands.Choice(name=f"{n}", value=n) for n in range(row.low, row.high + 1)]
+    if row.kind is Kind.ASPECT_RATIO:
+        return [app_commands.Choice(name=ASPECT_NAMES[a], value=a) for a in ASPECT_RATIOS]
+    return None
+
+
+def option_value(row: SettingRow, given: Any) -> Any:
+    """What the member gave for the option, as the store validates it."""
+    if isinstance(given, app_commands.Choice):
+        return given.value
+    if row.kind is Kind.CHANNEL:
+        return given.id
+    if row.kind in (Kind.CHANNELS, Kind.ROLES):
+        return parse_ids(given)
+    if row.kind is Kind.WORDS:
+        return parse_words(given)
+    return given
+
+
+def settings_options(rows: Sequence[SettingRow] = SETTINGS) -> Callable[[Any], Any]:
+    """Give a ``(self, interaction, **options)`` callback one option per row (then ``reset``):
+    its signature, descriptions and choices, as discord.py reads them to build the command."""
+
+    def apply(callback: Any) -> Any:
+        p = inspect.Parameter
+        params = [
+            p("self", p.POSITIONAL_OR_KEYWORD),
+            p("interaction", p.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction),
+        ]
+        for row in rows:
+            params.append(
+                p(row.option, p.KEYWORD_ONLY, default=None, annotation=option_annotation(row))
+            )
+        params.append(
+            p("reset", p.KEYWORD_ONLY, default=None, annotation=app_commands.Choice[str] | None)
+        )
+        callback.__signature__ = inspect.Signature(params)
+        choices: dict[str, list[app_commands.Choice[Any]]] = {}
+        for row in rows:
+            offered = option_choices(row)
+            if offered is not None:
+                choices[row.option] = offered
+        choices["reset"] = [app_commands.Choice(name=row.name, value=row.name) for row in rows]
+        callback = app_commands.choices(**choices)(callback)
+        return app_commands.describe(
+            **{row.option: row.description for row in rows}, reset=RESET_DESCRIPTION
+        )(callback)
+
+    return apply
 
 
 def describe_window(window: StatsWindow, locale: str | None) -> str:
@@ -137,7 +198,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        balance = await store_of(self.bot).grant(
+        balance = await store_of(self.bot).credits.grant(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s granted %d to %s in %s", interaction.user.id, amount, member.id, interaction.guild_id)
@@ -157,7 +218,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        revoked, balance = await store_of(self.bot).revoke(
+        revoked, balance = await store_of(self.bot).credits.revoke(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s revoked %d from %s in %s", interaction.user.id, revoked, member.id, interaction.guild_id)
@@ -170,7 +231,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     @app_commands.command(name="balance", description="See a member's credits")
     async def balance(self, interaction: discord.Interaction, member: discord.Member) -> None:
         assert interaction.guild_id is not None
-        status = await store_of(self.bot).member_status(interaction.guild_id, member.id)
+        status = await store_of(self.bot).credits.member_status(interaction.guild_id, member.id)
         await self._ephemeral(
             interaction,
             t(
@@ -185,76 +246,25 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         )
 
     @app_commands.command(name="settings", description="Show or change this server's Kontext settings")
-    @app_commands.describe(
-        starting_credits="Credits a new member starts with",
-        credits_per_image="Price of one image in credits",
-        daily_free_credits="Top-up each UTC day to this many credits (0 = off)",
-        cooldown_seconds="Seconds between a member's jobs",
-        jobs_per_member="Jobs one member may have in flight",
-        max_safety_tolerance="Highest safety tolerance members may pick",
-        default_aspect_ratio="Aspect ratio when a member picks none",
-        showcase_channel="Channel where members can share results",
-        showcase_requires_approval="Shared results wait for a moderator's approval",
-        allowed_channels="Channels where /kontext works (mentions; 'none' = anywhere)",
-        exempt_roles="Roles without cooldown (mentions; 'none' to clear)",
-        blocked_words="Comma-separated words refused in prompts ('none' to clear)",
-        confirm_quote="Members confirm a quote before each job",
-        reset="Put one setting back to the bot's default",
-    )
-    @app_commands.choices(
-        default_aspect_ratio=[app_commands.Choice(name=ASPECT_NAMES[a], value=a) for a in ASPECT_RATIOS],
-        reset=[app_commands.Choice(name=k, value=k) for k in SETTING_KEYS],
-    )
-    @app_commands.choices(  # apart: int choices, not str
-        max_safety_tolerance=[app_commands.Choice(name=f"{n}", value=n) for n in (0, 1, 2)],
-    )
-    async def settings(
-        self,
-        interaction: discord.Interaction,
-        starting_credits: app_commands.Range[int, 0, 1_000_000] | None = None,
-        credits_per_image: app_commands.Range[int, 0, 1_000_000] | None = None,
-        daily_free_credits: app_commands.Range[int, 0, 1_000_000] | None = None,
-        cooldown_seconds: app_commands.Range[int, 0, 86_400] | None = None,
-        jobs_per_member: app_commands.Range[int, 1, 10] | None = None,
-        max_safety_tolerance: app_commands.Choice[int] | None = None,
-        default_aspect_ratio: app_commands.Choice[str] | None = None,
-        showcase_channel: discord.TextChannel | None = None,
-        showcase_requires_approval: bool | None = None,
-        allowed_channels: str | None = None,
-        exempt_roles: str | None = None,
-        blocked_words: str | None = None,
-        confirm_quote: bool | None = None,
-        reset: app_commands.Choice[str] | None = None,
-    ) -> None:
+    @settings_options()
+    async def settings(self, interaction: discord.Interaction, **options: Any) -> None:
+        """One option per row of :data:`kontext.guild_settings.SETTINGS`, then ``reset``."""
         assert interaction.guild_id is not None
         locale = locale_of(interaction)
+        reset: app_commands.Choice[str] | None = options.pop("reset", None)
         changes: dict[str, Any] = {
-            k: v
-            for k, v in {
-                "starting_credits": starting_credits,
-                "credits_per_image": credits_per_image,
-                "daily_free_credits": daily_free_credits,
-                "cooldown_seconds": cooldown_seconds,
-                "jobs_per_member": jobs_per_member,
-                "max_safety_tolerance": max_safety_tolerance.value if max_safety_tolerance else None,
-                "default_aspect_ratio": default_aspect_ratio.value if default_aspect_ratio else None,
-                "showcase_channel_id": showcase_channel.id if showcase_channel else None,
-                "showcase_requires_approval": showcase_requires_approval,
-                "allowed_channel_ids": parse_ids(allowed_channels) if allowed_channels is not None else None,
-                "exempt_role_ids": parse_ids(exempt_roles) if exempt_roles is not None else None,
-                "blocked_words": parse_words(blocked_words) if blocked_words is not None else None,
-                "confirm_quote": confirm_quote,
-            }.items()
-            if v is not None
+            row.name: option_value(row, options[row.option])
+            for row in SETTINGS
+            if options.get(row.option) is not None
         }
         store = store_of(self.bot)
         try:
             if reset is not None:
-                await store.reset_guild_setting(interaction.guild_id, interaction.user.id, reset.value)
+                await store.settings.reset(interaction.guild_id, interaction.user.id, reset.value)
             if changes:
-                gs = await store.update_guild_settings(interaction.guild_id, interaction.user.id, **changes)
+                gs = await store.settings.update(interaction.guild_id, interaction.user.id, **changes)
             else:
-                gs = await store.get_guild_settings(interaction.guild_id)
+                gs = await store.settings.get(interaction.guild_id)
         except ValueError as exc:
             await self._ephemeral(interaction, t("admin.invalid", locale, why=str(exc)))
             return
@@ -278,10 +288,10 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     async def _key_state(self, guild_id: int, locale: str) -> str:
         """This server's own Segmind key as its admins should know it (never the key itself)."""
         store = store_of(self.bot)
-        has_key = any(int(row.guild_id) == guild_id for row in await store.guild_api_keys())
+        has_key = any(int(row.guild_id) == guild_id for row in await store.owner.api_keys())
         if not has_key:
             return t("apikey.state_none", locale)
-        if await store.account_paused(guild_account(guild_id)):
+        if await store.queue.account_paused(guild_account(guild_id)):
             return t("apikey.state_refused", locale)
         return t("apikey.state_ok", locale)
 
@@ -290,8 +300,8 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         assert interaction.guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)
         locale = locale_of(interaction)
-        stats = await store_of(self.bot).stats(interaction.guild_id)
-        budget = await store_of(self.bot).budget_status()
+        stats = await store_of(self.bot).stats.guild(interaction.guild_id)
+        budget = await store_of(self.bot).budgets.status()
         embed = discord.Embed(title=t("admin.stats_title", locale), colour=discord.Colour.gold())
         embed.add_field(name=t("admin.today", locale), value=describe_window(stats.today, locale)[:1024], inline=False)
         embed.add_field(name=t("admin.last_30", locale), value=describe_window(stats.last_30_days, locale)[:1024], inline=False)
@@ -313,7 +323,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             await self._ephemeral(interaction, t("apikey.off", locale))
             return
         if remove:
-            had = await store_of(self.bot).remove_guild_api_key(interaction.guild_id)
+            had = await store_of(self.bot).owner.remove_api_key(interaction.guild_id)
             self.bot.services.accounts.forget(interaction.guild_id)
             log.info("admin %s removed server %s's own Segmind key", interaction.user.id, interaction.guild_id)
             await self._ephemeral(interaction, t("apikey.removed" if had else "apikey.none", locale))
@@ -343,8 +353,8 @@ class ApiKeyModal(discord.ui.Modal):
             await interaction.followup.send(t(f"apikey.{verdict}", self.locale), ephemeral=True)
             return
         guild_id = interaction.guild_id
-        await store_of(self.bot).set_guild_api_key(guild_id, self.bot.services.vault.encrypt(secret), interaction.user.id)
-        await store_of(self.bot).set_account_paused(guild_account(guild_id), False)
+        await store_of(self.bot).owner.set_api_key(guild_id, self.bot.services.vault.encrypt(secret), interaction.user.id)
+        await store_of(self.bot).queue.set_account_paused(guild_account(guild_id), False)
         self.bot.services.accounts.forget(guild_id)
         log.info("admin %s set server %s's own Segmind key", interaction.user.id, guild_id)
         await interaction.followup.send(

@@ -73,7 +73,7 @@ class KontextBotBase(commands.Bot):
             return
         self._named_guilds.add(guild.id)
         try:
-            await self.store.note_guild_name(guild.id, guild.name)
+            await self.store.owner.note_name(guild.id, guild.name)
         except Exception as exc:  # noqa: BLE001 - a name for a listing is never worth a failure
             log.debug("could not note server %s: %s", guild.id, exc)
 

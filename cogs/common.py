@@ -11,27 +11,14 @@ import discord
 
 from cogs.base import KontextBotBase
 from kontext.errors import GuildNotEnabled, InputError, KontextError
-from kontext.i18n import t
+from kontext.i18n import DEFAULT_LOCALE, catalog, t
+from kontext.settings import ASPECT_RATIOS
 from kontext.store import Store
 
 log = logging.getLogger("kontext.cogs")
 
-ASPECT_NAMES: dict[str, str] = {
-    "match_input_image": "Match input image",
-    "1:1": "Square 1:1",
-    "16:9": "Widescreen 16:9",
-    "9:16": "Vertical 9:16",
-    "4:3": "Classic 4:3",
-    "3:4": "Classic portrait 3:4",
-    "3:2": "Photo 3:2",
-    "2:3": "Photo portrait 2:3",
-    "4:5": "Portrait 4:5",
-    "5:4": "Landscape 5:4",
-    "21:9": "Ultrawide 21:9",
-    "9:21": "Ultra tall 9:21",
-    "2:1": "Panorama 2:1",
-    "1:2": "Tall 1:2",
-}
+#: the aspect ratios' friendly English names: the catalog's ``choice.<ratio>`` (one source)
+ASPECT_NAMES: dict[str, str] = {a: catalog(DEFAULT_LOCALE)[f"choice.{a}"] for a in ASPECT_RATIOS}
 SAFETY_NAMES: dict[int, str] = {0: "Strict", 1: "Moderate", 2: "Permissive"}
 #: a job's first status ("checking your images") appears only when that step takes longer than
 #: this; a quicker check leaves Discord's own "thinking…" on screen

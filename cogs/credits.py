@@ -36,9 +36,9 @@ class CreditsCog(commands.Cog, name="Credits"):
         assert interaction.guild_id is not None
         locale = locale_of(interaction)
         store = store_of(self.bot)
-        status = await store.member_status(interaction.guild_id, interaction.user.id)
-        gs = await store.get_guild_settings(interaction.guild_id)
-        entries = await store.recent_ledger(interaction.guild_id, interaction.user.id, limit=5)
+        status = await store.credits.member_status(interaction.guild_id, interaction.user.id)
+        gs = await store.settings.get(interaction.guild_id)
+        entries = await store.credits.recent(interaction.guild_id, interaction.user.id, limit=5)
 
         embed = discord.Embed(title=t("credits.title", locale), colour=discord.Colour.green())
         embed.add_field(name=t("credits.balance", locale), value=str(status.balance))

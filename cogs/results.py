@@ -102,7 +102,7 @@ class ResultsCog(commands.Cog, name="Results"):
 
     async def result_view(self, spec: JobSpec) -> discord.ui.View:
         """The buttons for a new result (Share only when the server has a showcase channel)."""
-        gs = await self.bot.services.store.get_guild_settings(spec.guild_id)
+        gs = await self.bot.services.store.settings.get(spec.guild_id)
         view = discord.ui.View(timeout=None)
         for action in ACTIONS:
             if action == "share" and not gs.showcase_channel_id:
@@ -121,7 +121,7 @@ class ResultActions:
     # --- dispatch ---------------------------------------------------------------------------
 
     async def handle(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
-        job = await self.bot.services.store.get_job(job_id)
+        job = await self.bot.services.store.jobs.get(job_id)
         if job is None or job.guild_id != interaction.guild_id:
             await reply_error(interaction, InputError("unknown job", key="result.unknown"))
             return

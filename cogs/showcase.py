@@ -3,7 +3,7 @@
 * Share (a result button, see ``cogs/results.py``) posts a card to the showcase channel: the
   result and both inputs (attached), the prompt, settings and seed, the maker's mention and a
   link back to the original. One post per job: the claim is a conditional insert into
-  ``showcase_posts`` (:mod:`kontext.store_showcase`), so a second click (or a second process)
+  ``showcase_posts`` (:mod:`kontext.store.showcase`), so a second click (or a second process)
   gets "already shared" instead of a second card.
 * With ``showcase_requires_approval`` a member's share first becomes a request card, posted as
   a reply to the result in the result's own channel (where the image is already public, so
@@ -34,7 +34,7 @@ from kontext.errors import InputError, KontextError
 from kontext.i18n import t
 from kontext.jobs import JobSpec
 from kontext.store import Job
-from kontext.store_showcase import ShowcasePost, ShowcaseStore
+from kontext.store.types import ShowcasePost
 from kontext.vocab import JobState
 
 log = logging.getLogger("kontext.cogs.showcase")
@@ -112,7 +112,7 @@ class Showcase:
 
     def __init__(self, bot: KontextBotBase) -> None:
         self.bot = bot
-        self.posts = ShowcaseStore(bot.services.store)
+        self.posts = bot.services.store.showcase
 
     def guild_locale(self, guild_id: int) -> str:
         guild = self.bot.get_guild(guild_id)
@@ -129,7 +129,7 @@ class Showcase:
 
     async def check_target(self, job: Job) -> discord.abc.Messageable:
         """The showcase channel ``job`` may go to; InputError when none or not allowed."""
-        gs = await self.bot.services.store.get_guild_settings(job.guild_id)
+        gs = await self.bot.services.store.settings.get(job.guild_id)
         if not gs.showcase_channel_id:
             raise refuse("showcase.no_channel")
         channel = await self.showcase_channel(gs.showcase_channel_id)
@@ -156,7 +156,7 @@ class Showcase:
             await reply_error(interaction, err)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        gs = await self.bot.services.store.get_guild_settings(job.guild_id)
+        gs = await self.bot.services.store.settings.get(job.guild_id)
         needs_approval = gs.showcase_requires_approval and not is_mod
         state = "pending" if needs_approval else "posted"
         claimed = await self.posts.claim(
@@ -300,14 +300,14 @@ class Showcase:
 
     async def decide(self, interaction: discord.Interaction, decision: str, job_id: int) -> None:
         locale = locale_of(interaction)
-        job = await self.bot.services.store.get_job(job_id)
+        job = await self.bot.services.store.jobs.get(job_id)
         pending = await self.posts.get(job_id) if job is not None else None
         if job is None or job.guild_id != interaction.guild_id or pending is None:
             await reply_error(interaction, refuse("result.unknown"))
             return
         mod = interaction.user.id
         # the showcase the card would go to now; the one asked for when it is no longer set
-        gs = await self.bot.services.store.get_guild_settings(job.guild_id)
+        gs = await self.bot.services.store.settings.get(job.guild_id)
         if not moderates(interaction, gs.showcase_channel_id or pending.showcase_channel_id):
             await reply_error(interaction, refuse("showcase.moderators_only"))
             return

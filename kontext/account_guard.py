@@ -15,7 +15,7 @@ from kontext.errors import ApiError, GuildKeyRefused, ServicePaused
 from kontext.job_state import ActiveJob
 from kontext.segmind import SegmindClient
 from kontext.settlement import Settlement
-from kontext.store_queue import OWNER_ACCOUNT
+from kontext.store.types import OWNER_ACCOUNT
 
 log = logging.getLogger("kontext.pipeline")
 
@@ -51,7 +51,7 @@ class AccountGuard(Settlement):
 
     async def _hold_account(self, account: str, wait: float) -> None:
         try:
-            await self.store.hold_account(account, wait)
+            await self.store.queue.hold_account(account, wait)
         except Exception as exc:  # noqa: BLE001 - the next 429 tries again
             log.warning("could not record the API's rate limit for %s: %s", account, exc)
 
@@ -78,7 +78,7 @@ class AccountGuard(Settlement):
             log.exception("could not record the pause in the database")
         # the jobs waiting now would only wait for the owner: refund them
         try:
-            waiting = await self.store.waiting_jobs()
+            waiting = await self.store.queue.waiting_jobs()
         except Exception:
             log.exception("could not list the waiting jobs")
             return
@@ -93,8 +93,8 @@ class AccountGuard(Settlement):
             "admin sets a new key", account, err.cause, err.status,
         )
         try:
-            await self.store.set_account_paused(account, True, err.cause)
-            waiting = await self.store.waiting_jobs()
+            await self.store.queue.set_account_paused(account, True, err.cause)
+            waiting = await self.store.queue.waiting_jobs()
         except Exception:
             log.exception("could not pause %s", account)
             return

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 
 if TYPE_CHECKING:
     from kontext.segmind import SegmindClient
@@ -99,7 +99,7 @@ class Accounts:
         """Re-read the servers' keys (at most every ``ttl_s`` unless forced)."""
         if not force and time.monotonic() - self._read_at < self.ttl_s:
             return
-        rows = await self.store.guild_api_keys() if self.vault.enabled else []
+        rows = await self.store.owner.api_keys() if self.vault.enabled else []
         self._keys = {
             int(r.guild_id): _GuildKey(
                 r.key_encrypted,

@@ -23,7 +23,7 @@ from kontext.errors import (
 from kontext.job_state import GENERATING_STATUS_AFTER_S, ActiveJob, LeaseLost, stop_progress
 from kontext.jobs import Delivery, JobOutcome, ResultInfo
 from kontext.segmind import GenerationResult, SubmittedJob
-from kontext.store_queue import OWNER_ACCOUNT
+from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import Outcome
 
 log = logging.getLogger("kontext.pipeline")
@@ -68,7 +68,7 @@ class Execution(AccountGuard):
         return await client.generate(spec.request(), on_submitted=submitted)
 
     async def _store_request_id(self, active: ActiveJob) -> bool:
-        return await self.store.set_api_request(
+        return await self.store.jobs.set_api_request(
             active.spec.job_id,
             active.request_id,
             active.status_url,
@@ -101,7 +101,7 @@ class Execution(AccountGuard):
             balance_after = active.reservation.balance_after
             if active.remote:  # received by another process: read what the member has now
                 with contextlib.suppress(Exception):
-                    status = await self.store.member_status(spec.guild_id, spec.user_id)
+                    status = await self.store.credits.member_status(spec.guild_id, spec.user_id)
                     balance_after = status.balance
             info = ResultInfo(
                 spec=spec,

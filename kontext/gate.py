@@ -31,7 +31,7 @@ class GuildGate:
         cached = self._blocked.get(guild_id)
         now = time.monotonic()
         if cached is None or now - cached[0] > self.ttl_s:
-            control = await self.store.guild_control(guild_id)
+            control = await self.store.owner.control(guild_id)
             cached = (now, control.blocked)
             self._blocked[guild_id] = cached
         return not cached[1]

@@ -16,7 +16,7 @@ from kontext import images
 from kontext.errors import KontextError
 from kontext.segmind import GenerationRequest, GenerationResult
 from kontext.store import Job
-from kontext.store_queue import OWNER_ACCOUNT
+from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import ImageFormat, Outcome, Source
 
 

@@ -99,7 +99,7 @@ class JobLauncher:
         first: the member learns it before typing one). :meth:`prepare` checks it again."""
         if guild_id is None:
             raise InputError("not in a guild", key="input.guild_only")
-        gs = await self.store.get_guild_settings(guild_id)
+        gs = await self.store.settings.get(guild_id)
         policy.check_channel(gs, channel_ids)
 
     async def prepare(self, request: JobRequest) -> PreparedJob:
@@ -107,7 +107,7 @@ class JobLauncher:
         if request.guild_id is None:
             raise InputError("not in a guild", key="input.guild_only")
         await self.pipeline.ensure_accepting_for(request.guild_id)
-        gs = await self.store.get_guild_settings(request.guild_id)
+        gs = await self.store.settings.get(request.guild_id)
         prompt = images.validate_prompt(request.prompt)
         safety = request.safety_tolerance
         if safety is None:
@@ -142,7 +142,7 @@ class JobLauncher:
 
     async def quote(self, spec: JobSpec, cost: int) -> Quote:
         """The member's balance before and after, and the wait at the queue's current length."""
-        status = await self.store.member_status(spec.guild_id, spec.user_id)
+        status = await self.store.credits.member_status(spec.guild_id, spec.user_id)
         waiting = self.queue.waiting_count
         eta = self.queue.estimate_duration() * (1 + waiting // max(1, self.queue.max_concurrent))
         return Quote(

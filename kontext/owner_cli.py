@@ -18,7 +18,7 @@ from typing import TextIO
 
 from kontext.settings import Settings
 from kontext.store import Store
-from kontext.store_owner import GuildSpend
+from kontext.store.types import GuildSpend
 
 USAGE = __doc__.split("\n\n", 2)[2].rstrip() if __doc__ else ""
 
@@ -60,11 +60,11 @@ async def run_owner(argv: list[str], settings: Settings, out: TextIO = sys.stdou
     store = await Store.open(settings.database_url, settings)
     try:
         if action is None:
-            _print_servers(await store.list_guilds(), settings, out)
+            _print_servers(await store.owner.list_guilds(), settings, out)
             return 0
         what, guild_id, usd = action
         if what == "budget":
-            await store.set_guild_budget(guild_id, usd)
+            await store.owner.set_budget(guild_id, usd)
             shown = (
                 f"GUILD_DAILY_BUDGET_USD (${settings.guild_daily_budget_usd:.2f})"
                 if usd is None
@@ -72,7 +72,7 @@ async def run_owner(argv: list[str], settings: Settings, out: TextIO = sys.stdou
             )
             print(f"server {guild_id}: budget set to {shown}", file=out)
         else:
-            await store.set_guild_blocked(guild_id, what == "block")
+            await store.owner.set_blocked(guild_id, what == "block")
             print(f"server {guild_id}: {what}ed", file=out)
         return 0
     finally:

@@ -11,7 +11,7 @@ owns the money rules:
 * in async API mode a job whose request id is stored survives a restart: it is resumed and
   posted, never refunded, since the owner already paid for it.
 
-The queue is the database's (:mod:`kontext.store_queue`, :mod:`kontext.queue`): :meth:`run`
+The queue is the database's (:mod:`kontext.store.queue`, :mod:`kontext.queue`): :meth:`run`
 reserves and then waits; whichever process claims the job runs it (:meth:`_execute`) under a
 lease, and every change it makes names that lease. A process that lost the lease, or could not
 renew it for half its life, starts no API call and posts nothing for that job: the process that
@@ -51,7 +51,7 @@ from kontext.recovery import Recovery
 from kontext.segmind import SegmindClient
 from kontext.settings import Settings
 from kontext.store import Job, Reservation, Store
-from kontext.store_queue import OWNER_ACCOUNT
+from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import JobState, Outcome
 
 __all__ = [
@@ -142,7 +142,7 @@ class JobPipeline(Recovery):
         if self.accounts is not None:
             account = await self.accounts.account_for(guild_id)
         self.ensure_accepting(account)
-        if account != OWNER_ACCOUNT and await self.store.account_paused(account):
+        if account != OWNER_ACCOUNT and await self.store.queue.account_paused(account):
             raise GuildKeyRefused(f"{account} paused")
 
     async def run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
@@ -219,7 +219,7 @@ class JobPipeline(Recovery):
         if self.accounts is None:
             return
         spec.account = await self.accounts.account_for(spec.guild_id)
-        if spec.account != OWNER_ACCOUNT and await self.store.account_paused(spec.account):
+        if spec.account != OWNER_ACCOUNT and await self.store.queue.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
 
     @contextlib.asynccontextmanager
@@ -237,7 +237,7 @@ class JobPipeline(Recovery):
                 self._intakes.pop(key, None)
 
     async def _reserve(self, spec: JobSpec) -> Reservation:
-        """:meth:`Store.reserve`, and no credit left held when its outcome is unknown.
+        """:meth:`kontext.store.ledger.Ledger.reserve`, and no credit left held when its outcome is unknown.
 
         A connection lost while committing, or a caller cancelled once its transaction began,
         leaves it open whether the reservation was written. Then a refund follows in the
@@ -251,7 +251,7 @@ class JobPipeline(Recovery):
                 request = dataclasses.replace(
                     request, claim_for=(self.worker_id, every, self.queue.lease_s)
                 )
-            return await self.store.reserve(request)
+            return await self.store.ledger.reserve(request)
         except KontextError:
             raise  # a refusal: decided inside the transaction, which was rolled back
         except BaseException:
@@ -272,7 +272,7 @@ class JobPipeline(Recovery):
         try:
             async with self._intake:
                 # what can refuse the member is read first: a refused job downloads nothing
-                await self.store.precheck(self._reserve_request(spec))
+                await self.store.ledger.precheck(self._reserve_request(spec))
                 check = asyncio.ensure_future(self.check_inputs(spec))
                 await asyncio.wait({check}, timeout=INTAKE_SLOT_S)
             await check
@@ -386,7 +386,7 @@ class JobPipeline(Recovery):
 
     async def _claimed_elsewhere(self, active: ActiveJob) -> bool:
         """The job left the waiting list: True (and run() returns) when not into our hands."""
-        job = await self.store.get_job(active.spec.job_id)
+        job = await self.store.jobs.get(active.spec.job_id)
         if active.lease is not None or job is None:
             return False
         if job.state == JobState.ACCEPTED or job.lease_owner == self.worker_id:

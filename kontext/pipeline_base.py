@@ -32,7 +32,7 @@ from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.settings import Settings
 from kontext.store import Job, Reservation, ReserveRequest, Store
-from kontext.store_queue import OWNER_ACCOUNT
+from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import Outcome
 
 log = logging.getLogger("kontext.pipeline")
@@ -110,7 +110,7 @@ class PipelineBase:
             return
         self.queue.forget(lease.job_id)
         try:
-            await self.store.let_go(lease)
+            await self.store.leases.let_go(lease)
         except Exception as exc:  # noqa: BLE001 - the lease then simply expires
             log.warning("job %s: could not let its lease go (%s)", lease.job_id, exc)
 

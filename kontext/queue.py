@@ -2,7 +2,7 @@
 
 :class:`SharedQueue` runs three loops for one bot process:
 
-* the **dispatcher** claims the next job (:meth:`kontext.store_queue.QueueMixin.claim_next`)
+* the **dispatcher** claims the next job (:meth:`kontext.store.queue.QueueStore.claim_next`)
   whenever the API account's global limits allow, and hands it to the pipeline
   (``on_claim``); it looks again at once when a slot frees in this process (:meth:`kick`), and
   every ``poll_s`` for what other processes changed;
@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kontext.accounts import Accounts
-from kontext.store_queue import AccountLimits, Claim, Lease, QueueView
-from kontext.store_types import Job
+from kontext.store.types import AccountLimits, Claim, Job, Lease, QueueView
 
 log = logging.getLogger("kontext.queue")
 
@@ -177,7 +176,7 @@ class SharedQueue:
         self._set_paused(True)
         self._changing_pause = True
         try:
-            await self.store.set_account_paused(self.limits.account, True, reason)
+            await self.store.queue.set_account_paused(self.limits.account, True, reason)
         finally:
             self._changing_pause = False
 
@@ -185,7 +184,7 @@ class SharedQueue:
         self._set_paused(False)
         self._changing_pause = True
         try:
-            await self.store.set_account_paused(self.limits.account, False, None)
+            await self.store.queue.set_account_paused(self.limits.account, False, None)
         finally:
             self._changing_pause = False
         self.kick()
@@ -206,7 +205,7 @@ class SharedQueue:
     def slow_down(self, seconds: float) -> None:
         """Start no job of the account for ``seconds``, in every process (after a 429)."""
         task = asyncio.get_running_loop().create_task(
-            self.store.hold_account(self.limits.account, seconds)
+            self.store.queue.hold_account(self.limits.account, seconds)
         )
         self._holds.add(task)
         task.add_done_callback(self._held_done)
@@ -237,12 +236,12 @@ class SharedQueue:
         if account is not None and account != self.limits.account:
             cached = self._other_views.get(account)
             if cached is None or time.monotonic() - cached[0] >= age:
-                cached = (time.monotonic(), await self.store.queue_view(account))
+                cached = (time.monotonic(), await self.store.queue.view(account))
                 self._other_views[account] = cached
             return cached[1]
         async with self._view_lock:
             if self._view is None or time.monotonic() - self._view_at >= age:
-                self._view = await self.store.queue_view(self.limits.account)
+                self._view = await self.store.queue.view(self.limits.account)
                 self._view_at = time.monotonic()
                 self._set_paused(self._view.paused)
             return self._view
@@ -285,7 +284,7 @@ class SharedQueue:
                 continue
             sent = time.monotonic()
             try:
-                claim: Claim = await self.store.claim_next(
+                claim: Claim = await self.store.queue.claim_next(
                     self.worker_id, await self._every_account(), lease_s=self.lease_s
                 )
             except Exception as exc:  # noqa: BLE001 - the database is away: try again later
@@ -338,11 +337,11 @@ class SharedQueue:
         if self._idle or not self._claiming:
             # nothing waited at the last look (at most ``poll_s`` ago), or this process claims
             # no more: just free the slot (one small update) and let the dispatchers look
-            await self.store.api_done(lease)
+            await self.store.leases.api_done(lease)
             self.kick()
             return
         sent = time.monotonic()
-        claim = await self.store.claim_next(
+        claim = await self.store.queue.claim_next(
             self.worker_id, await self._every_account(), lease_s=self.lease_s, done=lease
         )
         if await self._take(claim, sent):
@@ -357,7 +356,7 @@ class SharedQueue:
 
     async def _requeue_quietly(self, lease: Lease) -> None:
         try:
-            await self.store.requeue(lease)
+            await self.store.leases.requeue(lease)
         except Exception as exc:  # noqa: BLE001 - its lease then expires and it is taken over
             log.warning("job %s: could not put it back in the queue (%s)", lease.job_id, exc)
 
@@ -369,7 +368,7 @@ class SharedQueue:
                 continue
             sent = time.monotonic()
             try:
-                kept = await self.store.renew_leases(self.worker_id, self.lease_s)
+                kept = await self.store.leases.renew(self.worker_id, self.lease_s)
             except Exception as exc:  # noqa: BLE001 - leases age; fresh() says when to stop
                 log.warning("queue: could not renew leases (%s)", type(exc).__name__)
                 continue
@@ -393,7 +392,7 @@ class SharedQueue:
 
     async def _sweep_once(self) -> None:
         try:
-            taken = await self.store.take_over_expired(self.worker_id, self.lease_s)
+            taken = await self.store.leases.take_over_expired(self.worker_id, self.lease_s)
         except Exception as exc:  # noqa: BLE001
             log.warning("queue: recovery sweep failed (%s)", type(exc).__name__)
             taken = []
@@ -407,7 +406,7 @@ class SharedQueue:
         if self.on_expired is None:
             return
         try:
-            expired = await self.store.expired_waiting(self.max_wait_s)
+            expired = await self.store.queue.expired_waiting(self.max_wait_s)
         except Exception as exc:  # noqa: BLE001
             log.warning("queue: wait-bound sweep failed (%s)", type(exc).__name__)
             return

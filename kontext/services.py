@@ -35,7 +35,7 @@ from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.settings import Settings
 from kontext.store import Store
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 
 log = logging.getLogger("kontext.services")
 
@@ -108,7 +108,7 @@ class Services:
         the HTTP session."""
         await self.queue.aclose()
         with contextlib.suppress(Exception):
-            await self.store.retire_worker(self.worker_id)
+            await self.store.audit.retire_worker(self.worker_id)
         try:
             await self.store.close()
         finally:
@@ -145,7 +145,7 @@ async def build_services(settings: Settings, *, knobs: Knobs | None = None) -> S
         await http.close()
         raise
     try:
-        await store.register_worker(worker_id)
+        await store.audit.register_worker(worker_id)
         return _assemble(s, knobs, worker_id, http, store)
     except BaseException:
         await store.close()

@@ -23,18 +23,18 @@ class Settlement(PipelineBase):
     """Commit, refund, requeue (see the module)."""
 
     async def _refund_if_ours(self, job_id: int) -> bool:
-        job = await self.store.get_job(job_id)
+        job = await self.store.jobs.get(job_id)
         if job is None or job.worker_id != self.worker_id:
             return False  # nothing was reserved, or the job is in another process's hands
         if job.state == JobState.ACCEPTED:
-            return await self.store.refund(
+            return await self.store.ledger.refund(
                 job_id, cause="internal", clear_cooldown=True, api_charged=False, waiting_only=True
             )
         if job.state == JobState.RUNNING and job.lease_owner == self.worker_id and job.id not in self._active:
             # claimed inside the reservation we never heard back from: ours, and never sent
             lease = Lease(job.id, self.worker_id, job.lease_epoch)
             self.queue.forget(job.id)
-            return await self.store.refund(
+            return await self.store.ledger.refund(
                 job_id, cause="internal", clear_cooldown=True, api_charged=False, lease=lease
             )
         return False
@@ -42,7 +42,7 @@ class Settlement(PipelineBase):
     async def _refund_doomed(self, lease: Lease) -> None:
         self.queue.forget(lease.job_id)
         try:
-            await self.store.refund(
+            await self.store.ledger.refund(
                 lease.job_id, cause="internal", clear_cooldown=True, api_charged=False, lease=lease
             )
         except Exception as exc:  # noqa: BLE001 - the lease expires; the background refund goes on
@@ -54,7 +54,7 @@ class Settlement(PipelineBase):
         if lease is not None:
             self.queue.forget(lease.job_id)
             try:
-                if await self.store.requeue(lease):
+                if await self.store.leases.requeue(lease):
                     log.info("job %s: back in the queue (no request was sent)", lease.job_id)
                     self.queue.kick()
                     return self._finish(JobOutcome(active.spec.job_id, Outcome.QUEUED), active)
@@ -66,7 +66,7 @@ class Settlement(PipelineBase):
         spec, lease = active.spec, active.lease
 
         async def commit() -> Any:
-            return await self.store.commit(
+            return await self.store.ledger.commit(
                 spec.job_id,
                 result_message_id=delivery.message_id,
                 result_channel_id=delivery.channel_id,
@@ -97,7 +97,7 @@ class Settlement(PipelineBase):
             billed = None
 
         async def refund() -> bool:
-            return await self.store.refund(
+            return await self.store.ledger.refund(
                 spec.job_id,
                 cause=err.cause,
                 clear_cooldown=not err.members_fault,
@@ -132,7 +132,7 @@ class Settlement(PipelineBase):
         """Refund a job that still waits in the queue (no one holds it) and tell the member."""
         spec = active.spec
         try:
-            done = await self.store.refund(
+            done = await self.store.ledger.refund(
                 spec.job_id,
                 cause=err.cause,
                 clear_cooldown=True,

@@ -238,13 +238,13 @@ async def _reserve_worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
                 worker_id=config.get("worker_id"),
             )
             try:
-                await store.reserve(req)
+                await store.ledger.reserve(req)
             except KontextError as err:
                 errors[err.cause] = errors.get(err.cause, 0) + 1
                 return
             ok.append(job_id)
             if config.get("commit", True):
-                await store.commit(job_id, result_message_id=job_id, result_channel_id=1)
+                await store.ledger.commit(job_id, result_message_id=job_id, result_channel_id=1)
 
         await asyncio.gather(*(one(j) for j in config["job_ids"]))
         return {"ok": sorted(ok), "errors": errors}

@@ -164,9 +164,9 @@ async def test_no_secret_anywhere_in_a_representative_session() -> None:
                               o.error.user_message())
             ]
             member_texts = [seen_by(h, h.discord.interactions[i]) for i in ids]
-            job = await h.bot.store.get_job(ids[0])
+            job = await h.bot.store.jobs.get(ids[0])
             reprs = [repr(h.settings), str(h.settings), repr(h.bot.segmind), repr(job)]
-            assert await h.bot.store.check_invariants() == []
+            assert await h.bot.store.audit.check_invariants() == []
             assert await h.balance() == START - 2 + 5
     assert logs.records, "nothing was captured"
     places = {
@@ -273,19 +273,19 @@ async def test_a_job_id_cannot_be_taken_over_by_another_member() -> None:
     async with harness() as h:
         rec = await h.kontext()
         other = h.admin_id
-        before = await h.bot.store.member_status(h.guild_id, other)
+        before = await h.bot.store.credits.member_status(h.guild_id, other)
         with pytest.raises(JobAlreadyExists):
-            await h.bot.store.reserve(
+            await h.bot.store.ledger.reserve(
                 ReserveRequest(job_id=rec.id, guild_id=h.guild_id, channel_id=h.channel_id,
                                user_id=other, params={"prompt": "mine now"}, seed=1)
             )
-        job = await h.bot.store.get_job(rec.id)
+        job = await h.bot.store.jobs.get(rec.id)
         assert job is not None and job.user_id == h.member_id and job.params["prompt"] != "mine now"
-        assert await h.bot.store.member_status(h.guild_id, other) == before
+        assert await h.bot.store.credits.member_status(h.guild_id, other) == before
         # refunding or committing a finished job again changes nothing
-        assert await h.bot.store.refund(rec.id, cause="replay") is False
+        assert await h.bot.store.ledger.refund(rec.id, cause="replay") is False
         assert await h.balance() == START - 1
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 # --- (d) settings and credit changes are recorded with the actor -------------------------------
@@ -299,7 +299,7 @@ async def test_settings_changes_and_grants_are_recorded_with_the_actor() -> None
             user_id=h.admin_id,
         )
         assert "Saved" in seen_by(h, rec)
-        history = await h.bot.store.settings_history(h.guild_id)
+        history = await h.bot.store.audit.settings_history(h.guild_id)
         by_key = {row["key"]: row for row in history}
         assert set(by_key) == {"cooldown_seconds", "blocked_words", "confirm_quote"}
         for row in history:
@@ -308,7 +308,7 @@ async def test_settings_changes_and_grants_are_recorded_with_the_actor() -> None
         assert "45" in by_key["cooldown_seconds"]["new_value"]
         assert "spam" in by_key["blocked_words"]["new_value"]
         await h.slash("kontext-admin settings", {"reset": "cooldown_seconds"}, user_id=h.admin_id)
-        newest = (await h.bot.store.settings_history(h.guild_id))[0]
+        newest = (await h.bot.store.audit.settings_history(h.guild_id))[0]
         assert (newest["key"], newest["actor_id"]) == ("cooldown_seconds", h.admin_id)
 
         await h.slash("kontext-admin grant", {"member": h.member_id, "amount": 3, "reason": "prize"},
@@ -324,7 +324,7 @@ async def test_settings_changes_and_grants_are_recorded_with_the_actor() -> None
         assert [tuple(r) for r in rows] == [
             ("grant", 3, h.admin_id, "prize"), ("revoke", -2, h.admin_id, None),
         ]
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 # --- (e) SQL only through parameters ---------------------------------------------------------------

@@ -152,7 +152,7 @@ class Harness:
 
     async def balance(self, user_id: int | None = None) -> int:
         assert self.bot.store is not None
-        status = await self.bot.store.member_status(self.guild_id, user_id or self.member_id)
+        status = await self.bot.store.credits.member_status(self.guild_id, user_id or self.member_id)
         return status.balance
 
 

@@ -204,7 +204,7 @@ async def wait_job(
     try:
         async with asyncio.timeout(timeout):
             while True:
-                job = await store.get_job(job_id)
+                job = await store.jobs.get(job_id)
                 if job is not None and predicate(job):
                     return job
                 await asyncio.sleep(0.02)

@@ -54,7 +54,7 @@ async def test_account_problem_pauses_then_recovers(
         assert h.outcomes[rec3.id].status == "posted"
         assert await h.balance() == 9
         assert await h.balance(h.admin_id) == 10
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         assert 'kontext_api_paused 0.0' in h.bot.metrics.render().decode()
 
 
@@ -85,7 +85,7 @@ async def test_waiting_jobs_are_refunded_when_the_account_pauses(
         b = await h.kontext(user_id=h.admin_id, wait=False)
         c = await h.kontext(user_id=third, wait=False)
         deadline = time.monotonic() + 5
-        while await h.bot.store.count_waiting() != 2:  # the queue is the database's
+        while await h.bot.store.queue.count_waiting() != 2:  # the queue is the database's
             assert time.monotonic() < deadline, "two waiting jobs"
             await asyncio.sleep(0.02)
         h.segmind.api_key = "revoked"  # A already got in; B will be refused
@@ -95,4 +95,4 @@ async def test_waiting_jobs_are_refunded_when_the_account_pauses(
         assert "needs attention" in h.last_status(b) and "needs attention" in h.last_status(c)
         assert len(h.segmind.calls) == 2  # C never reached the API
         assert await h.balance(h.admin_id) == 10 and await h.balance(third) == 10
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []

@@ -72,7 +72,7 @@ async def test_a_server_keys_429_holds_its_own_account_not_the_owners() -> None:
         # the hold is written by a task the 429 started: wait for it, then read it
         await asyncio.gather(*(t for t in asyncio.all_tasks() if t.get_name() == "kontext-hold"))
         store = h.bot.store
-        own = await store.queue_view(guild_account(h.guild_id))
+        own = await store.queue.view(guild_account(h.guild_id))
         assert own.blocked_until - own.now > 30  # the server's own account waits out the 429
-        owner = await store.queue_view()
+        owner = await store.queue.view()
         assert owner.blocked_until <= owner.now  # the owner's account was not held for it

@@ -20,7 +20,7 @@ STALE = "2"
 
 
 async def job_state(store, job_id: int) -> str | None:
-    job = await store.get_job(job_id)
+    job = await store.jobs.get(job_id)
     return job.state if job else None
 
 
@@ -64,13 +64,13 @@ async def test_kill_9_mid_job_then_restart_posts_the_result_once(token_alive: bo
             assert rec.followups == []
             assert f"<@{w.member_id}>" in results[0]["content"]
         async with w.store() as store:
-            job = await store.get_job(rec.id)
+            job = await store.jobs.get(rec.id)
             assert job is not None and job.state == "posted"
-            ledger = await store.recent_ledger(w.guild_id, w.member_id, limit=50)
+            ledger = await store.credits.recent(w.guild_id, w.member_id, limit=50)
             kinds = [e.kind for e in ledger if e.job_id == rec.id]
             assert sorted(kinds) == ["commit", "reserve"], kinds
-            assert (await store.member_status(w.guild_id, w.member_id)).balance == 9
-            assert await store.check_invariants() == []
+            assert (await store.credits.member_status(w.guild_id, w.member_id)).balance == 9
+            assert await store.audit.check_invariants() == []
 
 
 async def test_kill_9_mid_job_in_sync_mode_refunds_on_restart() -> None:
@@ -87,7 +87,7 @@ async def test_kill_9_mid_job_in_sync_mode_refunds_on_restart() -> None:
         assert len(w.segmind.calls) == 1  # never re-sent: v1 is not idempotent
         assert w.result_messages() == []
         async with w.store() as store:
-            job = await store.get_job(rec.id)
+            job = await store.jobs.get(rec.id)
             assert job is not None and job.state == "refunded"
-            assert (await store.member_status(w.guild_id, w.member_id)).balance == 10
-            assert await store.check_invariants() == []
+            assert (await store.credits.member_status(w.guild_id, w.member_id)).balance == 10
+            assert await store.audit.check_invariants() == []

@@ -70,7 +70,7 @@ async def assert_refused_for_free(h: Harness, rec: Any, phrase: str) -> None:
     assert h.segmind.calls == []
     assert h.result_messages() == []
     assert await h.balance() == START
-    assert await h.bot.store.check_invariants() == []
+    assert await h.bot.store.audit.check_invariants() == []
     await serves_next(h, balance_after=START - 1)
 
 
@@ -130,7 +130,7 @@ async def test_unusual_prompt_is_accepted_and_sent_intact(prompt: str, sent: str
         embed = h.result_messages()[0]["embeds"][0]
         assert embed["description"] == sent
         assert await h.balance() == START - 1
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         await serves_next(h, balance_after=START - 2)
 
 

@@ -38,7 +38,7 @@ async def test_menu_on_two_images_starts_a_normal_job() -> None:
         ids = [int(a["id"]) for a in source["attachments"]]
         assert list(call_inputs(h)) == ids
         assert h.segmind.calls[-1].payload["prompt"] == "swap the colours"
-        job = await h.bot.store.get_job(submit.id)
+        job = await h.bot.store.jobs.get(submit.id)
         assert job is not None and job.params["source"] == "context_menu"
         assert job.params["image_1"]["message_id"] == int(source["id"])
         assert await h.balance() == 9
@@ -80,7 +80,7 @@ async def test_menu_needs_exactly_two_images(count: int) -> None:
 async def test_menu_refused_outside_the_allowed_channels() -> None:
     async with community() as h:
         allowed = h.discord.add_channel(h.guild_id, name="kontext-here")
-        await h.bot.store.update_guild_settings(
+        await h.bot.store.settings.update(
             h.guild_id, h.admin_id, allowed_channel_ids=[int(allowed["id"])]
         )
         source = h.discord.add_message(

@@ -71,7 +71,7 @@ async def credits_text(h: Harness, user_id: int | None = None) -> str:
 
 async def assert_ledger_ok(h: Harness) -> None:
     assert h.bot.store is not None
-    assert await h.bot.store.check_invariants() == []
+    assert await h.bot.store.audit.check_invariants() == []
 
 
 def add_members(h: Harness, n: int, **kwargs: Any) -> list[int]:
@@ -96,7 +96,7 @@ async def test_hundred_concurrent_kontext_with_one_credit_accept_exactly_one() -
             assert h.outcomes[r.id].cause == "insufficient_credits"
             assert "You have 0 credits; one image costs 1" in h.last_status(r)
         assert await h.balance() == 0
-        ledger = await h.bot.store.recent_ledger(h.guild_id, h.member_id, limit=50)
+        ledger = await h.bot.store.credits.recent(h.guild_id, h.member_id, limit=50)
         assert sorted(e.kind for e in ledger) == ["commit", "reserve", "start"]
         await assert_ledger_ok(h)
 
@@ -147,9 +147,9 @@ async def test_api_failure_leaves_the_balance_unchanged(fault: tuple[str, Any]) 
         assert h.outcomes[rec.id].status == "refunded"
         assert "refunded" in h.last_status(rec)
         assert await h.balance() == 10
-        kinds = [e.kind for e in await h.bot.store.recent_ledger(h.guild_id, h.member_id)]
+        kinds = [e.kind for e in await h.bot.store.credits.recent(h.guild_id, h.member_id)]
         assert kinds[:2] == ["refund", "reserve"]
-        job = await h.bot.store.get_job(rec.id)
+        job = await h.bot.store.jobs.get(rec.id)
         assert job is not None and job.state == "refunded" and job.failure_cause
         await assert_ledger_ok(h)
 
@@ -181,7 +181,7 @@ async def test_cooldown_is_stored_and_refused_with_its_seconds() -> None:
         assert outcome.status == "rejected" and outcome.cause == "cooldown"
         assert 110 <= outcome.error.params["seconds"] <= 120
         assert len(h.segmind.calls) == 1
-        status = await h.bot.store.member_status(h.guild_id, h.member_id)
+        status = await h.bot.store.credits.member_status(h.guild_id, h.member_id)
         assert 110 <= status.cooldown_remaining <= 120
         text = await credits_text(h)
         m = re.search(r"Cooldown: (\d+) s left", text)
@@ -210,7 +210,7 @@ async def test_exempt_role_skips_the_cooldown() -> None:
         (vip,) = add_members(h, 1, roles=[int(role["id"])])
         rec = await admin(h, "settings", exempt_roles=f"<@&{role['id']}>")
         assert "Saved" in embed_text(rec)
-        gs = await h.bot.store.get_guild_settings(h.guild_id)
+        gs = await h.bot.store.settings.get(h.guild_id)
         assert gs.exempt_role_ids == (int(role["id"]),)
         for _ in range(3):
             r = await h.kontext(user_id=vip)
@@ -253,7 +253,7 @@ async def test_daily_budget_refuses_the_third_job_without_api_call() -> None:
         for u in users:
             # refused members keep all their credits
             assert await h.balance(u) in (9, 10)
-        budget = await h.bot.store.budget_status()
+        budget = await h.bot.store.budgets.status()
         assert budget.generations == 2 and budget.reserved_usd == pytest.approx(0.20)
         # sequential attempts later in the day are refused too
         late = await h.kontext()
@@ -283,7 +283,7 @@ async def test_daily_free_credits_top_up_once_per_utc_day() -> None:
     async with harness(STARTING_CREDITS="0", DAILY_FREE_CREDITS="3") as h:
         store = h.bot.store
         clock = FakeClock()  # 2025-03-01 12:00 UTC
-        store._clock = clock
+        store.clock = clock
         text = await credits_text(h)
         assert "Balance: 0" in text and "topped up to 3" in text
         for _ in range(2):
@@ -294,7 +294,7 @@ async def test_daily_free_credits_top_up_once_per_utc_day() -> None:
         rec = await h.kontext()
         assert h.outcomes[rec.id].status == "posted"
         assert await h.balance() == 2  # 1 → topped up to 3 → one image
-        entries = await store.recent_ledger(h.guild_id, h.member_id, limit=20)
+        entries = await store.credits.recent(h.guild_id, h.member_id, limit=20)
         daily = [e for e in entries if e.kind == "daily"]
         assert [e.delta for e in daily] == [2, 3]  # newest first
         assert "2025-03-02" in (daily[0].reason or "")
@@ -325,7 +325,7 @@ async def test_admin_grant_shows_up_in_credits() -> None:
         text = await credits_text(h)
         assert "Balance: 15" in text
         assert "`+5` granted · contest winner" in text
-        entry = (await h.bot.store.recent_ledger(h.guild_id, h.member_id, limit=1))[0]
+        entry = (await h.bot.store.credits.recent(h.guild_id, h.member_id, limit=1))[0]
         assert (entry.kind, entry.delta, entry.actor_id) == ("grant", 5, h.admin_id)
         # the credits are spendable
         run = await h.kontext()
@@ -341,7 +341,7 @@ async def test_admin_revoke_never_goes_below_zero() -> None:
         rec = await admin(h, "revoke", member=h.member_id, amount=3)
         assert "Revoked 0 credit(s)" in embed_text(rec)
         assert await h.balance() == 0
-        entries = await h.bot.store.recent_ledger(h.guild_id, h.member_id, limit=10)
+        entries = await h.bot.store.credits.recent(h.guild_id, h.member_id, limit=10)
         assert [(e.kind, e.delta) for e in entries] == [("revoke", -10), ("start", 10)]
         run = await h.kontext()
         assert h.outcomes[run.id].status == "rejected"
@@ -369,7 +369,7 @@ async def test_admin_settings_change_show_validate_and_reset() -> None:
         rec = await admin(h, "settings", cooldown_seconds=30, credits_per_image=2, jobs_per_member=3)
         text = embed_text(rec)
         assert "Saved" in text and "Cooldown: 30 s" in text and "Credits per image: 2" in text
-        gs = await store.get_guild_settings(h.guild_id)
+        gs = await store.settings.get(h.guild_id)
         assert (gs.cooldown_seconds, gs.credits_per_image, gs.jobs_per_member) == (30, 2, 3)
         # a job now costs 2 credits
         run = await h.kontext()
@@ -379,13 +379,13 @@ async def test_admin_settings_change_show_validate_and_reset() -> None:
         rec = await admin(h, "settings", blocked_words="x" * 150, cooldown_seconds=5)
         text = embed_text(rec)
         assert "was not changed" in text and "blocked_words" in text
-        assert (await store.get_guild_settings(h.guild_id)).cooldown_seconds == 30
+        assert (await store.settings.get(h.guild_id)).cooldown_seconds == 30
         # reset one setting to the process default
         rec = await admin(h, "settings", reset="cooldown_seconds")
         assert "Saved" in embed_text(rec) and "Cooldown: 0 s" in embed_text(rec)
-        gs = await store.get_guild_settings(h.guild_id)
+        gs = await store.settings.get(h.guild_id)
         assert "cooldown_seconds" not in gs.overridden and gs.credits_per_image == 2
-        history = await store.settings_history(h.guild_id)
+        history = await store.audit.settings_history(h.guild_id)
         changes = [(r["key"], r["new_value"]) for r in history]
         assert changes[0] == ("cooldown_seconds", None)  # newest first: the reset
         assert sorted(changes[1:]) == [
@@ -431,7 +431,7 @@ async def test_billed_failures_keep_their_budget_share() -> None:
         assert h.outcomes[rec.id].status == "refunded"
         assert h.segmind.charged_count == 1  # the API billed it
         assert await h.balance() == 10  # the member is not charged ...
-        budget = await h.bot.store.budget_status()
+        budget = await h.bot.store.budgets.status()
         assert budget.reserved_usd == pytest.approx(0.10)  # ... but the owner's spend counts
         refused = await h.kontext()
         assert "today's spending limit" in h.last_status(refused)

@@ -146,7 +146,7 @@ async def test_postgres_connections_killed_during_a_job() -> None:
         assert await kill_connections(db) >= 1
         await h.wait_settled(rec)
         assert h.outcomes[rec.id].status == "posted", seen_by(h, rec)
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         assert await h.balance() == START - 1
         h.segmind.latency = 0.0
         await serves_next(h, balance_after=START - 2)
@@ -168,7 +168,7 @@ async def test_postgres_down_then_back_refuses_cleanly_then_serves() -> None:
             assert len(h.segmind.calls) == 1  # no API call without a reservation
         finally:
             await set_allow_connections(db, True)
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         assert await h.balance() == START - 1  # nothing was charged while it was down
         await serves_next(h, balance_after=START - 2)
 
@@ -179,7 +179,7 @@ async def _wait_member(h: Harness, *, balance: int, inflight: int, timeout: floa
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        status = await h.bot.store.member_status(h.guild_id, h.member_id)
+        status = await h.bot.store.credits.member_status(h.guild_id, h.member_id)
         if status.balance == balance and status.inflight == inflight:
             return
         await asyncio.sleep(0.1)
@@ -202,7 +202,7 @@ async def test_postgres_down_after_the_api_answered_refund_is_retried() -> None:
         finally:
             await set_allow_connections(db, True)
         await _wait_member(h, balance=START, inflight=0)  # the refund went through after all
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         h.segmind.latency = 0.0
         await serves_next(h, balance_after=START - 1)
 
@@ -220,7 +220,7 @@ async def test_postgres_down_after_posting_commit_is_retried() -> None:
         finally:
             await set_allow_connections(db, True)
         await _wait_member(h, balance=START - 1, inflight=0)  # the charge was committed after all
-        job = await h.bot.store.get_job(rec.id)
+        job = await h.bot.store.jobs.get(rec.id)
         assert job is not None and job.state == "posted"
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         await serves_next(h, balance_after=START - 2)

@@ -2,7 +2,7 @@
 
 After each scenario the same three promises are checked (:func:`settle_and_check`):
 
-* money: ``store.check_invariants() == []`` and the member's balance is exactly what it should be
+* money: ``store.audit.check_invariants() == []`` and the member's balance is exactly what it should be
   (refunded on every failure that was not theirs, charged once for a posted image);
 * words: everything the member saw is plain (no traceback, no exception class name, no secret, no
   unfilled placeholder) — :func:`assert_plain`;
@@ -76,7 +76,7 @@ async def serves_next(h: Harness, *, balance_after: int) -> None:
     assert len(h.result_messages()) == before + 1
     assert len(h.segmind.calls) == calls + 1
     assert await h.balance() == balance_after
-    assert await h.bot.store.check_invariants() == []
+    assert await h.bot.store.audit.check_invariants() == []
 
 
 async def settle_and_check(h: Harness, rec: object, *, status: str, balance: int) -> str:
@@ -84,7 +84,7 @@ async def settle_and_check(h: Harness, rec: object, *, status: str, balance: int
     outcome = h.outcomes.get(rec.id)  # type: ignore[attr-defined]
     assert outcome is not None, "the job never ended"
     assert outcome.status == status, (outcome, seen_by(h, rec))
-    assert await h.bot.store.check_invariants() == []
+    assert await h.bot.store.audit.check_invariants() == []
     assert await h.balance() == balance
     text = seen_by(h, rec)
     assert_plain(text)
@@ -255,7 +255,7 @@ async def test_a_big_result_is_uploaded_from_its_file_which_is_closed_at_the_end
             assert posted == [True]
         else:
             assert h.outcomes[rec.id].status == "posted", seen_by(h, rec)
-            assert await h.bot.store.check_invariants() == []
+            assert await h.bot.store.audit.check_invariants() == []
             assert await h.balance() == START - 1
             assert posted == ([True, True] if upload == "followup-dead" else [True])
             if upload in ("token-dead", "followup-dead"):
@@ -286,7 +286,7 @@ async def test_defer_answered_40060_does_nothing_else() -> None:
         # the next job runs to its end; by then anything the first one did would have shown
         await serves_next(h, balance_after=START - 1)
         assert rec.id not in h.outcomes
-        assert await h.bot.store.get_job(rec.id) is None
+        assert await h.bot.store.jobs.get(rec.id) is None
         assert len(h.segmind.calls) == 1  # only the next job's
         assert h.discord.attachment_fetches[int(rec.data["options"][0]["value"])] == 0
         used_token = [r for r in h.discord.requests if rec.token in r.path]
@@ -302,7 +302,7 @@ async def test_token_expired_mid_job_posts_in_the_channel() -> None:
         h.discord.expire_token(rec)
         await h.wait_settled(rec)
         assert h.outcomes[rec.id].status == "posted"
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         assert await h.balance() == START - 1
         posts = [m for m in h.discord.public_messages(h.channel_id) if m.get("attachments")]
         assert len(posts) == 1 and f"<@{h.member_id}>" in posts[0]["content"]
@@ -320,7 +320,7 @@ async def test_token_expired_and_channel_refuses_refunds_in_plain_words() -> Non
         h.discord.fail_next("POST", rf"^/channels/{h.channel_id}/messages$", 403, times=1)
         await h.wait_settled(rec)
         assert h.outcomes[rec.id].status == "refunded"
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         assert await h.balance() == START
         told = [m.get("content") or "" for m in h.discord.public_messages(h.channel_id)]
         assert any("refunded" in t for t in told), told

@@ -178,7 +178,7 @@ async def test_members_without_credits_cost_no_download_and_no_memory() -> None:
     async with world() as w:
         async with bot_process(w, STARTING_CREDITS="0", MAX_CONCURRENT_JOBS="8") as bot:
             async with w.store() as store:  # only the warm-up member has credits
-                await store.grant(w.guild_id, w.member_id, 5, actor_id=None, reason="warm-up")
+                await store.credits.grant(w.guild_id, w.member_id, 5, actor_id=None, reason="warm-up")
             await warm_up(w)
             members = [w.add_member(f"broke-{i}") for i in range(MEMBERS)]
             known = set(w.discord.attachments)
@@ -210,9 +210,9 @@ async def test_members_without_credits_cost_no_download_and_no_memory() -> None:
         assert rss.growth <= 100 * MIB, rss.report("growth over 100 MiB", took)
         async with w.store() as store:
             for r, m in zip(recs, members, strict=True):
-                assert await store.get_job(r.id) is None
+                assert await store.jobs.get(r.id) is None
                 # never written: nothing reserved (the store here reads with its own defaults)
-                assert not (await store.member_status(w.guild_id, m)).exists
+                assert not (await store.credits.member_status(w.guild_id, m)).exists
 
 
 async def test_forty_megapixel_pngs_are_checked_in_bounded_memory() -> None:
@@ -252,7 +252,7 @@ async def test_forty_megapixel_pngs_are_checked_in_bounded_memory() -> None:
             assert len(cdn_gets(w, new)) == 2 * MEMBERS
             async with w.store() as store:
                 for r, m in zip(recs, members, strict=True):
-                    job = await store.get_job(r.id)
+                    job = await store.jobs.get(r.id)
                     assert job is not None and job.state == "running", job
-                    assert (await store.member_status(w.guild_id, m)).balance == 9
+                    assert (await store.credits.member_status(w.guild_id, m)).balance == 9
         assert rss.growth <= 200 * MIB, rss.report("growth over 200 MiB", took)

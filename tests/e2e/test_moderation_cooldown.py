@@ -22,10 +22,10 @@ async def test_a_content_rejection_refunds_but_keeps_the_cooldown(mode: str) -> 
         assert (outcome.status, outcome.cause) == ("refunded", "api_moderated"), outcome
         assert "safety filter" in h.last_status(rec)
         assert await h.balance() == 10
-        status = await h.bot.store.member_status(h.guild_id, h.member_id)
+        status = await h.bot.store.credits.member_status(h.guild_id, h.member_id)
         assert 110 <= status.cooldown_remaining <= 120
         calls = len(h.segmind.calls)
         again = await h.kontext()
         assert h.outcomes[again.id].cause == "cooldown"
         assert len(h.segmind.calls) == calls  # no second call to the API
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []

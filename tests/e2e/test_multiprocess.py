@@ -78,16 +78,16 @@ async def test_two_processes_same_interaction_one_call_one_charge(
         # both processes are stopped: the database tells the rest
         store = await Store.open(url, make_settings())
         try:
-            assert await store.check_invariants() == []
-            posted = await store.jobs_in_state("posted", guild_id=guild.id)
+            assert await store.audit.check_invariants() == []
+            posted = await store.jobs.in_state("posted", guild_id=guild.id)
             assert sorted(j.id for j in posted) == sorted(r.id for r in recs)
-            assert await store.count_active_jobs() == 0
-            balances = {u: (await store.member_status(guild.id, u)).balance for u in members}
+            assert await store.jobs.count_active() == 0
+            balances = {u: (await store.credits.member_status(guild.id, u)).balance for u in members}
             assert balances == {members[0]: 6, members[1]: 9, members[2]: 9, members[3]: 9}
             for rec in recs:
                 kinds = [
                     e.kind
-                    for e in await store.recent_ledger(guild.id, rec.user_id, limit=50)
+                    for e in await store.credits.recent(guild.id, rec.user_id, limit=50)
                     if e.job_id == rec.id
                 ]
                 assert sorted(kinds) == ["commit", "reserve"], (rec.id, kinds)
@@ -155,9 +155,9 @@ async def test_burst_split_across_two_processes_spends_one_credit_once(
             assert all(not r.rejected for r in recs)  # each went to one process only
         store = await Store.open(url, make_settings())
         try:
-            assert await store.check_invariants() == []
-            assert (await store.member_status(guild.id, member)).balance == 0
-            kinds = sorted(e.kind for e in await store.recent_ledger(guild.id, member, limit=100))
+            assert await store.audit.check_invariants() == []
+            assert (await store.credits.member_status(guild.id, member)).balance == 0
+            kinds = sorted(e.kind for e in await store.credits.recent(guild.id, member, limit=100))
             assert kinds == ["commit", "reserve", "start"]
         finally:
             await store.close()

@@ -48,9 +48,9 @@ async def test_a_server_key_runs_its_jobs_and_leaves_the_owner_budget_alone() ->
             rec = await h.kontext()
             assert h.outcomes[rec.id].status == "posted", h.last_status(rec)
         assert [c.api_key for c in h.segmind.calls] == [SERVER_KEY] * 3
-        budget = await h.bot.store.budget_status()
+        budget = await h.bot.store.budgets.status()
         assert budget.reserved_usd == 0 and budget.generations == 0
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
         # removed: the owner's key again (and the owner's budget, which allows one)
         rec = await h.slash("kontext-admin api-key", {"remove": True}, user_id=h.admin_id)
         assert "removed" in h.reply_text(rec)
@@ -63,7 +63,7 @@ async def test_a_bad_key_is_refused_at_save_time_and_nothing_is_stored() -> None
     async with harness(ENCRYPTION_KEY=ENC) as h:
         said = await set_key(h, "SG_not_a_real_key_000")
         assert "did not accept that key" in said and "not saved" in said
-        assert await h.bot.store.guild_api_keys() == []
+        assert await h.bot.store.owner.api_keys() == []
         rec = await h.kontext()
         assert h.segmind.calls[-1].api_key == SEGMIND_KEY and h.outcomes[rec.id].status == "posted"
 

@@ -47,7 +47,7 @@ async def test_a_server_budget_refuses_the_third_job_naming_the_server_s_limit()
         said = h.last_status(third)
         assert "This server has used today's image budget" in said and "midnight UTC" in said
         assert len(h.segmind.calls) == 2
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 async def test_a_burst_of_20_cannot_pass_a_server_budget() -> None:
@@ -62,7 +62,7 @@ async def test_a_burst_of_20_cannot_pass_a_server_budget() -> None:
         assert len(posted) == 2 and len(refused) == 18
         assert all("server has used today's image budget" in h.last_status(r) for r in refused)
         assert len(h.segmind.calls) == 2
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 async def test_owner_console_lists_blocks_and_sets_budgets(tmp_path: Path) -> None:
@@ -81,19 +81,19 @@ async def test_owner_console_lists_blocks_and_sets_budgets(tmp_path: Path) -> No
         assert (await run_cli("owner", "unblock", gid, env=env))[0] == 0
         assert (await run_cli("owner", "budget", gid, "default", env=env))[0] == 0
         async with w.store() as store:
-            control = await store.guild_control(w.guild_id)
+            control = await store.owner.control(w.guild_id)
             assert not control.blocked and control.daily_budget_usd is None
 
 
 async def test_a_blocked_server_is_refused_within_seconds_everywhere() -> None:
     async with harness() as h:
-        await h.bot.store.set_guild_blocked(h.guild_id, True)
+        await h.bot.store.owner.set_blocked(h.guild_id, True)
         h.bot.gate._blocked.clear()  # the 5 s cache: the owner's change reaches every process
         rec = await h.kontext(wait=False)
         await until(lambda: rec.responses, 10, "the refusal")
         assert "not enabled in this server" in h.reply_text(rec)
         assert h.segmind.calls == []
-        await h.bot.store.set_guild_blocked(h.guild_id, False)
+        await h.bot.store.owner.set_blocked(h.guild_id, False)
         h.bot.gate._blocked.clear()
         ok = await h.kontext()
         assert h.outcomes[ok.id].status == "posted"
@@ -103,7 +103,7 @@ async def test_a_block_is_rechecked_inside_the_reservation() -> None:
     """Even past the gate's cache, nothing is charged in a blocked server."""
     async with harness() as h:
         assert await h.bot.gate.allows(h.guild_id)  # cached as allowed
-        await h.bot.store.set_guild_blocked(h.guild_id, True)
+        await h.bot.store.owner.set_blocked(h.guild_id, True)
         rec = await h.kontext()
         assert h.outcomes[rec.id].status == "rejected"
         assert "not enabled in this server" in h.last_status(rec)

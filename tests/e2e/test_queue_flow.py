@@ -69,7 +69,7 @@ async def test_two_slots_six_members_fair_fast_and_visible(monkeypatch: pytest.M
         assert all(
             any("Generating" in (e.get("content") or "") for e in r.edits) for r in recs
         )
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 async def test_rpm_limit_holds_under_a_burst() -> None:
@@ -82,13 +82,13 @@ async def test_rpm_limit_holds_under_a_burst() -> None:
         await until(lambda: len([r for r in recs if r.id in h.outcomes]) >= 3, 10)
         assert len(h.segmind.calls) == 3
         waiting = [r for r in recs if r.id not in h.outcomes]
-        assert len(waiting) == 2 and await h.bot.store.count_waiting() == 2
+        assert len(waiting) == 2 and await h.bot.store.queue.count_waiting() == 2
         # (a status shown while all five waited is replaced within the progress interval)
         await until(lambda: all(positions(r) and positions(r)[-1][1] == 2 for r in waiting), 10)
         # their estimate counts the minute they must wait for
         etas = [int(m.group(1)) for r in waiting for m in [re.search(r"about (\d+) s", h.last_status(r))] if m]
         assert len(etas) == 2 and all(e >= 55 for e in etas), [h.last_status(r) for r in waiting]
-        claim = await h.bot.store.claim_next("probe", h.bot.queue.limits, lease_s=10)
+        claim = await h.bot.store.queue.claim_next("probe", h.bot.queue.limits, lease_s=10)
         assert claim.job is None and claim.wait_s > 55  # the next start is a minute after the first
         await asyncio.sleep(0.3)  # nothing starts early
         assert len(h.segmind.calls) == 3
@@ -165,7 +165,7 @@ async def test_discord_5xx_on_the_upload_is_retried() -> None:
         assert h.outcomes[rec.id].status == "posted"
         assert len(h.result_messages()) == 1 and h.segmind.charged_count == 1
         assert await h.balance() == 9
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 async def test_result_post_refused_is_refunded_and_told() -> None:
@@ -176,7 +176,7 @@ async def test_result_post_refused_is_refunded_and_told() -> None:
         assert "could not be posted" in h.last_status(rec)
         assert h.result_messages() == []
         assert await h.balance() == 10
-        assert await h.bot.store.check_invariants() == []
+        assert await h.bot.store.audit.check_invariants() == []
 
 
 async def test_already_acknowledged_interaction_is_left_alone() -> None:
@@ -190,7 +190,7 @@ async def test_already_acknowledged_interaction_is_left_alone() -> None:
         assert rec.id not in h.outcomes
         assert rec.edits == [] and rec.followups == []
         assert len(h.segmind.calls) == 1
-        assert await h.bot.store.get_job(rec.id) is None
+        assert await h.bot.store.jobs.get(rec.id) is None
         assert await h.balance() == 9
 
 
@@ -223,5 +223,5 @@ async def test_quote_card_then_confirm_or_cancel(choice: str) -> None:
             assert rec.original and not rec.original.get("components")  # buttons gone
             assert h.segmind.calls == [] and h.result_messages() == []
             assert await h.balance() == 10
-            assert await h.bot.store.get_job(rec.id) is None
-        assert await h.bot.store.check_invariants() == []
+            assert await h.bot.store.jobs.get(rec.id) is None
+        assert await h.bot.store.audit.check_invariants() == []

@@ -89,19 +89,19 @@ def member_told_in_channel(demu: DiscordEmulator, ids: dict[str, int]) -> list[d
 async def check_database(url: str, ids: dict[str, int], job_id: int, *, state: str, balance: int) -> None:
     store = await Store.open(url, make_settings())
     try:
-        job = await store.get_job(job_id)
+        job = await store.jobs.get(job_id)
         assert job is not None and job.state == state, job
-        assert (await store.member_status(ids["guild"], ids["member"])).balance == balance
+        assert (await store.credits.member_status(ids["guild"], ids["member"])).balance == balance
         entries = [
-            e for e in await store.recent_ledger(ids["guild"], ids["member"], limit=20)
+            e for e in await store.credits.recent(ids["guild"], ids["member"], limit=20)
             if e.job_id == job_id
         ]
         expected = {"refunded": ["refund", "reserve"], "posted": ["commit", "reserve"]}[state]
         assert [e.kind for e in entries] == expected
         if state == "refunded":
             assert entries[0].delta == 1 and entries[0].reason
-        assert await store.count_active_jobs() == 0
-        assert await store.check_invariants() == []
+        assert await store.jobs.count_active() == 0
+        assert await store.audit.check_invariants() == []
     finally:
         await store.close()
 

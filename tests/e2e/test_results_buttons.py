@@ -91,7 +91,7 @@ def private_text(rec: InteractionRecord) -> str:
 
 
 async def assert_money_ok(h: Harness, store: Any = None) -> None:
-    assert await (store or h.bot.store).check_invariants() == []
+    assert await (store or h.bot.store).audit.check_invariants() == []
 
 
 async def first_result(h: Harness, **options: Any) -> tuple[InteractionRecord, dict[str, Any]]:
@@ -111,7 +111,7 @@ async def test_every_result_carries_persistent_buttons() -> None:
         labels = [c["label"] for row in msg["components"] for c in row["components"]]
         assert labels == ["Reroll", "Edit prompt", "Swap images", "Use as input", "Delete"]
         showcase = h.discord.add_channel(h.guild_id, name="showcase")
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, showcase_channel_id=int(showcase["id"]))
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, showcase_channel_id=int(showcase["id"]))
         rec2, msg2 = await first_result(h)
         assert f"kontext:share:{rec2.id}" in custom_ids(msg2)
 
@@ -146,7 +146,7 @@ async def test_reroll_same_inputs_and_prompt_new_seed_charged_once() -> None:
         assert second["aspect_ratio"] == "1:1"
         assert second["seed"] != 1234
         assert call_inputs(h, 1) == call_inputs(h, 0) == slash_inputs(rec)
-        job = await h.bot.store.get_job(click_rec.id)
+        job = await h.bot.store.jobs.get(click_rec.id)
         assert job is not None and job.parent_job_id == rec.id and job.params["source"] == "reroll"
         assert await h.balance() == 8
         assert len(h.result_messages()) == 2
@@ -179,7 +179,7 @@ async def test_edit_prompt_modal_prefilled_then_new_job_same_seed() -> None:
         payload = h.segmind.calls[-1].payload
         assert payload["prompt"] == "a dog wearing the hat" and payload["seed"] == 77
         assert call_inputs(h) == slash_inputs(rec)
-        job = await h.bot.store.get_job(submit.id)
+        job = await h.bot.store.jobs.get(submit.id)
         assert job is not None and job.parent_job_id == rec.id
         assert await h.balance() == 8
         await assert_money_ok(h)
@@ -211,7 +211,7 @@ async def test_use_as_input_edits_the_result_with_the_kept_original() -> None:
         assert h.outcomes[submit.id].status == "posted", h.outcomes[submit.id]
         assert call_inputs(h) == (int(result_att["id"]), slash_inputs(rec)[1])
         assert h.segmind.calls[-1].payload["prompt"] == "make it night"
-        job = await h.bot.store.get_job(submit.id)
+        job = await h.bot.store.jobs.get(submit.id)
         assert job is not None and job.params["image_1"]["message_id"] == int(msg["id"])
         await assert_money_ok(h)
 
@@ -307,7 +307,7 @@ def _png(colour: str) -> tuple[bytes, str, str]:
 async def test_delete_removes_only_the_jobs_own_result_message() -> None:
     async with community() as h:
         showcase = h.discord.add_channel(h.guild_id, name="showcase")
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, showcase_channel_id=int(showcase["id"]))
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, showcase_channel_id=int(showcase["id"]))
         victim_rec, victim_msg = await first_result(h)
         attacker = int(h.discord.add_member(h.guild_id, name="attacker")["user"]["id"])
         own = await h.kontext(user_id=attacker)

@@ -25,14 +25,14 @@ async def refused_without_charge(h: Harness, rec: object, phrase: str) -> None:
 
 async def test_safety_above_the_servers_maximum_is_refused() -> None:
     async with community() as h:
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, max_safety_tolerance=0)
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, max_safety_tolerance=0)
         rec = await h.kontext(safety_tolerance=1)
         await refused_without_charge(h, rec, "at most 0")
 
 
 async def test_default_safety_follows_a_lower_server_maximum() -> None:
     async with community() as h:
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, max_safety_tolerance=0)
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, max_safety_tolerance=0)
         rec = await h.kontext()
         assert h.outcomes[rec.id].status == "posted"
         assert h.segmind.calls[-1].payload["safety_tolerance"] == 0
@@ -40,7 +40,7 @@ async def test_default_safety_follows_a_lower_server_maximum() -> None:
 
 async def test_permissive_only_in_age_restricted_channels() -> None:
     async with community() as h:
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, max_safety_tolerance=2)
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, max_safety_tolerance=2)
         rec = await h.kontext(safety_tolerance=2)
         await refused_without_charge(h, rec, "age-restricted channels")
         ok = await h.kontext(safety_tolerance=2, channel_id=h.nsfw_channel_id)
@@ -50,7 +50,7 @@ async def test_permissive_only_in_age_restricted_channels() -> None:
 
 async def test_blocked_words_refused_plainly_without_charge() -> None:
     async with community() as h:
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, blocked_words=["gore", "ugly thing"])
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, blocked_words=["gore", "ugly thing"])
         rec = await h.kontext(prompt="Add some GÖRE to image 1")
         await refused_without_charge(h, rec, "contains a word this server does not allow")
         rec2 = await h.kontext(prompt="an Ugly Thing in image 2")
@@ -62,7 +62,7 @@ async def test_blocked_words_refused_plainly_without_charge() -> None:
 async def test_blocked_words_also_hold_for_edited_prompts() -> None:
     async with community() as h:
         rec, msg = await first_result(h)
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, blocked_words=["gore"])
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, blocked_words=["gore"])
         edit = await click(h, msg, "edit", rec.id, settle=False)
         await edit.wait_response()
         submit = await h.discord.submit_modal(edit, {"prompt": "more gore please"})
@@ -76,7 +76,7 @@ async def test_kontext_only_in_allowed_channels() -> None:
     async with community() as h:
         allowed = h.discord.add_channel(h.guild_id, name="kontext-here")
         aid = int(allowed["id"])
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, allowed_channel_ids=[aid])
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, allowed_channel_ids=[aid])
         rec = await h.kontext()
         text = h.last_status(rec)
         assert "can't be used here" in text and f"<#{aid}>" in text
@@ -90,7 +90,7 @@ async def test_buttons_follow_the_channel_rules_too() -> None:
     async with community() as h:
         rec, msg = await first_result(h)
         allowed = h.discord.add_channel(h.guild_id, name="kontext-here")
-        await h.bot.store.update_guild_settings(
+        await h.bot.store.settings.update(
             h.guild_id, h.admin_id, allowed_channel_ids=[int(allowed["id"])]
         )
         reroll = await click(h, msg, "reroll", rec.id)
@@ -103,7 +103,7 @@ async def test_buttons_follow_the_channel_rules_too() -> None:
 
 async def test_member_with_german_client_gets_german_errors() -> None:
     async with community() as h:
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, blocked_words=["gore"])
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, blocked_words=["gore"])
         rec = await h.discord.invoke_slash(
             "kontext",
             {

@@ -199,7 +199,7 @@ async def world(url: str, tmp: Path, *, latency: float, members: int = 1) -> Asy
 
 
 async def jobs_ended(store: Store, ids: list[int]) -> list[Any] | None:
-    found = [await store.get_job(i) for i in ids]
+    found = [await store.jobs.get(i) for i in ids]
     if all(j is not None and j.state == "posted" for j in found):
         return found
     return None
@@ -223,18 +223,18 @@ def guilds_sent(conn: GatewayConnection) -> set[int]:
 async def assert_each_charged_once(w: World, recs: list[InteractionRecord]) -> None:
     """Every job posted, a reservation and a commit each, balances agree, invariants hold."""
     async with w.store() as store:
-        assert await store.check_invariants() == [], w.logs()
-        assert await store.count_active_jobs() == 0
+        assert await store.audit.check_invariants() == [], w.logs()
+        assert await store.jobs.count_active() == 0
         for rec in recs:
-            job = await store.get_job(rec.id)
+            job = await store.jobs.get(rec.id)
             assert job is not None and job.state == "posted", (job, w.logs())
             kinds = sorted(
                 e.kind
-                for e in await store.recent_ledger(rec.guild_id, rec.user_id, limit=50)
+                for e in await store.credits.recent(rec.guild_id, rec.user_id, limit=50)
                 if e.job_id == rec.id
             )
             assert kinds == ["commit", "reserve"], (rec.id, kinds)
-            status = await store.member_status(rec.guild_id, rec.user_id)
+            status = await store.credits.member_status(rec.guild_id, rec.user_id)
             assert status.balance == 10 - job.cost_credits, (rec.user_id, status)
 
 
@@ -345,7 +345,7 @@ async def test_jobs_received_on_shard0_run_in_the_shard1_process_when_shard0_sto
 
         async def one_running_two_waiting(store: Store) -> list[int] | None:
             """The ids, the running one first (the three arrive at once: any may be first)."""
-            jobs = [await store.get_job(i) for i in ids]
+            jobs = [await store.jobs.get(i) for i in ids]
             if any(j is None for j in jobs):
                 return None
             states = sorted((j.state, j.id) for j in jobs if j is not None)

@@ -43,7 +43,7 @@ from sqlalchemy.engine import make_url
 
 from kontext.schema import jobs
 from kontext.store import Store
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import _dsn, backend_url, ensure_postgres, make_settings, temp_postgres_url
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, logs, start_bot
@@ -194,7 +194,7 @@ async def fleet(url: str, tmp: Path, *, latency: float) -> AsyncIterator[Fleet]:
 
 
 async def jobs_ended(store: Store, ids: list[int]) -> list[Any] | None:
-    found = [await store.get_job(i) for i in ids]
+    found = [await store.jobs.get(i) for i in ids]
     if all(j is not None and j.state in ("posted", "refunded") for j in found):
         return found
     return None
@@ -206,15 +206,15 @@ async def assert_money(
     """Each job: one reservation and one commit (or one refund, for ``refunded``); balances
     agree; nothing is active; the money rules hold."""
     async with f.store() as store:
-        assert await store.check_invariants() == [], f.logs()
-        assert await store.count_active_jobs() == 0
+        assert await store.audit.check_invariants() == [], f.logs()
+        assert await store.jobs.count_active() == 0
         spent: Counter[int] = Counter()
         for rec in recs:
-            job = await store.get_job(rec.id)
+            job = await store.jobs.get(rec.id)
             assert job is not None
             kinds = sorted(
                 e.kind
-                for e in await store.recent_ledger(f.guild, rec.user_id, limit=100)
+                for e in await store.credits.recent(f.guild, rec.user_id, limit=100)
                 if e.job_id == rec.id
             )
             if rec.id in refunded:
@@ -223,7 +223,7 @@ async def assert_money(
                 assert job.state == "posted" and kinds == ["commit", "reserve"], (job, kinds)
                 spent[rec.user_id] += job.cost_credits
         for user in {r.user_id for r in recs}:
-            status = await store.member_status(f.guild, user)
+            status = await store.credits.member_status(f.guild, user)
             assert status.balance == 10 - spent[user], (user, status)
 
 
@@ -298,11 +298,11 @@ async def test_rpm_limit_holds_across_two_processes(tmp_path: Path) -> None:
         await f.until(lambda: len(f.semu.calls) >= 6, 15, "six API starts")
         async with f.store() as store:
             deadline = time.monotonic() + 15
-            while await store.count_waiting() != 4:
+            while await store.queue.count_waiting() != 4:
                 assert time.monotonic() < deadline, f.logs()
                 await asyncio.sleep(0.05)
             await f.stays(lambda: len(f.semu.calls) == 6, 1.5, "a 7th API start within the minute")
-            claim = await store.claim_next(
+            claim = await store.queue.claim_next(
                 "probe-worker", AccountLimits(OWNER_ACCOUNT, 10, 6), lease_s=10
             )
             assert claim.job is None and claim.wait_s > 50, (claim, f.logs())
@@ -349,7 +349,7 @@ async def test_sigterm_finishes_the_running_job_and_leaves_the_waiting_ones_queu
         users = f.members(4)
         recs = [await f.kontext(u, f"term {i}", "first") for i, u in enumerate(users)]
         await f.until(lambda: len(f.semu.calls) == 1, 10, "the first API call")
-        await f.until_db(lambda s: _eq(s.count_waiting(), 3), 10, "3 jobs waiting")
+        await f.until_db(lambda s: _eq(s.queue.count_waiting(), 3), 10, "3 jobs waiting")
         ids = [r.id for r in recs]
         running = await f.until_db(lambda s: _running(s, ids), 10, "the running job")
         waiting = [i for i in ids if i != running.id]
@@ -358,9 +358,9 @@ async def test_sigterm_finishes_the_running_job_and_leaves_the_waiting_ones_queu
         assert len(f.semu.calls) == 1, f.logs()
         assert f.posted() == Counter({running.id: 1}), f.logs()  # finished within the grace
         async with f.store() as store:
-            assert await store.count_waiting() == 3
+            assert await store.queue.count_waiting() == 3
             for job_id in waiting:
-                job = await store.get_job(job_id)
+                job = await store.jobs.get(job_id)
                 assert job is not None and job.state == "accepted" and job.lease_owner is None
 
         await f.start("second", **env)
@@ -407,11 +407,11 @@ async def test_kill9_survivor_runs_the_waiting_jobs_and_settles_the_running_one(
             await f.until_db(
                 lambda s: _job_has(s, running.id, lambda j: j.api_request_id), 10, "request id"
             )
-        await f.until_db(lambda s: _eq(s.count_waiting(), 2), 10, "2 jobs waiting")
+        await f.until_db(lambda s: _eq(s.queue.count_waiting(), 2), 10, "2 jobs waiting")
         f.semu.latency = 0.3  # the jobs still to come are quick
         b = await f.start("b", **env)  # alive, sweeping, while A holds the job
         async with f.store() as store:
-            held = await store.get_job(running.id)
+            held = await store.jobs.get(running.id)
         assert held is not None and held.state == "running" and held.lease_epoch == 1, held
         assert held.lease_owner == running.lease_owner  # still A's
         a.kill()
@@ -433,7 +433,7 @@ async def test_kill9_survivor_runs_the_waiting_jobs_and_settles_the_running_one(
             refunded = set()
         await f.until_db(lambda s: jobs_ended(s, ids), 15, "every job settled")
         async with f.store() as store:
-            settled = await store.get_job(running.id)
+            settled = await store.jobs.get(running.id)
         assert f.posted() == expected, f.logs()
         assert len(f.semu.calls) == 3 and max(f.calls_per_prompt().values()) == 1, f.logs()
         assert settled is not None and settled.lease_epoch == 2, settled  # taken over once
@@ -442,13 +442,13 @@ async def test_kill9_survivor_runs_the_waiting_jobs_and_settles_the_running_one(
 
 
 async def _job_has(store: Store, job_id: int, check: Callable[[Any], Any]) -> bool:
-    job = await store.get_job(job_id)
+    job = await store.jobs.get(job_id)
     return job is not None and bool(check(job))
 
 
 async def _running(store: Store, ids: list[int]) -> Any:
     for job_id in ids:
-        job = await store.get_job(job_id)
+        job = await store.jobs.get(job_id)
         if job is not None and job.state == "running":
             return job
     return None
@@ -691,9 +691,9 @@ async def test_a_minute_without_postgres_runs_no_job_twice(tmp_path: Path) -> No
         recs = [await f.kontext(u, f"outage {i}", "ab"[i % 2]) for i, u in enumerate(users[:4])]
         ids = [r.id for r in recs]
         await f.until(lambda: len(f.semu.calls) == 2, 15, "two jobs at the API")
-        await f.until_db(lambda s: _eq(s.count_waiting(), 2), 10, "two jobs waiting")
+        await f.until_db(lambda s: _eq(s.queue.count_waiting(), 2), 10, "two jobs waiting")
         async with f.store() as store:
-            at_api = {j.id for j in [await store.get_job(i) for i in ids] if j and j.state == "running"}
+            at_api = {j.id for j in [await store.jobs.get(i) for i in ids] if j and j.state == "running"}
         assert len(at_api) == 2
 
         down_at = time.monotonic()
@@ -727,6 +727,6 @@ async def test_a_minute_without_postgres_runs_no_job_twice(tmp_path: Path) -> No
         assert f.posted() == Counter({i: 1 for i in waiting}), f.logs()
         assert len(f.semu.calls) == 4 and max(f.calls_per_prompt().values()) == 1, f.logs()
         async with f.store() as store:
-            assert await store.get_job(late.id) is None
-            assert (await store.member_status(f.guild, users[4])).balance == 10
+            assert await store.jobs.get(late.id) is None
+            assert (await store.credits.member_status(f.guild, users[4])).balance == 10
         await assert_money(f, recs, refunded=at_api)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from kontext.store_showcase import ShowcaseStore
 from tests.dbutil import ensure_postgres, temp_postgres_url
 from tests.e2e.harness import Harness, running_bot
 from tests.e2e.test_results_buttons import (
@@ -28,7 +27,7 @@ from tests.e2e.test_results_buttons import (
 async def setup_showcase(h: Harness, *, nsfw: bool = False, approval: bool = False) -> int:
     channel = h.discord.add_channel(h.guild_id, name="showcase", nsfw=nsfw)
     cid = int(channel["id"])
-    await h.bot.store.update_guild_settings(
+    await h.bot.store.settings.update(
         h.guild_id, h.admin_id, showcase_channel_id=cid, showcase_requires_approval=approval
     )
     return cid
@@ -89,7 +88,7 @@ async def test_share_posts_one_complete_card() -> None:
         again = await share(h, msg, rec.id)
         assert "already in the showcase" in private_text(again)
         assert len(h.discord.public_messages(showcase)) == 1
-        assert await ShowcaseStore(h.bot.store).count(h.guild_id, "posted") == 1
+        assert await h.bot.store.showcase.count(h.guild_id, "posted") == 1
         await assert_money_ok(h)
 
 
@@ -161,7 +160,7 @@ async def test_approval_flow() -> None:
         )
         for r in (approve, late):
             await r.wait_for(lambda x: x.followups, 10)
-        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        post = await h.bot.store.showcase.get(rec.id)
         assert post is not None
         winner, loser = (approve, late) if post.state == "posted" else (late, approve)
         assert "already decided" in private_text(loser)
@@ -207,7 +206,7 @@ async def test_deleting_the_original_removes_its_showcase_post() -> None:
         deleted = await click(h, msg, "delete", rec.id, settle=False)
         await deleted.wait_for(lambda r: r.followups)
         assert h.discord.public_messages(showcase) == []
-        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        post = await h.bot.store.showcase.get(rec.id)
         assert post is not None and post.state == "removed"
 
 
@@ -226,7 +225,7 @@ async def test_deleting_the_original_withdraws_a_pending_request() -> None:
 async def test_permissive_results_only_go_to_an_age_restricted_showcase(showcase_nsfw: bool) -> None:
     async with community() as h:
         showcase = await setup_showcase(h, nsfw=showcase_nsfw)
-        await h.bot.store.update_guild_settings(h.guild_id, h.admin_id, max_safety_tolerance=2)
+        await h.bot.store.settings.update(h.guild_id, h.admin_id, max_safety_tolerance=2)
         rec = await h.kontext(channel_id=h.nsfw_channel_id, safety_tolerance=2)
         assert h.outcomes[rec.id].status == "posted"
         msg = result_of(h, rec.id)
@@ -237,7 +236,7 @@ async def test_permissive_results_only_go_to_an_age_restricted_showcase(showcase
         else:
             assert "age-restricted showcase" in private_text(answer)
             assert h.discord.public_messages(showcase) == []
-            assert await ShowcaseStore(h.bot.store).get(rec.id) is None
+            assert await h.bot.store.showcase.get(rec.id) is None
 
 
 async def test_card_without_inputs_when_they_expired() -> None:
@@ -267,7 +266,7 @@ async def test_approve_posts_the_card() -> None:
         cards = h.discord.public_messages(showcase)
         assert len(cards) == 1 and cards[0]["attachments"][0]["filename"] == f"kontext-{rec.id}.jpg"
         assert "approved" in request["content"] and request["components"] == []
-        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        post = await h.bot.store.showcase.get(rec.id)
         assert post is not None and post.state == "posted" and post.decided_by == mod
 
 
@@ -292,7 +291,7 @@ async def test_approval_buttons_work_after_a_restart() -> None:
             deleted = await click(h, msg, "delete", rec.id, settle=False)
             await deleted.wait_for(lambda r: r.followups, 10)
             assert h.discord.public_messages(showcase) == []
-            post = await ShowcaseStore(bot2.store).get(rec.id)
+            post = await bot2.store.showcase.get(rec.id)
             assert post is not None and post.state == "removed"
 
 
@@ -316,7 +315,7 @@ async def test_manage_messages_in_the_results_channel_only_is_not_a_showcase_mod
             refused = await decide(h, request_of(h, rec2.id), decision, rec2.id, local_mod)
             assert refused.ephemeral and "Only moderators" in private_text(refused)
         assert h.discord.public_messages(showcase) == []
-        post = await ShowcaseStore(h.bot.store).get(rec2.id)
+        post = await h.bot.store.showcase.get(rec2.id)
         assert post is not None and post.state == "pending" and post.decided_by is None
         # a server-wide moderator role whose Manage Messages the showcase channel takes away
         mod = add_moderator(h)
@@ -338,7 +337,7 @@ async def test_manage_messages_in_the_showcase_channel_alone_makes_a_moderator()
         approved = await decide(h, request_of(h, rec.id), "approve", rec.id, curator)
         assert "Shared to the showcase" in private_text(approved)
         assert len(h.discord.public_messages(showcase)) == 1
-        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        post = await h.bot.store.showcase.get(rec.id)
         assert post is not None and post.state == "posted" and post.decided_by == curator
         # the curator's own result goes straight to the showcase
         own = await h.kontext(user_id=curator)
@@ -361,7 +360,7 @@ async def test_nobody_decides_on_their_own_request() -> None:
             refused = await decide(h, request, decision, rec.id, h.member_id)
             assert refused.ephemeral and "your own image" in private_text(refused)
         assert h.discord.public_messages(showcase) == []
-        post = await ShowcaseStore(h.bot.store).get(rec.id)
+        post = await h.bot.store.showcase.get(rec.id)
         assert post is not None and post.state == "pending"
         assert custom_ids(request)  # the card still waits for another moderator
         approved = await decide(h, request, "approve", rec.id, add_moderator(h))

@@ -38,11 +38,11 @@ async def test_sigterm_lets_a_short_job_finish_and_refuses_new_ones() -> None:
         assert "Done" in status_text(rec)
         assert len(w.segmind.calls) == 1
         async with w.store() as store:
-            assert (await store.member_status(w.guild_id, w.member_id)).balance == 9
-            assert (await store.member_status(w.guild_id, other)).balance == 10
-            job = await store.get_job(rec.id)
+            assert (await store.credits.member_status(w.guild_id, w.member_id)).balance == 9
+            assert (await store.credits.member_status(w.guild_id, other)).balance == 10
+            job = await store.jobs.get(rec.id)
             assert job is not None and job.state == "posted"
-            assert await store.check_invariants() == []
+            assert await store.audit.check_invariants() == []
 
 
 async def test_sigterm_refunds_a_job_longer_than_the_grace_and_exits_in_time() -> None:
@@ -61,10 +61,10 @@ async def test_sigterm_refunds_a_job_longer_than_the_grace_and_exits_in_time() -
         assert "restarted" in text and "refunded" in text, text
         assert w.result_messages() == []
         async with w.store() as store:
-            assert (await store.member_status(w.guild_id, w.member_id)).balance == 10
-            job = await store.get_job(rec.id)
+            assert (await store.credits.member_status(w.guild_id, w.member_id)).balance == 10
+            job = await store.jobs.get(rec.id)
             assert job is not None and job.state == "refunded"
-            assert await store.check_invariants() == []
+            assert await store.audit.check_invariants() == []
 
 
 async def test_async_job_is_handed_over_and_the_next_process_posts_it_at_once() -> None:
@@ -87,7 +87,7 @@ async def test_async_job_is_handed_over_and_the_next_process_posts_it_at_once() 
             await until(lambda: w.result_messages(), 15, "the handed-over result")
             await until(lambda: "Done" in status_text(rec), 5)
             for _ in range(250):  # the commit follows the "Done" edit: wait for it, then stop
-                job = await store.get_job(rec.id)
+                job = await store.jobs.get(rec.id)
                 if job is not None and job.state == "posted":
                     break
                 await asyncio.sleep(0.02)
@@ -95,7 +95,7 @@ async def test_async_job_is_handed_over_and_the_next_process_posts_it_at_once() 
         assert w.segmind.charged_count == 1
         assert len(w.result_messages()) == 1
         async with w.store() as store:
-            job = await store.get_job(rec.id)
+            job = await store.jobs.get(rec.id)
             assert job is not None and job.state == "posted"
-            assert (await store.member_status(w.guild_id, w.member_id)).balance == 9
-            assert await store.check_invariants() == []
+            assert (await store.credits.member_status(w.guild_id, w.member_id)).balance == 9
+            assert await store.audit.check_invariants() == []

@@ -126,9 +126,9 @@ async def test_sqlite_two_engines_write_concurrently(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/two.db"
     a, b = await asyncio.gather(Store.open(url, make_settings()), Store.open(url, make_settings()))
     try:
-        await asyncio.gather(*(s.grant(1, 2, 1, actor_id=3) for s in (a, b) for _ in range(40)))
-        assert (await a.member_status(1, 2)).balance == 10 + 80
-        assert await b.check_invariants() == []
+        await asyncio.gather(*(s.credits.grant(1, 2, 1, actor_id=3) for s in (a, b) for _ in range(40)))
+        assert (await a.credits.member_status(1, 2)).balance == 10 + 80
+        assert await b.audit.check_invariants() == []
     finally:
         await a.close()
         await b.close()
@@ -158,9 +158,9 @@ async def test_concurrent_open_on_fresh_database(fresh_db: tuple[str, dict[str, 
         *(Store.open(url, make_settings(), engine_kwargs=kwargs) for _ in range(4))
     )
     try:
-        await asyncio.gather(*(s.grant(1, 2, 1, actor_id=3) for s in stores))
-        assert (await stores[0].member_status(1, 2)).balance == 14
-        assert await stores[1].check_invariants() == []
+        await asyncio.gather(*(s.credits.grant(1, 2, 1, actor_id=3) for s in stores))
+        assert (await stores[0].credits.member_status(1, 2)).balance == 14
+        assert await stores[1].audit.check_invariants() == []
     finally:
         for s in stores:
             await s.close()

@@ -42,13 +42,13 @@ async def test_refund_keeps_the_cooldown_only_when_the_member_caused_it(
     tmp_path: Path, status: int, message: str, cause: str, cooldown_kept: bool
 ) -> None:
     async with pipeline_env(tmp_path) as env:
-        await env.store.update_guild_settings(GUILD, 1, cooldown_seconds=300)
+        await env.store.settings.update(GUILD, 1, cooldown_seconds=300)
         env.semu.fail_next(status, error=message, times=10)
         spec = env.spec()
         sink = FakeSink()
         out = await env.pipeline.run(spec, sink)
         assert (out.status, out.cause) == ("refunded", cause)
         assert sink.events[-1][0] == "failed" and sink.events[-1][2] == 1
-        member = await env.store.member_status(GUILD, spec.user_id)
+        member = await env.store.credits.member_status(GUILD, spec.user_id)
         assert member.balance == 10  # the credit came back either way
         assert (member.cooldown_remaining > 290) is cooldown_kept, member

@@ -17,11 +17,11 @@ import discord
 import pytest
 from discord import app_commands
 
+from kontext.guild_settings import SETTING_KEYS
 from kontext.i18n import DEFAULT_LOCALE, LOCALES_DIR, available_locales, catalog, t
 from kontext.schema import LEDGER_KINDS
 from kontext.settings import ASPECT_RATIOS
-from kontext.store_settings import SETTING_KEYS
-from kontext.store_showcase import STATES
+from kontext.store.showcase import STATES
 from kontext.translator import (
     DISCORD_LOCALES,
     KIND_MENU,

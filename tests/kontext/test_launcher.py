@@ -55,7 +55,7 @@ async def test_the_services_are_complete_and_share_one_store_and_queue(services:
 async def test_defaults_come_from_the_server_and_the_request_becomes_the_spec(
     services: Services,
 ) -> None:
-    await services.store.update_guild_settings(
+    await services.store.settings.update(
         GUILD, ADMIN, default_aspect_ratio="16:9", max_safety_tolerance=0, exempt_role_ids=(7,)
     )
     req = request(role_ids=(7,), parent_job_id=99, source=Source.REROLL, interaction_token="tok")
@@ -88,7 +88,7 @@ async def test_defaults_come_from_the_server_and_the_request_becomes_the_spec(
 async def test_the_servers_rules_refuse_before_anything_is_charged(
     services: Services, fields: dict[str, object], key: str | None
 ) -> None:
-    await services.store.update_guild_settings(
+    await services.store.settings.update(
         GUILD, ADMIN, allowed_channel_ids=(10,), blocked_words=("forbidden",)
     )
     req = request(**fields)
@@ -96,13 +96,13 @@ async def test_the_servers_rules_refuse_before_anything_is_charged(
         await services.launcher.prepare(req)
     if key is not None:
         assert caught.value.key == key
-    assert await services.store.get_job(req.job_id) is None  # nothing reserved
+    assert await services.store.jobs.get(req.job_id) is None  # nothing reserved
 
 
 async def test_a_thread_counts_as_its_parent_channel_and_nsfw_allows_safety_2(
     services: Services,
 ) -> None:
-    await services.store.update_guild_settings(GUILD, ADMIN, allowed_channel_ids=(10,))
+    await services.store.settings.update(GUILD, ADMIN, allowed_channel_ids=(10,))
     await services.launcher.check_channel(GUILD, [33, 10])  # a thread of channel 10
     with pytest.raises(InputError):
         await services.launcher.check_channel(GUILD, [33])
@@ -117,13 +117,13 @@ async def test_a_thread_counts_as_its_parent_channel_and_nsfw_allows_safety_2(
 
 
 async def test_a_quote_when_the_server_wants_one(services: Services) -> None:
-    await services.store.update_guild_settings(
+    await services.store.settings.update(
         GUILD, ADMIN, confirm_quote=True, credits_per_image=3
     )
     prepared = await services.launcher.prepare(request())
     assert prepared.confirm_cost == 3
     quote = await services.launcher.quote(prepared.spec, 3)
-    balance = (await services.store.member_status(GUILD, 20)).balance
+    balance = (await services.store.credits.member_status(GUILD, 20)).balance
     assert (quote.cost, quote.balance, quote.after, quote.waiting) == (3, balance, balance - 3, 0)
     assert quote.eta_s == services.queue.estimate_duration()
 

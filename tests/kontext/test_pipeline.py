@@ -26,7 +26,7 @@ from kontext.pipeline import Delivery, InputImage, JobOutcome, JobPipeline, JobS
 from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.store import Store
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import make_settings
 from tests.e2e.harness import make_image
 from tests.e2e.proc import until
@@ -124,7 +124,7 @@ class Env:
         )
 
     async def balance(self, user_id: int) -> int:
-        return (await self.store.member_status(GUILD, user_id)).balance
+        return (await self.store.credits.member_status(GUILD, user_id)).balance
 
 
 def make_queue(store: Store, worker_id: str, max_concurrent: int) -> SharedQueue:
@@ -150,7 +150,7 @@ async def pipeline_env(
     )
     async with SegmindEmulator(api_key=KEY, latency=latency) as semu, aiohttp.ClientSession() as http:
         store = await Store.open(settings.database_url, settings)
-        await store.register_worker("w1")
+        await store.audit.register_worker("w1")
         client = SegmindClient(
             http, api_key=KEY, base_url=semu.base_url, mode=mode, poll_interval_s=0.05,
             backoff_base_s=0.01, backoff_max_s=0.05,
@@ -169,7 +169,7 @@ async def pipeline_env(
         pipeline.start()
         try:
             yield env
-            assert await store.check_invariants() == []
+            assert await store.audit.check_invariants() == []
         finally:
             await queue.aclose()
             await store.close()
@@ -183,7 +183,7 @@ async def test_happy_path_calls_the_sink_in_order_and_commits(tmp_path: Path) ->
         assert outcome.status == "posted"
         assert sink.kinds()[-1] == "deliver" and "generating" in sink.kinds()
         assert set(outcome.timings) >= {"checked", "reserved", "started", "api_done", "delivered"}
-        job = await env.store.get_job(spec.job_id)
+        job = await env.store.jobs.get(spec.job_id)
         assert job is not None and job.state == "posted" and job.api_charged
         assert await env.balance(spec.user_id) == 9
 
@@ -228,7 +228,7 @@ async def test_shutdown_refunds_an_overdue_running_job_and_leaves_waiting_ones_q
         tasks = [asyncio.create_task(env.pipeline.run(specs[0], running))]
         await env.semu.wait_calls(1)
         tasks.append(asyncio.create_task(env.pipeline.run(specs[1], waiting)))
-        await eventually(env.store.count_waiting, lambda n: n == 1)
+        await eventually(env.store.queue.count_waiting, lambda n: n == 1)
         t = time.monotonic()
         await env.pipeline.shutdown(0.3, settle_s=1.0)
         assert time.monotonic() - t < 1.0
@@ -241,10 +241,10 @@ async def test_shutdown_refunds_an_overdue_running_job_and_leaves_waiting_ones_q
         assert await env.balance(specs[0].user_id) == 10
         assert await env.balance(specs[1].user_id) == 9  # still reserved, for the next process
         # (a) its request was sent: the budget keeps the refunded job's share (Segmind bills it)
-        refunded = await env.store.get_job(specs[0].job_id)
+        refunded = await env.store.jobs.get(specs[0].job_id)
         assert refunded is not None and refunded.api_charged
-        assert (await env.store.budget_status()).reserved_usd == pytest.approx(0.20)
-        job = await env.store.get_job(specs[1].job_id)
+        assert (await env.store.budgets.status()).reserved_usd == pytest.approx(0.20)
+        job = await env.store.jobs.get(specs[1].job_id)
         assert job is not None and job.state == "accepted" and job.lease_owner is None
         with pytest.raises(ShuttingDown):
             env.pipeline.ensure_accepting()
@@ -252,7 +252,7 @@ async def test_shutdown_refunds_an_overdue_running_job_and_leaves_waiting_ones_q
         queue, nxt = env.next_process("w2")
         nxt.start()
         await eventually(
-            lambda: env.store.get_job(specs[1].job_id), lambda j: j.state == "posted", 20
+            lambda: env.store.jobs.get(specs[1].job_id), lambda j: j.state == "posted", 20
         )
         assert env.remote[specs[1].job_id].kinds()[-1] == "deliver"
         await nxt.shutdown(1.0)
@@ -272,17 +272,17 @@ async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -
         spec = env.spec()
         task = asyncio.create_task(env.pipeline.run(spec, sink))
         await env.semu.wait_calls(1)
-        await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j and j.api_request_id)
+        await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j and j.api_request_id)
         await env.pipeline.shutdown(0.1)
         assert (await task).status == "handed_over"
         assert sink.events[-1][0] == "generating" and sink.events[-1][1] == -1.0
         assert await env.balance(spec.user_id) == 9  # still reserved: the owner paid for it
-        job = await env.store.get_job(spec.job_id)
+        job = await env.store.jobs.get(spec.job_id)
         assert job is not None and job.state == "running" and job.lease_owner is None  # let go
         # the next process takes it over at once (no lease to wait for)
         queue, nxt = env.next_process("w2")
         nxt.start()
-        await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "posted")
+        await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "posted")
         sink2 = env.remote[spec.job_id]
         assert sink2.kinds()[0] == "find_result" and sink2.kinds()[-1] == "deliver"
         assert len(env.semu.calls) == 1 and env.semu.charged_count == 1
@@ -293,9 +293,9 @@ async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -
 async def test_resume_in_sync_mode_refunds_with_a_restart_message(tmp_path: Path) -> None:
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        await env.store.reserve(env.pipeline._reserve_request(spec))
-        await env.store.mark_running(spec.job_id)  # a process died mid-call, holding no lease
-        await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "refunded")
+        await env.store.ledger.reserve(env.pipeline._reserve_request(spec))
+        await env.store.jobs.mark_running(spec.job_id)  # a process died mid-call, holding no lease
+        await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "refunded")
         sink = env.remote[spec.job_id]
         assert sink.kinds() == ["find_result", "failed"]
         assert "restarted" in sink.events[-1][1].user_message("en-US")
@@ -307,11 +307,11 @@ async def test_a_result_already_in_the_channel_is_committed_not_refunded(tmp_pat
     """A process died between posting and committing: the next one finds the post (e)."""
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        await env.store.reserve(env.pipeline._reserve_request(spec))
-        await env.store.mark_running(spec.job_id)
+        await env.store.ledger.reserve(env.pipeline._reserve_request(spec))
+        await env.store.jobs.mark_running(spec.job_id)
         env.remote[spec.job_id] = sink = FakeSink()
         sink.posted = Delivery(message_id=4242, channel_id=5)
-        job = await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "posted")
+        job = await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "posted")
         assert job.result_message_id == 4242 and sink.kinds() == ["find_result"]
         assert await env.balance(spec.user_id) == 9
         assert env.semu.calls == []
@@ -323,7 +323,7 @@ async def test_async_request_id_kept_in_memory_when_the_database_refuses_it(
     """(c) storing the request id failed after an accepted submit: the job is still polled and
     posted (Segmind bills it), and the id is stored in the background."""
     async with pipeline_env(tmp_path, mode="async", latency=0.3) as env:
-        real = env.store.set_api_request
+        real = env.store.jobs.set_api_request
         calls = []
 
         async def flaky(*args: Any, **kw: Any) -> bool:
@@ -332,12 +332,12 @@ async def test_async_request_id_kept_in_memory_when_the_database_refuses_it(
                 raise ConnectionResetError("the database went away")
             return await real(*args, **kw)
 
-        env.store.set_api_request = flaky  # type: ignore[method-assign]
+        env.store.jobs.set_api_request = flaky  # type: ignore[method-assign]
         spec = env.spec()
         outcome = await env.pipeline.run(spec, FakeSink())
         assert outcome.status == "posted"
         assert len(env.semu.calls) == 1 and env.semu.charged_count == 1
-        job = await eventually(lambda: env.store.get_job(spec.job_id), lambda j: j.state == "posted")
+        job = await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "posted")
         assert job.api_charged and len(calls) >= 1
 
 
@@ -361,7 +361,7 @@ async def test_caller_cancelled_while_waiting_is_refunded(tmp_path: Path) -> Non
         await env.semu.wait_calls(1)
         spec = env.spec()
         second = asyncio.create_task(env.pipeline.run(spec, FakeSink()))
-        await eventually(env.store.count_waiting, lambda n: n == 1)
+        await eventually(env.store.queue.count_waiting, lambda n: n == 1)
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
@@ -390,7 +390,7 @@ async def test_api_429_slows_the_whole_queue(tmp_path: Path) -> None:
         assert out.status == "posted"
         assert env.pipeline.metrics.rate_limited._value.get() == 1
         # the next start was held back for the 429's wait, in every process (the database)
-        view = await eventually(env.store.queue_view, lambda v: v.blocked_until > 0)
+        view = await eventually(env.store.queue.view, lambda v: v.blocked_until > 0)
         assert view.blocked_until > view.now - 5
 
 
@@ -401,7 +401,7 @@ async def test_failed_post_is_refunded_and_charged_to_the_owner_only(tmp_path: P
         out = await env.pipeline.run(spec, sink)
         assert out.status == "refunded" and out.cause == "post_failed"
         assert await env.balance(spec.user_id) == 10
-        job = await env.store.get_job(spec.job_id)
+        job = await env.store.jobs.get(spec.job_id)
         assert job is not None and job.api_charged  # the API billed it; the budget keeps it
 
 
@@ -412,20 +412,20 @@ async def test_reservation_with_an_unknown_outcome_is_refunded(tmp_path: Path) -
     """The reservation was written but its caller saw an error (a connection lost at COMMIT):
     the member is told 'not charged', and a background refund makes that true."""
     async with pipeline_env(tmp_path) as env:
-        real_reserve = env.store.reserve
+        real_reserve = env.store.ledger.reserve
 
         async def reserve_then_fail(req: Any) -> Any:
             await real_reserve(req)
             raise ConnectionResetError("connection lost while committing")
 
-        env.store.reserve = reserve_then_fail  # type: ignore[method-assign]
+        env.store.ledger.reserve = reserve_then_fail  # type: ignore[method-assign]
         sink = FakeSink()
         spec = env.spec()
         outcome = await env.pipeline.run(spec, sink)
         assert outcome.status == "rejected" and outcome.cause == "internal"
         assert sink.kinds() == ["failed"] and sink.events[0][2] == 0
         assert "not charged" in sink.events[0][1].user_message("en")
-        job = await eventually(lambda: env.store.get_job(spec.job_id),
+        job = await eventually(lambda: env.store.jobs.get(spec.job_id),
                                lambda j: j is not None and j.state == "refunded")
         assert job.failure_cause == "internal"
         assert await env.balance(spec.user_id) == 10
@@ -437,11 +437,11 @@ async def test_unsure_refund_leaves_another_process_s_job_alone(tmp_path: Path) 
         spec = env.spec()
         _, other = env.next_process("w2")  # not started: it only reserves
         env.pipeline.queue.stop_claiming()  # keep the job waiting
-        await env.store.reserve(other._reserve_request(spec))  # w2 received this job
+        await env.store.ledger.reserve(other._reserve_request(spec))  # w2 received this job
         assert not await env.pipeline._refund_if_ours(spec.job_id)
-        job = await env.store.get_job(spec.job_id)
+        job = await env.store.jobs.get(spec.job_id)
         assert job is not None and job.state == "accepted"
-        assert await env.store.refund(spec.job_id, cause="test")
+        assert await env.store.ledger.refund(spec.job_id, cause="test")
 
 
 async def test_images_are_checked_a_few_jobs_at_a_time_in_arrival_order(
@@ -520,7 +520,7 @@ async def test_jobs_checked_when_shutdown_begins_are_not_reserved(
         release.set()
         outcome = await task
         assert outcome.status == "rejected" and outcome.cause == "shutdown"
-        assert await env.store.get_job(spec.job_id) is None  # nothing reserved, nothing to refund
+        assert await env.store.jobs.get(spec.job_id) is None  # nothing reserved, nothing to refund
 
 
 async def _value(v: Any) -> Any:

@@ -60,7 +60,7 @@ def req(job_id: int, guild_id: int = G, user_id: int = U, **kw: Any) -> ReserveR
 
 async def _attempt(store: Store, request: ReserveRequest) -> Reservation | KontextError:
     try:
-        return await store.reserve(request)
+        return await store.ledger.reserve(request)
     except KontextError as err:
         return err
 
@@ -85,10 +85,10 @@ async def test_one_credit_many_concurrent_reserves(
     errors = [r for r in results if not isinstance(r, Reservation)]
     assert len(wins) == 1 and len(errors) == 99
     assert all(isinstance(e, expected_errors) for e in errors), Counter(type(e) for e in errors)
-    status = await store.member_status(G, U)
+    status = await store.credits.member_status(G, U)
     assert (status.balance, status.inflight) == (0, 1)
-    assert await store.count_active_jobs() == 1
-    assert await store.check_invariants() == []
+    assert await store.jobs.count_active() == 1
+    assert await store.audit.check_invariants() == []
 
 
 # --- (b) one interaction delivered 20 times at once -------------------------------------------------
@@ -99,14 +99,14 @@ async def test_same_interaction_concurrently(store: Store) -> None:
     wins = [r for r in results if isinstance(r, Reservation)]
     assert len(wins) == 1
     assert all(isinstance(r, JobAlreadyExists) for r in results if r not in wins)
-    assert (await store.member_status(G, U)).balance == 9
+    assert (await store.credits.member_status(G, U)).balance == 9
     async with store.db.read() as conn:
         reserve_rows = await conn.scalar(
             select(func.count()).where(ledger.c.kind == "reserve", ledger.c.job_id == 77)
         )
         job_rows = await conn.scalar(select(func.count()).select_from(jobs))
     assert (reserve_rows, job_rows) == (1, 1)
-    assert await store.check_invariants() == []
+    assert await store.audit.check_invariants() == []
 
 
 # --- (c) random interleavings ---------------------------------------------------------------------
@@ -166,14 +166,14 @@ class Outcomes:
 
 
 async def _commit(store: Store, job_id: int, out: Outcomes) -> None:
-    if await store.commit(job_id, result_message_id=job_id, result_channel_id=CH):
+    if await store.ledger.commit(job_id, result_message_id=job_id, result_channel_id=CH):
         out.committed[job_id] += 1
 
 
 async def _refund(
     store: Store, job_id: int, out: Outcomes, api_charged: bool = False, clear: bool = True
 ) -> None:
-    if await store.refund(job_id, cause="api_error", api_charged=api_charged, clear_cooldown=clear):
+    if await store.ledger.refund(job_id, cause="api_error", api_charged=api_charged, clear_cooldown=clear):
         out.refunded[job_id] += 1
 
 
@@ -181,11 +181,11 @@ async def _run_op(store: Store, clock: FakeClock, op: tuple[Any, ...], out: Outc
     kind = op[0]
     if kind == "grant":
         guild, user = MEMBERS[op[1]]
-        await store.grant(guild, user, op[2], actor_id=1)
+        await store.credits.grant(guild, user, op[2], actor_id=1)
         out.granted += op[2]
     elif kind == "revoke":
         guild, user = MEMBERS[op[1]]
-        taken, balance = await store.revoke(guild, user, op[2], actor_id=1)
+        taken, balance = await store.credits.revoke(guild, user, op[2], actor_id=1)
         assert 0 <= taken <= op[2] and balance >= 0
         out.revoked += taken
     elif kind == "reserve":
@@ -216,7 +216,7 @@ async def _interleavings(backend: str, plan: list[list[tuple[Any, ...]]]) -> Non
         out = Outcomes()
         for batch in plan:
             await asyncio.gather(*(_run_op(store, clock, op, out) for op in batch))
-        assert await store.check_invariants() == []
+        assert await store.audit.check_invariants() == []
         assert all(n == 1 for n in out.reserved.values())  # each job charged at most once
         assert all(n == 1 for n in out.committed.values())
         assert all(n == 1 for n in out.refunded.values())
@@ -317,10 +317,10 @@ async def _two_processes(url: str) -> None:
         assert len(res["ok"]) + sum(res["errors"].values()) == len(ids)
         assert set(res["errors"]) <= {"insufficient_credits", "duplicate"}
     async with await Store.open(url, make_settings(**overrides)) as store:
-        status = await store.member_status(G, U)
+        status = await store.credits.member_status(G, U)
         assert (status.balance, status.inflight) == (0, 0)
-        assert len(await store.jobs_in_state("posted")) == 50
-        assert await store.check_invariants() == []
+        assert len(await store.jobs.in_state("posted")) == 50
+        assert await store.audit.check_invariants() == []
 
 
 async def test_two_processes_sqlite(tmp_path: Path) -> None:

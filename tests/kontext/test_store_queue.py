@@ -1,4 +1,4 @@
-"""The shared queue in the database (kontext/store_queue.py), on SQLite and Postgres.
+"""The shared queue in the database (kontext/store/queue.py, kontext/store/leases.py), on SQLite and Postgres.
 
 Claims honour the account's global limits and member fairness; leases fence every change; a
 lease that expired by the database's clock is taken over with a new epoch; a process that lost
@@ -12,7 +12,7 @@ from typing import Any
 
 from kontext.schema import jobs
 from kontext.store import ReserveRequest, Store
-from kontext.store_queue import OWNER_ACCOUNT, AccountLimits, Lease
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits, Lease
 
 G = 1
 
@@ -37,36 +37,36 @@ async def test_fair_order_a_members_second_job_waits_behind_everyone_s_first(
 ) -> None:
     store = await open_store(store_factory)
     for job_id, user in ((1, 100), (2, 100), (3, 100), (4, 200), (5, 300)):
-        await store.reserve(req(job_id, user))
-    view = await store.queue_view()
+        await store.ledger.reserve(req(job_id, user))
+    view = await store.queue.view()
     assert view.waiting == [1, 4, 5, 2, 3]
     claimed = []
     for _ in range(5):
-        claim = await store.claim_next("w1", limits(concurrent=5), lease_s=30)
+        claim = await store.queue.claim_next("w1", limits(concurrent=5), lease_s=30)
         assert claim.job is not None
         claimed.append(claim.job.id)
     assert claimed == [1, 4, 5, 2, 3]
-    assert (await store.claim_next("w1", limits(concurrent=5), lease_s=30)).empty
+    assert (await store.queue.claim_next("w1", limits(concurrent=5), lease_s=30)).empty
 
 
 async def test_global_concurrency_and_rpm_hold_across_workers(store_factory: Any) -> None:
     store = await open_store(store_factory)
     for job_id in range(1, 6):
-        await store.reserve(req(job_id, 100 + job_id))
-    first = await store.claim_next("a", limits(concurrent=2), lease_s=30)
-    second = await store.claim_next("b", limits(concurrent=2), lease_s=30)
+        await store.ledger.reserve(req(job_id, 100 + job_id))
+    first = await store.queue.claim_next("a", limits(concurrent=2), lease_s=30)
+    second = await store.queue.claim_next("b", limits(concurrent=2), lease_s=30)
     assert first.job and second.job
-    full = await store.claim_next("a", limits(concurrent=2), lease_s=30)
+    full = await store.queue.claim_next("a", limits(concurrent=2), lease_s=30)
     assert full.job is None and not full.empty and full.wait_s == 0
     assert first.lease is not None
-    assert await store.api_done(first.lease)  # its API call ended: the slot is free
-    third = await store.claim_next("b", limits(concurrent=2), lease_s=30)
+    assert await store.leases.api_done(first.lease)  # its API call ended: the slot is free
+    third = await store.queue.claim_next("b", limits(concurrent=2), lease_s=30)
     assert third.job is not None
     # three starts in the window: with rpm 3 the next one waits about a minute
-    held = await store.claim_next("a", limits(concurrent=5, rpm=3), lease_s=30)
+    held = await store.queue.claim_next("a", limits(concurrent=5, rpm=3), lease_s=30)
     assert held.job is None and 55 < held.wait_s <= 60
-    await store.hold_account(OWNER_ACCOUNT, 30)  # a 429, for every process
-    blocked = await store.claim_next("a", limits(concurrent=5), lease_s=30)
+    await store.queue.hold_account(OWNER_ACCOUNT, 30)  # a 429, for every process
+    blocked = await store.queue.claim_next("a", limits(concurrent=5), lease_s=30)
     assert blocked.job is None and 25 < blocked.wait_s <= 30
 
 
@@ -76,63 +76,63 @@ async def test_a_queue_full_reservation_is_refused_and_nothing_is_charged(
     from kontext.errors import QueueFull
 
     store = await store_factory(cooldown_seconds=0, max_queue_size=2)
-    await store.reserve(req(1, 101))
-    await store.reserve(req(2, 102))
+    await store.ledger.reserve(req(1, 101))
+    await store.ledger.reserve(req(2, 102))
     try:
-        await store.reserve(req(3, 103))
+        await store.ledger.reserve(req(3, 103))
     except QueueFull:
         pass
     else:
         raise AssertionError("the third job should not fit")
-    assert await store.get_job(3) is None
-    assert await store.count_waiting() == 2
-    assert await store.check_invariants() == []
+    assert await store.jobs.get(3) is None
+    assert await store.queue.count_waiting() == 2
+    assert await store.audit.check_invariants() == []
 
 
 async def test_fencing_a_lost_lease_changes_nothing(store_factory: Any) -> None:
     store = await open_store(store_factory)
-    await store.reserve(req(1, 100))
-    claim = await store.claim_next("a", limits(), lease_s=0.2)
+    await store.ledger.reserve(req(1, 100))
+    claim = await store.queue.claim_next("a", limits(), lease_s=0.2)
     assert claim.job is not None and claim.lease is not None
     old = claim.lease
     await asyncio.sleep(0.3)  # the lease expires by the database's clock
-    taken = await store.take_over_expired("b", lease_s=30)
+    taken = await store.leases.take_over_expired("b", lease_s=30)
     assert [(job.id, lease.owner) for job, lease in taken] == [(1, "b")]
     new = taken[0][1]
     assert new.epoch == old.epoch + 1
     # the old holder can neither renew, store a request id, commit, refund nor let go
-    assert await store.renew_leases("a", 30) == {}
-    assert not await store.set_api_request(1, "rid", lease=old)
-    assert not await store.commit(1, result_message_id=9, result_channel_id=5, lease=old)
-    assert not await store.refund(1, cause="x", lease=old)
-    assert not await store.let_go(old)
-    assert not await store.holds(old) and await store.holds(new)
+    assert await store.leases.renew("a", 30) == {}
+    assert not await store.jobs.set_api_request(1, "rid", lease=old)
+    assert not await store.ledger.commit(1, result_message_id=9, result_channel_id=5, lease=old)
+    assert not await store.ledger.refund(1, cause="x", lease=old)
+    assert not await store.leases.let_go(old)
+    assert not await store.leases.holds(old) and await store.leases.holds(new)
     # the new holder can
-    assert await store.renew_leases("b", 30) == {1: new.epoch}
-    assert await store.commit(1, result_message_id=9, result_channel_id=5, lease=new)
-    assert await store.check_invariants() == []
+    assert await store.leases.renew("b", 30) == {1: new.epoch}
+    assert await store.ledger.commit(1, result_message_id=9, result_channel_id=5, lease=new)
+    assert await store.audit.check_invariants() == []
 
 
 async def test_a_live_lease_is_not_taken_over(store_factory: Any) -> None:
     store = await open_store(store_factory)
-    await store.reserve(req(1, 100))
-    claim = await store.claim_next("a", limits(), lease_s=30)
+    await store.ledger.reserve(req(1, 100))
+    claim = await store.queue.claim_next("a", limits(), lease_s=30)
     assert claim.job is not None
-    assert await store.take_over_expired("b", lease_s=30) == []
-    assert claim.lease is not None and await store.let_go(claim.lease)  # a clean handover
-    taken = await store.take_over_expired("b", lease_s=30)
+    assert await store.leases.take_over_expired("b", lease_s=30) == []
+    assert claim.lease is not None and await store.leases.let_go(claim.lease)  # a clean handover
+    taken = await store.leases.take_over_expired("b", lease_s=30)
     assert [lease.owner for _, lease in taken] == ["b"]
 
 
 async def test_requeue_puts_an_unsent_job_back_and_frees_its_rpm_start(store_factory: Any) -> None:
     store = await open_store(store_factory)
-    await store.reserve(req(1, 100))
-    claim = await store.claim_next("a", limits(rpm=1), lease_s=30)
+    await store.ledger.reserve(req(1, 100))
+    claim = await store.queue.claim_next("a", limits(rpm=1), lease_s=30)
     assert claim.lease is not None
-    assert await store.requeue(claim.lease)
-    job = await store.get_job(1)
+    assert await store.leases.requeue(claim.lease)
+    job = await store.jobs.get(1)
     assert job is not None and job.state == "accepted" and not job.api_charged
-    again = await store.claim_next("b", limits(rpm=1), lease_s=30)
+    again = await store.queue.claim_next("b", limits(rpm=1), lease_s=30)
     assert again.job is not None and again.lease is not None
     assert again.lease.epoch == claim.lease.epoch + 1
 
@@ -142,48 +142,48 @@ async def test_refund_after_a_claim_keeps_the_budget_unless_nothing_was_generate
 ) -> None:
     store = await open_store(store_factory)
     for job_id in (1, 2):
-        await store.reserve(req(job_id, 100 + job_id))
-    a = await store.claim_next("a", limits(), lease_s=30)
-    b = await store.claim_next("a", limits(), lease_s=30)
+        await store.ledger.reserve(req(job_id, 100 + job_id))
+    a = await store.queue.claim_next("a", limits(), lease_s=30)
+    b = await store.queue.claim_next("a", limits(), lease_s=30)
     assert a.lease and b.lease
     # not known (a shutdown mid-call): the database's record stands: billed
-    assert await store.refund(1, cause="shutdown", api_charged=None, lease=a.lease)
+    assert await store.ledger.refund(1, cause="shutdown", api_charged=None, lease=a.lease)
     # the answer proves nothing was generated (a 400): the budget share comes back
-    assert await store.refund(2, cause="api_bad_request", api_charged=False, lease=b.lease)
-    one, two = await store.get_job(1), await store.get_job(2)
+    assert await store.ledger.refund(2, cause="api_bad_request", api_charged=False, lease=b.lease)
+    one, two = await store.jobs.get(1), await store.jobs.get(2)
     assert one is not None and one.api_charged and two is not None and not two.api_charged
-    budget = await store.budget_status()
+    budget = await store.budgets.status()
     assert budget.reserved_usd == 0.10
-    assert await store.check_invariants() == []
+    assert await store.audit.check_invariants() == []
 
 
 async def test_waiting_refund_only_touches_a_job_still_waiting(store_factory: Any) -> None:
     store = await open_store(store_factory)
-    await store.reserve(req(1, 100))
-    claim = await store.claim_next("a", limits(), lease_s=30)
+    await store.ledger.reserve(req(1, 100))
+    claim = await store.queue.claim_next("a", limits(), lease_s=30)
     assert claim.job is not None
-    assert not await store.refund(1, cause="queue_timeout", waiting_only=True)
-    assert not await store.refund(1, cause="nobody's")  # claimed: not an unleased job
+    assert not await store.ledger.refund(1, cause="queue_timeout", waiting_only=True)
+    assert not await store.ledger.refund(1, cause="nobody's")  # claimed: not an unleased job
     async with store.db.write() as conn:  # it waited long ago
         await conn.execute(jobs.update().values(queued_at=jobs.c.queued_at - 3600))
-    await store.reserve(req(2, 200))
+    await store.ledger.reserve(req(2, 200))
     async with store.db.write() as conn:
         await conn.execute(
             jobs.update().where(jobs.c.id == 2).values(queued_at=jobs.c.queued_at - 3600)
         )
-    expired = await store.expired_waiting(1800)
+    expired = await store.queue.expired_waiting(1800)
     assert [j.id for j in expired] == [2]
-    assert await store.refund(2, cause="queue_timeout", waiting_only=True)
+    assert await store.ledger.refund(2, cause="queue_timeout", waiting_only=True)
 
 
 async def test_invariants_see_a_lease_held_by_a_retired_worker(store_factory: Any) -> None:
     store = await open_store(store_factory)
-    await store.register_worker("a")
-    await store.reserve(req(1, 100))
-    claim = await store.claim_next("a", limits(), lease_s=30)
+    await store.audit.register_worker("a")
+    await store.ledger.reserve(req(1, 100))
+    claim = await store.queue.claim_next("a", limits(), lease_s=30)
     assert claim.job is not None
-    assert await store.check_invariants() == []
-    await store.retire_worker("a")
-    problems = await store.check_invariants()
+    assert await store.audit.check_invariants() == []
+    await store.audit.retire_worker("a")
+    problems = await store.audit.check_invariants()
     assert any("retired" in p for p in problems), problems
     assert isinstance(claim.lease, Lease)

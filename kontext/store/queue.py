@@ -1,25 +1,17 @@
-"""The shared job queue in the database: claims, leases with fencing, API accounts.
+"""The shared job queue in the database: claims under the API accounts' limits, and the accounts.
 
 Every process of the bot on one database serves one queue:
 
 * a reserved job waits as a row in state ``accepted`` (no lease), ordered fairly: a member's
   second unfinished job waits behind everyone's first, then by arrival (``queued_at``);
-* :meth:`QueueMixin.claim_next` takes the next job for a process, under the API account's global
+* :meth:`QueueStore.claim_next` takes the next job for a process, under the API account's global
   limits (``MAX_CONCURRENT_JOBS`` generations in progress, ``SEGMIND_RPM`` starts in any 60 s,
-  the account's pause and 429 hold) and gives it a *lease*: the owner (the worker id), a fresh
-  *epoch* (``lease_epoch + 1`` at every claim or takeover) and an expiry by **the database's
-  clock**. Claims are serialized (a Postgres advisory transaction lock; SQLite's write lock), so
-  the limits hold across processes;
-* the holder renews its leases (:meth:`QueueMixin.renew_leases`); a running job whose lease
-  expired is taken over by another process (:meth:`QueueMixin.take_over_expired`), which bumps
-  the epoch;
-* every change after the claim names the lease (:class:`Lease`): it is a conditional update
-  ``WHERE lease_owner = :owner AND lease_epoch = :epoch``, so a process that lost a job can change
-  nothing of it any more.
+  the account's pause and 429 hold) and gives it a *lease* (:mod:`kontext.store.leases`: the
+  owner, a fresh epoch, an expiry by **the database's clock**). Claims are serialized (a
+  Postgres advisory transaction lock; SQLite's write lock), so the limits hold across processes.
 
 No process's own clock decides anything here: expiries and the RPM window are compared with the
-database's ``now`` (Postgres: ``clock_timestamp()``; SQLite, which lives on one machine, the
-machine's clock as SQLite reads it).
+database's ``now`` (:func:`kontext.store.base.db_now`).
 """
 
 from __future__ import annotations
@@ -28,7 +20,6 @@ import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -38,7 +29,6 @@ from sqlalchemy import (
     Text,
     bindparam,
     func,
-    or_,
     select,
     text,
     update,
@@ -46,8 +36,9 @@ from sqlalchemy import (
 
 from kontext.db import execute
 from kontext.schema import api_accounts, jobs
-from kontext.store_base import StoreBase, _db_now, job_from_row
-from kontext.store_types import Job
+from kontext.store.base import StoreContext, db_now, job_from_row
+from kontext.store.leases import api_done_tx, read_db_now
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits, Claim, Job, Lease, QueueView
 from kontext.vocab import JobState
 
 _j = jobs.c
@@ -55,68 +46,7 @@ _a = api_accounts.c
 
 #: Key of the Postgres advisory lock that serializes claims ("KQueue" in ASCII).
 QUEUE_LOCK_KEY = 0x4B5175657565
-OWNER_ACCOUNT = "owner"
 RPM_WINDOW_S = 60.0
-
-
-def db_now(dialect: str) -> Any:
-    """The database's clock as epoch seconds (a SQL expression)."""
-    return _db_now(dialect)
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A process's hold on one job: every change it makes names it."""
-
-    job_id: int
-    owner: str
-    epoch: int
-
-    def params(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "owner": self.owner, "epoch": self.epoch}
-
-
-@dataclass(frozen=True, slots=True)
-class AccountLimits:
-    """One API account's limits (the owner's from the settings)."""
-
-    account: str
-    max_concurrent: int
-    rpm: int
-
-
-@dataclass(slots=True)
-class Claim:
-    """What :meth:`QueueMixin.claim_next` found: a job, or why none (and for how long)."""
-
-    job: Job | None = None
-    lease: Lease | None = None
-    #: nothing waits
-    empty: bool = False
-    #: the account is paused (it needs its owner)
-    paused: bool = False
-    #: seconds until a start may be allowed (RPM window, 429 hold); 0 when at the slot limit
-    wait_s: float = 0.0
-
-
-@dataclass(slots=True)
-class QueueView:
-    """The whole bot's queue as the members see it (positions, ETAs)."""
-
-    now: float  # the database's clock when read
-    waiting: list[int] = field(default_factory=list)  # job ids in the order they will start
-    running_started: list[float] = field(default_factory=list)  # generations in progress
-    waiting_members: dict[tuple[int, int], int] = field(default_factory=dict)
-    blocked_until: float = 0.0
-    paused: bool = False
-    recent_starts: list[float] = field(default_factory=list)  # starts in the RPM window, oldest first
-
-    def position(self, job_id: int) -> tuple[int, int]:
-        """``(position, waiting)``: 1-based place among the waiting jobs; 0 once it left."""
-        try:
-            return self.waiting.index(job_id) + 1, len(self.waiting)
-        except ValueError:
-            return 0, len(self.waiting)
 
 
 def fair_order(rows: list[Any], running: Counter[tuple[int, int]]) -> list[Any]:
@@ -133,25 +63,26 @@ def fair_order(rows: list[Any], running: Counter[tuple[int, int]]) -> list[Any]:
 
 
 class QueueStatements:
-    """The claim's statements, built once per dialect (run through :func:`kontext.db.execute`)."""
+    """The claim's statements, built once per dialect (run through :func:`kontext.db.execute`),
+    each with its bind parameters named where it is built."""
 
     def __init__(self, dialect: str) -> None:
         acct = bindparam("acct", type_=Text)
-        #: no params. The database's clock.
+        # the database's clock
         self.now = select(db_now(dialect).label("now"))
-        #: no params. Every waiting job, oldest first.
+        # every waiting job, oldest first
         self.waiting = (
             select(_j.id, _j.guild_id, _j.user_id, _j.queued_at, _j.account)
             .where(_j.state == JobState.ACCEPTED)
             .order_by(_j.queued_at, _j.id)
         )
-        #: params: acct. The account's shared state (paused, 429 hold), if any.
+        # the account's shared state (paused, 429 hold), if any
         self.account = select(_a.id, _a.paused, _a.blocked_until).where(_a.id == acct)
-        #: params: acct. The account's running jobs (their members; still at the API or not).
+        # the account's running jobs (their members; still at the API or not)
         self.running = select(_j.guild_id, _j.user_id, _j.api_done_at).where(
             _j.state == JobState.RUNNING, _j.account == acct
         )
-        #: params: acct, since. Starts in the RPM window.
+        # starts in the RPM window
         self.starts = (
             select(func.count())
             .select_from(jobs)
@@ -159,7 +90,7 @@ class QueueStatements:
         )
         now = bindparam("now", type_=Double)
         owner = bindparam("owner", type_=Text)
-        #: params: job_id, owner, expires, now. accepted → running with a new lease.
+        # accepted → running with a new lease
         self.claim = (
             update(jobs)
             .where(_j.id == bindparam("job_id", type_=BigInteger), _j.state == JobState.ACCEPTED)
@@ -181,21 +112,22 @@ def queue_statements(dialect: str) -> QueueStatements:
     return QueueStatements(dialect)
 
 
-class QueueMixin(StoreBase):
-    """The shared queue: :meth:`claim_next`, leases, takeovers and the API accounts' state."""
+class QueueStore:
+    """``store.queue``: :meth:`claim_next`, the queue's views, and the API accounts' state."""
 
-    @property
-    def _queue_sql(self) -> QueueStatements:
-        return queue_statements(self.db.dialect)
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
+        self._queue_sql = queue_statements(ctx.dialect)
 
     def _now_sql(self) -> Any:
-        return db_now(self.db.dialect)
+        return db_now(self.ctx.dialect)
 
     def _db_now(self, conn: Connection) -> float:
-        return float(conn.execute(select(self._now_sql())).scalar_one())
+        return read_db_now(conn, self.ctx.dialect)
 
     def _lock_queue(self, conn: Connection) -> None:
-        if self.db.dialect == "postgresql":
+        if self.ctx.dialect == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": QUEUE_LOCK_KEY})
         # SQLite: the transaction began with BEGIN IMMEDIATE (the write lock)
 
@@ -218,14 +150,15 @@ class QueueMixin(StoreBase):
         refund that proves nothing was generated gives the budget back).
 
         ``done``: a job of this worker whose API call just ended: its slot is freed in the same
-        transaction (:meth:`api_done`), so a freed slot is taken again in one round trip.
+        transaction (:meth:`kontext.store.leases.LeaseStore.api_done`), so a freed slot is
+        taken again in one round trip.
         """
         every = [limits] if isinstance(limits, AccountLimits) else list(limits)
         return await self.db.transact(
-            lambda conn: self._claim_tx(conn, worker_id, every, lease_s, done)
+            lambda conn: self.claim_tx(conn, worker_id, every, lease_s, done)
         )
 
-    def _claim_tx(
+    def claim_tx(
         self,
         conn: Connection,
         worker_id: str,
@@ -233,9 +166,10 @@ class QueueMixin(StoreBase):
         lease_s: float,
         done: Lease | None = None,
     ) -> Claim:
+        """:meth:`claim_next` inside a transaction (the ledger's reserve claims in its own)."""
         self._lock_queue(conn)
         if done is not None:
-            execute(conn, self._sql.api_done, done.params())
+            api_done_tx(conn, self.ctx.dialect, done)
         q = self._queue_sql
         now = float(execute(conn, q.now, {}).scalar_one())
         known = {lim.account: lim for lim in every}
@@ -307,7 +241,7 @@ class QueueMixin(StoreBase):
                 return Claim(job=job, lease=Lease(job.id, worker_id, int(claimed.lease_epoch)))
         return Claim(empty=True)  # pragma: no cover - the rows were read under the queue lock
 
-    async def queue_view(self, account: str = OWNER_ACCOUNT) -> QueueView:
+    async def view(self, account: str = OWNER_ACCOUNT) -> QueueView:
         """Every waiting job in start order, the generations in progress, the account's state."""
         async with self.db.read() as conn:
             now = float((await conn.execute(select(self._now_sql()))).scalar_one())
@@ -365,101 +299,6 @@ class QueueMixin(StoreBase):
                 ).scalar_one()
             )
 
-    # --- leases -------------------------------------------------------------------------------
-
-    async def renew_leases(self, worker_id: str, lease_s: float) -> dict[int, int]:
-        """Extend every lease ``worker_id`` still holds; returns ``{job_id: epoch}`` of those."""
-
-        def tx(conn: Connection) -> dict[int, int]:
-            now = self._db_now(conn)
-            rows = conn.execute(
-                update(jobs)
-                .where(_j.lease_owner == worker_id, _j.state == JobState.RUNNING)
-                .values(lease_expires_at=now + lease_s)
-                .returning(_j.id, _j.lease_epoch)
-            ).all()
-            return {int(r.id): int(r.lease_epoch) for r in rows}
-
-        return await self.db.transact(tx)
-
-    async def take_over_expired(
-        self, worker_id: str, lease_s: float, *, limit: int = 20
-    ) -> list[tuple[Job, Lease]]:
-        """Take running jobs whose lease expired (by the database's clock) or was let go.
-
-        Each is moved with a conditional update on the epoch it was seen with, so when several
-        processes sweep at once every job goes to exactly one of them, with a new epoch.
-        """
-
-        def tx(conn: Connection) -> list[tuple[Job, Lease]]:
-            now = self._db_now(conn)
-            seen = conn.execute(
-                select(_j.id, _j.lease_epoch)
-                .where(
-                    _j.state == JobState.RUNNING,
-                    or_(
-                        _j.lease_owner.is_(None),
-                        _j.lease_expires_at.is_(None),
-                        _j.lease_expires_at < now,
-                    ),
-                )
-                .order_by(_j.started_at, _j.id)
-                .limit(limit)
-            ).all()
-            taken: list[tuple[Job, Lease]] = []
-            for row in seen:
-                moved = conn.execute(
-                    update(jobs)
-                    .where(
-                        _j.id == row.id,
-                        _j.state == JobState.RUNNING,
-                        _j.lease_epoch == row.lease_epoch,
-                    )
-                    .values(
-                        lease_owner=worker_id,
-                        lease_epoch=_j.lease_epoch + 1,
-                        lease_expires_at=now + lease_s,
-                        worker_id=worker_id,
-                    )
-                    .returning(*jobs.columns)
-                ).first()
-                if moved is not None:
-                    job = job_from_row(moved)
-                    taken.append((job, Lease(job.id, worker_id, int(moved.lease_epoch))))
-            return taken
-
-        return await self.db.transact(tx)
-
-    async def let_go(self, lease: Lease) -> bool:
-        """Give a running job's lease up (clean shutdown): the next process takes it at once."""
-        return await self._job_update(
-            self._sql.let_go,
-            lease.params(),
-        )
-
-    async def requeue(self, lease: Lease) -> bool:
-        """Put a claimed job whose request was never sent back in the queue (fenced)."""
-        return await self._job_update(self._sql.requeue, lease.params())
-
-    async def api_done(self, lease: Lease) -> bool:
-        """The API answered: the job no longer holds one of the account's slots."""
-        return await self._job_update(self._sql.api_done, lease.params())
-
-    async def holds(self, lease: Lease) -> bool:
-        """True while ``lease`` is still the job's lease (a read; the database's truth)."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    select(_j.lease_owner, _j.lease_epoch, _j.state).where(_j.id == lease.job_id)
-                )
-            ).first()
-        return (
-            row is not None
-            and row.state == JobState.RUNNING
-            and row.lease_owner == lease.owner
-            and int(row.lease_epoch) == lease.epoch
-        )
-
     async def expired_waiting(self, max_wait_s: float, *, limit: int = 50) -> list[Job]:
         """Waiting jobs older than ``max_wait_s`` by the database's clock (to refund)."""
         async with self.db.read() as conn:
@@ -494,7 +333,7 @@ class QueueMixin(StoreBase):
             ).rowcount
             if not done:
                 conn.execute(
-                    self._insert(api_accounts)
+                    self.ctx.insert(api_accounts)
                     .values(id=account, updated_at=now, **values)
                     .on_conflict_do_nothing(index_elements=["id"])
                 )
@@ -510,7 +349,7 @@ class QueueMixin(StoreBase):
             row = conn.execute(select(_a.blocked_until).where(_a.id == account)).first()
             if row is None:
                 conn.execute(
-                    self._insert(api_accounts)
+                    self.ctx.insert(api_accounts)
                     .values(id=account, blocked_until=until, updated_at=now)
                     .on_conflict_do_nothing(index_elements=["id"])
                 )

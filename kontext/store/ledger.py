@@ -1,32 +1,50 @@
-"""The persistence API of the bot: credits ledger, jobs, server settings, workers and stats.
+"""A job's money: its reservation, its commit or refund (the ledger's job rows), fenced.
 
 Discord-free. Every balance change happens inside one transaction together with its ledger row,
 and every check that guards money is part of a conditional ``UPDATE … WHERE … RETURNING``, so
 concurrent tasks and processes can never overdraw a member, charge a job twice, or pass the daily
 budget. The job id is the Discord interaction id; inserting it is the idempotency key.
 
-Lifecycle of a job: :meth:`Store.reserve` (state ``accepted``, credits held, budget reserved) →
-:meth:`Store.mark_running` → :meth:`Store.commit` (``posted``) or :meth:`Store.refund`
-(``refunded``, or ``failed`` when it cost nothing). Both ends are idempotent and exclusive.
+Lifecycle of a job: :meth:`Ledger.reserve` (state ``accepted``, credits held, budget reserved) →
+a claim (:mod:`kontext.store.queue`) → :meth:`Ledger.commit` (``posted``) or
+:meth:`Ledger.refund` (``refunded``, or ``failed`` when it cost nothing). Both ends are
+idempotent and exclusive, and fenced by the job's lease (:mod:`kontext.store.leases`).
 
-The money transactions are synchronous bodies run by :meth:`kontext.db.Database.transact` (one
-hop off the event loop on SQLite, with group commit; ``run_sync`` on Postgres), built from the
-prebuilt statements of :class:`kontext.store_base.Statements`.
+The transactions are synchronous bodies run by :meth:`kontext.db.Database.transact` (one hop off
+the event loop on SQLite, with group commit; ``run_sync`` on Postgres); an exception raised in a
+body rolls the whole transaction back. Their statements (:class:`LedgerStatements`) are built
+once per dialect in this module, beside the transactions that bind them; the members' rows
+(:mod:`kontext.store.credits`) and the budgets (:mod:`kontext.store.budgets`) bring theirs.
 
-The parts live in ``store_settings.py`` (server settings), ``store_admin.py`` (workers, stats,
-invariants), ``store_base.py`` and ``store_types.py`` (the dataclasses, re-exported here).
+Why one file of ~550 lines: :meth:`precheck` must refuse exactly what :meth:`reserve` would, and
+:meth:`refund` undoes exactly what :meth:`reserve` booked; they are read side by side.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import time
-from collections.abc import Callable
-from typing import Any, Self
+from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Double,
+    Integer,
+    String,
+    Text,
+    and_,
+    case,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 
-from kontext.db import Database, execute
+from kontext.db import execute
 from kontext.errors import (
     BudgetExhausted,
     GuildBudgetExhausted,
@@ -37,110 +55,212 @@ from kontext.errors import (
     QueueFull,
     TooManyJobs,
 )
-from kontext.schema import bot_meta, run_migrations
-from kontext.settings import Settings
-from kontext.store_admin import AdminMixin
-from kontext.store_base import fence_params
-from kontext.store_members import MembersMixin
-from kontext.store_owner import OwnerMixin
-from kontext.store_queue import OWNER_ACCOUNT, Lease, QueueMixin
-from kontext.store_settings import GuildSettingsMixin
-from kontext.store_types import (
-    BudgetStatus,
+from kontext.schema import (
+    budget_days,
+    guild_budget_days,
+    guild_controls,
+    jobs,
+    members,
+)
+from kontext.store.base import StoreContext, bind, db_now, dialect_insert
+from kontext.store.budgets import Budgets
+from kontext.store.credits import Credits
+from kontext.store.guild_settings import GuildSettingsStore
+from kontext.store.leases import FENCES, fence_params
+from kontext.store.queue import QueueStore
+from kontext.store.types import (
+    OWNER_ACCOUNT,
     GuildSettings,
-    GuildStats,
-    Job,
-    LedgerEntry,
-    MemberStatus,
+    Lease,
     Reservation,
     ReserveRequest,
-    StatsWindow,
     until_midnight_utc,
     usd_to_micros,
     utc_day,
 )
 from kontext.vocab import JobState, LedgerKind
 
-#: the cap of a server without one (its spend is still booked, for the owner's listing)
-NO_CAP = 2**62
-
-__all__ = [
-    "BudgetStatus",
-    "GuildSettings",
-    "GuildStats",
-    "Job",
-    "Lease",
-    "LedgerEntry",
-    "MemberStatus",
-    "Reservation",
-    "ReserveRequest",
-    "StatsWindow",
-    "Store",
-]
+_m = members.c
+_j = jobs.c
+_b = budget_days.c
+_gb = guild_budget_days.c
+_gc = guild_controls.c
 
 
-class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin):
-    """The whole persistence API. Open with :meth:`open`, close with :meth:`close`."""
+class LedgerStatements:
+    """The statements of the money transactions, built once per dialect.
 
-    @classmethod
-    async def open(
-        cls,
-        url: str,
-        settings: Settings,
-        *,
-        engine_kwargs: dict[str, Any] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> Self:
-        """Connect to ``url`` (``DATABASE_URL`` form), apply pending migrations, return the store."""
-        db = Database.from_url(url, **(engine_kwargs or {}))
-        try:
-            await run_migrations(db, clock=clock)
-        except BaseException:
-            await db.dispose()
-            raise
-        return cls(db, settings, clock)
+    Each names its bind parameters where it is built (``bind("g", …)``); the transaction below
+    that runs it passes them by the same names.
+    """
 
-    async def close(self) -> None:
-        """Close the connection pool."""
-        await self.db.dispose()
+    def __init__(self, dialect: str) -> None:
+        g, u = bind("g", BigInteger), bind("u", BigInteger)
+        who = and_(_m.guild_id == g, _m.user_id == u)
+        now = bind("now", Double)
+        today = bind("today", Text)
+        cost = bind("cost", BigInteger)
+        inflight_minus_one = case((_m.inflight > 0, _m.inflight - 1), else_=0)
 
-    async def __aenter__(self) -> Self:
-        return self
+        # --- reserve ---
+        # the job's columns; returns ``id`` when inserted, nothing when it existed.
+        # ``queued_at`` is the database's clock (the queue's order and wait bound).
+        self.insert_job = (
+            dialect_insert(dialect, jobs)
+            .values(queued_at=db_now(dialect))
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(_j.id)
+        )
+        # the jobs waiting in the queue, every process's
+        self.count_waiting = (
+            select(func.count()).select_from(jobs).where(_j.state == JobState.ACCEPTED)
+        )
+        charge_where = (who, _m.balance >= cost, _m.inflight < bind("limit", Integer))
+        charge_values = {"balance": _m.balance - cost, "inflight": _m.inflight + 1}
+        # the conditional charge; returns the new balance
+        self.charge = (
+            update(members).where(*charge_where).values(**charge_values).returning(_m.balance)
+        )
+        # the charge that also checks the cooldown (against ``now``) and sets it (``until``)
+        self.charge_with_cooldown = (
+            update(members)
+            .where(*charge_where, or_(_m.cooldown_until.is_(None), _m.cooldown_until <= now))
+            .values(**charge_values, cooldown_until=bind("until", Double))
+            .returning(_m.balance)
+        )
+        # the owner's controls of the server (blocked, own budget), if any
+        self.guild_control = select(_gc.blocked, _gc.daily_budget_usd).where(_gc.guild_id == g)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        def one(column: Any, *where: Any) -> Any:
+            return select(column).where(*where).scalar_subquery()
 
-    async def get_meta(self, key: str) -> str | None:
-        """A small process-wide fact stored by :meth:`set_meta` (None when unset)."""
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(select(bot_meta.c.value).where(bot_meta.c.key == key))
-            ).first()
-        return None if row is None else str(row[0])
+        # everything :meth:`Ledger.precheck` reads, in one statement (one round trip): the
+        # owner's controls of the server, the member's row (NULLs when new), both budgets'
+        # spend today and the queue's length
+        self.precheck = select(
+            one(_gc.blocked, _gc.guild_id == g).label("blocked"),
+            one(_gc.daily_budget_usd, _gc.guild_id == g).label("guild_cap"),
+            one(_m.balance, who).label("balance"),
+            one(_m.inflight, who).label("inflight"),
+            one(_m.cooldown_until, who).label("cooldown_until"),
+            one(_m.last_daily, who).label("last_daily"),
+            one(_b.reserved_micros, _b.day == today).label("spent"),
+            one(_gb.reserved_micros, _gb.guild_id == g, _gb.day == today).label("guild_spent"),
+            select(func.count())
+            .select_from(jobs)
+            .where(_j.state == JobState.ACCEPTED)
+            .scalar_subquery()
+            .label("waiting"),
+        )
 
-    async def set_meta(self, key: str, value: str) -> None:
-        """Store ``value`` under ``key`` (insert or replace)."""
-        async with self.db.write() as conn:
-            changed = await conn.execute(
-                update(bot_meta)
-                .where(bot_meta.c.key == key)
-                .values(value=value, updated_at=self.now())
+        # --- commit (fenced: one statement per fence of kontext.store.leases.FENCES) ---
+        posted = {
+            "state": JobState.POSTED,
+            "api_charged": True,  # the API made the image that was posted: it billed it
+            "interaction_token": None,  # an ended job needs it no more: keep no live secret
+            "finished_at": now,
+            "result_message_id": bind("result_message", BigInteger),
+            "result_channel_id": bind("result_channel", BigInteger),
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        # returns guild_id, user_id
+        self.commit_job = {
+            name: update(jobs)
+            .where(where)
+            .values(**posted, duration_s=bind("duration", Double))
+            .returning(_j.guild_id, _j.user_id)
+            for name, where in FENCES.items()
+        }
+        # as commit_job without ``duration``: measured from start (or creation)
+        self.commit_job_timed = {
+            name: update(jobs)
+            .where(where)
+            .values(**posted, duration_s=now - func.coalesce(_j.started_at, _j.created_at))
+            .returning(_j.guild_id, _j.user_id)
+            for name, where in FENCES.items()
+        }
+        # one job fewer in flight; returns the balance
+        self.release_inflight = (
+            update(members).where(who).values(inflight=inflight_minus_one).returning(_m.balance)
+        )
+
+        # --- refund (fenced) ---
+        refunded = {
+            "state": case(
+                (_j.cost_credits == 0, literal(JobState.FAILED, String)),
+                else_=literal(JobState.REFUNDED, String),
+            ),
+            "failure_cause": bind("cause", Text),
+            "finished_at": now,
+            # ``billed``: true = the API billed it; false = the answer proves nothing was made;
+            # NULL = not known here: the database's record stands
+            "api_charged": func.coalesce(bind("billed", Boolean), _j.api_charged),
+            "interaction_token": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        # ends the job; returns what the refund needs
+        self.refund_job = {
+            name: update(jobs)
+            .where(where)
+            .values(**refunded)
+            .returning(
+                _j.guild_id,
+                _j.user_id,
+                _j.cost_credits,
+                _j.cost_usd_micros,
+                _j.cooldown_until,
+                _j.created_at,
+                _j.api_charged,
+                _j.account,
             )
-            if changed.rowcount == 0:
-                await conn.execute(
-                    self._insert(bot_meta)
-                    .values(key=key, value=value, updated_at=self.now())
-                    .on_conflict_do_nothing(index_elements=["key"])
-                )
+            for name, where in FENCES.items()
+        }
+        credit_back = {"balance": _m.balance + cost, "inflight": inflight_minus_one}
+        # credits back, one job fewer in flight; returns the balance
+        self.refund_member = update(members).where(who).values(**credit_back).returning(_m.balance)
+        # the same, and lifts the cooldown if it is still the one the job set (``job_cooldown``)
+        self.refund_member_clear_cooldown = (
+            update(members)
+            .where(who)
+            .values(
+                **credit_back,
+                cooldown_until=case(
+                    (_m.cooldown_until == bind("job_cooldown", Double), null()),
+                    else_=_m.cooldown_until,
+                ),
+            )
+            .returning(_m.balance)
+        )
 
-    async def ping(self) -> bool:
-        """True when the database answers."""
-        try:
-            async with self.db.read() as conn:
-                await conn.execute(select(1))
-            return True
-        except Exception:
-            return False
+
+@functools.cache
+def ledger_statements(dialect: str) -> LedgerStatements:
+    """The prebuilt statements for ``dialect`` (``"sqlite"`` or ``"postgresql"``)."""
+    return LedgerStatements(dialect)
+
+
+class Ledger:
+    """``store.ledger``: a job's money: reserve / precheck / commit / refund."""
+
+    def __init__(
+        self,
+        ctx: StoreContext,
+        *,
+        settings: GuildSettingsStore,
+        credits: Credits,
+        budgets: Budgets,
+        queue: QueueStore,
+    ) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
+        self.config = ctx.config
+        self._settings = settings
+        self._credits = credits
+        self._budgets = budgets
+        self._queue = queue
+        self._sql = ledger_statements(ctx.dialect)
 
     # --- reserve / commit / refund ---------------------------------------------------------
     #
@@ -158,7 +278,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
         The cooldown is neither checked nor set for exempt members or when the server's
         cooldown is 0.
         """
-        gs = await self.get_guild_settings(req.guild_id)
+        gs = await self._settings.get(req.guild_id)
         params = json.dumps(req.params, sort_keys=True, default=str)
         return await self.db.transact(lambda conn: self._reserve_tx(conn, req, gs, params))
 
@@ -171,10 +291,10 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
         atomically), it only keeps a member who cannot be served from costing any work.
         """
         g, u = req.guild_id, req.user_id
-        gs = await self.get_guild_settings(g)
-        now = self.now()
+        gs = await self._settings.get(g)
+        now = self.ctx.now()
         today = utc_day(now)
-        allowed = self.settings.allowed_guild_ids
+        allowed = self.config.allowed_guild_ids
         if allowed and g not in allowed:
             raise GuildNotEnabled(f"server {g} is not enabled")
         async with self.db.read() as conn:
@@ -199,28 +319,27 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
         if max(balance, topup) < cost:  # a top-up never lowers: it tops up *to* the daily amount
             raise InsufficientCredits(balance=balance, needed=cost)
         if req.account == OWNER_ACCOUNT:
-            usd = usd_to_micros(self.settings.cost_per_image_usd)
+            usd = usd_to_micros(self.config.cost_per_image_usd)
             hours, minutes = until_midnight_utc(now)
-            if int(row.spent or 0) + usd > usd_to_micros(self.settings.daily_budget_usd):
+            if int(row.spent or 0) + usd > usd_to_micros(self.config.daily_budget_usd):
                 raise BudgetExhausted("daily budget", hours=hours, minutes=minutes)
-            guild_cap_usd = self.settings.guild_daily_budget_usd
+            guild_cap_usd = self.config.guild_daily_budget_usd
             if row.guild_cap is not None:
                 guild_cap_usd = float(row.guild_cap)
             if guild_cap_usd > 0 and int(row.guild_spent or 0) + usd > usd_to_micros(guild_cap_usd):
                 raise GuildBudgetExhausted(f"server {g}", hours=hours, minutes=minutes)
-        if row.waiting >= self.settings.max_queue_size:
-            raise QueueFull(f"queue at {self.settings.max_queue_size}")
+        if row.waiting >= self.config.max_queue_size:
+            raise QueueFull(f"queue at {self.config.max_queue_size}")
 
     def _reserve_tx(
         self, conn: Connection, req: ReserveRequest, gs: GuildSettings, params: str
     ) -> Reservation:
         sql = self._sql
         cost = gs.credits_per_image
-        usd = usd_to_micros(self.settings.cost_per_image_usd)
-        cap = usd_to_micros(self.settings.daily_budget_usd)
+        usd = usd_to_micros(self.config.cost_per_image_usd)
         check_cooldown = not req.exempt_from_cooldown and gs.cooldown_seconds > 0
         g, u = req.guild_id, req.user_id
-        now = self.now()
+        now = self.ctx.now()
         today = utc_day(now)
         until = now + gs.cooldown_seconds if check_cooldown else None
         job_values = {
@@ -244,22 +363,22 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             "account": req.account,
         }
         control = execute(conn, sql.guild_control, {"g": g}).first()
-        allowed = self.settings.allowed_guild_ids
+        allowed = self.config.allowed_guild_ids
         if (allowed and g not in allowed) or (control is not None and control.blocked):
             raise GuildNotEnabled(f"server {g} is not enabled")
-        guild_cap_usd = self.settings.guild_daily_budget_usd
+        guild_cap_usd = self.config.guild_daily_budget_usd
         if control is not None and control.daily_budget_usd is not None:
             guild_cap_usd = float(control.daily_budget_usd)
         if execute(conn, sql.insert_job, job_values).first() is None:
             raise JobAlreadyExists(f"job {req.job_id} exists", job_id=req.job_id)
         # the whole bot's queue (every process's): this job is one of the waiting ones now
         waiting = execute(conn, sql.count_waiting, {}).scalar_one()
-        if waiting > self.settings.max_queue_size:
-            raise QueueFull(f"queue at {self.settings.max_queue_size}")
-        self._ensure_member(conn, g, u, gs.starting_credits, now)
-        self._daily_topup(conn, gs, u, today, now, req.job_id)
+        if waiting > self.config.max_queue_size:
+            raise QueueFull(f"queue at {self.config.max_queue_size}")
+        self._credits.ensure_member(conn, g, u, gs.starting_credits, now)
+        self._credits.daily_topup(conn, gs, u, today, now, req.job_id)
         balance = self._charge(conn, gs, u, cost, now, until, check_cooldown)
-        self._ledger(
+        self._credits.append(
             conn,
             guild_id=g,
             user_id=u,
@@ -269,75 +388,18 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             now=now,
             job_id=req.job_id,
         )
-        # one upsert books the day's budget: a new day's row starts at this job's share (so the
-        # cap is checked here first), an existing row grows only while it stays within the cap
         if req.account == OWNER_ACCOUNT:  # a server's own key spends none of the owner's money
-            hours, minutes = until_midnight_utc(now)
-            booked = usd <= cap and (
-                execute(conn, sql.book_budget, {"b_day": today, "usd": usd, "cap": cap}).first()
-                is not None
+            self._budgets.book(
+                conn, guild_id=g, today=today, usd=usd, guild_cap_usd=guild_cap_usd, now=now
             )
-            if not booked:
-                raise BudgetExhausted(
-                    f"daily budget of {self.settings.daily_budget_usd} USD",
-                    hours=hours, minutes=minutes,
-                )
-            # every server's spend is booked (the owner's listing); 0 means no cap
-            guild_cap = usd_to_micros(guild_cap_usd) if guild_cap_usd > 0 else NO_CAP
-            if not (
-                usd <= guild_cap
-                and execute(
-                    conn, sql.book_guild_budget, {"g": g, "b_day": today, "usd": usd, "cap": guild_cap}
-                ).first()
-                is not None
-            ):
-                raise GuildBudgetExhausted(
-                    f"server {g}: daily budget of {guild_cap_usd} USD", hours=hours, minutes=minutes
-                )
         claim = None
         if req.claim_for is not None and waiting == 1:
             # nothing else waits: claim it in this transaction when the account has room (one
             # commit, one round trip less for every job that does not have to queue)
             worker_id, every, lease_s = req.claim_for
-            claim = self._claim_tx(conn, worker_id, every, lease_s)
+            claim = self._queue.claim_tx(conn, worker_id, every, lease_s)
         return Reservation(
             job_id=req.job_id, cost=cost, balance_after=balance, cooldown_until=until, claim=claim
-        )
-
-    def _daily_topup(
-        self,
-        conn: Connection,
-        gs: GuildSettings,
-        user_id: int,
-        today: str,
-        now: float,
-        job_id: int,
-    ) -> None:
-        """Claim today's free credits (once per UTC day) and top the balance up to the cap.
-
-        Credits held by the member's unfinished jobs count as theirs: 4 + 1 held against a
-        daily 3 tops up nothing.
-        """
-        if gs.daily_free_credits <= 0:
-            return
-        who = {"g": gs.guild_id, "u": user_id}
-        claimed = execute(conn, self._sql.claim_daily, {**who, "today": today}).first()
-        if claimed is None:
-            return
-        held = execute(conn, self._sql.held_credits, {**who, "job_id": job_id}).scalar_one()
-        delta = max(0, gs.daily_free_credits - int(claimed.balance) - int(held))
-        if delta == 0:
-            return
-        balance = execute(conn, self._sql.add_balance, {**who, "delta": delta}).scalar_one()
-        self._ledger(
-            conn,
-            guild_id=gs.guild_id,
-            user_id=user_id,
-            delta=delta,
-            kind=LedgerKind.DAILY,
-            balance_after=balance,
-            now=now,
-            reason=f"daily free credits {today}",
         )
 
     def _charge(
@@ -366,7 +428,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             if charged is not None:
                 return int(charged.balance)
             # Why not? Lock the row (Postgres) so the answer is the current truth.
-            row = self._member_row(conn, gs.guild_id, user_id, lock=True)
+            row = self._credits.member_row(conn, gs.guild_id, user_id, lock=True)
             assert row is not None  # created earlier in this transaction
             if check_cooldown and row.cooldown_until is not None and row.cooldown_until > now:
                 raise OnCooldown(retry_after=float(row.cooldown_until) - now)
@@ -376,35 +438,6 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
                 raise InsufficientCredits(balance=int(row.balance), needed=cost)
             # The row changed between the two statements (Postgres); try again under the lock.
         raise RuntimeError("conditional charge did not settle")  # pragma: no cover
-
-    async def mark_running(self, job_id: int) -> bool:
-        """accepted → running (sets ``started_at``); False when the job was not accepted."""
-        return await self._job_update(self._sql.mark_running, {"job_id": job_id, "now": self.now()})
-
-    async def set_api_request(
-        self,
-        job_id: int,
-        request_id: str | None,
-        status_url: str | None = None,
-        response_url: str | None = None,
-        *,
-        lease: Lease | None = None,
-    ) -> bool:
-        """Remember the API's request id and polling URLs (to resume after a restart).
-
-        With ``lease``: only while that lease is the job's (else False, nothing changed).
-        """
-        fence, fence_args = fence_params(lease)
-        return await self._job_update(
-            self._sql.set_api_request[fence],
-            {
-                "job_id": job_id,
-                "request_id": request_id,
-                "status_url": status_url,
-                "response_url": response_url,
-                **fence_args,
-            },
-        )
 
     async def commit(
         self,
@@ -424,7 +457,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
 
         def tx(conn: Connection) -> bool:
             sql = self._sql
-            now = self.now()
+            now = self.ctx.now()
             params: dict[str, Any] = {
                 "job_id": job_id,
                 "now": now,
@@ -442,7 +475,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
             balance = execute(
                 conn, sql.release_inflight, {"g": job.guild_id, "u": job.user_id}
             ).scalar_one()
-            self._ledger(
+            self._credits.append(
                 conn,
                 guild_id=job.guild_id,
                 user_id=job.user_id,
@@ -480,7 +513,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
 
         def tx(conn: Connection) -> bool:
             sql = self._sql
-            now = self.now()
+            now = self.ctx.now()
             job = execute(
                 conn,
                 sql.refund_job[fence],
@@ -500,7 +533,7 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
                 stmt = sql.refund_member_clear_cooldown
                 member["job_cooldown"] = job.cooldown_until
             balance = execute(conn, stmt, member).scalar_one()
-            self._ledger(
+            self._credits.append(
                 conn,
                 guild_id=job.guild_id,
                 user_id=job.user_id,
@@ -512,9 +545,12 @@ class Store(GuildSettingsMixin, MembersMixin, AdminMixin, QueueMixin, OwnerMixin
                 reason=cause,
             )
             if not job.api_charged and job.account == OWNER_ACCOUNT:
-                share = {"b_day": utc_day(job.created_at), "usd": job.cost_usd_micros}
-                execute(conn, sql.release_budget, share)
-                execute(conn, sql.release_guild_budget, {**share, "g": job.guild_id})
+                self._budgets.release(
+                    conn,
+                    guild_id=job.guild_id,
+                    day=utc_day(job.created_at),
+                    usd=job.cost_usd_micros,
+                )
             return True
 
         return await self.db.transact(tx)

@@ -1,4 +1,5 @@
-"""The value types the :class:`kontext.store.Store` takes and returns (re-exported there)."""
+"""The value types the store's areas take and return (the common ones re-exported by
+:mod:`kontext.store`), and the small time and money conversions they share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MICROS_PER_USD = 1_000_000
+#: the API account of the bot's owner (a server's own key is ``"guild:<id>"``)
+OWNER_ACCOUNT = "owner"
 
 
 def usd_to_micros(usd: float) -> int:
@@ -55,7 +58,7 @@ class GuildSettings:
 
 @dataclass(frozen=True, slots=True)
 class ReserveRequest:
-    """What :meth:`Store.reserve` needs to create a job and charge for it."""
+    """What :meth:`kontext.store.ledger.Ledger.reserve` needs to create a job and charge for it."""
 
     job_id: int
     guild_id: int
@@ -70,10 +73,10 @@ class ReserveRequest:
     worker_id: str | None = None
     parent_job_id: int | None = None
     #: claim it at once for this worker when nothing else waits: ``(worker_id, every account's
-    #: limits, lease seconds)`` (see :meth:`kontext.store.Store.reserve`)
+    #: limits, lease seconds)`` (see :meth:`kontext.store.ledger.Ledger.reserve`)
     claim_for: Any = None
     #: whose API key runs it: ``"owner"`` (the owner's budgets apply) or ``"guild:<id>"``
-    account: str = "owner"
+    account: str = OWNER_ACCOUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +87,9 @@ class Reservation:
     cost: int
     balance_after: int
     cooldown_until: float | None
-    #: the job claimed in the same transaction (an empty queue with room): a
-    #: :class:`kontext.store_queue.Claim`, or None when it waits for a dispatcher
-    claim: Any = None
+    #: the job claimed in the same transaction (an empty queue with room): a :class:`Claim`,
+    #: or None when it waits for a dispatcher
+    claim: Claim | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,7 @@ class Job:
     lease_epoch: int = 0
     lease_expires_at: float | None = None
     api_done_at: float | None = None
-    account: str = "owner"
+    account: str = OWNER_ACCOUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,3 +184,108 @@ class BudgetStatus:
     reserved_usd: float
     cap_usd: float
     generations: int
+
+
+# --- the shared queue (kontext.store.queue, kontext.store.leases) -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A process's hold on one job: every change it makes names it."""
+
+    job_id: int
+    owner: str
+    epoch: int
+
+    def params(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "owner": self.owner, "epoch": self.epoch}
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLimits:
+    """One API account's limits (the owner's from the settings)."""
+
+    account: str
+    max_concurrent: int
+    rpm: int
+
+
+@dataclass(slots=True)
+class Claim:
+    """What :meth:`kontext.store.queue.QueueStore.claim_next` found: a job, or why none (and
+    for how long)."""
+
+    job: Job | None = None
+    lease: Lease | None = None
+    #: nothing waits
+    empty: bool = False
+    #: the account is paused (it needs its owner)
+    paused: bool = False
+    #: seconds until a start may be allowed (RPM window, 429 hold); 0 when at the slot limit
+    wait_s: float = 0.0
+
+
+@dataclass(slots=True)
+class QueueView:
+    """The whole bot's queue as the members see it (positions, ETAs)."""
+
+    now: float  # the database's clock when read
+    waiting: list[int] = field(default_factory=list)  # job ids in the order they will start
+    running_started: list[float] = field(default_factory=list)  # generations in progress
+    waiting_members: dict[tuple[int, int], int] = field(default_factory=dict)
+    blocked_until: float = 0.0
+    paused: bool = False
+    recent_starts: list[float] = field(default_factory=list)  # starts in the RPM window, oldest first
+
+    def position(self, job_id: int) -> tuple[int, int]:
+        """``(position, waiting)``: 1-based place among the waiting jobs; 0 once it left."""
+        try:
+            return self.waiting.index(job_id) + 1, len(self.waiting)
+        except ValueError:
+            return 0, len(self.waiting)
+
+
+# --- the owner's controls (kontext.store.owner) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GuildControl:
+    """The owner's controls of one server (defaults when never set)."""
+
+    guild_id: int
+    blocked: bool = False
+    daily_budget_usd: float | None = None  # None: GUILD_DAILY_BUDGET_USD
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuildSpend:
+    """One server in the owner's listing."""
+
+    guild_id: int
+    name: str | None
+    blocked: bool
+    budget_usd: float  # its cap today (0 = none)
+    spent_today_usd: float
+    spent_30d_usd: float
+    images_30d: int
+    members: int
+
+
+# --- showcase posts (kontext.store.showcase) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShowcasePost:
+    """One row of ``showcase_posts``."""
+
+    job_id: int
+    guild_id: int
+    state: str
+    requested_by: int
+    decided_by: int | None
+    showcase_channel_id: int | None
+    showcase_message_id: int | None
+    approval_message_id: int | None
+    created_at: float
+    updated_at: float

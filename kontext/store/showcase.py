@@ -1,7 +1,7 @@
 """Showcase posts: one per job, with its approval state (table ``showcase_posts``, migration 3).
 
-Discord-free. :class:`ShowcaseStore` wraps an open :class:`~kontext.store.Store` (it shares its
-database and clock). Every state change is a conditional statement, so two clicks (or two
+Discord-free. :class:`ShowcaseStore` is ``store.showcase`` (it shares the store's database and
+clock). Every state change is a conditional statement, so two clicks (or two
 moderators, or two processes) racing on the same job settle on exactly one outcome:
 
 * :meth:`ShowcaseStore.claim` inserts the row with ``ON CONFLICT DO NOTHING``: only the first
@@ -16,32 +16,16 @@ or being posted), ``rejected`` (a moderator said no), ``removed`` (the original 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select, update
 
 from kontext.schema import showcase_posts
-from kontext.store import Store
+from kontext.store.base import StoreContext
+from kontext.store.types import ShowcasePost
 
 STATES: tuple[str, ...] = ("pending", "posted", "rejected", "removed")
 _s = showcase_posts.c
-
-
-@dataclass(frozen=True, slots=True)
-class ShowcasePost:
-    """One row of ``showcase_posts``."""
-
-    job_id: int
-    guild_id: int
-    state: str
-    requested_by: int
-    decided_by: int | None
-    showcase_channel_id: int | None
-    showcase_message_id: int | None
-    approval_message_id: int | None
-    created_at: float
-    updated_at: float
 
 
 def _post(row: Any) -> ShowcasePost:
@@ -49,14 +33,15 @@ def _post(row: Any) -> ShowcasePost:
 
 
 class ShowcaseStore:
-    """Persistence of showcase posts over an open :class:`Store`."""
+    """``store.showcase``: the showcase posts."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
 
     async def get(self, job_id: int) -> ShowcasePost | None:
         """The post of ``job_id``, or None when it was never shared."""
-        async with self.store.db.read() as conn:
+        async with self.db.read() as conn:
             row = (await conn.execute(select(showcase_posts).where(_s.job_id == job_id))).first()
         return None if row is None else _post(row)
 
@@ -72,10 +57,10 @@ class ShowcaseStore:
         """Create the job's post in ``state``; False when the job already has one."""
         if state not in STATES:
             raise ValueError(f"unknown showcase state {state!r}")
-        now = self.store.now()
-        async with self.store.db.write() as conn:
+        now = self.ctx.now()
+        async with self.db.write() as conn:
             inserted = await conn.execute(
-                self.store._insert(showcase_posts)
+                self.ctx.insert(showcase_posts)
                 .values(
                     job_id=job_id,
                     guild_id=guild_id,
@@ -92,7 +77,7 @@ class ShowcaseStore:
 
     async def release(self, job_id: int, *, state: str) -> bool:
         """Forget a claim whose post could not be made (only while it is still in ``state``)."""
-        async with self.store.db.write() as conn:
+        async with self.db.write() as conn:
             result = await conn.execute(
                 delete(showcase_posts)
                 .where(_s.job_id == job_id, _s.state == state, _s.showcase_message_id.is_(None))
@@ -120,10 +105,10 @@ class ShowcaseStore:
         unknown = set(values) - allowed
         if unknown:
             raise ValueError(f"cannot set {sorted(unknown)}")
-        changes: dict[str, Any] = {"state": to_state, "updated_at": self.store.now(), **values}
+        changes: dict[str, Any] = {"state": to_state, "updated_at": self.ctx.now(), **values}
         if decided_by is not None:
             changes["decided_by"] = decided_by
-        async with self.store.db.write() as conn:
+        async with self.db.write() as conn:
             row = (
                 await conn.execute(
                     update(showcase_posts)
@@ -139,12 +124,12 @@ class ShowcaseStore:
         approval_message_id: int | None = None,
     ) -> bool:
         """Record where the card (or the moderators' request) was posted, if still in ``state``."""
-        values: dict[str, Any] = {"updated_at": self.store.now()}
+        values: dict[str, Any] = {"updated_at": self.ctx.now()}
         if showcase_message_id is not None:
             values["showcase_message_id"] = showcase_message_id
         if approval_message_id is not None:
             values["approval_message_id"] = approval_message_id
-        async with self.store.db.write() as conn:
+        async with self.db.write() as conn:
             result = await conn.execute(
                 update(showcase_posts)
                 .where(_s.job_id == job_id, _s.state == state)
@@ -158,5 +143,5 @@ class ShowcaseStore:
         stmt = select(_s.job_id).where(_s.guild_id == guild_id)
         if state is not None:
             stmt = stmt.where(_s.state == state)
-        async with self.store.db.read() as conn:
+        async with self.db.read() as conn:
             return len((await conn.execute(stmt)).all())

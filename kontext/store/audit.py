@@ -1,4 +1,5 @@
-"""Workers (which processes exist; leases name them), server statistics and the ledger's invariant checks."""
+"""What the store keeps for looking back: who changed a server's settings, which processes
+exist (leases name them), and the money rules checked over every table (:meth:`Audit.check_invariants`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 
 from kontext.schema import (
     ACTIVE_STATES,
@@ -16,28 +17,43 @@ from kontext.schema import (
     jobs,
     ledger,
     members,
+    settings_audit,
     workers,
 )
-from kontext.store_base import StoreBase
-from kontext.store_queue import OWNER_ACCOUNT
-from kontext.store_types import GuildStats, StatsWindow, day_start, usd_to_micros, utc_day
+from kontext.store.base import StoreContext
+from kontext.store.types import OWNER_ACCOUNT, usd_to_micros, utc_day
 from kontext.vocab import JobState, LedgerKind
 
 _j = jobs.c
 _w = workers.c
-DAY = 86_400.0
 
 
-class AdminMixin(StoreBase):
-    """Workers, ``stats`` and ``check_invariants``."""
+class Audit:
+    """``store.audit``: ``settings_history``, ``register_worker`` / ``retire_worker``,
+    ``check_invariants``."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
+
+    async def settings_history(self, guild_id: int, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest ``limit`` settings changes of a server (dicts of the audit columns)."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                select(settings_audit)
+                .where(settings_audit.c.guild_id == guild_id)
+                .order_by(settings_audit.c.id.desc())
+                .limit(limit)
+            )
+            return [dict(r._mapping) for r in rows]
 
     # --- workers --------------------------------------------------------------------------------
 
     async def register_worker(self, worker_id: str) -> None:
         """Announce a live worker (a bot process). Worker ids must be unique per process start."""
-        now = self.now()
+        now = self.ctx.now()
         async with self.db.write() as conn:
-            stmt = self._insert(workers).values(
+            stmt = self.ctx.insert(workers).values(
                 id=worker_id, started_at=now, heartbeat_at=now, retired_at=None
             )
             await conn.execute(
@@ -53,60 +69,8 @@ class AdminMixin(StoreBase):
             await conn.execute(
                 update(workers)
                 .where(_w.id == worker_id, _w.retired_at.is_(None))
-                .values(retired_at=self.now())
+                .values(retired_at=self.ctx.now())
             )
-
-    # --- stats ------------------------------------------------------------------------------------
-
-    async def stats(self, guild_id: int) -> GuildStats:
-        """Generations, spend, failures by cause and top members: today and the last 30 days."""
-        now = self.now()
-        today_start = day_start(now)
-        return GuildStats(
-            today=await self._window(guild_id, today_start),
-            last_30_days=await self._window(guild_id, today_start - 29 * DAY),
-        )
-
-    async def _window(self, guild_id: int, since: float) -> StatsWindow:
-        base = (_j.guild_id == guild_id, _j.created_at >= since)
-        posted = _j.state == JobState.POSTED
-        async with self.db.read() as conn:
-            generations, credits = (
-                await conn.execute(
-                    select(func.count(), func.coalesce(func.sum(_j.cost_credits), 0)).where(
-                        *base, posted
-                    )
-                )
-            ).one()
-            usd_micros = await conn.scalar(
-                select(func.coalesce(func.sum(_j.cost_usd_micros), 0)).where(
-                    *base, or_(posted, _j.api_charged.is_(True))
-                )
-            )
-            failures = await conn.execute(
-                select(_j.failure_cause, func.count())
-                .where(*base, _j.state.in_(UNPOSTED_STATES))
-                .group_by(_j.failure_cause)
-            )
-            failures_by_cause = {str(cause or "unknown"): int(n) for cause, n in failures}
-            n_generations = func.count().label("n")
-            top = await conn.execute(
-                select(_j.user_id, n_generations)
-                .where(*base, posted)
-                .group_by(_j.user_id)
-                .order_by(n_generations.desc(), _j.user_id)
-                .limit(5)
-            )
-            top_members = [(int(user), int(n)) for user, n in top]
-            refunds = await conn.scalar(select(func.count()).where(*base, _j.state == JobState.REFUNDED))
-        return StatsWindow(
-            generations=int(generations),
-            credits_spent=int(credits),
-            usd_spent=int(usd_micros or 0) / 1_000_000,
-            failures_by_cause=failures_by_cause,
-            top_members=top_members,
-            refunds=int(refunds or 0),
-        )
 
     # --- invariants -------------------------------------------------------------------------------
 
@@ -212,7 +176,7 @@ class AdminMixin(StoreBase):
                     f"{who}: inflight {m.inflight} != active jobs {active[(m.guild_id, m.user_id)]}"
                 )
 
-        cap = usd_to_micros(self.settings.daily_budget_usd)
+        cap = usd_to_micros(self.ctx.config.daily_budget_usd)
         seen_days: set[str] = set()
         for b in budget_rows:
             seen_days.add(b.day)

@@ -6,14 +6,13 @@ None of this is reachable from Discord: the owner uses it from a console (``pyth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
 
 from kontext.schema import guild_api_keys, guild_budget_days, guild_controls, jobs, members
-from kontext.store_base import StoreBase
-from kontext.store_types import day_start, utc_day
+from kontext.store.base import StoreContext
+from kontext.store.types import GuildControl, GuildSpend, day_start, utc_day
 from kontext.vocab import JobState
 
 _gc = guild_controls.c
@@ -22,34 +21,16 @@ _j = jobs.c
 DAY = 86_400.0
 
 
-@dataclass(frozen=True, slots=True)
-class GuildControl:
-    """The owner's controls of one server (defaults when never set)."""
+class OwnerControls:
+    """``store.owner``: server blocks and budgets (the owner's), servers' own API keys, and the
+    listing of servers with their spend."""
 
-    guild_id: int
-    blocked: bool = False
-    daily_budget_usd: float | None = None  # None: GUILD_DAILY_BUDGET_USD
-    name: str | None = None
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
 
-
-@dataclass(frozen=True, slots=True)
-class GuildSpend:
-    """One server in the owner's listing."""
-
-    guild_id: int
-    name: str | None
-    blocked: bool
-    budget_usd: float  # its cap today (0 = none)
-    spent_today_usd: float
-    spent_30d_usd: float
-    images_30d: int
-    members: int
-
-
-class OwnerMixin(StoreBase):
-    """Server blocks and budgets (the owner's), and the listing of servers with their spend."""
-
-    async def guild_control(self, guild_id: int) -> GuildControl:
+    async def control(self, guild_id: int) -> GuildControl:
+        """The owner's controls of one server (defaults when never set)."""
         async with self.db.read() as conn:
             row = (
                 await conn.execute(select(guild_controls).where(_gc.guild_id == guild_id))
@@ -61,7 +42,7 @@ class OwnerMixin(StoreBase):
 
     async def _set_control(self, guild_id: int, **values: object) -> None:
         async with self.db.write() as conn:
-            now = self.now()
+            now = self.ctx.now()
             done = await conn.execute(
                 update(guild_controls)
                 .where(_gc.guild_id == guild_id)
@@ -69,36 +50,36 @@ class OwnerMixin(StoreBase):
             )
             if done.rowcount == 0:
                 await conn.execute(
-                    self._insert(guild_controls)
+                    self.ctx.insert(guild_controls)
                     .values(guild_id=guild_id, updated_at=now, **values)
                     .on_conflict_do_nothing(index_elements=["guild_id"])
                 )
 
-    async def set_guild_blocked(self, guild_id: int, blocked: bool) -> None:
+    async def set_blocked(self, guild_id: int, blocked: bool) -> None:
         """Block (or unblock) a server: its commands are refused, nothing charged or called."""
         await self._set_control(guild_id, blocked=blocked)
 
-    async def set_guild_budget(self, guild_id: int, usd: float | None) -> None:
+    async def set_budget(self, guild_id: int, usd: float | None) -> None:
         """Set a server's own daily cap in USD (0 = none; None = back to the default)."""
         await self._set_control(guild_id, daily_budget_usd=usd)
 
-    async def note_guild_name(self, guild_id: int, name: str) -> None:
+    async def note_name(self, guild_id: int, name: str) -> None:
         """Remember a server's name for the owner's listing (when it changed)."""
-        current = await self.guild_control(guild_id)
+        current = await self.control(guild_id)
         if current.name != name:
             await self._set_control(guild_id, name=name)
 
     # --- servers' own keys (stored encrypted; see kontext.accounts) -------------------------
 
-    async def guild_api_keys(self) -> list[Any]:
+    async def api_keys(self) -> list[Any]:
         """Every server's own key row (encrypted)."""
         async with self.db.read() as conn:
             return list((await conn.execute(select(guild_api_keys))).all())
 
-    async def set_guild_api_key(self, guild_id: int, encrypted: str, actor_id: int) -> None:
+    async def set_api_key(self, guild_id: int, encrypted: str, actor_id: int) -> None:
         """Store (or replace) a server's own key, already encrypted."""
         async with self.db.write() as conn:
-            now = self.now()
+            now = self.ctx.now()
             done = await conn.execute(
                 update(guild_api_keys)
                 .where(guild_api_keys.c.guild_id == guild_id)
@@ -106,12 +87,12 @@ class OwnerMixin(StoreBase):
             )
             if done.rowcount == 0:
                 await conn.execute(
-                    self._insert(guild_api_keys).values(
+                    self.ctx.insert(guild_api_keys).values(
                         guild_id=guild_id, key_encrypted=encrypted, added_by=actor_id, added_at=now
                     )
                 )
 
-    async def remove_guild_api_key(self, guild_id: int) -> bool:
+    async def remove_api_key(self, guild_id: int) -> bool:
         """Forget a server's own key; True when there was one."""
         async with self.db.write() as conn:
             done = await conn.execute(
@@ -121,7 +102,7 @@ class OwnerMixin(StoreBase):
 
     async def list_guilds(self) -> list[GuildSpend]:
         """Every server the bot knows (controls, members or jobs), most spend first."""
-        now = self.now()
+        now = self.ctx.now()
         today = utc_day(now)
         since = day_start(now) - 29 * DAY
         first_day = utc_day(since)
@@ -160,7 +141,7 @@ class OwnerMixin(StoreBase):
         out = []
         for g in set(controls) | set(spend_30) | set(member_counts) | set(images):
             c = controls.get(g)
-            budget = self.settings.guild_daily_budget_usd
+            budget = self.ctx.config.guild_daily_budget_usd
             if c is not None and c.daily_budget_usd is not None:
                 budget = float(c.daily_budget_usd)
             out.append(
