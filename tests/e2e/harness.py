@@ -23,10 +23,10 @@ import discord
 from PIL import Image
 
 from bot import KontextBot, RedactingFilter
+from emulators.discord import DiscordEmulator, InteractionRecord
+from emulators.segmind import SegmindEmulator
 from kontext.pipeline import JobOutcome
 from kontext.settings import Settings, settings_from_env
-from tests.emulators.discord import DiscordEmulator, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
 
 DISCORD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.test.discord-token-value-do-not-leak"
 SEGMIND_KEY = "SG_test_segmind_key_value_do_not_leak"
