@@ -95,6 +95,7 @@ class SegmindEmulator:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
+        self._call_arrived = asyncio.Event()
         self.port: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -218,11 +219,12 @@ class SegmindEmulator:
 
     async def wait_calls(self, n: int, timeout: float = 5.0) -> list[CallRecord]:
         """Wait until at least ``n`` generation calls arrived (``TimeoutError`` otherwise)."""
-        deadline = time.monotonic() + timeout
-        while len(self.calls) < n:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"expected {n} calls, got {len(self.calls)}")
-            await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.calls) < n:
+                    await self._call_arrived.wait()
+        except TimeoutError:
+            raise TimeoutError(f"expected {n} calls, got {len(self.calls)}") from None
         return list(self.calls)
 
     def reset_stats(self) -> None:
@@ -260,6 +262,8 @@ class SegmindEmulator:
             api_key=request.headers.get("x-api-key"),
         )
         self.calls.append(record)
+        self._call_arrived.set()  # wake wait_calls, then arm a fresh event for the next call
+        self._call_arrived = asyncio.Event()
         self.started_times.append(now)
         return record
 
