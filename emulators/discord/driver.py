@@ -156,7 +156,8 @@ class DriverMixin:
             )
         if message is not None:
             payload["message"] = copy.deepcopy(message)
-        rec = InteractionRecord(cast("DiscordEmulator", self), payload)  # the mixin is part of one
+        # a DriverMixin only ever exists as part of a DiscordEmulator
+        rec = InteractionRecord(cast("DiscordEmulator", self), payload)
         self.interactions[iid] = rec
         self._by_token[token] = rec
         return rec

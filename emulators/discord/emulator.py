@@ -182,6 +182,11 @@ class DiscordEmulator(WorldMixin, MessagesMixin, CommandsMixin, DriverMixin):
             self._undo_patch()
             self._undo_patch = None
 
+    @staticmethod
+    async def _not_found(request: web.Request) -> web.Response:
+        """Every other ``/api`` route: Discord's plain 404."""
+        raise APIError(404, 0, "404: Not Found")
+
     async def __aenter__(self) -> DiscordEmulator:
         await self.start()
         return self
@@ -290,9 +295,7 @@ class DiscordEmulator(WorldMixin, MessagesMixin, CommandsMixin, DriverMixin):
             if method in ("*", r.method) and (pattern.search(r.route) or pattern.search(r.path))
         ]
 
-    @staticmethod
-    async def _not_found(request: web.Request) -> web.Response:
-        raise APIError(404, 0, "404: Not Found")
+    # ------------------------------------------------------------------ extension point
 
     def followup_created(self, rec: InteractionRecord, message: dict[str, Any]) -> None:
         """Called once a follow-up message of ``rec`` was stored, before the bot gets its answer.

@@ -1,1 +1,1 @@
-"""Local emulators of the external services the bot talks to (Discord, Segmind)."""
+"""Tests of the emulators themselves (the emulators live in the top-level ``emulators`` package)."""
