@@ -81,8 +81,13 @@ def solid(fmt: str, seed: int) -> bytes:
 
 
 def noisy_image(target_bytes: int, fmt: str) -> bytes:
-    """A valid image of at least ``target_bytes`` (random noise barely compresses)."""
-    per_pixel = 3.0 if fmt == "png" else 1.5
+    """A valid image of at least ``target_bytes`` (random noise barely compresses).
+
+    A JPEG is saved at quality 100 without chroma subsampling (about 4 bytes a pixel): a fifth
+    of the pixels, and of the time, that quality 95 with 4:2:0 needs for the same size (0.1 s
+    instead of 0.6 s for 12 MiB), so an oversize answer is not slowed by making it.
+    """
+    per_pixel = 3.0 if fmt == "png" else 4.0
     side = max(16, int((target_bytes / per_pixel) ** 0.5) + 1)
     rng = random.Random(target_bytes)
     while True:
@@ -91,7 +96,7 @@ def noisy_image(target_bytes: int, fmt: str) -> bytes:
         if fmt == "png":
             img.save(out, "PNG", compress_level=1)
         else:
-            img.save(out, "JPEG", quality=95)
+            img.save(out, "JPEG", quality=100, subsampling=0)
         data = out.getvalue()
         if len(data) >= target_bytes:
             return data
