@@ -1,4 +1,4 @@
-"""Root conftest: makes the repository importable (``bot``, ``cogs``, ``kontext``, ``tests``)."""
+"""Root conftest: makes the repository importable (``bot``, ``cogs``, ``kontext``, ``emulators``, ``tests``)."""
 
 import sys
 from pathlib import Path

@@ -47,7 +47,7 @@ def render(report: Report, facts: dict[str, str], *, seconds: float, smoke: bool
         "# Kontext Bot benchmark" + (" (smoke sizes: not a measurement)" if smoke else ""),
         "",
         f"Run {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} in {seconds:.0f} s, "
-        "on loopback against the project's emulators (tests/emulators), the real bot in its own "
+        "on loopback against the project's emulators (emulators/), the real bot in its own "
         "process. Reproduce: `make bench`.",
         "",
         "| Section | Metric | Target | Measured | Result | Notes |",

@@ -76,9 +76,9 @@ def sized_jpeg(target_bytes: int, seed: int = 1) -> bytes:
 def noisy_png(target_bytes: int) -> bytes:
     """A real PNG of a little over ``target_bytes`` (random noise: it barely compresses), made by
     the Segmind emulator's ``oversize`` fault machinery. Stands in for a big generated result."""
-    from tests.emulators.segmind import _noisy_image
+    from emulators.segmind import noisy_image
 
-    return _noisy_image(target_bytes, "png")
+    return noisy_image(target_bytes, "png")
 
 
 def input_jpeg(side: int = 1024, colour: tuple[int, int, int] = (200, 80, 40)) -> bytes:

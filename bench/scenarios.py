@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from tests.emulators.discord import InteractionRecord
+from emulators.discord import InteractionRecord
 
 from . import ledger, ledger_floor, speedups
 from .common import MB, lag_in_window, median, noisy_png, percentile, sized_jpeg

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from aiohttp import web
 
-from tests.emulators.discord import DiscordEmulator, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
+from emulators.discord import DiscordEmulator, InteractionRecord
+from emulators.segmind import SegmindEmulator
 
 from .common import input_jpeg
 
@@ -49,13 +48,10 @@ class BenchDiscord(DiscordEmulator):
         super().__init__(**kw)
         self.result_seen: dict[int, float] = {}
 
-    async def _h_followup(self, request: web.Request) -> web.Response:
-        response = await super()._h_followup(request)
-        rec = self._by_token.get(request.match_info["token"])
-        if rec is not None and rec.followups and rec.followups[-1].get("attachments"):
+    def followup_created(self, rec: InteractionRecord, message: dict[str, Any]) -> None:
+        if message.get("attachments"):
             self.result_seen.setdefault(rec.id, time.monotonic())
-            self._notify()
-        return response
+            self.notify()
 
 
 class BenchSegmind(SegmindEmulator):

@@ -1,7 +1,7 @@
 """The offline demo: both emulators, the real bot as its own process, one ``/kontext`` job.
 
 Run with ``make demo``. Nothing leaves this machine: Discord and Segmind are the project's own
-emulators on 127.0.0.1 (see ``tests/emulators``), and the bot is started exactly as a PaaS would
+emulators on 127.0.0.1 (the ``emulators`` package), and the bot is started exactly as a PaaS would
 (``python bot.py``), only with its settings pointed at them. The posted image is saved under
 ``demo-output/``, and the steps are printed as they happen.
 """
@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.emulators.discord import DiscordEmulator  # noqa: E402
-from tests.emulators.segmind import SegmindEmulator  # noqa: E402
+from emulators.discord import DiscordEmulator  # noqa: E402
+from emulators.segmind import SegmindEmulator  # noqa: E402
 
 OUT = ROOT / "demo-output"
 TOKEN = "demo-discord-token"

@@ -14,10 +14,10 @@ import pytest
 from discord import app_commands
 
 from cogs.errors import ErrorHandler
+from emulators.discord import InteractionRecord
 from kontext.errors import InsufficientCredits
 from kontext.i18n import t
 from tests.e2e.harness import SEGMIND_KEY, Harness, SecretWatch, harness
-from tests.emulators.discord import InteractionRecord
 
 EPHEMERAL = 1 << 6
 

@@ -23,12 +23,12 @@ import discord
 from PIL import Image
 
 from bot import KontextBot
+from emulators.discord import DiscordEmulator, InteractionRecord
+from emulators.segmind import SegmindEmulator
 from kontext.logging_setup import RedactingFilter
 from kontext.pipeline import JobOutcome
 from kontext.services import open_services
 from kontext.settings import Settings, settings_from_env
-from tests.emulators.discord import DiscordEmulator, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
 
 DISCORD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.test.discord-token-value-do-not-leak"
 SEGMIND_KEY = "SG_test_segmind_key_value_do_not_leak"

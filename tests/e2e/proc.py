@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emulators.discord import DiscordEmulator, InteractionRecord
+from emulators.segmind import SegmindEmulator
 from kontext.settings import Settings, settings_from_env
 from kontext.store import Store
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
-from tests.emulators.discord import DiscordEmulator, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 BOT = ROOT / "bot.py"

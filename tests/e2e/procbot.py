@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emulators.discord import DiscordEmulator
+from emulators.segmind import SegmindEmulator
 from kontext.settings import ENV_NAMES
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY
-from tests.emulators.discord import DiscordEmulator
-from tests.emulators.segmind import SegmindEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 BOT = ROOT / "bot.py"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from emulators.discord import VALID_LOCALES, validate_commands
 from tests.e2e.harness import make_image
 from tests.e2e.test_results_buttons import (
     assert_money_ok,
@@ -13,7 +14,6 @@ from tests.e2e.test_results_buttons import (
     private_text,
     result_of,
 )
-from tests.emulators.discord import VALID_LOCALES, validate_commands
 
 MENU = "Kontext: edit these images"
 

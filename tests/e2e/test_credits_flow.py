@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from emulators.discord import InteractionRecord
 from tests.dbutil import FakeClock
 from tests.e2e.harness import Harness, harness
-from tests.emulators.discord import InteractionRecord
 
 MANAGE_GUILD = 1 << 5
 DAY = 86_400.0

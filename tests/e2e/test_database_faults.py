@@ -22,10 +22,10 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from emulators.discord import DiscordEmulator
 from tests.dbutil import _dsn, ensure_postgres, postgres_base_url, temp_postgres_url
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, Harness, harness
 from tests.e2e.test_faults import START, assert_plain, seen_by, serves_next
-from tests.emulators.discord import DiscordEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from emulators.discord import DiscordEmulator, InteractionRecord
+from emulators.segmind import SegmindEmulator
 from kontext.store import Store
 from tests.dbutil import backend_url, make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, bot_processes, logs, wait_for, wait_job
-from tests.emulators.discord import DiscordEmulator, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
 
 ALREADY_ACKNOWLEDGED = 40060
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
+from emulators.discord import EPHEMERAL, DiscordEmulator, InteractionRecord
+from emulators.segmind import SegmindEmulator
 from kontext.store import Store
 from tests.dbutil import backend_url, make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, logs, start_bot, wait_connected, wait_for, wait_job
-from tests.emulators.discord import EPHEMERAL, DiscordEmulator, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
 
 STALE = "2"  # lease life: a killed process's running jobs are taken over after it
 RESTART_TEXT = "The bot restarted while your image was being made"

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cogs.translation import KontextTranslator
+from emulators.discord import EPHEMERAL, InteractionRecord
 from tests.e2e.harness import Harness, harness, running_bot
-from tests.emulators.discord import EPHEMERAL, InteractionRecord
 
 EXTRA_COGS = ("cogs.results", "cogs.showcase", "cogs.context_menu")
 MANAGE_MESSAGES = 1 << 13

@@ -35,17 +35,17 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kontext.store import Store
-from tests.dbutil import backend_url, make_settings
-from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
-from tests.e2e.procbot import BotProcess, logs, start_bot, wait_logged
-from tests.emulators.discord import (
+from emulators.discord import (
     EPHEMERAL,
     DiscordEmulator,
     GatewayConnection,
     InteractionRecord,
 )
-from tests.emulators.segmind import SegmindEmulator
+from emulators.segmind import SegmindEmulator
+from kontext.store import Store
+from tests.dbutil import backend_url, make_settings
+from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
+from tests.e2e.procbot import BotProcess, logs, start_bot, wait_logged
 
 SHARDS = 2
 RESULT_NAME = re.compile(r"^kontext-(\d+)\.")

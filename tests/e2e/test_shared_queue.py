@@ -41,14 +41,14 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from emulators.discord import EPHEMERAL, DiscordEmulator, GatewayConnection, InteractionRecord
+from emulators.segmind import SegmindEmulator
 from kontext.schema import jobs
 from kontext.store import Store
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import _dsn, backend_url, ensure_postgres, make_settings, temp_postgres_url
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, logs, start_bot
-from tests.emulators.discord import EPHEMERAL, DiscordEmulator, GatewayConnection, InteractionRecord
-from tests.emulators.segmind import SegmindEmulator
 
 LEASE = "2"  # seconds: a killed process's running jobs move on after this (by the DB's clock)
 RESTART_TEXT = "The bot restarted while your image was being made"

@@ -225,7 +225,7 @@ async def _translated_tree() -> tuple[list[dict], Recorder]:
 
 
 async def test_every_command_string_is_translated_and_english_did_not_drift() -> None:
-    from tests.emulators.discord import validate_commands
+    from emulators.discord import validate_commands
 
     payload, recorder = await _translated_tree()
     asked_keys = {key for (key, _locale), _ in recorder.asked}

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from emulators.segmind import SegmindEmulator
 from kontext import images
 from kontext import pipeline as pipeline_mod
 from kontext.errors import KontextError, ServicePaused, ShuttingDown
@@ -30,7 +31,6 @@ from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import make_settings
 from tests.e2e.harness import make_image
 from tests.e2e.proc import until
-from tests.emulators.segmind import SegmindEmulator
 
 KEY = "sk-pipeline-test-key"
 GUILD = 1

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from emulators.segmind import SegmindEmulator
 from kontext import spool
 from kontext.errors import (
     ApiAuthError,
@@ -50,7 +51,6 @@ from kontext.segmind import (
     sniff_image,
 )
 from kontext.spool import ResultFile, open_count
-from tests.emulators.segmind import SegmindEmulator
 
 KEY = "sk-test-7f3a9c1e5b2d4f60"
 MODEL = "multi-image-kontext-max"
@@ -692,9 +692,9 @@ async def _serve(handler: Callable[..., Any]) -> tuple[Any, str]:
 
 
 def _big_png(size: int = 2 * 1024 * 1024) -> bytes:
-    from tests.emulators.segmind import _noisy_image
+    from emulators.segmind import noisy_image
 
-    return _noisy_image(size, "png")
+    return noisy_image(size, "png")
 
 
 _ANY_REQ = GenerationRequest("p", "https://cdn.example/1.png", "https://cdn.example/2.png",

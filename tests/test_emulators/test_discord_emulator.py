@@ -15,7 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from .discord import EPHEMERAL, LOADING, DiscordEmulator
+from emulators.discord import EPHEMERAL, LOADING, DiscordEmulator
 
 APP_ID = 111_111_111_111_111_111
 BOT_ID = 222_222_222_222_222_222

@@ -1,37 +1,11 @@
-"""A Segmind API emulator (v1 sync, v2 submit + poll, credits) on 127.0.0.1 for tests.
-
-It behaves like the documented API (see ``/work/shared/reference/segmind-api.md``): ``x-api-key``
-auth, strict body validation per the model's page, real input downloads (decoded with Pillow) and
-real output images (Pillow, deterministic for inputs + seed), and injectable faults.
-
-Routes::
-
-    POST /v1/{model}                      generate, answer the image bytes (other methods: 405 HTML)
-    POST /v2/{model}                      queue a job: {request_id, status, status_url, response_url}
-    GET  /v2/requests/{request_id}/status {status: QUEUED|PROCESSING|COMPLETED|FAILED[, error]}
-    GET  /v2/requests/{request_id}        {status, output: <image url>, metrics}
-    GET  /v1/get-user-credits             {credits, free-credits}
-    GET  /_emu/files/{name}               outputs of v2 jobs and images given to host_image()
-
-Faults (``fail_next``, ``hang_next``, ``reset_next``, ``garbage_next``, ``oversize_next``) are
-queued and consumed, first in first out, by the generation POSTs (``/v1/{model}`` and
-``/v2/{model}``). On v2, a status/hang/reset fault hits the submit; garbage/oversize replace the
-job's output image. ``fail_v2_next`` makes the next v2 job end FAILED.
-
-Bookkeeping: ``calls`` holds one :class:`CallRecord` per generation POST. A call is *charged*
-when the emulator generated (billed) an image for it: a v1 200 (also garbage/oversize answers,
-since the API answered 200), a v1 request whose connection was dropped by ``reset_next`` after
-the body was read (the generation ran; the client just never saw it), and a v2 job that reached
-COMPLETED. Times are ``time.monotonic()``.
-"""
+"""The Segmind emulator's server: :class:`SegmindEmulator`, its routes and v2 jobs (the
+routes, faults and bookkeeping are described in :mod:`emulators.segmind`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,36 +14,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from PIL import Image, ImageOps
 
-ASPECT_RATIOS: tuple[str, ...] = (
-    "match_input_image", "1:1", "16:9", "9:16", "4:3", "3:4", "3:2",
-    "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2",
-)
-OUTPUT_FORMATS = ("jpg", "png")
-BODY_KEYS = frozenset(
-    {"prompt", "input_image_1", "input_image_2", "aspect_ratio", "output_format",
-     "safety_tolerance", "seed"}
-)
-SEED_MAX = 4_294_967_295
-MAX_INPUT_BYTES = 50 * 1024 * 1024
-
-DEFAULT_ERRORS: dict[int, str] = {
-    400: "Bad Request: invalid parameters",
-    401: "Unauthorized: invalid or missing API key",
-    403: "Forbidden: insufficient permissions",
-    404: "Model not found",
-    405: "Method Not Allowed",
-    406: "Insufficient credits. Please add credits to continue.",
-    422: "Unprocessable Entity: validation failed",
-    429: "Rate limit exceeded. Please try again later.",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
-_CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+from .api import CONTENT_TYPES, DEFAULT_ERRORS, MAX_INPUT_BYTES, html_page, validate
+from .faults import Fault, faulty_body
+from .images import decode_check, render, sniff
 
 
 @dataclass
@@ -93,17 +41,6 @@ class CallRecord:
 
 
 @dataclass
-class _Fault:
-    kind: str  # status | hang | reset | garbage | oversize
-    times: int
-    status: int = 0
-    error: str = ""
-    headers: dict[str, str] | None = None
-    garbage: str = ""
-    target_bytes: int = 0
-
-
-@dataclass
 class _Job:
     request_id: str
     payload: dict[str, Any]
@@ -113,7 +50,7 @@ class _Job:
     error: str | None = None
     fail_http_status: int = 422
     output_name: str | None = None
-    output_fault: _Fault | None = None
+    output_fault: Fault | None = None
     fail_with: str | None = None
     fail_status: int = 422
     started: float | None = None
@@ -150,7 +87,7 @@ class SegmindEmulator:
         self.peak_concurrency = 0
         self.started_times: list[float] = []
 
-        self._faults: list[_Fault] = []
+        self._faults: list[Fault] = []
         self._v2_failures: list[tuple[str, int]] = []
         self._jobs: dict[str, _Job] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
@@ -158,6 +95,7 @@ class SegmindEmulator:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
+        self._call_arrived = asyncio.Event()
         self.port: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -226,17 +164,17 @@ class SegmindEmulator:
         A 429 without explicit headers carries ``x-rate-limit-reset-at-utc`` one second ahead.
         A 405 answers an HTML page, like the real API.
         """
-        self._faults.append(_Fault("status", times, status=status,
+        self._faults.append(Fault("status", times, status=status,
                                    error=error or DEFAULT_ERRORS.get(status, f"HTTP {status}"),
                                    headers=headers))
 
     def hang_next(self, times: int = 1) -> None:
         """The next ``times`` generation POSTs are read and never answered (until stop)."""
-        self._faults.append(_Fault("hang", times))
+        self._faults.append(Fault("hang", times))
 
     def reset_next(self, times: int = 1) -> None:
         """The next ``times`` generation POSTs: body read, generation billed, connection dropped."""
-        self._faults.append(_Fault("reset", times))
+        self._faults.append(Fault("reset", times))
 
     def garbage_next(self, kind: str = "html", *, times: int = 1) -> None:
         """The next ``times`` generations answer 200 with a body that is not the asked image.
@@ -248,11 +186,11 @@ class SegmindEmulator:
         kinds = {"html", "json", "truncated", "empty", "wrong_format", "swapped_format"}
         if kind not in kinds:
             raise ValueError(f"kind must be one of {sorted(kinds)}")
-        self._faults.append(_Fault("garbage", times, garbage=kind))
+        self._faults.append(Fault("garbage", times, garbage=kind))
 
     def oversize_next(self, target_bytes: int, *, times: int = 1) -> None:
         """The next ``times`` generations answer a valid (noisy) image of ≥ ``target_bytes``."""
-        self._faults.append(_Fault("oversize", times, target_bytes=int(target_bytes)))
+        self._faults.append(Fault("oversize", times, target_bytes=int(target_bytes)))
 
     def fail_v2_next(self, error: str = "Generation failed", *, http_status: int = 422) -> None:
         """The next v2 job ends FAILED with ``error`` (its status answered with ``http_status``)."""
@@ -263,7 +201,7 @@ class SegmindEmulator:
         self._faults.clear()
         self._v2_failures.clear()
 
-    def _take_fault(self) -> _Fault | None:
+    def _take_fault(self) -> Fault | None:
         if not self._faults:
             return None
         fault = self._faults[0]
@@ -281,11 +219,12 @@ class SegmindEmulator:
 
     async def wait_calls(self, n: int, timeout: float = 5.0) -> list[CallRecord]:
         """Wait until at least ``n`` generation calls arrived (``TimeoutError`` otherwise)."""
-        deadline = time.monotonic() + timeout
-        while len(self.calls) < n:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"expected {n} calls, got {len(self.calls)}")
-            await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.calls) < n:
+                    await self._call_arrived.wait()
+        except TimeoutError:
+            raise TimeoutError(f"expected {n} calls, got {len(self.calls)}") from None
         return list(self.calls)
 
     def reset_stats(self) -> None:
@@ -297,8 +236,8 @@ class SegmindEmulator:
 
     def host_image(self, data: bytes, name: str | None = None) -> str:
         """Serve ``data`` at a URL on this emulator (inputs for tests without Discord)."""
-        name = name or f"{uuid.uuid4().hex}.{_sniff(data) or 'bin'}"
-        ctype = _CONTENT_TYPES.get(_sniff(data) or "", "application/octet-stream")
+        name = name or f"{uuid.uuid4().hex}.{sniff(data) or 'bin'}"
+        ctype = CONTENT_TYPES.get(sniff(data) or "", "application/octet-stream")
         self._files[name] = (data, ctype)
         return f"{self.base_url}/_emu/files/{name}"
 
@@ -323,6 +262,8 @@ class SegmindEmulator:
             api_key=request.headers.get("x-api-key"),
         )
         self.calls.append(record)
+        self._call_arrived.set()  # wake wait_calls, then arm a fresh event for the next call
+        self._call_arrived = asyncio.Event()
         self.started_times.append(now)
         return record
 
@@ -366,37 +307,6 @@ class SegmindEmulator:
         record.charged = True
         self.credits = round(self.credits - self.cost, 6)
 
-    @staticmethod
-    def _validate(payload: Any) -> str | None:
-        """The error message for a body that breaks the model's schema, else None."""
-        if not isinstance(payload, dict):
-            return "Request body must be a JSON object"
-        unknown = sorted(set(payload) - BODY_KEYS)
-        if unknown:
-            return f"Unknown parameter(s): {', '.join(unknown)}"
-        for key in ("prompt", "input_image_1", "input_image_2"):
-            if key not in payload:
-                return f"{key} is required"
-            if not isinstance(payload[key], str):
-                return f"{key} must be a string"
-        if not payload["prompt"].strip():
-            return "prompt must not be empty"
-        for key in ("input_image_1", "input_image_2"):
-            if not payload[key].startswith(("http://", "https://")):
-                return f"{key} must be an http(s) URI"
-        if "aspect_ratio" in payload and payload["aspect_ratio"] not in ASPECT_RATIOS:
-            return f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}"
-        if "output_format" in payload and payload["output_format"] not in OUTPUT_FORMATS:
-            return "output_format must be one of jpg, png"
-        if "safety_tolerance" in payload:
-            value = payload["safety_tolerance"]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2:
-                return "safety_tolerance must be an integer between 0 and 2"
-        if "seed" in payload:
-            value = payload["seed"]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
-                return f"seed must be an integer between 0 and {SEED_MAX}"
-        return None
 
     async def _read_payload(self, request: web.Request) -> tuple[Any, str | None]:
         raw = await request.read()
@@ -419,7 +329,7 @@ class SegmindEmulator:
         if len(data) > MAX_INPUT_BYTES:
             raise ValueError(f"{which}: image too large")
         try:
-            await asyncio.to_thread(_decode_check, data)
+            await asyncio.to_thread(decode_check, data)
         except Exception:  # noqa: BLE001 - any decoder failure means "not an image"
             raise ValueError(f"{which}: not a valid image (PNG, JPEG or WebP)") from None
         return data
@@ -433,39 +343,13 @@ class SegmindEmulator:
 
     async def _render(self, payload: dict[str, Any], img1: bytes, img2: bytes) -> bytes:
         return await asyncio.to_thread(
-            _render, img1, img2, payload.get("aspect_ratio", "16:9"),
+            render, img1, img2, payload.get("aspect_ratio", "16:9"),
             payload.get("output_format", "jpg"), int(payload.get("seed", 42)),
             self.output_long_side,
         )
 
-    async def _faulty_body(self, fault: _Fault, fmt: str, seed: int) -> tuple[bytes, str]:
-        """``(body, content_type)`` of a garbage/oversize fault."""
-        if fault.kind == "oversize":
-            key = (fault.target_bytes, fmt)
-            if key not in self._oversize_cache:
-                self._oversize_cache[key] = await asyncio.to_thread(
-                    _noisy_image, fault.target_bytes, fmt
-                )
-            return self._oversize_cache[key], _CONTENT_TYPES[fmt]
-        kind = fault.garbage
-        if kind == "html":
-            return b"<html><head><title>Oops</title></head><body>Try later</body></html>", (
-                "text/html"
-            )
-        if kind == "json":
-            return b'{"status": "success", "message": "queued"}', "application/json"
-        if kind == "empty":
-            return b"", _CONTENT_TYPES[fmt]
-        if kind == "wrong_format":
-            return await asyncio.to_thread(_solid, "gif", seed), _CONTENT_TYPES[fmt]
-        if kind == "swapped_format":
-            other = "png" if fmt == "jpg" else "jpg"
-            return await asyncio.to_thread(_solid, other, seed), _CONTENT_TYPES[other]
-        whole = await asyncio.to_thread(_solid, fmt, seed)  # truncated
-        return whole[: len(whole) // 2], _CONTENT_TYPES[fmt]
-
     async def _fault_response(
-        self, request: web.Request, fault: _Fault, record: CallRecord
+        self, request: web.Request, fault: Fault, record: CallRecord
     ) -> web.StreamResponse:
         """Answer a status/hang/reset fault (the ones that hit the request itself)."""
         record.fault = fault.kind if fault.kind != "status" else f"status:{fault.status}"
@@ -486,7 +370,7 @@ class SegmindEmulator:
             headers["x-rate-limit-reset-at-utc"] = reset_at.isoformat().replace("+00:00", "Z")
         record.status = fault.status
         if fault.status == 405:
-            return web.Response(status=405, text=_html_page(405, fault.error),
+            return web.Response(status=405, text=html_page(405, fault.error),
                                 content_type="text/html", headers=headers)
         return self._error(fault.status, fault.error, headers)
 
@@ -494,7 +378,7 @@ class SegmindEmulator:
 
     async def _method_not_allowed(self, request: web.Request) -> web.Response:
         self._log(request, 405)
-        return web.Response(status=405, text=_html_page(405, "Method Not Allowed"),
+        return web.Response(status=405, text=html_page(405, "Method Not Allowed"),
                             content_type="text/html")
 
     async def _credits(self, request: web.Request) -> web.Response:
@@ -550,9 +434,9 @@ class SegmindEmulator:
         record.request_id = rid
         if fault is not None:  # garbage / oversize
             record.fault = f"{fault.kind}:{fault.garbage}" if fault.garbage else fault.kind
-            body, ctype = await self._faulty_body(fault, fmt, seed)
+            body, ctype = await faulty_body(fault, fmt, seed, self._oversize_cache)
         else:
-            body, ctype = await self._render(payload, img1, img2), _CONTENT_TYPES[fmt]
+            body, ctype = await self._render(payload, img1, img2), CONTENT_TYPES[fmt]
         self._charge(record)
         record.status = 200
         record.image = body
@@ -570,7 +454,7 @@ class SegmindEmulator:
             return denied
         if request.match_info["model"] not in self.models:
             return self._error(404, f"Model not found: {request.match_info['model']}")
-        problem = bad_json or self._validate(payload)
+        problem = bad_json or validate(payload)
         if problem is not None:
             return self._error(400, problem)
         if self.credits < self.cost:
@@ -640,9 +524,9 @@ class SegmindEmulator:
             fmt = job.payload.get("output_format", "jpg")
             seed = int(job.payload.get("seed", 42))
             if job.output_fault is not None:
-                body, ctype = await self._faulty_body(job.output_fault, fmt, seed)
+                body, ctype = await faulty_body(job.output_fault, fmt, seed, self._oversize_cache)
             else:
-                body, ctype = await self._render(job.payload, img1, img2), _CONTENT_TYPES[fmt]
+                body, ctype = await self._render(job.payload, img1, img2), CONTENT_TYPES[fmt]
             name = f"out-{job.request_id}.{fmt}"
             self._files[name] = (body, ctype)
             job.output_name = name
@@ -725,96 +609,3 @@ class SegmindEmulator:
 
 
 # --- images (run in threads) -------------------------------------------------------------------
-
-
-def _sniff(data: bytes) -> str | None:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    return None
-
-
-def _decode_check(data: bytes) -> None:
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format not in ("PNG", "JPEG", "WEBP"):
-            raise ValueError(f"unsupported format {img.format}")
-        img.load()
-
-
-def _save(img: Image.Image, fmt: str) -> bytes:
-    out = io.BytesIO()
-    if fmt == "jpg":
-        img.convert("RGB").save(out, "JPEG", quality=90)
-    elif fmt == "png":
-        img.save(out, "PNG")
-    elif fmt == "gif":
-        img.convert("P").save(out, "GIF")
-    else:
-        img.save(out, fmt.upper())
-    return out.getvalue()
-
-
-def _output_size(aspect: str, first: tuple[int, int], long_side: int) -> tuple[int, int]:
-    if aspect == "match_input_image":
-        rw, rh = first
-    else:
-        a, _, b = aspect.partition(":")
-        rw, rh = int(a), int(b)
-    if rw >= rh:
-        return long_side, max(8, round(long_side * rh / rw))
-    return max(8, round(long_side * rw / rh)), long_side
-
-
-def _render(img1: bytes, img2: bytes, aspect: str, fmt: str, seed: int, long_side: int) -> bytes:
-    """The two inputs side by side at the aspect's size, tinted by a seed-chosen colour."""
-    with Image.open(io.BytesIO(img1)) as a, Image.open(io.BytesIO(img2)) as b:
-        first = a.convert("RGB")
-        second = b.convert("RGB")
-    width, height = _output_size(aspect, first.size, long_side)
-    half = max(1, width // 2)
-    canvas = Image.new("RGB", (width, height))
-    canvas.paste(ImageOps.fit(first, (half, height)), (0, 0))
-    canvas.paste(ImageOps.fit(second, (width - half, height)), (half, 0))
-    rng = random.Random(seed)
-    tint = Image.new("RGB", (width, height), (rng.randrange(256), rng.randrange(256),
-                                              rng.randrange(256)))
-    return _save(Image.blend(canvas, tint, 0.25), fmt)
-
-
-def _solid(fmt: str, seed: int) -> bytes:
-    rng = random.Random(seed)
-    img = Image.new("RGB", (64, 48), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    for x in range(0, 64, 4):  # some detail so that the file is not trivially small
-        img.putpixel((x, x % 48), (255 - x, x * 3 % 256, 128))
-    return _save(img, fmt)
-
-
-def _noisy_image(target_bytes: int, fmt: str) -> bytes:
-    """A valid image of at least ``target_bytes`` (random noise barely compresses)."""
-    per_pixel = 3.0 if fmt == "png" else 1.5
-    side = max(16, int((target_bytes / per_pixel) ** 0.5) + 1)
-    rng = random.Random(target_bytes)
-    while True:
-        img = Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
-        out = io.BytesIO()
-        if fmt == "png":
-            img.save(out, "PNG", compress_level=1)
-        else:
-            img.save(out, "JPEG", quality=95)
-        data = out.getvalue()
-        if len(data) >= target_bytes:
-            return data
-        side = int(side * 1.25) + 1
-
-
-def _html_page(status: int, message: str) -> str:
-    return (
-        f"<html><head><title>{status} {message}</title></head>"
-        f"<body><center><h1>{status} {message}</h1></center><hr><center>nginx</center>"
-        "</body></html>"
-    )

@@ -1,1 +1,0 @@
-"""Local emulators of the external services the bot talks to (Discord, Segmind)."""
