@@ -152,7 +152,7 @@ async def run(url: str, backend: str, processes: int, *, duration: float, concur
 
 @contextlib.asynccontextmanager
 async def sqlite_url() -> AsyncIterator[str]:
-    from tests.dbutil import temp_sqlite_url
+    from devtools.databases import temp_sqlite_url
 
     async with temp_sqlite_url() as url:
         yield url
@@ -161,7 +161,7 @@ async def sqlite_url() -> AsyncIterator[str]:
 @contextlib.asynccontextmanager
 async def postgres_url() -> AsyncIterator[str | None]:
     """A throwaway Postgres database, or None (with the reason printed) when none answers."""
-    from tests.dbutil import postgres_unavailable_reason, temp_postgres_url
+    from devtools.databases import postgres_unavailable_reason, temp_postgres_url
 
     reason = await postgres_unavailable_reason()
     if reason is not None:

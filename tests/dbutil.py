@@ -1,5 +1,8 @@
 """Throwaway databases for tests: a SQLite file, a Postgres schema, or a whole Postgres database.
 
+Throwaway databases live in :mod:`devtools.databases` (the bench uses them too) and are
+re-exported here:
+
 * :func:`temp_sqlite_url` — ``sqlite:////tmp/…/kontext.db``.
 * :func:`temp_postgres_schema` — a fresh schema in the test database; yields ``(url, engine_kwargs)``
   (the schema is selected with ``server_settings={"search_path": …}``, so it only works for a
@@ -23,20 +26,37 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+from devtools.databases import (  # the throwaway databases, shared with the bench
+    DEFAULT_POSTGRES_URL as DEFAULT_POSTGRES_URL,
+)
+from devtools.databases import (
+    _dsn as _dsn,
+)
+from devtools.databases import (
+    postgres_base_url as postgres_base_url,
+)
+from devtools.databases import (
+    postgres_unavailable_reason as postgres_unavailable_reason,
+)
+from devtools.databases import (
+    temp_postgres_schema as temp_postgres_schema,
+)
+from devtools.databases import (
+    temp_postgres_url as temp_postgres_url,
+)
+from devtools.databases import (
+    temp_sqlite_url as temp_sqlite_url,
+)
+
 BACKENDS: tuple[str, ...] = ("sqlite", "postgres")
 #: 2025-03-01 12:00:00 UTC — tests start at noon so a day boundary is 12 h away.
 CLOCK_START = 1_740_830_400.0
-
-_pg_reason: dict[str, str | None] = {}
 
 
 class FakeClock:
@@ -60,37 +80,9 @@ def make_settings(**overrides: Any) -> Any:
     return Settings(discord_token="test-token", **overrides)
 
 
-def postgres_base_url() -> str:
-    """The Postgres server tests use."""
-    return os.environ.get("KONTEXT_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
-
-
 def postgres_required() -> bool:
     """True when a missing Postgres must fail the tests instead of skipping them."""
     return os.environ.get("KONTEXT_REQUIRE_POSTGRES", "").strip().lower() in {"1", "true", "yes"}
-
-
-def _dsn(url: str) -> str:
-    """A libpq/asyncpg DSN for a SQLAlchemy-style Postgres URL."""
-    from sqlalchemy.engine import make_url
-
-    u = make_url(url)
-    return u.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def postgres_unavailable_reason(url: str | None = None) -> str | None:
-    """None when the Postgres server answers, else why not (cached per URL)."""
-    import asyncpg
-
-    url = url or postgres_base_url()
-    if url not in _pg_reason:
-        try:
-            conn = await asyncpg.connect(_dsn(url), timeout=5)
-            await conn.close()
-            _pg_reason[url] = None
-        except Exception as exc:  # any failure means "not available"
-            _pg_reason[url] = f"no Postgres at {url}: {type(exc).__name__}: {exc}"
-    return _pg_reason[url]
 
 
 async def ensure_postgres(url: str | None = None) -> None:
@@ -103,64 +95,6 @@ async def ensure_postgres(url: str | None = None) -> None:
     if postgres_required():
         pytest.fail(f"KONTEXT_REQUIRE_POSTGRES=1 but {reason}")
     pytest.skip(f"{reason} (set KONTEXT_TEST_POSTGRES_URL, or KONTEXT_REQUIRE_POSTGRES=1 to fail)")
-
-
-@asynccontextmanager
-async def temp_sqlite_url(directory: str | os.PathLike[str] | None = None) -> AsyncIterator[str]:
-    """A ``DATABASE_URL`` for a new SQLite file (deleted afterwards when the dir is ours)."""
-    if directory is not None:
-        path = Path(directory) / f"kontext-{uuid.uuid4().hex[:12]}.db"
-        yield f"sqlite:///{path}"
-        return
-    with tempfile.TemporaryDirectory(prefix="kontext-test-") as tmp:
-        yield f"sqlite:///{Path(tmp) / 'kontext.db'}"
-
-
-@asynccontextmanager
-async def temp_postgres_schema(
-    base_url: str | None = None,
-) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """A fresh schema: yields ``(url, engine_kwargs)`` for :meth:`Store.open`; dropped after."""
-    import asyncpg
-
-    url = base_url or postgres_base_url()
-    schema = f"kontext_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(_dsn(url), timeout=10)
-    try:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await conn.close()
-    try:
-        yield url, {"connect_args": {"server_settings": {"search_path": schema}}}
-    finally:
-        conn = await asyncpg.connect(_dsn(url), timeout=10)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-
-
-@asynccontextmanager
-async def temp_postgres_url(base_url: str | None = None) -> AsyncIterator[str]:
-    """A throwaway database (``kontext_test_<random>``); yields its ``DATABASE_URL``."""
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    url = base_url or postgres_base_url()
-    name = f"kontext_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(_dsn(url), timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield make_url(url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        conn = await asyncpg.connect(_dsn(url), timeout=10)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
 
 
 @asynccontextmanager
