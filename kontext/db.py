@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     event,
+    text,
 )
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import URL, Engine, make_url
@@ -571,6 +572,36 @@ class Database:
             return
         async with self._write_lock, self.engine.begin() as conn:
             yield conn
+
+    @asynccontextmanager
+    async def exclusive_write(self, lock_key: int) -> AsyncIterator[AsyncConnection]:
+        """A write transaction that no other process's ``exclusive_write`` overlaps: for
+        schema changes (:func:`kontext.schema.run_migrations`).
+
+        Postgres: the transaction first takes the advisory lock ``lock_key`` (held until it
+        ends). SQLite: ``BEGIN IMMEDIATE`` is the lock (the file has one writer), under this
+        process's write lock; foreign keys are switched off for the transaction, as SQLite's
+        procedure for rebuilding a table requires (Alembic's batch mode copies, drops and
+        renames tables), and ``PRAGMA foreign_key_check`` must find nothing before the commit.
+        """
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+                yield conn
+            return
+        async with self._write_lock, self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            await (await raw.execute("PRAGMA foreign_keys = OFF")).close()  # outside BEGIN
+            try:
+                async with conn.begin():
+                    yield conn
+                    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise RuntimeError(f"foreign keys broken by a schema change: {broken[:5]}")
+            finally:
+                if not conn.invalidated:
+                    await (await raw.execute("PRAGMA foreign_keys = ON")).close()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -1,4 +1,5 @@
-"""Tests of :mod:`kontext.db`: URLs, SQLite's locking discipline, and the migration runner."""
+"""Tests of :mod:`kontext.db`: URLs, SQLite's locking discipline, running the migrations at
+open, and transactions."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from kontext import db as db_module
 from kontext.db import SQLITE_BUSY_TIMEOUT_MS, Database, engine_args, execute
-from kontext.schema import MIGRATIONS, Migration, current_version, schema_version
+from kontext.schema import current_revision, head_revision, jobs, revisions
 from kontext.schema import run_migrations as run
 from kontext.store import Store
 from tests.dbutil import ensure_postgres, make_settings, postgres_base_url, temp_postgres_schema
@@ -141,13 +142,13 @@ async def test_migrations_are_idempotent(fresh_db: tuple[str, dict[str, Any]]) -
     url, kwargs = fresh_db
     db = Database.from_url(url, **kwargs)
     try:
-        assert await current_version(db) == 0
-        assert await run(db) == len(MIGRATIONS)
+        assert await current_revision(db) is None
+        assert await run(db) == len(revisions())
         assert await run(db) == 0
-        assert await current_version(db) == MIGRATIONS[-1].version
+        assert await current_revision(db) == head_revision()
         async with db.read() as conn:
-            rows = (await conn.execute(select(schema_version.c.version))).scalars().all()
-        assert rows == [m.version for m in MIGRATIONS]
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+        assert [r[0] for r in rows] == [head_revision()]
     finally:
         await db.dispose()
 
@@ -166,60 +167,24 @@ async def test_concurrent_open_on_fresh_database(fresh_db: tuple[str, dict[str, 
             await s.close()
 
 
-def _extra_steps() -> list[Migration]:
-    def create_probe(conn: Connection) -> None:
-        conn.execute(text("CREATE TABLE probe (n INTEGER NOT NULL)"))
-
-    def insert_probe(conn: Connection) -> None:
-        conn.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": 1})
-
-    return [
-        *MIGRATIONS,
-        Migration(100, "probe table", create_probe),
-        Migration(101, "probe row", insert_probe),
-    ]
-
-
-async def test_extra_steps_run_once_under_concurrency(
+async def test_migrations_run_once_under_concurrency(
     fresh_db: tuple[str, dict[str, Any]],
 ) -> None:
+    """Three engines (like three processes) upgrade one fresh database at once: each revision
+    is applied exactly once. (Upgrades from older schemas, the rollback of a failing upgrade
+    and the history itself are tested in test_migrations.py.)"""
     url, kwargs = fresh_db
     dbs = [Database.from_url(url, **kwargs) for _ in range(3)]
     try:
-        applied = await asyncio.gather(*(run(db, _extra_steps()) for db in dbs))
-        assert sum(applied) == len(MIGRATIONS) + 2
+        applied = await asyncio.gather(*(run(db) for db in dbs))
+        assert sorted(applied) == [0, 0, len(revisions())]
         async with dbs[0].read() as conn:
-            assert (await conn.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
-        assert await current_version(dbs[1]) == 101
+            count = (await conn.execute(text("SELECT count(*) FROM alembic_version"))).scalar()
+        assert count == 1
+        assert await current_revision(dbs[1]) == head_revision()
     finally:
         for db in dbs:
             await db.dispose()
-
-
-async def test_failed_step_rolls_back(fresh_db: tuple[str, dict[str, Any]]) -> None:
-    url, kwargs = fresh_db
-
-    def broken(conn: Connection) -> None:
-        conn.execute(text("CREATE TABLE half_done (n INTEGER)"))
-        raise RuntimeError("boom")
-
-    db = Database.from_url(url, **kwargs)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            await run(db, [*MIGRATIONS, Migration(50, "broken", broken)])
-        assert await current_version(db) == MIGRATIONS[-1].version
-        async with db.read() as conn:
-            has = await conn.run_sync(lambda c: c.dialect.has_table(c, "half_done"))
-        assert not has
-    finally:
-        await db.dispose()
-
-
-def test_duplicate_versions_rejected() -> None:
-    steps = [*MIGRATIONS, Migration(1, "again", lambda c: None)]
-    db = Database.__new__(Database)  # the check runs before any database access
-    with pytest.raises(ValueError, match="unique"):
-        asyncio.run(run(db, steps))
 
 
 # --- Database.transact: one transaction per sync body; group commit on SQLite ----------------------
@@ -425,7 +390,7 @@ def test_execute_refuses_expanding_in(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/x.db")
     try:
         with engine.begin() as conn:
-            stmt = select(schema_version.c.version).where(schema_version.c.version.in_([1, 2]))
+            stmt = select(jobs.c.id).where(jobs.c.id.in_([1, 2]))
             with pytest.raises(ValueError, match="expanding IN"):
                 execute(conn, stmt, {})
     finally:
