@@ -19,7 +19,8 @@
   - :meth:`Database.read` is a read-only transaction.
 
 * :func:`execute` runs a prebuilt statement inside a transaction body: on SQLite straight on the
-  driver's cursor (compiled once), on Postgres through SQLAlchemy. Same SQL on both engines.
+  driver's cursor (compiled once, through SQLAlchemy's public compiler API), on Postgres through
+  SQLAlchemy. Same SQL and the same row type (:class:`Rows` of named tuples) on both engines.
 * The tables and their migrations live in :mod:`kontext.schema`.
 
 Why the sync path: through the aiosqlite adapter every statement costs several loop↔thread
@@ -47,6 +48,7 @@ that re-checks its condition on the newest row version after waiting for the row
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import ssl
@@ -59,6 +61,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
+    CursorResult,
     event,
     text,
 )
@@ -219,7 +222,14 @@ def create_sqlite_sync_engine(async_url: URL) -> Engine:
 
 
 class _Prepared:
-    """A statement compiled once for the SQLite driver, for one set of parameter names."""
+    """A statement compiled once for the SQLite driver, for one set of parameter names.
+
+    Built from SQLAlchemy's public compiler API only: ``Compiled.string``,
+    ``SQLCompiler.positiontup`` and ``binds``, and ``construct_expanded_state()`` (the
+    processors SQLAlchemy itself applies to each bound value). ``tests/kontext/test_db.py``
+    checks, statement by statement, that this sends the driver exactly the SQL and values that
+    ``conn.execute`` sends, and returns the same rows.
+    """
 
     __slots__ = ("statement", "sql", "names", "constants", "processors", "row_type")
 
@@ -230,26 +240,32 @@ class _Prepared:
         compiled = statement.compile(dialect=dialect, column_keys=list(keys))
         assert isinstance(compiled, SQLCompiler), type(compiled)
         sql = compiled.string
-        if "POSTCOMPILE" in sql or compiled.positiontup is None:
+        order = compiled.positiontup
+        if "POSTCOMPILE" in sql or order is None:
             raise ValueError("execute() takes no expanding IN; write it as OR of equalities")
-        bind_processors = compiled._bind_processors
         given = set(keys)
+        for name in order:
+            bind = compiled.binds[name]
+            if name not in given and (bind.required or bind.callable is not None):
+                raise ValueError(f"execute(): no value for the bind parameter {name!r}")
+        # SQLAlchemy's own expansion for placeholder values: its processors, its positions
+        expanded = compiled.construct_expanded_state({k: None for k in keys})
+        if expanded.statement != sql or list(expanded.positiontup or ()) != list(order):
+            raise ValueError("execute() takes no statement that SQLAlchemy rewrites per call")
         names: list[str] = []  # the call's parameter (or constant) of each placeholder
         constants: dict[str, Any] = {}  # the statement's own values (literals), processed
         processors: list[tuple[int, Callable[[Any], Any]]] = []  # (placeholder, processor)
-        for index, name in enumerate(compiled.positiontup):
+        for index, name in enumerate(order):
             names.append(name)
-            processor = bind_processors.get(name)
+            processor = expanded.processors.get(name)
             if processor is not None and not callable(processor):  # a tuple type's, per element
                 raise ValueError(f"execute() takes no tuple-typed bind parameter ({name!r})")
             if name in given:
                 if processor is not None:
                     processors.append((index, processor))
                 continue
-            bind = compiled.binds[name]
-            if bind.required or bind.callable is not None:
-                raise ValueError(f"execute(): no value for the bind parameter {name!r}")
-            constants[name] = processor(bind.value) if processor else bind.value
+            value = compiled.binds[name].value
+            constants[name] = processor(value) if processor else value
         self.statement = statement  # keeps the statement (and so its id) alive
         self.sql = sql
         self.names = tuple(names)
@@ -267,17 +283,32 @@ class _Prepared:
         return args
 
 
-class Rows:
-    """The rows a statement returned through the SQLite fast path of :func:`execute`.
+@functools.cache
+def _row_type(names: tuple[str, ...]) -> Any:
+    """The named tuple of rows with these column names (one class per set of names)."""
+    return namedtuple("Row", names, rename=True)
 
-    Offers the few ``Result`` methods transaction bodies use; rows are named tuples with the
-    driver's raw values (a boolean column reads as 0 / 1).
+
+class Rows:
+    """The rows a statement returned through :func:`execute`, the same on both engines.
+
+    Offers the few ``Result`` methods transaction bodies use; rows are named tuples (read by
+    column name or position) with the driver's values (on SQLite a boolean column reads as
+    0 / 1, on Postgres as False / True).
     """
 
     __slots__ = ("_rows",)
 
     def __init__(self, rows: list[Any]) -> None:
         self._rows = rows
+
+    @classmethod
+    def of(cls, result: CursorResult[Any]) -> Rows:
+        """The rows of a SQLAlchemy result (none for a statement that returns no rows)."""
+        if not result.returns_rows:
+            return cls([])
+        make = _row_type(tuple(result.keys()))._make
+        return cls([make(r) for r in result])
 
     def first(self) -> Any:
         """The first row, or None."""
@@ -303,22 +334,30 @@ class Rows:
 _PREPARED: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
 
 
-def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> Any:
+def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> Rows:
     """Execute a prebuilt ``statement`` with named ``params`` inside a transaction body.
 
     Postgres: ``conn.execute(statement, params)``. SQLite (a pysqlite connection, as on the
-    transaction thread): the statement is compiled once (per set of parameter names) and
-    executed straight on the driver's cursor, which costs a few microseconds instead of
-    SQLAlchemy's tens per statement; same SQL, same dialect compilation, errors wrapped as
-    SQLAlchemy's. Either way the result has ``first()``, ``one()``, ``scalar_one()`` and
-    ``all()``, and rows read by column name.
+    transaction thread): :func:`_execute_on_driver`, the fast path. Either way the result is
+    :class:`Rows` (``first()``, ``one()``, ``scalar_one()``, ``all()``; rows read by column
+    name).
 
     For long-lived statements only (each one stays compiled for the life of the process);
     no expanding ``IN``.
     """
     raw = conn.connection.driver_connection
     if not isinstance(raw, sqlite3.Connection):  # Postgres (or aiosqlite under run_sync)
-        return conn.execute(statement, params)
+        return Rows.of(conn.execute(statement, params))
+    return _execute_on_driver(conn, raw, statement, params)
+
+
+def _execute_on_driver(
+    conn: Connection, raw: sqlite3.Connection, statement: Executable, params: dict[str, Any]
+) -> Rows:
+    """The SQLite fast path: ``statement`` compiled once (per set of parameter names, see
+    :class:`_Prepared`) and executed straight on the driver's cursor, which costs a few
+    microseconds instead of SQLAlchemy's tens per statement; same SQL, same values, same rows,
+    errors wrapped as SQLAlchemy's."""
     keys = tuple(params)
     prepared = _PREPARED.get((id(statement), keys))
     if prepared is None or prepared.statement is not statement:
@@ -336,8 +375,7 @@ def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> 
     if description is None:
         return Rows([])
     if prepared.row_type is None:
-        names = [d[0] for d in description]
-        prepared.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]  # field names known only at run time
+        prepared.row_type = _row_type(tuple(d[0] for d in description))
     make = prepared.row_type._make
     return Rows([make(r) for r in rows])
 
