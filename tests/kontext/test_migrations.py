@@ -309,3 +309,17 @@ async def test_concurrent_upgrades_of_a_legacy_database(backend: str, tmp_path: 
         finally:
             for db in dbs:
                 await db.dispose()
+
+
+async def test_sqlite_foreign_keys_are_back_on_after_an_upgrade(tmp_path: Path) -> None:
+    """The upgrade switches foreign keys off for its rebuilds; its connection (here the pool's
+    only one) goes back to the pool with them on."""
+    db = Database.from_url(f"sqlite:///{tmp_path}/fk.db", pool_size=1, max_overflow=0)
+    try:
+        await db.prepare()
+        await _in_transaction(db, lambda c: legacy.create_at(c, 1))
+        assert await schema.run_migrations(db) == len(schema.revisions()) - 1
+        async with db.read() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        await db.dispose()
