@@ -1,5 +1,5 @@
 """Tests of :mod:`kontext.db`: URLs, SQLite's locking discipline, running the migrations at
-open, transactions, and the SQLite fast path of :func:`kontext.db.execute` (checked against
+open, transactions, and the SQLite fast path of :func:`kontext.db_execute.execute` (checked against
 SQLAlchemy's own execution, statement by statement)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kontext import db as db_module
+from kontext import db_execute
 from kontext.db import SQLITE_BUSY_TIMEOUT_MS, Database, engine_args, execute
 from kontext.errors import JobAlreadyExists
 from kontext.schema import current_revision, head_revision, jobs, revisions
@@ -413,7 +414,7 @@ def test_execute_refuses_expanding_in(tmp_path: Path) -> None:
 
 
 def test_fast_path_reads_only_public_compiler_api() -> None:
-    """What :class:`kontext.db._Prepared` reads of a compiled statement exists and means what it
+    """What :class:`kontext.db_execute._Prepared` reads of a compiled statement exists and means what it
     assumes; and it reads nothing private (a SQLAlchemy upgrade that changes these fails here)."""
     stmt = select(jobs.c.id, jobs.c.state).where(jobs.c.id == bindparam("j"), jobs.c.state == "x")
     compiled = stmt.compile(dialect=sqlite.dialect(), column_keys=["j"])
@@ -426,9 +427,9 @@ def test_fast_path_reads_only_public_compiler_api() -> None:
     assert list(expanded.positiontup or ()) == ["j", "state_1"]
     assert expanded.positional_parameters == (7, "x")
     assert isinstance(expanded.processors, dict)
-    prepared = db_module._Prepared(stmt, sqlite.dialect(), ("j",))
+    prepared = db_execute._Prepared(stmt, sqlite.dialect(), ("j",))
     assert (prepared.sql, prepared.args({"j": 7})) == (compiled.string, [7, "x"])
-    source = inspect.getsource(db_module._Prepared) + inspect.getsource(db_module._execute_on_driver)
+    source = inspect.getsource(db_execute._Prepared) + inspect.getsource(db_execute._execute_on_driver)
     assert not re.search(r"\b(compiled|expanded|bind|statement)\._[a-z]", source)
 
 
@@ -441,7 +442,7 @@ async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.
     """Every statement the store runs through the fast path, in a workload of the money and queue
     transactions: SQLite is sent exactly the SQL and values that ``conn.execute`` sends (the
     driver's trace of each, values expanded), and the rows are the same, named the same."""
-    real = db_module._execute_on_driver
+    real = db_execute._execute_on_driver
     checked: dict[int, str] = {}
 
     def sqlite_statements(trace: list[str]) -> list[str]:
@@ -449,7 +450,7 @@ async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.
 
     def compare(
         conn: Connection, raw: sqlite3.Connection, statement: Any, params: dict[str, Any]
-    ) -> db_module.Rows:
+    ) -> db_execute.Rows:
         trace: list[str] = []
         raw.set_trace_callback(trace.append)
         try:
@@ -486,7 +487,7 @@ async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.
         checked[id(statement)] = sent_by_sqlalchemy[0].split(" ", 1)[0]
         return rows
 
-    monkeypatch.setattr(db_module, "_execute_on_driver", compare)
+    monkeypatch.setattr(db_execute, "_execute_on_driver", compare)
     settings = make_settings(cooldown_seconds=0, jobs_per_member=5, daily_free_credits=20)
     store = await Store.open(f"sqlite:///{tmp_path}/f.db", settings, clock=FakeClock())
     try:
