@@ -1,10 +1,7 @@
-"""Database access: the engines and the transaction paths.
+"""Database access: :class:`Database`, the transaction paths of the store.
 
-* :func:`engine_args` turns ``DATABASE_URL`` (SQLAlchemy URL form, as PaaS add-ons hand it out)
-  into an async driver URL plus connect arguments: ``sqlite:///rel.db`` / ``sqlite:////abs.db``
-  become ``sqlite+aiosqlite``; ``postgres://`` and ``postgresql://`` become ``postgresql+asyncpg``
-  with libpq's ``sslmode`` turned into asyncpg's ``ssl`` argument.
-* :class:`Database` wraps the engines and hands out transactions:
+* :class:`Database` wraps the engines (built in :mod:`kontext.db_engine`) and hands out
+  transactions:
 
   - :meth:`Database.transact` runs a *synchronous* transaction body ``fn(conn)`` as one write
     transaction. The store's money transactions (reserve, commit, refund, grant, revoke, the job
@@ -16,11 +13,14 @@
     ``SAVEPOINT`` so that a body that raises rolls back alone (group commit).
   - :meth:`Database.write` is an async write transaction for everything else; it shares the
     process's SQLite write lock with :meth:`Database.transact`.
+  - :meth:`Database.exclusive_write` is a write transaction no other process's overlaps (the
+    migrations').
   - :meth:`Database.read` is a read-only transaction.
 
-* :func:`execute` runs a prebuilt statement inside a transaction body: on SQLite straight on the
-  driver's cursor (compiled once), on Postgres through SQLAlchemy. Same SQL on both engines.
-* The tables and their migrations live in :mod:`kontext.schema`.
+* :func:`execute` (:mod:`kontext.db_execute`, re-exported here) runs a prebuilt statement
+  inside a transaction body, on SQLite straight on the driver's cursor.
+* The URL forms and SQLite's connection setup: :mod:`kontext.db_engine` (re-exported here). The
+  tables and their migrations: :mod:`kontext.schema`.
 
 Why the sync path: through the aiosqlite adapter every statement costs several loop↔thread
 hand-offs plus SQLAlchemy's execution overhead, all while the process's write lock is held; a
@@ -29,16 +29,10 @@ it costs a hop in and a hop out; group commit then shares each commit's fsync am
 transactions that were waiting for it. Durability is unchanged: ``synchronous`` stays at SQLite's
 default (FULL), and no caller hears of its result before the group's ``COMMIT`` returned.
 
-SQLite concurrency. SQLite has one writer at a time per file. The sqlite3 driver normally starts
-a transaction lazily ("deferred") and upgrades the lock at the first write, which fails at once
-with "database is locked" when another connection holds it, whatever the busy timeout. Here the
-driver's own transaction handling is switched off (``isolation_level = None``) and every write
-transaction starts with ``BEGIN IMMEDIATE``: the write lock is taken up front, and a second
-writer (another task, another process) waits on ``busy_timeout`` (30 s) instead of failing. In
-WAL mode readers never block the writer and vice versa, so read transactions use a plain
-(deferred) ``BEGIN``. Inside one process, writers additionally queue on an :class:`asyncio.Lock`
-(held by :meth:`Database.write` and by each group of :meth:`Database.transact`) so that they do
-not all hold connections while spinning in SQLite's busy handler.
+SQLite has one writer per file (see :mod:`kontext.db_engine` for ``BEGIN IMMEDIATE`` and the
+busy timeout); inside one process, writers additionally queue on an :class:`asyncio.Lock` (held
+by :meth:`Database.write` and by each group of :meth:`Database.transact`) so that they do not
+all hold connections while spinning in SQLite's busy handler.
 
 Postgres runs at READ COMMITTED: every balance change is a conditional ``UPDATE … WHERE … RETURNING``
 that re-checks its condition on the newest row version after waiting for the row lock.
@@ -47,298 +41,38 @@ that re-checks its condition on the newest row version after waiting for the row
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
-import ssl
 import time
-from collections import namedtuple
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    Connection,
-    event,
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from kontext.db_engine import (
+    READ_ONLY,
+    SQLITE_BUSY_TIMEOUT_MS,
+    create_engine,
+    create_sqlite_sync_engine,
+    engine_args,
 )
-from sqlalchemy import create_engine as sa_create_engine
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import QueuePool
-from sqlalchemy.sql.base import Executable
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
+from kontext.db_execute import Rows, execute
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
-_SSL_MODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
-#: Execution option that marks a read-only transaction (SQLite then uses a deferred BEGIN).
-_READ_ONLY = "kontext_read_only"
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "Database",
+    "Rows",
+    "create_engine",
+    "create_sqlite_sync_engine",
+    "engine_args",
+    "execute",
+]
+
 T = TypeVar("T")
-
-
-# --- URLs ---------------------------------------------------------------------------------------
-
-
-def _ssl_argument(mode: str, query: dict[str, Any]) -> str | ssl.SSLContext:
-    """asyncpg's ``ssl`` argument for libpq's ``sslmode`` (plus optional cert files)."""
-    mode = {"true": "require", "1": "require", "false": "disable", "0": "disable"}.get(mode, mode)
-    if mode not in _SSL_MODES:
-        raise ValueError(f"DATABASE_URL: unknown sslmode {mode!r}")
-    rootcert, cert, key = (query.get(k) for k in ("sslrootcert", "sslcert", "sslkey"))
-    if mode in {"verify-ca", "verify-full"} and (rootcert or cert):
-        ctx = ssl.create_default_context(cafile=rootcert or None)
-        ctx.check_hostname = mode == "verify-full"
-        if cert:
-            ctx.load_cert_chain(cert, key or None)
-        return ctx
-    return mode
-
-
-def engine_args(database_url: str) -> tuple[URL, dict[str, Any]]:
-    """The async driver URL and connect arguments for ``database_url``.
-
-    Raises ValueError for a URL that is not SQLite or Postgres, or an in-memory SQLite URL (each
-    pooled connection would see its own empty database).
-    """
-    url = make_url(database_url.strip())
-    backend = url.drivername.split("+", 1)[0]
-    if backend == "sqlite":
-        path = url.database or ""
-        if path in {"", ":memory:"} or path.startswith("file::memory:"):
-            raise ValueError("DATABASE_URL: in-memory SQLite is not supported; use a file")
-        path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return url.set(drivername="sqlite+aiosqlite", database=path, query={}), {}
-    if backend not in {"postgres", "postgresql"}:
-        raise ValueError("DATABASE_URL: must be sqlite:///…, postgres://… or postgresql://…")
-    query = dict(url.query)
-    connect_args: dict[str, Any] = {}
-    mode = query.pop("sslmode", None)
-    cert_params: dict[str, Any] = {k: query.pop(k) for k in ("sslrootcert", "sslcert", "sslkey") if k in query}
-    if "ssl" in query:  # already asyncpg style
-        mode = query.pop("ssl")
-    if isinstance(mode, tuple):
-        mode = mode[-1]
-    host = url.host or ""
-    if mode:
-        connect_args["ssl"] = _ssl_argument(str(mode).lower(), cert_params)
-    elif host not in _LOCAL_HOSTS and not host.startswith("/"):
-        # Heroku's URLs carry no sslmode but the server requires SSL.
-        connect_args["ssl"] = "prefer"
-    if "application_name" in query:
-        connect_args["server_settings"] = {"application_name": str(query.pop("application_name"))}
-    return url.set(drivername="postgresql+asyncpg", query=query), connect_args
-
-
-# --- the engine ---------------------------------------------------------------------------------
-
-
-def _install_sqlite_hooks(engine: Engine) -> None:
-    """Pragmas on connect; ``BEGIN IMMEDIATE`` (or ``BEGIN`` when read-only) on begin.
-
-    ``engine`` is a sync engine: the async engine's ``sync_engine``, or the pysqlite engine of
-    :meth:`Database.transact`. Both get exactly the same connection setup.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
-            cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.execute("PRAGMA journal_mode")
-            if str(cursor.fetchone()[0]).lower() != "wal":
-                try:
-                    cursor.execute("PRAGMA journal_mode = WAL")
-                except Exception:  # another connection holds a lock: Database.prepare() retries
-                    pass
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        read_only = conn.get_execution_options().get(_READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-
-def create_engine(database_url: str, **engine_kwargs: Any) -> AsyncEngine:
-    """An async engine for ``database_url``; ``engine_kwargs`` override the defaults.
-
-    ``connect_args`` in ``engine_kwargs`` are merged into the ones derived from the URL.
-    """
-    url, connect_args = engine_args(database_url)
-    extra_connect = dict(engine_kwargs.pop("connect_args", None) or {})
-    if "server_settings" in extra_connect and "server_settings" in connect_args:
-        extra_connect["server_settings"] = {
-            **connect_args["server_settings"],
-            **extra_connect["server_settings"],
-        }
-    # hide_parameters: bound values (interaction tokens among them) never reach logs or errors
-    kwargs: dict[str, Any] = {
-        "pool_size": 5,
-        "max_overflow": 10,
-        "pool_timeout": 60,
-        "hide_parameters": True,
-    }
-    if url.drivername.startswith("postgresql"):
-        kwargs.update(pool_pre_ping=True, pool_recycle=1800)
-    kwargs.update(engine_kwargs)
-    kwargs["connect_args"] = {**connect_args, **extra_connect}
-    engine = create_async_engine(url, **kwargs)
-    if engine.dialect.name == "sqlite":
-        _install_sqlite_hooks(engine.sync_engine)
-    return engine
-
-
-def create_sqlite_sync_engine(async_url: URL) -> Engine:
-    """The sync (pysqlite) engine of :meth:`Database.transact` for the file of ``async_url``.
-
-    Same pragmas and ``BEGIN IMMEDIATE`` hook as the async engine, parameters hidden from logs.
-    Its connections are only used on the database's one transaction thread (one at a time), so
-    one pooled connection is enough; ``check_same_thread=False`` lets ``dispose()`` close it
-    from another thread.
-    """
-    engine = sa_create_engine(
-        async_url.set(drivername="sqlite+pysqlite"),
-        poolclass=QueuePool,
-        pool_size=1,
-        max_overflow=4,
-        pool_timeout=60,
-        hide_parameters=True,
-        connect_args={"check_same_thread": False},
-    )
-    _install_sqlite_hooks(engine)
-    return engine
-
-
-# --- executing prebuilt statements inside a transaction body ---------------------------------
-
-
-class _Prepared:
-    """A statement compiled once for the SQLite driver, for one set of parameter names."""
-
-    __slots__ = ("statement", "sql", "names", "constants", "processors", "row_type")
-
-    def __init__(self, statement: Executable, dialect: Any, keys: tuple[str, ...]) -> None:
-        # a prebuilt select / insert / update, compiled by a SQL dialect (both checked once: the
-        # compiled statement is cached)
-        assert isinstance(statement, ClauseElement), type(statement)
-        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
-        assert isinstance(compiled, SQLCompiler), type(compiled)
-        sql = compiled.string
-        if "POSTCOMPILE" in sql or compiled.positiontup is None:
-            raise ValueError("execute() takes no expanding IN; write it as OR of equalities")
-        bind_processors = compiled._bind_processors
-        given = set(keys)
-        names: list[str] = []  # the call's parameter (or constant) of each placeholder
-        constants: dict[str, Any] = {}  # the statement's own values (literals), processed
-        processors: list[tuple[int, Callable[[Any], Any]]] = []  # (placeholder, processor)
-        for index, name in enumerate(compiled.positiontup):
-            names.append(name)
-            processor = bind_processors.get(name)
-            if processor is not None and not callable(processor):  # a tuple type's, per element
-                raise ValueError(f"execute() takes no tuple-typed bind parameter ({name!r})")
-            if name in given:
-                if processor is not None:
-                    processors.append((index, processor))
-                continue
-            bind = compiled.binds[name]
-            if bind.required or bind.callable is not None:
-                raise ValueError(f"execute(): no value for the bind parameter {name!r}")
-            constants[name] = processor(bind.value) if processor else bind.value
-        self.statement = statement  # keeps the statement (and so its id) alive
-        self.sql = sql
-        self.names = tuple(names)
-        self.constants = constants
-        self.processors = tuple(processors)
-        self.row_type: Any = None
-
-    def args(self, params: dict[str, Any]) -> list[Any]:
-        """The positional values for ``params``."""
-        if self.constants:
-            params = {**self.constants, **params}
-        args = [params[name] for name in self.names]
-        for index, processor in self.processors:
-            args[index] = processor(args[index])
-        return args
-
-
-class Rows:
-    """The rows a statement returned through the SQLite fast path of :func:`execute`.
-
-    Offers the few ``Result`` methods transaction bodies use; rows are named tuples with the
-    driver's raw values (a boolean column reads as 0 / 1).
-    """
-
-    __slots__ = ("_rows",)
-
-    def __init__(self, rows: list[Any]) -> None:
-        self._rows = rows
-
-    def first(self) -> Any:
-        """The first row, or None."""
-        return self._rows[0] if self._rows else None
-
-    def one(self) -> Any:
-        """The only row (NoResultFound / MultipleResultsFound otherwise)."""
-        if not self._rows:
-            raise NoResultFound("No row was found when one was required")
-        if len(self._rows) > 1:
-            raise MultipleResultsFound("Multiple rows were found when exactly one was required")
-        return self._rows[0]
-
-    def scalar_one(self) -> Any:
-        """The first column of the only row."""
-        return self.one()[0]
-
-    def all(self) -> list[Any]:
-        """Every row."""
-        return list(self._rows)
-
-
-_PREPARED: dict[tuple[int, tuple[str, ...]], _Prepared] = {}
-
-
-def execute(conn: Connection, statement: Executable, params: dict[str, Any]) -> Any:
-    """Execute a prebuilt ``statement`` with named ``params`` inside a transaction body.
-
-    Postgres: ``conn.execute(statement, params)``. SQLite (a pysqlite connection, as on the
-    transaction thread): the statement is compiled once (per set of parameter names) and
-    executed straight on the driver's cursor, which costs a few microseconds instead of
-    SQLAlchemy's tens per statement; same SQL, same dialect compilation, errors wrapped as
-    SQLAlchemy's. Either way the result has ``first()``, ``one()``, ``scalar_one()`` and
-    ``all()``, and rows read by column name.
-
-    For long-lived statements only (each one stays compiled for the life of the process);
-    no expanding ``IN``.
-    """
-    raw = conn.connection.driver_connection
-    if not isinstance(raw, sqlite3.Connection):  # Postgres (or aiosqlite under run_sync)
-        return conn.execute(statement, params)
-    keys = tuple(params)
-    prepared = _PREPARED.get((id(statement), keys))
-    if prepared is None or prepared.statement is not statement:
-        prepared = _Prepared(statement, conn.dialect, keys)
-        _PREPARED[(id(statement), keys)] = prepared
-    try:
-        cursor = raw.execute(prepared.sql, prepared.args(params))
-        rows = cursor.fetchall()
-        description = cursor.description
-        cursor.close()
-    except sqlite3.Error as exc:
-        raise DBAPIError.instance(
-            prepared.sql, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
-        ) from exc
-    if description is None:
-        return Rows([])
-    if prepared.row_type is None:
-        names = [d[0] for d in description]
-        prepared.row_type = namedtuple("Row", names, rename=True)  # type: ignore[misc]  # field names known only at run time
-    make = prepared.row_type._make
-    return Rows([make(r) for r in rows])
 
 
 #: The most transactions one SQLite group commit takes (see :meth:`Database.transact`).
@@ -573,10 +307,40 @@ class Database:
             yield conn
 
     @asynccontextmanager
+    async def exclusive_write(self, lock_key: int) -> AsyncIterator[AsyncConnection]:
+        """A write transaction that no other process's ``exclusive_write`` overlaps: for
+        schema changes (:func:`kontext.schema.run_migrations`).
+
+        Postgres: the transaction first takes the advisory lock ``lock_key`` (held until it
+        ends). SQLite: ``BEGIN IMMEDIATE`` is the lock (the file has one writer), under this
+        process's write lock; foreign keys are switched off for the transaction, as SQLite's
+        procedure for rebuilding a table requires (Alembic's batch mode copies, drops and
+        renames tables), and ``PRAGMA foreign_key_check`` must find nothing before the commit.
+        """
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+                yield conn
+            return
+        async with self._write_lock, self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            await (await raw.execute("PRAGMA foreign_keys = OFF")).close()  # outside BEGIN
+            try:
+                async with conn.begin():
+                    yield conn
+                    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise RuntimeError(f"foreign keys broken by a schema change: {broken[:5]}")
+            finally:
+                if not conn.invalidated:
+                    await (await raw.execute("PRAGMA foreign_keys = ON")).close()
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction (never takes SQLite's write lock)."""
         async with self.engine.connect() as conn:
-            await conn.execution_options(**{_READ_ONLY: True})
+            await conn.execution_options(**{READ_ONLY: True})
             async with conn.begin():
                 yield conn
 

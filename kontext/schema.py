@@ -1,18 +1,41 @@
 """The schema and its migrations: one set of tables for SQLite and Postgres.
 
 * :data:`metadata` holds the tables (members' balances, the append-only ledger, jobs, server
-  settings and their audit, the daily budget, workers, showcase posts, small process facts).
-* :data:`MIGRATIONS` are the ordered schema steps, applied by :func:`run_migrations`: one
-  transaction each, safe when several processes start at once (a Postgres advisory lock, or
-  SQLite's ``BEGIN IMMEDIATE``), each step run exactly once.
+  settings and their audit, the daily budget, workers, showcase posts, small process facts). The
+  CHECK constraints on states and kinds are built from the enums of :mod:`kontext.vocab`.
+* The migrations are Alembic revisions in ``kontext/migrations/versions/`` (``0001`` = the
+  schema as the home-grown runner left it, frozen; ``0002`` onwards = each change since).
+  :func:`run_migrations` (called by ``Store.open``) and :func:`upgrade` (an operations command:
+  ``upgrade(DATABASE_URL)``) bring a database to the newest revision, in code, with no
+  ``alembic.ini``: all pending revisions run in one transaction that first takes the migration
+  lock (a Postgres advisory lock; SQLite's ``BEGIN IMMEDIATE``, with foreign keys off for the
+  transaction so that batch mode can rebuild tables and a ``foreign_key_check`` before the
+  commit), so several processes starting at once on one database are safe: one upgrades, the
+  others then find nothing to do.
+* A database made by the home-grown runner (a ``schema_version`` table, versions 1..5, before
+  Alembic) is bridged in that same transaction: :mod:`kontext.migrations.legacy` runs the old
+  steps it has not had (frozen copies), drops ``schema_version`` and stamps ``0001``; then the
+  Alembic revisions after ``0001`` apply as everywhere.
+
+Changing the schema: change the tables here, then add a revision to
+``kontext/migrations/versions/`` (copy ``script.py.mako``'s shape, or let Alembic draft it:
+``alembic.command.revision(alembic_config(conn), "what", autogenerate=True)`` on a connection to
+a database at head) and write its operations out explicitly, never importing this module.
+``tests/kontext/test_migrations.py`` fails until upgrading from every revision, and from every
+legacy version, gives the schema of a fresh install and that schema equals :data:`metadata`.
 """
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -27,14 +50,12 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
-    func,
-    select,
     text,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kontext.db import Database
-from kontext.vocab import JobState, LedgerKind
+from kontext.migrations import legacy
+from kontext.vocab import JobState, LedgerKind, ShowcaseState
 
 #: Key of the Postgres advisory lock that serializes migrations ("Kontext" in ASCII).
 MIGRATION_LOCK_KEY = 0x4B6F6E74657874
@@ -50,22 +71,15 @@ JOB_STATES: tuple[JobState, ...] = tuple(JobState)
 ACTIVE_STATES: tuple[JobState, ...] = (JobState.ACCEPTED, JobState.RUNNING)
 #: a job that ended without a post (refunded; "failed" when there was nothing to refund)
 UNPOSTED_STATES: tuple[JobState, ...] = (JobState.FAILED, JobState.REFUNDED)
+SHOWCASE_STATES: tuple[ShowcaseState, ...] = tuple(ShowcaseState)
 
 
 def _in_check(column: str, values: Sequence[str], name: str) -> CheckConstraint:
     # Constant DDL built from the enums in kontext.vocab, never from input. The text is the one
-    # the migrations created (``state IN ('accepted', …)``), so changing an enum needs a migration.
+    # the revisions wrote (``state IN ('accepted', …)``), so changing an enum needs a revision.
     quoted = ", ".join(f"'{str(v)}'" for v in values)  # str(): a StrEnum member's value
     return CheckConstraint(f"{column} IN ({quoted})", name=name)
 
-
-schema_version = Table(
-    "schema_version",
-    metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False),
-    Column("description", Text, nullable=False),
-    Column("applied_at", Double, nullable=False),
-)
 
 guild_settings = Table(
     "guild_settings",
@@ -263,7 +277,7 @@ showcase_posts = Table(
     metadata,
     Column("job_id", BigInteger, primary_key=True),  # one showcase post per job
     Column("guild_id", BigInteger, nullable=False),
-    Column("state", Text, nullable=False),  # pending | posted | rejected | removed
+    Column("state", Text, nullable=False),
     Column("requested_by", BigInteger, nullable=False),
     Column("decided_by", BigInteger),
     Column("showcase_channel_id", BigInteger),
@@ -271,149 +285,92 @@ showcase_posts = Table(
     Column("approval_message_id", BigInteger),  # the moderators' Approve / Reject card
     Column("created_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
+    _in_check("state", SHOWCASE_STATES, "ck_showcase_posts_state"),  # revision 0002
 )
 Index("ix_showcase_guild_state", showcase_posts.c.guild_id, showcase_posts.c.state)
 
 
 # --- migrations ---------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """One schema step. ``apply`` runs synchronously (via ``run_sync``) inside a transaction."""
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 
 
-def _v1_initial(conn: Connection) -> None:
-    tables = [guild_settings, settings_audit, members, ledger, jobs, budget_days, workers]
-    metadata.create_all(conn, tables=tables, checkfirst=True)
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration, built in code; ``connection`` is the one ``env.py`` runs on."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
 
 
-#: The ordered schema steps. Append new steps (never edit applied ones); a step that changes a
-#: table must also update the table above, and be written so that it is a no-op on a database
-#: that step 1 created with the newer shape (e.g. ``ADD COLUMN IF NOT EXISTS``).
-def _v2_bot_meta(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[bot_meta], checkfirst=True)
+@functools.cache
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
 
 
-def _v3_showcase(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[showcase_posts], checkfirst=True)
+def revisions() -> list[str]:
+    """Every revision id, oldest first."""
+    return [r.revision for r in reversed(list(_script().walk_revisions()))]
 
 
-#: The columns migration 4 adds to ``jobs`` (constant DDL, one statement per column).
-_V4_JOB_COLUMNS: dict[str, tuple[str, str]] = {
-    # name: (SQLite, Postgres)
-    "queued_at": (
-        "ALTER TABLE jobs ADD COLUMN queued_at FLOAT",
-        "ALTER TABLE jobs ADD COLUMN queued_at DOUBLE PRECISION",
-    ),
-    "lease_owner": (
-        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
-        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
-    ),
-    "lease_epoch": (
-        "ALTER TABLE jobs ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0",
-        "ALTER TABLE jobs ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0",
-    ),
-    "lease_expires_at": (
-        "ALTER TABLE jobs ADD COLUMN lease_expires_at FLOAT",
-        "ALTER TABLE jobs ADD COLUMN lease_expires_at DOUBLE PRECISION",
-    ),
-    "api_done_at": (
-        "ALTER TABLE jobs ADD COLUMN api_done_at FLOAT",
-        "ALTER TABLE jobs ADD COLUMN api_done_at DOUBLE PRECISION",
-    ),
-    "account": (
-        "ALTER TABLE jobs ADD COLUMN account TEXT NOT NULL DEFAULT 'owner'",
-        "ALTER TABLE jobs ADD COLUMN account TEXT NOT NULL DEFAULT 'owner'",
-    ),
-}
+def head_revision() -> str:
+    """The newest revision (the schema of :data:`metadata`)."""
+    head = _script().get_current_head()
+    if head is None:
+        raise RuntimeError("no migration revisions found")
+    return head
 
 
-def _v4_shared_queue(conn: Connection) -> None:
-    from sqlalchemy import inspect
-    from sqlalchemy.schema import CreateIndex
-
-    have = {c["name"] for c in inspect(conn).get_columns("jobs")}
-    for name, (on_sqlite, on_postgres) in _V4_JOB_COLUMNS.items():
-        if name not in have:
-            conn.execute(text(on_sqlite if conn.dialect.name == "sqlite" else on_postgres))
-    indexes = {i["name"] for i in inspect(conn).get_indexes("jobs")}
-    for index in jobs.indexes:
-        if index.name not in indexes:
-            conn.execute(CreateIndex(index))
-    conn.execute(jobs.update().where(jobs.c.queued_at.is_(None)).values(queued_at=jobs.c.created_at))
-    metadata.create_all(conn, tables=[api_accounts], checkfirst=True)
+def _current(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
 
 
-def _v5_owner_controls(conn: Connection) -> None:
-    metadata.create_all(
-        conn, tables=[guild_controls, guild_budget_days, guild_api_keys], checkfirst=True
-    )
-
-
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "initial schema", _v1_initial),
-    Migration(2, "bot_meta: small process-wide facts (e.g. the last synced command hash)", _v2_bot_meta),
-    Migration(3, "showcase_posts: one showcase post per job, with its approval state", _v3_showcase),
-    Migration(4, "the shared queue: leases, queue times and API accounts", _v4_shared_queue),
-    Migration(
-        5, "the owner's controls: server blocks and budgets, servers' own keys", _v5_owner_controls
-    ),
-)
-
-
-async def _lock_for_migration(conn: AsyncConnection) -> None:
-    if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-    # SQLite: the transaction began with BEGIN IMMEDIATE, which is the lock.
-
-
-async def current_version(db: Database) -> int:
-    """The highest applied migration (0 for a fresh database)."""
+async def current_revision(db: Database) -> str | None:
+    """The database's Alembic revision (None: fresh, or still the home-grown runner's)."""
     async with db.read() as conn:
-        exists = await conn.run_sync(lambda c: c.dialect.has_table(c, schema_version.name))
-        if not exists:
-            return 0
-        value = await conn.scalar(select(func.max(schema_version.c.version)))
-        return int(value or 0)
+        return await conn.run_sync(_current)
+
+
+def _upgrade(conn: Connection, revision: str) -> int:
+    """Under the migration lock: bridge a legacy database, then upgrade; revisions applied."""
+    version = legacy.legacy_version(conn)
+    if version is not None and _current(conn) is None:
+        legacy.bridge(conn, version)
+        MigrationContext.configure(conn).stamp(_script(), legacy.BRIDGE_REVISION)
+    applied: list[Any] = []
+    config = alembic_config(conn)
+    config.attributes["on_version_apply"] = lambda **kw: applied.append(kw["step"])
+    command.upgrade(config, revision)
+    return len(applied)
 
 
 async def run_migrations(
-    db: Database,
-    migrations: Sequence[Migration] = MIGRATIONS,
-    *,
-    clock: Callable[[], float] | None = None,
+    db: Database, *, revision: str = "head", clock: Callable[[], float] | None = None
 ) -> int:
-    """Apply the steps not applied yet, in order, one transaction each; returns how many ran.
+    """Bring ``db`` to ``revision`` (default: the newest); returns how many revisions ran.
 
-    Safe when several processes run it at once: each step's transaction first takes the
-    migration lock (Postgres advisory transaction lock / SQLite ``BEGIN IMMEDIATE``), then
-    re-reads the version, so every step runs exactly once.
+    Reads the revision first and returns 0 at once when there is nothing to do. Otherwise one
+    transaction under the migration lock (see :meth:`Database.exclusive_write`) re-reads it,
+    bridges a database of the home-grown runner and applies the pending revisions: all or
+    nothing, each exactly once however many processes run this at the same moment. A database
+    at a revision this code does not know (made by newer code) raises. ``clock`` is accepted
+    for callers of the old runner, which stamped times; Alembic records none.
     """
-    now = clock or time.time
-    steps = sorted(migrations, key=lambda m: m.version)
-    if [m.version for m in steps] != sorted({m.version for m in steps}):
-        raise ValueError("migration versions must be unique")
+    del clock
     await db.prepare()
-    if steps and await current_version(db) >= steps[-1].version:
+    target = head_revision() if revision == "head" else revision
+    if await current_revision(db) == target:
         return 0
-    applied = 0
-    for step in steps:
-        async with db.write() as conn:
-            await _lock_for_migration(conn)
-            await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
-            done = await conn.scalar(select(func.max(schema_version.c.version)))
-            if (done or 0) >= step.version:
-                continue
-            await conn.run_sync(step.apply)
-            await conn.execute(
-                schema_version.insert().values(
-                    version=step.version, description=step.description, applied_at=now()
-                )
-            )
-            applied += 1
-    return applied
+    async with db.exclusive_write(MIGRATION_LOCK_KEY) as conn:
+        return await conn.run_sync(_upgrade, revision)
+
+
+async def upgrade(database_url: str, revision: str = "head") -> int:
+    """The operations command: upgrade the database at ``database_url``; revisions applied."""
+    db = Database.from_url(database_url)
+    try:
+        return await run_migrations(db, revision=revision)
+    finally:
+        await db.dispose()

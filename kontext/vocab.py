@@ -59,6 +59,15 @@ class Source(StrEnum):
     CONTEXT_MENU = "context_menu"  # "Kontext: edit these images" on a message
 
 
+class ShowcaseState(StrEnum):
+    """A showcase post's ``state`` (``showcase_posts.state``)."""
+
+    PENDING = "pending"  # waiting for a moderator
+    POSTED = "posted"  # the card is in the showcase channel (or being posted)
+    REJECTED = "rejected"  # a moderator said no
+    REMOVED = "removed"  # the original was deleted
+
+
 class ImageFormat(StrEnum):
     """An image format, named as the Segmind API and file names spell it (``"jpg"``, never
     ``"jpeg"``). The other spellings are mapped at the edges: :attr:`pil` for Pillow,

@@ -333,7 +333,7 @@ SQL_CALLS = {"text", "execute", "exec_driver_sql", "executemany", "executescript
              "fetchval", "fetchrow", "literal_column"}
 # (file, the call's source text) -> why it is safe. Keep this list short and justified.
 SQL_ALLOWED = {
-    ("kontext/db.py", 'cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")'):
+    ("kontext/db_engine.py", 'cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")'):
         "a PRAGMA takes no bound parameters; the value is a module int constant formatted with :d",
 }
 

@@ -23,8 +23,10 @@ from sqlalchemy import delete, select, update
 from kontext.schema import showcase_posts
 from kontext.store.base import StoreContext
 from kontext.store.types import ShowcasePost
+from kontext.vocab import ShowcaseState
 
-STATES: tuple[str, ...] = ("pending", "posted", "rejected", "removed")
+#: the states a post may be in: the vocabulary the table's CHECK constraint is built from
+STATES: tuple[str, ...] = tuple(ShowcaseState)
 _s = showcase_posts.c
 
 

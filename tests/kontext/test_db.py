@@ -1,23 +1,37 @@
-"""Tests of :mod:`kontext.db`: URLs, SQLite's locking discipline, and the migration runner."""
+"""Tests of :mod:`kontext.db`: URLs, SQLite's locking discipline, running the migrations at
+open, transactions, and the SQLite fast path of :func:`kontext.db_execute.execute` (checked against
+SQLAlchemy's own execution, statement by statement)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, create_engine, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import BindParameter, Connection, bindparam, create_engine, select, text
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kontext import db as db_module
+from kontext import db_execute
 from kontext.db import SQLITE_BUSY_TIMEOUT_MS, Database, engine_args, execute
-from kontext.schema import MIGRATIONS, Migration, current_version, schema_version
+from kontext.errors import JobAlreadyExists
+from kontext.schema import current_revision, head_revision, jobs, revisions
 from kontext.schema import run_migrations as run
-from kontext.store import Store
-from tests.dbutil import ensure_postgres, make_settings, postgres_base_url, temp_postgres_schema
+from kontext.store import ReserveRequest, Store
+from kontext.store.types import OWNER_ACCOUNT, AccountLimits
+from tests.dbutil import (
+    FakeClock,
+    ensure_postgres,
+    make_settings,
+    postgres_base_url,
+    temp_postgres_schema,
+)
 
 # --- URLs -------------------------------------------------------------------------------------
 
@@ -141,13 +155,13 @@ async def test_migrations_are_idempotent(fresh_db: tuple[str, dict[str, Any]]) -
     url, kwargs = fresh_db
     db = Database.from_url(url, **kwargs)
     try:
-        assert await current_version(db) == 0
-        assert await run(db) == len(MIGRATIONS)
+        assert await current_revision(db) is None
+        assert await run(db) == len(revisions())
         assert await run(db) == 0
-        assert await current_version(db) == MIGRATIONS[-1].version
+        assert await current_revision(db) == head_revision()
         async with db.read() as conn:
-            rows = (await conn.execute(select(schema_version.c.version))).scalars().all()
-        assert rows == [m.version for m in MIGRATIONS]
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+        assert [r[0] for r in rows] == [head_revision()]
     finally:
         await db.dispose()
 
@@ -166,60 +180,24 @@ async def test_concurrent_open_on_fresh_database(fresh_db: tuple[str, dict[str, 
             await s.close()
 
 
-def _extra_steps() -> list[Migration]:
-    def create_probe(conn: Connection) -> None:
-        conn.execute(text("CREATE TABLE probe (n INTEGER NOT NULL)"))
-
-    def insert_probe(conn: Connection) -> None:
-        conn.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": 1})
-
-    return [
-        *MIGRATIONS,
-        Migration(100, "probe table", create_probe),
-        Migration(101, "probe row", insert_probe),
-    ]
-
-
-async def test_extra_steps_run_once_under_concurrency(
+async def test_migrations_run_once_under_concurrency(
     fresh_db: tuple[str, dict[str, Any]],
 ) -> None:
+    """Three engines (like three processes) upgrade one fresh database at once: each revision
+    is applied exactly once. (Upgrades from older schemas, the rollback of a failing upgrade
+    and the history itself are tested in test_migrations.py.)"""
     url, kwargs = fresh_db
     dbs = [Database.from_url(url, **kwargs) for _ in range(3)]
     try:
-        applied = await asyncio.gather(*(run(db, _extra_steps()) for db in dbs))
-        assert sum(applied) == len(MIGRATIONS) + 2
+        applied = await asyncio.gather(*(run(db) for db in dbs))
+        assert sorted(applied) == [0, 0, len(revisions())]
         async with dbs[0].read() as conn:
-            assert (await conn.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
-        assert await current_version(dbs[1]) == 101
+            count = (await conn.execute(text("SELECT count(*) FROM alembic_version"))).scalar()
+        assert count == 1
+        assert await current_revision(dbs[1]) == head_revision()
     finally:
         for db in dbs:
             await db.dispose()
-
-
-async def test_failed_step_rolls_back(fresh_db: tuple[str, dict[str, Any]]) -> None:
-    url, kwargs = fresh_db
-
-    def broken(conn: Connection) -> None:
-        conn.execute(text("CREATE TABLE half_done (n INTEGER)"))
-        raise RuntimeError("boom")
-
-    db = Database.from_url(url, **kwargs)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            await run(db, [*MIGRATIONS, Migration(50, "broken", broken)])
-        assert await current_version(db) == MIGRATIONS[-1].version
-        async with db.read() as conn:
-            has = await conn.run_sync(lambda c: c.dialect.has_table(c, "half_done"))
-        assert not has
-    finally:
-        await db.dispose()
-
-
-def test_duplicate_versions_rejected() -> None:
-    steps = [*MIGRATIONS, Migration(1, "again", lambda c: None)]
-    db = Database.__new__(Database)  # the check runs before any database access
-    with pytest.raises(ValueError, match="unique"):
-        asyncio.run(run(db, steps))
 
 
 # --- Database.transact: one transaction per sync body; group commit on SQLite ----------------------
@@ -425,8 +403,124 @@ def test_execute_refuses_expanding_in(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/x.db")
     try:
         with engine.begin() as conn:
-            stmt = select(schema_version.c.version).where(schema_version.c.version.in_([1, 2]))
+            stmt = select(jobs.c.id).where(jobs.c.id.in_([1, 2]))
             with pytest.raises(ValueError, match="expanding IN"):
                 execute(conn, stmt, {})
     finally:
         engine.dispose()
+
+
+# --- the SQLite fast path equals SQLAlchemy's own execution ----------------------------------------
+
+
+def test_fast_path_reads_only_public_compiler_api() -> None:
+    """What :class:`kontext.db_execute._Prepared` reads of a compiled statement exists and means what it
+    assumes; and it reads nothing private (a SQLAlchemy upgrade that changes these fails here)."""
+    stmt = select(jobs.c.id, jobs.c.state).where(jobs.c.id == bindparam("j"), jobs.c.state == "x")
+    compiled = stmt.compile(dialect=sqlite.dialect(), column_keys=["j"])
+    assert compiled.string.count("?") == 2
+    assert list(compiled.positiontup or ()) == ["j", "state_1"]
+    assert isinstance(compiled.binds["j"], BindParameter) and compiled.binds["j"].required
+    assert compiled.binds["state_1"].value == "x" and compiled.binds["state_1"].callable is None
+    expanded = compiled.construct_expanded_state({"j": 7})
+    assert expanded.statement == compiled.string
+    assert list(expanded.positiontup or ()) == ["j", "state_1"]
+    assert expanded.positional_parameters == (7, "x")
+    assert isinstance(expanded.processors, dict)
+    prepared = db_execute._Prepared(stmt, sqlite.dialect(), ("j",))
+    assert (prepared.sql, prepared.args({"j": 7})) == (compiled.string, [7, "x"])
+    source = inspect.getsource(db_execute._Prepared) + inspect.getsource(db_execute._execute_on_driver)
+    assert not re.search(r"\b(compiled|expanded|bind|statement)\._[a-z]", source)
+
+
+def _loose(value: Any) -> Any:
+    """A float to the nearest 10 s (for values read from the moving database clock)."""
+    return round(value, -1) if isinstance(value, float) else value
+
+
+async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every statement the store runs through the fast path, in a workload of the money and queue
+    transactions: SQLite is sent exactly the SQL and values that ``conn.execute`` sends (the
+    driver's trace of each, values expanded), and the rows are the same, named the same."""
+    real = db_execute._execute_on_driver
+    checked: dict[int, str] = {}
+
+    def sqlite_statements(trace: list[str]) -> list[str]:
+        return [t for t in trace if not t.startswith(("SAVEPOINT", "ROLLBACK", "RELEASE"))]
+
+    def compare(
+        conn: Connection, raw: sqlite3.Connection, statement: Any, params: dict[str, Any]
+    ) -> db_execute.Rows:
+        trace: list[str] = []
+        raw.set_trace_callback(trace.append)
+        try:
+            expected: Any
+            with conn.begin_nested() as savepoint:  # SQLAlchemy's execution, then undone
+                try:
+                    result = conn.execute(statement, params)
+                    keys = tuple(result.keys()) if result.returns_rows else ()
+                    expected = [tuple(r) for r in result] if result.returns_rows else []
+                except DBAPIError as exc:
+                    expected = type(exc)
+                savepoint.rollback()
+            sent_by_sqlalchemy = sqlite_statements(trace)
+            trace.clear()
+            try:
+                rows = real(conn, raw, statement, params)
+            except DBAPIError as exc:
+                assert type(exc) is expected
+                raise
+            assert sqlite_statements(trace) == sent_by_sqlalchemy
+        finally:
+            raw.set_trace_callback(None)
+        got = [tuple(r) for r in rows.all()]
+        if "julianday('now')" in sent_by_sqlalchemy[0]:  # the database's clock moved on since
+            assert len(got) == len(expected)
+            for mine, theirs in zip(got, expected, strict=True):
+                assert mine == pytest.approx(theirs, abs=5) if all(
+                    isinstance(v, int | float) for v in (*mine, *theirs) if v is not None
+                ) else [_loose(v) for v in mine] == [_loose(v) for v in theirs]
+        else:
+            assert got == expected
+        if expected:
+            assert rows.first()._fields == keys
+        checked[id(statement)] = sent_by_sqlalchemy[0].split(" ", 1)[0]
+        return rows
+
+    monkeypatch.setattr(db_execute, "_execute_on_driver", compare)
+    settings = make_settings(cooldown_seconds=0, jobs_per_member=5, daily_free_credits=20)
+    store = await Store.open(f"sqlite:///{tmp_path}/f.db", settings, clock=FakeClock())
+    try:
+
+        def job(job_id: int, user_id: int) -> ReserveRequest:
+            return ReserveRequest(
+                job_id=job_id, guild_id=1, channel_id=5, user_id=user_id,
+                params={"prompt": "p"}, seed=job_id,
+            )  # fmt: skip
+
+        for job_id, user_id in ((1, 2), (2, 2), (3, 3), (4, 3)):
+            await store.ledger.reserve(job(job_id, user_id))
+        limits = AccountLimits(OWNER_ACCOUNT, 4, 100)
+        first = await store.queue.claim_next("w", limits, lease_s=30)
+        assert first.job is not None and first.lease is not None
+        second = await store.queue.claim_next("w", limits, lease_s=30, done=first.lease)
+        assert second.job is not None and second.lease is not None
+        assert await store.leases.api_done(second.lease)
+        assert await store.ledger.commit(
+            first.job.id, result_message_id=9, result_channel_id=5, lease=first.lease
+        )
+        assert await store.ledger.refund(second.job.id, cause="api_error", lease=second.lease)
+        waiting, other = sorted({1, 2, 3, 4} - {first.job.id, second.job.id})
+        assert await store.ledger.refund(waiting, cause="shutdown", waiting_only=True)
+        assert await store.jobs.mark_running(other)
+        assert await store.ledger.commit(other, result_message_id=10, result_channel_id=5, duration_s=1.5)
+        await store.credits.grant(1, 2, 5, actor_id=7)
+        assert (await store.credits.revoke(1, 2, 1_000, actor_id=7))[1] == 0
+        with pytest.raises(JobAlreadyExists):
+            await store.ledger.reserve(job(1, 2))
+        assert await store.audit.check_invariants() == []
+    finally:
+        await store.close()
+    kinds = sorted(checked.values())
+    assert len(checked) >= 25, kinds  # 29 today
+    assert {"SELECT", "INSERT", "UPDATE"} <= set(kinds), kinds
