@@ -177,13 +177,13 @@ async def sequential(
 
 async def concurrent(
     size: int, sizes: Sizes, result: bytes | None = None, label: str = "", kind: str = "kontext",
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, root: Path = ROOT,
 ) -> tuple[list[JobTiming], dict[str, float]]:
     """``concurrent_jobs`` members send ``/kontext`` at the same moment; every result is
     ``result`` (default: a JPEG of ``size`` bytes). ``kind="floor"``: :mod:`bench.floor`."""
     body = result if result is not None else sized_jpeg(size)
     async with world(segmind_latency=sizes.concurrent_latency, result=body) as w:
-        async with bot_process(kind, w, label or f"concurrent-{kind}-{size}", **(env or {})) as bot:
+        async with bot_process(kind, w, label or f"concurrent-{kind}-{size}", root=root, **(env or {})) as bot:
             await _warm_up(w, 1)
             await asyncio.sleep(0.2)
             idle_rss = bot.rss.at(time.monotonic()) if bot.rss else 0

@@ -56,9 +56,24 @@ def main(argv: list[str] | None, run_bot: RunBot) -> int:
     if argv == ["upgrade"]:
         return asyncio.run(upgrade_database(settings))
     try:
-        return asyncio.run(run_bot(settings, argv == ["sync"]))
+        return event_loop_runner()(run_bot(settings, argv == ["sync"]))
     except KeyboardInterrupt:
         return 0
+
+
+def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """How the bot runs its event loop: uvloop where it exists (Linux, macOS) and is installed,
+    asyncio's own loop elsewhere. ``make bench``'s ``speedups`` section measured it: about 10 %
+    less CPU per job in the 50-at-once burst (orjson, picked up by discord.py by itself, a few
+    % more)."""
+    if sys.platform != "win32":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 async def upgrade_database(settings: Settings) -> int:
