@@ -6,7 +6,9 @@ Options: ``--smoke`` (tiny sizes, seconds: proves the code paths), ``--only SECT
 :mod:`bench.profiling`), ``--before REV`` (the revision whose bot the ``dbqueue`` section
 compares with, checked out in a temporary git worktree; default 2c73ae8, the last commit with the
 queue in memory; ``--before ''`` skips the comparison), ``--after REV`` (the other side of that
-comparison; default: this checkout, as it is on disk).
+comparison; default: this checkout, as it is on disk), ``--bot REV`` (measure the bot of
+revision ``REV`` with this checkout's harness and floors: ``make bench`` with and without it is
+a before/after pair).
 
 Targets are ratios to a floor measured in the same run, printed beside the absolute figure (on
 these shared machines absolute figures swing 2× between runs): ``overhead`` and ``concurrent``
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -35,7 +38,7 @@ import time
 from pathlib import Path
 
 from .common import machine_facts
-from .scenarios import Report, Sizes, run_all
+from .scenarios import Report, Sizes, head_description, run_all
 
 HERE = Path(__file__).resolve().parent
 #: the last commit before the database queue (the queue was in memory)
@@ -74,7 +77,24 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"revision of the 'before' bot for the dbqueue section (default {DEFAULT_BEFORE})")
     parser.add_argument("--after", metavar="REV", default="",
                         help="revision of the 'after' bot for the dbqueue section (default: this checkout)")
+    parser.add_argument("--bot", metavar="REV", default="",
+                        help="measure the bot of revision REV (a temporary git worktree) instead of this "
+                             "checkout's, with this checkout's harness and floors: a before/after pair "
+                             "is `make bench` with and without --bot")
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        if args.bot:
+            from .scenarios import git_worktree
+            from .world import BotProcess
+
+            root, short = stack.enter_context(git_worktree(args.bot))
+            BotProcess.default_root = root
+            os.environ["BENCH_BOT_ROOT"] = str(root)  # the ledger's worker processes too
+            print(f"measuring the bot of {short} ({root})", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.profile:
         from .world import BotProcess
 
@@ -91,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(run_all(sizes, Report(), sections=sections, before=args.before or None,
                                  after=args.after or None))
     facts = machine_facts()
+    facts["bot measured"] = args.bot or head_description()
     load_after = os.getloadavg()
     facts["load average (1, 5, 15 min) before / after the run"] = (
         f"{' '.join(f'{x:.2f}' for x in load_before)} / {' '.join(f'{x:.2f}' for x in load_after)}"

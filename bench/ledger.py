@@ -21,6 +21,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def area(store: Any, name: str) -> Any:
+    """``store.<name>`` (the store by data area), or the store itself for a bot from before it
+    was split (``python -m bench --bot REV``)."""
+    return getattr(store, name, store)
+
+
+def use_bot_root() -> None:
+    """In a worker process: import the bot (``kontext``) from ``BENCH_BOT_ROOT`` when set."""
+    root = os.environ.get("BENCH_BOT_ROOT")
+    if root:
+        sys.path.insert(0, root)
 GUILD_ID = 900_000_000_000_000_001
 
 
@@ -61,13 +74,13 @@ async def worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
                 n += 1
                 job_id = (index + 1) * 10**12 + k * 10**8 + n
                 try:
-                    await store.ledger.reserve(
+                    await area(store, "ledger").reserve(
                         ReserveRequest(
                             job_id=job_id, guild_id=GUILD_ID, channel_id=1, user_id=user,
                             params={"prompt": "bench"}, seed=n,
                         )
                     )
-                    await store.ledger.commit(job_id, result_message_id=job_id, result_channel_id=1)
+                    await area(store, "ledger").commit(job_id, result_message_id=job_id, result_channel_id=1)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     cause = getattr(exc, "cause", type(exc).__name__)
                     errors[cause] = errors.get(cause, 0) + 1
@@ -110,7 +123,7 @@ async def _invariants(url: str) -> list[str]:
 
     store = await Store.open(url, _settings())
     try:
-        return await store.audit.check_invariants()
+        return await area(store, "audit").check_invariants()
     finally:
         await store.close()
 
@@ -176,6 +189,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m bench.ledger URL CONFIG_JSON", file=sys.stderr)
         return 2
+    use_bot_root()
     print(json.dumps(asyncio.run(worker(argv[0], json.loads(argv[1])))))
     return 0
 

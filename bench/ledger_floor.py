@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from .ledger import GUILD_ID, ROOT, LedgerResult, _settings
+from .ledger import GUILD_ID, ROOT, LedgerResult, _settings, area, use_bot_root
 
 #: statements of the transaction frame (the replay makes its own)
 _FRAME = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE|PRAGMA)\b", re.IGNORECASE)
@@ -92,10 +92,10 @@ async def capture(url: str) -> dict[str, Any]:
             req = ReserveRequest(job_id=job_id, guild_id=GUILD_ID, channel_id=1, user_id=CAPTURE_USER,
                                  params={"prompt": "bench"}, seed=n)
             got.clear()
-            await store.ledger.reserve(req)
+            await area(store, "ledger").reserve(req)
             reserve = list(got)
             got.clear()
-            await store.ledger.commit(job_id, result_message_id=job_id, result_channel_id=1)
+            await area(store, "ledger").commit(job_id, result_message_id=job_id, result_channel_id=1)
             phases = [reserve, list(got)]
     finally:
         await store.close()
@@ -245,6 +245,7 @@ async def run(url: str, backend: str, processes: int, *, duration: float, concur
 
 
 def main(argv: list[str]) -> int:
+    use_bot_root()
     if len(argv) == 2 and argv[0] == "capture":
         print(json.dumps(asyncio.run(capture(argv[1]))))
         return 0

@@ -155,7 +155,7 @@ async def _warm_up(w: World, count: int, first: int = 10_000) -> None:
 
 
 async def sequential(
-    size: int, sizes: Sizes, *, root: Path = ROOT, jobs: int | None = None, label: str = "",
+    size: int, sizes: Sizes, *, root: Path | None = None, jobs: int | None = None, label: str = "",
     kind: str = "kontext",
 ) -> tuple[list[JobTiming], dict[str, Any]]:
     """Jobs one at a time: each is sent once the previous one was committed (the bot of
@@ -177,7 +177,7 @@ async def sequential(
 
 async def concurrent(
     size: int, sizes: Sizes, result: bytes | None = None, label: str = "", kind: str = "kontext",
-    env: dict[str, str] | None = None, root: Path = ROOT,
+    env: dict[str, str] | None = None, root: Path | None = None,
 ) -> tuple[list[JobTiming], dict[str, float]]:
     """``concurrent_jobs`` members send ``/kontext`` at the same moment; every result is
     ``result`` (default: a JPEG of ``size`` bytes). ``kind="floor"``: :mod:`bench.floor`."""

@@ -222,15 +222,17 @@ class BotProcess:
     really imported.
     """
 
+    #: the checkout whose bot runs when a scenario names none (``python -m bench --bot REV``)
+    default_root: Path = ROOT
     #: when set (``--profile DIR``), bot processes run under py-spy and log slow callbacks here
     profile_dir: Path | None = None
 
     def __init__(
-        self, kind: str, env: dict[str, str], tmp: Path, label: str = "", *, root: Path = ROOT
+        self, kind: str, env: dict[str, str], tmp: Path, label: str = "", *, root: Path | None = None
     ) -> None:
         self.kind = kind
         self.env = env
-        self.root = Path(root).resolve()
+        self.root = Path(root or self.default_root).resolve()
         self.bot_file: str | None = None
         self.kontext_file: str | None = None
         self.trace: list[tuple[Any, ...]] = []  # BENCH_TRACE=1: see bench.botproc
@@ -321,7 +323,7 @@ async def bot_process(
     w: World,
     label: str = "",
     *,
-    root: Path = ROOT,
+    root: Path | None = None,
     database_url: str | None = None,
     connections: int = 1,
     **env: Any,
