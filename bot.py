@@ -21,7 +21,7 @@ import json
 import logging
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import discord
@@ -34,10 +34,12 @@ from cogs.common import gate_refuses
 from cogs.recovered import recovered_sink
 from cogs.translation import KontextTranslator
 from kontext import cli, images
-from kontext.health import HealthServer
 from kontext.jobs import JobSink
 from kontext.logging_setup import RedactingFilter, describe, setup_logging
 from kontext.services import Services, StartupError, build_services
+
+if TYPE_CHECKING:
+    from kontext.health import HealthServer
 from kontext.settings import Settings
 from kontext.store import Job
 
@@ -122,6 +124,8 @@ class KontextBot(KontextBotBase):
         await self.tree.set_translator(KontextTranslator())
         await self.sync_commands(force=self.force_sync)
         if self.settings.port:
+            from kontext.health import HealthServer  # aiohttp.web loads only when it serves
+
             self.health = HealthServer(self, port=self.settings.port)
             await self.health.start()
         freeze_long_lived_objects()

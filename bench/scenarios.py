@@ -509,7 +509,9 @@ LEDGER_RATIO = 0.5
 
 async def _ledger_row(report: Report, backend: str, procs: int, sizes: Sizes) -> None:
     metric = f"{backend}, {procs} process{'es' if procs > 1 else ''}"
-    target = f"≥ {LEDGER_RATIO:g}× floor"
+    # Postgres has no target (as before the floors): SQLAlchemy's statement cost weighs more
+    # against a network round trip than against SQLite's in-process call; its ratio is told
+    target = f"≥ {LEDGER_RATIO:g}× floor" if backend == "sqlite" else "—"
     section = "ledger ops (reserve+commit pairs)"
     results = []
     for run in (ledger_floor.run, ledger.run):  # the floor first, each on a fresh database
@@ -530,7 +532,9 @@ async def _ledger_row(report: Report, backend: str, procs: int, sizes: Sizes) ->
         note += f"; errors {res.errors} (floor {floor.errors})"
     if res.invariants:
         note += f"; INVARIANTS BROKEN: {res.invariants[:3]}"
-    ok = ratio >= LEDGER_RATIO and not res.invariants
+    ok: bool | None = ratio >= LEDGER_RATIO and not res.invariants
+    if backend != "sqlite":
+        ok = None if not res.invariants else False
     if backend == "sqlite":  # issue 11's absolute figure, met on an idle machine, told beside
         note += f"; absolute ≥ 1000/s: {'met' if res.per_second >= 1000 else 'not met in this run'}"
     report.add(section, metric, target, f"{ratio:.2f}× floor ({res.per_second:,.0f}/s)", ok, note)

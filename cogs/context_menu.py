@@ -17,7 +17,8 @@ from discord.ext import commands
 
 from cogs.base import KontextBotBase
 from cogs.common import locale_of, reply_error
-from cogs.launch import check_channel, input_from_attachment, launch
+from cogs.inputs import input_from_attachment
+from cogs.launch import check_channel, launch
 from cogs.modals import PromptModal
 from kontext.errors import InputError
 from kontext.vocab import ImageFormat, Source

@@ -40,6 +40,18 @@ async def url_alive(bot: KontextBotBase, url: str) -> bool:
     except (aiohttp.ClientError, TimeoutError):
         return True  # unknown: let the job's own download report it
 
+def input_from_attachment(att: discord.Attachment, message_id: int | None = None) -> InputImage:
+    """A job input from a Discord attachment (of the message ``message_id`` when known)."""
+    return InputImage(
+        url=att.url,
+        filename=att.filename,
+        size=att.size,
+        content_type=att.content_type,
+        attachment_id=att.id,
+        message_id=message_id,
+    )
+
+
 async def fresh_input(bot: KontextBotBase, image: InputImage, channel_ids: list[int]) -> InputImage:
     """``image`` with a URL that works now; InputError ``input.expired`` when it is gone."""
     if image.message_id and image.attachment_id:
@@ -70,14 +82,7 @@ async def result_input(bot: KontextBotBase, job: Job, message_id: int | None = N
     att = pick_result_attachment(msg, job.id) if msg is not None else None
     if msg is None or att is None:
         raise InputError("result message gone", key="input.expired")
-    return InputImage(
-        url=att.url,
-        filename=att.filename,
-        size=att.size,
-        content_type=att.content_type,
-        attachment_id=att.id,
-        message_id=msg.id,
-    )
+    return input_from_attachment(att, msg.id)
 
 
 def pick_result_attachment(msg: discord.Message, job_id: int) -> discord.Attachment | None:

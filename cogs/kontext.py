@@ -16,7 +16,8 @@ from discord.ext import commands
 
 from cogs.base import KontextBotBase
 from cogs.common import ASPECT_NAMES
-from cogs.launch import input_from_attachment, launch
+from cogs.inputs import input_from_attachment
+from cogs.launch import launch
 from kontext.settings import ASPECT_RATIOS
 from kontext.vocab import ImageFormat
 

@@ -30,17 +30,6 @@ log = logging.getLogger("kontext.cogs.launch")
 QUOTE_TIMEOUT_S = 120.0
 
 
-def input_from_attachment(att: discord.Attachment, message_id: int | None = None) -> InputImage:
-    return InputImage(
-        url=att.url,
-        filename=att.filename,
-        size=att.size,
-        content_type=att.content_type,
-        attachment_id=att.id,
-        message_id=message_id,
-    )
-
-
 def channel_ids_of(interaction: discord.Interaction) -> list[int]:
     """The interaction's channel, and a thread's parent channel (the channel rules see both)."""
     ids = [interaction.channel_id or 0]

@@ -323,3 +323,41 @@ async def test_sqlite_foreign_keys_are_back_on_after_an_upgrade(tmp_path: Path) 
             assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
     finally:
         await db.dispose()
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    """``HEAD_REVISION`` lets a current database skip Alembic: it must name the real head."""
+    assert schema.HEAD_REVISION == schema.head_revision() == schema.revisions()[-1]
+
+
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+async def test_a_fresh_or_current_database_never_loads_alembic(backend: str, tmp_path: Path) -> None:
+    """Alembic (with Mako and Pygments, ~10 MiB) loads only when a revision must really run:
+    not for a fresh install (``create_all`` and a stamp), nor for a database already current."""
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from kontext.store import Store\n"
+        "from tests.dbutil import make_settings\n"
+        "async def main():\n"
+        "    for _ in range(2):\n"
+        "        store = await Store.open(sys.argv[1], make_settings())\n"
+        "        await store.close()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    async with backend_url(backend, tmp_path) as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, url, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0 and stdout.decode().strip() == "[]", (stdout + stderr).decode()
+        db = Database.from_url(url)
+        try:
+            assert await schema.current_revision(db) == schema.HEAD_REVISION
+        finally:
+            await db.dispose()
