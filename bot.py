@@ -1,7 +1,8 @@
 """Kontext Bot: the entry point.
 
 ``python bot.py`` runs the bot; ``python bot.py sync`` forces a sync of the slash commands and
-exits; ``python bot.py owner …`` are the owner's controls (:mod:`kontext.cli` parses them).
+exits; ``python bot.py upgrade`` brings the database's schema up to date and exits;
+``python bot.py owner …`` are the owner's controls (:mod:`kontext.cli` parses them).
 Settings come from the environment and ``.env`` (see ``.env.example``); a bad one prints a
 single line naming it and exits with code 2.
 
@@ -35,7 +36,7 @@ from cogs.recovered import recovered_sink
 from cogs.translation import KontextTranslator
 from kontext import cli, images
 from kontext.jobs import JobSink
-from kontext.logging_setup import RedactingFilter, describe, setup_logging
+from kontext.logging_setup import describe, setup_logging
 from kontext.services import Services, StartupError, build_services
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 from kontext.settings import Settings
 from kontext.store import Job
 
-__all__ = ["KontextBot", "RedactingFilter", "ShardedKontextBot", "main", "run_bot", "setup_logging"]
+__all__ = ["KontextBot", "ShardedKontextBot", "main", "run_bot", "setup_logging"]
 
 log = logging.getLogger("kontext.bot")
 

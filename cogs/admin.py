@@ -13,7 +13,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.base import KontextBotBase
-from cogs.common import ASPECT_NAMES, locale_of, not_allowed, reply_error, store_of
+from cogs.common import ASPECT_NAMES, aspect_name, locale_of, not_allowed, reply_error, store_of
 from kontext.accounts import GUILD_KEY_CONCURRENCY, GUILD_KEY_RPM, guild_account
 from kontext.errors import ApiError
 from kontext.guild_settings import SETTINGS, Kind, SettingRow
@@ -48,7 +48,7 @@ def display_value(row: SettingRow, value: Any, locale: str | None) -> str:
     if row.kind in (Kind.INT, Kind.CHOICE_INT):
         return f"{value} {row.unit}" if row.unit else str(value)
     if row.kind is Kind.ASPECT_RATIO:
-        return ASPECT_NAMES.get(value, str(value))
+        return aspect_name(str(value), locale)
     if row.kind is Kind.BOOL:
         return t("admin.yes" if value else "admin.no", locale)
     if row.kind is Kind.CHANNEL:

@@ -19,7 +19,6 @@ log = logging.getLogger("kontext.cogs")
 
 #: the aspect ratios' friendly English names: the catalog's ``choice.<ratio>`` (one source)
 ASPECT_NAMES: dict[str, str] = {a: catalog(DEFAULT_LOCALE)[f"choice.{a}"] for a in ASPECT_RATIOS}
-SAFETY_NAMES: dict[int, str] = {0: "Strict", 1: "Moderate", 2: "Permissive"}
 #: a job's first status ("checking your images") appears only when that step takes longer than
 #: this; a quicker check leaves Discord's own "thinking…" on screen
 ACCEPTED_STATUS_AFTER_S = 0.5

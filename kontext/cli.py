@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from kontext import schema
 from kontext.logging_setup import describe, setup_logging
 from kontext.settings import Settings, SettingsError, load_settings
-from kontext.store import Store
 
 USAGE = (
     "usage: python bot.py [sync]\n"
@@ -77,17 +77,16 @@ def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 
 async def upgrade_database(settings: Settings) -> int:
-    """Open the database (which applies every pending migration) and close it; the exit code.
+    """Apply every pending migration to the database (:func:`kontext.schema.upgrade`); the exit code.
 
     For a release phase (``release: python bot.py upgrade`` in a ``Procfile``) or by hand
     before a deploy; the bot itself also upgrades the database when it starts.
     """
     try:
-        store = await Store.open(settings.database_url, settings)
+        await schema.upgrade(settings.database_url)
     except Exception as exc:  # unreachable server, corrupt file, wrong credentials
         why = describe(exc, settings.secrets)
         print(f"Configuration error: DATABASE_URL: the database cannot be opened ({why})", file=sys.stderr)
         return 2
-    await store.close()
     print("the database's schema is up to date")
     return 0

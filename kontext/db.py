@@ -60,12 +60,11 @@ from kontext.db_engine import (
     create_sqlite_sync_engine,
     engine_args,
 )
-from kontext.db_execute import Rows, execute
+from kontext.db_execute import execute
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "Database",
-    "Rows",
     "create_engine",
     "create_sqlite_sync_engine",
     "engine_args",

@@ -157,10 +157,6 @@ class SharedQueue:
             and time.monotonic() - held.renewed < self.lease_s / 2
         )
 
-    @property
-    def held_count(self) -> int:
-        return len(self._held)
-
     # --- the account -------------------------------------------------------------------------------
 
     @property

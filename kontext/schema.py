@@ -28,7 +28,7 @@ legacy version, gives the schema of a fresh install and that schema equals :data
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -385,19 +385,15 @@ def _upgrade(conn: Connection, revision: str) -> int:
     return len(applied)
 
 
-async def run_migrations(
-    db: Database, *, revision: str = "head", clock: Callable[[], float] | None = None
-) -> int:
+async def run_migrations(db: Database, *, revision: str = "head") -> int:
     """Bring ``db`` to ``revision`` (default: the newest); returns how many revisions ran.
 
     Reads the revision first and returns 0 at once when there is nothing to do. Otherwise one
     transaction under the migration lock (see :meth:`Database.exclusive_write`) re-reads it,
     bridges a database of the home-grown runner and applies the pending revisions: all or
     nothing, each exactly once however many processes run this at the same moment. A database
-    at a revision this code does not know (made by newer code) raises. ``clock`` is accepted
-    for callers of the old runner, which stamped times; Alembic records none.
+    at a revision this code does not know (made by newer code) raises.
     """
-    del clock
     await db.prepare()
     target = HEAD_REVISION if revision == "head" else revision
     if await current_revision(db) == target:

@@ -1,7 +1,7 @@
 """Everything a running bot uses besides Discord, built once and complete before any cog loads.
 
-``bot.py`` opens the :class:`Services` in ``main()`` (``async with open_services(settings) as
-services``) and hands them to the bot, which only wires Discord: the cogs reach the store, the
+``bot.py``'s ``run_bot`` opens the :class:`Services` with :func:`build_services` (tests use
+``async with open_services(settings) as services``) and hands them to the bot, which only wires Discord: the cogs reach the store, the
 pipeline, the job launcher, the Segmind client, the metrics and the server gate through
 ``bot.services``, never ``None``. Closing them (after the bot has closed) retires this process's
 worker row, closes the database and then the HTTP session.

@@ -14,7 +14,6 @@ closed yet, for tests and metrics.
 
 from __future__ import annotations
 
-import io
 import tempfile
 import threading
 from typing import IO, Any
@@ -150,10 +149,3 @@ class ResultFile:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<ResultFile {self.size} bytes, {state}>"
-
-
-def as_stream(body: bytes | ResultFile) -> IO[bytes]:
-    """A readable, seekable stream at the start of ``body`` (bytes are not copied)."""
-    if isinstance(body, ResultFile):
-        return body.stream()
-    return io.BytesIO(body)

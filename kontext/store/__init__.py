@@ -112,7 +112,7 @@ class Store:
         """Connect to ``url`` (``DATABASE_URL`` form), apply pending migrations, return the store."""
         db = Database.from_url(url, **(engine_kwargs or {}))
         try:
-            await run_migrations(db, clock=clock)
+            await run_migrations(db)
         except BaseException:
             await db.dispose()
             raise

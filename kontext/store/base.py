@@ -55,7 +55,7 @@ def bind(name: str, type_: Any) -> Any:
 
 def job_from_row(row: Row[Any]) -> Job:
     """A :class:`Job` from a ``jobs`` row."""
-    m = row._mapping if hasattr(row, "_mapping") else row._asdict()  # SQLAlchemy / fast path
+    m = row._asdict()  # a SQLAlchemy row or execute()'s named tuple: both have it
     values = {c.name: m[c.name] for c in jobs.columns}
     values["params"] = json.loads(values["params"] or "{}")
     values["api_charged"] = bool(values["api_charged"])

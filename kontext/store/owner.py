@@ -12,13 +12,12 @@ from sqlalchemy import func, select, update
 
 from kontext.schema import guild_api_keys, guild_budget_days, guild_controls, jobs, members
 from kontext.store.base import StoreContext
-from kontext.store.types import GuildControl, GuildSpend, day_start, utc_day
+from kontext.store.types import DAY, GuildControl, GuildSpend, day_start, utc_day
 from kontext.vocab import JobState
 
 _gc = guild_controls.c
 _gb = guild_budget_days.c
 _j = jobs.c
-DAY = 86_400.0
 
 
 class OwnerControls:

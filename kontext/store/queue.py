@@ -17,7 +17,6 @@ database's ``now`` (:func:`kontext.store.base.db_now`).
 from __future__ import annotations
 
 import functools
-import json
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -370,8 +369,3 @@ class QueueStore:
         async with self.db.read() as conn:
             row = (await conn.execute(select(_a.paused).where(_a.id == account))).first()
         return bool(row is not None and row.paused)
-
-
-def params_json(params: dict[str, Any]) -> str:
-    """A job's parameters as stored (sorted keys)."""
-    return json.dumps(params, sort_keys=True, default=str)

@@ -6,11 +6,10 @@ from sqlalchemy import func, or_, select
 
 from kontext.schema import UNPOSTED_STATES, jobs
 from kontext.store.base import StoreContext
-from kontext.store.types import GuildStats, StatsWindow, day_start
+from kontext.store.types import DAY, GuildStats, StatsWindow, day_start
 from kontext.vocab import JobState
 
 _j = jobs.c
-DAY = 86_400.0
 
 
 class Stats:

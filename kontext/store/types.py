@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MICROS_PER_USD = 1_000_000
+#: a day, in seconds
+DAY = 86_400.0
 #: the API account of the bot's owner (a server's own key is ``"guild:<id>"``)
 OWNER_ACCOUNT = "owner"
 
@@ -24,7 +26,7 @@ def utc_day(ts: float) -> str:
 
 def until_midnight_utc(ts: float) -> tuple[int, int]:
     """``(hours, minutes)`` from ``ts`` to the next 00:00 UTC (rounded up to a minute)."""
-    left = int(day_start(ts) + 86_400 - ts + 59) // 60
+    left = int(day_start(ts) + DAY - ts + 59) // 60
     return left // 60, left % 60
 
 
