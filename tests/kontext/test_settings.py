@@ -124,3 +124,24 @@ def test_shards_and_owner_settings() -> None:
     key = "x" * 43 + "="
     assert settings_from_env({**BASE, "ENCRYPTION_KEY": key}).encryption_key == key
     assert key not in repr(settings_from_env({**BASE, "ENCRYPTION_KEY": key}))
+
+
+def test_per_server_bounds_agree_with_the_environments() -> None:
+    """A per-server setting's bounds (kontext/guild_settings.py) are the bounds of the environment
+    variable that gives its default (kontext/settings.py): the owner's default is always a value
+    an admin could set, and the other way round."""
+    from kontext.guild_settings import SETTINGS, Kind
+    from kontext.settings import _SPEC
+
+    parsers = {field: parse for field, parse in _SPEC.values()}
+    checked = 0
+    for row in SETTINGS:
+        if row.env is None or row.kind not in (Kind.INT, Kind.CHOICE_INT):
+            continue
+        parse = parsers[row.env]
+        assert parse(str(row.low)) == row.low and parse(str(row.high)) == row.high, row.name
+        for outside in (row.low - 1, row.high + 1):
+            with pytest.raises(ValueError):
+                parse(str(outside))
+        checked += 1
+    assert checked == 6  # the six numeric settings with an environment default
