@@ -13,7 +13,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.base import KontextBotBase
-from cogs.common import ASPECT_NAMES, aspect_name, locale_of, not_allowed, reply_error, store_of
+from cogs.common import ASPECT_NAMES, aspect_name, locale_of, not_allowed, reply_error
 from kontext.accounts import GUILD_KEY_CONCURRENCY, GUILD_KEY_RPM, guild_account
 from kontext.errors import ApiError
 from kontext.guild_settings import SETTINGS, Kind, SettingRow
@@ -198,7 +198,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        balance = await store_of(self.bot).credits.grant(
+        balance = await self.bot.services.store.credits.grant(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s granted %d to %s in %s", interaction.user.id, amount, member.id, interaction.guild_id)
@@ -218,7 +218,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> None:
         assert interaction.guild_id is not None
-        revoked, balance = await store_of(self.bot).credits.revoke(
+        revoked, balance = await self.bot.services.store.credits.revoke(
             interaction.guild_id, member.id, amount, actor_id=interaction.user.id, reason=reason
         )
         log.info("admin %s revoked %d from %s in %s", interaction.user.id, revoked, member.id, interaction.guild_id)
@@ -231,7 +231,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
     @app_commands.command(name="balance", description="See a member's credits")
     async def balance(self, interaction: discord.Interaction, member: discord.Member) -> None:
         assert interaction.guild_id is not None
-        status = await store_of(self.bot).credits.member_status(interaction.guild_id, member.id)
+        status = await self.bot.services.store.credits.member_status(interaction.guild_id, member.id)
         await self._ephemeral(
             interaction,
             t(
@@ -257,7 +257,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             for row in SETTINGS
             if options.get(row.option) is not None
         }
-        store = store_of(self.bot)
+        store = self.bot.services.store
         try:
             if reset is not None:
                 await store.settings.reset(interaction.guild_id, interaction.user.id, reset.value)
@@ -287,7 +287,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
 
     async def _key_state(self, guild_id: int, locale: str) -> str:
         """This server's own Segmind key as its admins should know it (never the key itself)."""
-        store = store_of(self.bot)
+        store = self.bot.services.store
         has_key = any(int(row.guild_id) == guild_id for row in await store.owner.api_keys())
         if not has_key:
             return t("apikey.state_none", locale)
@@ -300,8 +300,8 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
         assert interaction.guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)
         locale = locale_of(interaction)
-        stats = await store_of(self.bot).stats.guild(interaction.guild_id)
-        budget = await store_of(self.bot).budgets.status()
+        stats = await self.bot.services.store.stats.guild(interaction.guild_id)
+        budget = await self.bot.services.store.budgets.status()
         embed = discord.Embed(title=t("admin.stats_title", locale), colour=discord.Colour.gold())
         embed.add_field(name=t("admin.today", locale), value=describe_window(stats.today, locale)[:1024], inline=False)
         embed.add_field(name=t("admin.last_30", locale), value=describe_window(stats.last_30_days, locale)[:1024], inline=False)
@@ -323,7 +323,7 @@ class AdminGroup(app_commands.Group, name="kontext-admin", description="Manage K
             await self._ephemeral(interaction, t("apikey.off", locale))
             return
         if remove:
-            had = await store_of(self.bot).owner.remove_api_key(interaction.guild_id)
+            had = await self.bot.services.store.owner.remove_api_key(interaction.guild_id)
             self.bot.services.accounts.forget(interaction.guild_id)
             log.info("admin %s removed server %s's own Segmind key", interaction.user.id, interaction.guild_id)
             await self._ephemeral(interaction, t("apikey.removed" if had else "apikey.none", locale))
@@ -353,8 +353,8 @@ class ApiKeyModal(discord.ui.Modal):
             await interaction.followup.send(t(f"apikey.{verdict}", self.locale), ephemeral=True)
             return
         guild_id = interaction.guild_id
-        await store_of(self.bot).owner.set_api_key(guild_id, self.bot.services.vault.encrypt(secret), interaction.user.id)
-        await store_of(self.bot).queue.set_account_paused(guild_account(guild_id), False)
+        await self.bot.services.store.owner.set_api_key(guild_id, self.bot.services.vault.encrypt(secret), interaction.user.id)
+        await self.bot.services.store.queue.set_account_paused(guild_account(guild_id), False)
         self.bot.services.accounts.forget(guild_id)
         log.info("admin %s set server %s's own Segmind key", interaction.user.id, guild_id)
         await interaction.followup.send(

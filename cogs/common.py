@@ -13,7 +13,6 @@ from cogs.base import KontextBotBase
 from kontext.errors import GuildNotEnabled, InputError, KontextError
 from kontext.i18n import DEFAULT_LOCALE, catalog, t
 from kontext.settings import ASPECT_RATIOS
-from kontext.store import Store
 
 log = logging.getLogger("kontext.cogs")
 
@@ -22,11 +21,6 @@ ASPECT_NAMES: dict[str, str] = {a: catalog(DEFAULT_LOCALE)[f"choice.{a}"] for a 
 #: a job's first status ("checking your images") appears only when that step takes longer than
 #: this; a quicker check leaves Discord's own "thinking…" on screen
 ACCEPTED_STATUS_AFTER_S = 0.5
-
-
-def store_of(bot: KontextBotBase) -> Store:
-    """The bot's store (open from before the first cog loaded until the bot closed)."""
-    return bot.services.store
 
 
 def locale_of(interaction: discord.Interaction) -> str:

@@ -7,7 +7,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.base import KontextBotBase
-from cogs.common import locale_of, store_of
+from cogs.common import locale_of
 from kontext.i18n import t
 from kontext.store import LedgerEntry
 
@@ -35,7 +35,7 @@ class CreditsCog(commands.Cog, name="Credits"):
         await interaction.response.defer(ephemeral=True, thinking=True)
         assert interaction.guild_id is not None
         locale = locale_of(interaction)
-        store = store_of(self.bot)
+        store = self.bot.services.store
         status = await store.credits.member_status(interaction.guild_id, interaction.user.id)
         gs = await store.settings.get(interaction.guild_id)
         entries = await store.credits.recent(interaction.guild_id, interaction.user.id, limit=5)
