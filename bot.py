@@ -110,8 +110,6 @@ class KontextBot(KontextBotBase):
             **options,
         )
         self.force_sync = force_sync
-        # jobs this process did not receive talk to their member through Discord from here
-        services.pipeline.sink_factory = self.recovered_sink
         self.health: HealthServer | None = None
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
@@ -228,7 +226,8 @@ class KontextBot(KontextBotBase):
 
     async def _start_queue(self) -> None:
         """Serve the shared queue once connected: claim waiting jobs, take over stopped ones."""
-        self.pipeline.start()
+        # jobs this process did not receive talk to their member through Discord from here
+        self.pipeline.start(self.recovered_sink)
         self.recovered.set()
 
     def recovered_sink(self, job: Job) -> JobSink:

@@ -174,7 +174,7 @@ class ChannelSink:
             allowed_mentions=discord.AllowedMentions(users=True),
         )
 
-    async def find_result(self) -> Delivery | None:
+    async def find_result(self, since: float = 0.0) -> Delivery | None:
         """This job's result message among the channel's recent messages (None: not there).
 
         A result is the bot's own message carrying ``kontext-<job id>.<ext>``; raises when the
@@ -362,8 +362,8 @@ class InteractionSink:
                 return Delivery(msg.id, msg.channel.id)
         return await self.fallback.deliver(result)
 
-    async def find_result(self) -> Delivery | None:
-        return await self.fallback.find_result()
+    async def find_result(self, since: float = 0.0) -> Delivery | None:
+        return await self.fallback.find_result(since)
 
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         if await self._status(error.user_message(self.locale), embed=None, view=None):
