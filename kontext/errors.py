@@ -284,3 +284,14 @@ class ApiContentRejected(ApiError):
     key = "api.moderated"
     cause = "api_moderated"
     members_fault = True
+
+
+class PostFateUnknown(KontextError):
+    """The upload of a result began and no clear answer came (a 5xx, a dropped connection, a
+    timeout, or the task was cancelled mid-upload): Discord may or may not have posted it.
+
+    Never "not delivered": only a search of the channel from the start of the post can tell.
+    """
+
+    key = "discord.post_failed"
+    cause = "post_unknown"

@@ -126,3 +126,23 @@ class JobStore:
                 **fence_args,
             },
         )
+
+    async def note_result_seen(self, job_id: int, channel_id: int, message_id: int) -> bool:
+        """Remember the job's result message, seen on the gateway while the job is posting.
+
+        Proof that it was posted even if the post's answer was lost and a moderator deletes
+        the message later. Only a posting job without a result message yet is changed; False
+        otherwise.
+        """
+        posting = str(getattr(JobState, "POSTING", "posting"))
+        stmt = (
+            update(jobs)
+            .where(
+                _j.id == job_id,
+                _j.state == posting,
+                _j.result_message_id.is_(None),
+            )
+            .values(result_message_id=message_id, result_channel_id=channel_id)
+            .returning(_j.id)
+        )
+        return await self.ctx.update_one(stmt, {})
