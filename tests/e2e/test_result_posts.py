@@ -178,6 +178,15 @@ async def test_a_refused_channel_post_is_not_delivered(posted: Posted) -> None:
     assert posted.copies(job_id) == []
 
 
+async def test_an_upload_that_could_not_connect_is_not_delivered(
+    posted: Posted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = posted.rec.id + 1
+    monkeypatch.setattr(discord.http.Route, "BASE", "http://127.0.0.1:9/api/v10")  # refused
+    with pytest.raises(ResultNotDelivered):
+        await posted.channel_sink(job_id).deliver(posted.result(job_id))
+
+
 async def test_a_dead_token_falls_back_to_one_channel_post(posted: Posted) -> None:
     job_id = posted.rec.id + 1
     posted.h.discord.fail_next("POST", WEBHOOK_POST, 404, code=10015, message="Unknown Webhook")
