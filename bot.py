@@ -56,6 +56,7 @@ COGS = (
     "cogs.results",
     "cogs.showcase",
     "cogs.context_menu",
+    "cogs.result_watch",
 )
 
 
@@ -99,6 +100,7 @@ class KontextBot(KontextBotBase):
         discord.VoiceClient.warn_dave = False
         intents = discord.Intents.none()
         intents.guilds = True
+        intents.guild_messages = True  # the bot's own result messages (cogs.result_watch)
         options.update(shard_options(settings))
         super().__init__(
             services,
@@ -116,6 +118,9 @@ class KontextBot(KontextBotBase):
         self.shutdown_task: asyncio.Task[None] | None = None
         self.recovered = asyncio.Event()
         self._frozen = False
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No text commands: messages (the guild_messages intent) are for listeners only."""
 
     async def setup_hook(self) -> None:
         for cog in COGS:

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from .gateway import Gateway
 
 
+GUILD_MESSAGES_INTENT = 1 << 9
+DIRECT_MESSAGES_INTENT = 1 << 12
+
+
 class MessagesMixin:
     """Create, edit, delete and look up messages (state lives on the emulator)."""
 
@@ -229,7 +233,7 @@ class MessagesMixin:
         message_reference: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         attachments = self._uploaded_attachments(body, files, ephemeral=bool(flags & EPHEMERAL))
-        return self._make_message(
+        msg = self._make_message(
             channel_id,
             author=self.bot_user,
             content=str(body.get("content") or ""),
@@ -242,6 +246,21 @@ class MessagesMixin:
             message_reference=message_reference,
             tts=bool(body.get("tts")),
         )
+        self._dispatch_own_message(msg)
+        return msg
+
+    def _dispatch_own_message(self, msg: dict[str, Any]) -> None:
+        """MESSAGE_CREATE for a message the bot (or its interaction webhook) created, to the
+        connections that identified with the intent that carries it (``GUILD_MESSAGES`` in a
+        server, ``DIRECT_MESSAGES`` in a DM), as Discord sends it; ephemeral ones are never
+        sent."""
+        if msg["flags"] & EPHEMERAL:
+            return
+        guild = self._guild_of_channel(int(msg["channel_id"]))
+        intent = GUILD_MESSAGES_INTENT if guild is not None else DIRECT_MESSAGES_INTENT
+        for conn in self.gateway.connections_for(guild.id if guild else None):
+            if int((conn.identify or {}).get("intents") or 0) & intent:
+                conn.dispatch("MESSAGE_CREATE", copy.deepcopy(msg))
 
     def _edit_from_body(
         self, msg: dict[str, Any], body: Mapping[str, Any], files: Sequence[UploadedFile]
