@@ -108,6 +108,9 @@ class KontextBot(KontextBotBase):
             intents=intents,
             tree_cls=KontextTree,
             help_command=None,
+            # the guild_messages intent brings every message of every server: keep none of them
+            # (result_watch reads each one as it arrives; nothing needs a message cache)
+            max_messages=None,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
             **options,
         )

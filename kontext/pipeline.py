@@ -293,8 +293,14 @@ class JobPipeline:
         run.done = asyncio.get_running_loop().create_future()
         self.inflight.waiting[spec.job_id] = run
         claim = reservation.claim
-        if claim is not None and claim.job is not None:
-            await self.queue.adopt(claim, reserving)  # runs it now (or, shutting down, requeues)
+        if claim is not None and claim.lease is not None:
+            # claimed inside the reservation's transaction: run it now, no round trip
+            self.inflight.waiting.pop(spec.job_id, None)
+            if await self.queue.adopt(claim.lease, reserving):
+                run.lease = claim.lease
+                self.inflight.spawn(self.executor.execute(run), f"kontext-job-{spec.job_id}")
+            else:  # shutting down: it went back to the queue for the next process
+                self.settlement.finish(JobOutcome(spec.job_id, Outcome.QUEUED), run)
         else:
             self.queue.kick()
         reporter = asyncio.create_task(self._report_queue(run))

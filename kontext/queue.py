@@ -327,9 +327,16 @@ class SharedQueue:
         """Every account's limits (the owner's, then servers' own keys)."""
         return await self._every_account()
 
-    async def adopt(self, claim: Claim, sent: float) -> bool:
-        """Start a job claimed elsewhere in this process (inside its reservation)."""
-        return await self._take(claim, sent)
+    async def adopt(self, lease: Lease, sent: float) -> bool:
+        """Hold ``lease``, claimed inside a reservation of this process, so that its caller runs
+        the job at once (True); False when this process is shutting down (the job is put back
+        in the queue: nothing was sent)."""
+        if not self._claiming:
+            await self._requeue_quietly(lease)
+            return False
+        self.hold(lease, sent=sent)
+        self._view_at = float("-inf")  # positions moved
+        return True
 
     async def _every_account(self) -> list[AccountLimits]:
         if self.accounts is None:

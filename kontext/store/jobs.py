@@ -36,8 +36,8 @@ class JobStatements:
                 _j.result_message_id.is_(None),
             )
             .values(
-                result_message_id=bind("message_id", BigInteger),
-                result_channel_id=bind("channel_id", BigInteger),
+                result_message_id=bind("seen_message", BigInteger),
+                result_channel_id=bind("seen_channel", BigInteger),
             )
             .returning(_j.id)
         )
@@ -109,7 +109,7 @@ class JobStore:
         message is deleted or the channel cannot be read later. False when not posting."""
         return await self.ctx.update_one(
             self._sql.note_result_seen,
-            {"job_id": job_id, "channel_id": channel_id, "message_id": message_id},
+            {"job_id": job_id, "seen_channel": channel_id, "seen_message": message_id},
         )
 
     async def set_api_request(
