@@ -8,7 +8,6 @@ works again. A server's own key that Segmind refuses pauses only that server's j
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 
 from kontext.errors import ApiError, GuildKeyRefused, ServicePaused
@@ -34,8 +33,6 @@ class AccountGuard(Settlement):
             client = await self.accounts.client_for(active.spec.account)
         except LookupError as exc:  # the key was removed meanwhile: nothing was sent
             raise GuildKeyRefused(str(exc)) from None
-        # its 429s pace its own account's starts
-        client.on_rate_limited = functools.partial(self._rate_limited, account=active.spec.account)
         return client
 
     def _rate_limited(self, delay: float | None, account: str = OWNER_ACCOUNT) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 from kontext import images
@@ -22,7 +23,7 @@ from kontext.errors import (
 )
 from kontext.job_state import GENERATING_STATUS_AFTER_S, ActiveJob, LeaseLost, stop_progress
 from kontext.jobs import Delivery, JobOutcome, ResultInfo
-from kontext.segmind import GenerationResult, SubmittedJob
+from kontext.segmind import CallHooks, GenerationResult, SendFenced, SubmittedJob
 from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import Outcome
 
@@ -60,12 +61,22 @@ class Execution(AccountGuard):
         client = await self._client(active)
         self._check_lease(active)  # no API call for a job this process may have lost
         active.sent = True
-        # one call per job: the client owns every retry (at most max_retries + 1 POSTs) and
-        # tells each 429 to _rate_limited once; a 429 it gave up on is refunded like any error
+        # one call per job: the client owns every retry (at most max_retries + 1 POSTs, each one
+        # only while the lease is fresh) and tells each 429 to _rate_limited once (a server's own
+        # key paces its own account); a 429 it gave up on is refunded like any error
+        hooks = CallHooks(
+            may_send=lambda: active.lease is not None and self.queue.fresh(active.lease),
+            on_rate_limited=functools.partial(self._rate_limited, account=spec.account),
+        )
         if resume:
             assert active.request_id is not None
-            return await client.resume(active.request_id, active.status_url, active.response_url)
-        return await client.generate(spec.request(), on_submitted=submitted)
+            return await client.resume(
+                active.request_id, active.status_url, active.response_url, hooks=hooks
+            )
+        try:
+            return await client.generate(spec.request(), on_submitted=submitted, hooks=hooks)
+        except SendFenced as exc:  # the lease went during the client's own repeats
+            raise LeaseLost(f"job {spec.job_id}: {exc}") from None
 
     async def _store_request_id(self, active: ActiveJob) -> bool:
         return await self.store.jobs.set_api_request(

@@ -123,7 +123,6 @@ class JobPipeline(Recovery):
         self._doomed: set[int] = set()  # reservations whose outcome was unknown: never run them
         self.outcomes: dict[str, int] = {}
         self.on_outcome: Callable[[JobOutcome], None] | None = None
-        client.on_rate_limited = self._rate_limited
         queue.on_claim = self._on_claim
         queue.on_taken_over = self._on_taken_over
         queue.on_lost = self._on_lost

@@ -17,6 +17,7 @@ module                  its one job
 ``client``              :class:`SegmindClient`: the public calls, the account's credits
 ``v1``                  the synchronous call (one POST, the image in the answer)
 ``v2``                  submit, poll, fetch the output; URL derivation for a resume
+``calls``               one call's context (transport, settings, hooks); result URLs' hosts
 ``retry``               what is repeated, how often, after what pause (tenacity runs it)
 ``transport``           one HTTP request: body limits, spooling, the key, typed failures
 ``answers``             the image inside a 200 (raw, JSON URL or base64), checked whole
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from kontext.images.formats import sniff_image
 from kontext.segmind.client import SegmindClient
-from kontext.segmind.errors import error_for_status
+from kontext.segmind.errors import SendFenced, error_for_status
 from kontext.segmind.parsing import (
     derive_v2_urls,
     image_is_complete,
@@ -41,6 +42,7 @@ from kontext.segmind.parsing import (
     retry_after_from_headers,
 )
 from kontext.segmind.results import (
+    CallHooks,
     GenerationRequest,
     GenerationResult,
     ResponseMeta,
@@ -54,11 +56,13 @@ __all__ = [
     "ASPECT_RATIOS",
     "DEFAULT_MAX_RETRIES",
     "OUTPUT_FORMATS",
+    "CallHooks",
     "GenerationRequest",
     "GenerationResult",
     "ResponseMeta",
     "RetryPolicy",
     "SegmindClient",
+    "SendFenced",
     "SubmittedJob",
     "derive_v2_urls",
     "error_for_status",

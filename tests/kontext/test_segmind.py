@@ -37,8 +37,10 @@ from kontext.errors import (
 from kontext.segmind import (
     ASPECT_RATIOS,
     DEFAULT_MAX_RETRIES,
+    CallHooks,
     GenerationRequest,
     SegmindClient,
+    SendFenced,
     SubmittedJob,
     derive_v2_urls,
     error_for_status,
@@ -401,14 +403,17 @@ async def test_every_429_is_reported_to_the_rate_limit_hook(
 ) -> None:
     seen: list[float | None] = []
     client = make_client()
-    client.on_rate_limited = seen.append
     emu.fail_next(429, times=2, headers={"x-rate-limit-reset-at-utc": "2"})
-    await client.generate(_req(inputs))
+    await client.generate(_req(inputs), hooks=CallHooks(on_rate_limited=seen.append))
     assert seen == [2.0, 2.0]
     # a broken hook never breaks the call
-    client.on_rate_limited = lambda _delay: 1 / 0
     emu.fail_next(429)
-    assert (await client.generate(_req(inputs))).attempts == 2
+
+    def crash(_delay: float | None) -> None:
+        raise ZeroDivisionError
+
+    broken = CallHooks(on_rate_limited=crash)
+    assert (await client.generate(_req(inputs), hooks=broken)).attempts == 2
 
 
 @pytest.mark.parametrize("status", [502, 503])
@@ -504,9 +509,8 @@ async def test_a_free_failure_that_never_ends_sends_exactly_the_documented_posts
     emu.fail_next(status, times=100, headers={"Retry-After": "0.01"} if status == 429 else None)
     told: list[float | None] = []
     client = make_client(mode=mode)
-    client.on_rate_limited = told.append
     with pytest.raises(ApiError) as info:
-        await client.generate(_req(inputs))
+        await client.generate(_req(inputs), hooks=CallHooks(on_rate_limited=told.append))
     assert DEFAULT_MAX_RETRIES + 1 == 6  # what the docstring promises
     assert _posts(emu) == 6
     assert len(sleeps) == DEFAULT_MAX_RETRIES  # a pause between two POSTs, none after the last
@@ -1159,3 +1163,87 @@ def test_key_goes_only_to_the_api(session: aiohttp.ClientSession) -> None:
     assert not client.sends_key("https://bucket.s3.amazonaws.com/out.jpg")
     assert not client.sends_key("http://api.segmind.com.evil.example/x")
     assert KEY not in repr(client)
+
+
+# --- the caller's lease is asked before every POST (CallHooks.may_send) ---------------------------
+
+
+class _Lease:
+    """A lease of ``ttl_s`` on a clock that only the client's sleeps move."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.now, self.expires = 0.0, ttl_s
+        self.asked = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+    def fresh(self) -> bool:
+        self.asked += 1
+        return self.now < self.expires
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_429_storm_that_outlives_the_lease_sends_no_post_after_it(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    mode: str,
+) -> None:
+    # Retry-After 25 s (within retry_after_max_s, so the client waits it out), a lease of 20 s:
+    # the repeat after the first 429 would go out with the lease gone
+    lease = _Lease(20.0)
+    told: list[float | None] = []
+    emu.fail_next(429, times=100, headers={"Retry-After": "25"})
+    client = make_client(mode=mode, sleep=lease.sleep)
+    with pytest.raises(SendFenced) as info:
+        await client.generate(
+            _req(inputs), hooks=CallHooks(may_send=lease.fresh, on_rate_limited=told.append)
+        )
+    assert _posts(emu) == 1 and info.value.posts == 1
+    assert lease.asked == 2  # before the first POST and before the repeat
+    assert told == [25.0] and emu.charged_count == 0
+
+
+async def test_no_post_at_all_when_the_lease_is_gone_before_the_first(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    with pytest.raises(SendFenced) as info:
+        await make_client().generate(_req(inputs), hooks=CallHooks(may_send=lambda: False))
+    assert info.value.posts == 0 and _posts(emu) == 0
+
+
+async def test_a_broken_may_send_hook_sends_nothing(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    def broken() -> bool:
+        raise RuntimeError("lease table unreadable")
+
+    with pytest.raises(SendFenced):
+        await make_client().generate(_req(inputs), hooks=CallHooks(may_send=broken))
+    assert _posts(emu) == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_may_send_is_asked_before_each_of_the_documented_posts(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    mode: str,
+) -> None:
+    asked: list[int] = []
+
+    def may_send() -> bool:
+        asked.append(_posts(emu))
+        return True
+
+    emu.fail_next(502, times=2)
+    result = await make_client(mode=mode).generate(_req(inputs), hooks=CallHooks(may_send=may_send))
+    assert result.attempts == 3 and asked == [0, 1, 2]  # before each POST, none after the last
+    assert emu.charged_count == 1
+
+
+async def test_resume_sends_no_post_so_its_lease_fence_is_not_asked(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    client = make_client(mode="async")
+    job = await client.submit(_req(inputs))
+    result = await client.resume(job.request_id, hooks=CallHooks(may_send=lambda: False))
+    assert result.size > 0 and _posts(emu) == 1  # polls and the download are GETs
