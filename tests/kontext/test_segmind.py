@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -52,6 +53,7 @@ from kontext.segmind import (
     retry_after_from_headers,
     sniff_image,
 )
+from kontext.segmind.calls import result_url_allowed
 from kontext.spool import ResultFile, open_count
 
 KEY = "sk-test-7f3a9c1e5b2d4f60"
@@ -1247,3 +1249,83 @@ async def test_resume_sends_no_post_so_its_lease_fence_is_not_asked(
     job = await client.submit(_req(inputs))
     result = await client.resume(job.request_id, hooks=CallHooks(may_send=lambda: False))
     assert result.size > 0 and _posts(emu) == 1  # polls and the download are GETs
+
+
+# --- result URLs come only from the API's own hosts ------------------------------------------------
+
+
+@pytest.fixture
+async def foreign() -> AsyncIterator[tuple[str, list[str]]]:
+    """Another server on the loopback, named ``localhost`` (the API's base is ``127.0.0.1``):
+    ``(its base URL, the paths it was asked for)``. It serves a valid JPEG to anyone."""
+    hits: list[str] = []
+    image = _image("blue", "JPEG")
+
+    async def serve(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=image, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://localhost:{port}", hits
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("via", ["direct", "redirect"])
+async def test_a_result_url_on_another_host_is_never_fetched(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    foreign: tuple[str, list[str]], mode: str, via: str,
+) -> None:
+    base, hits = foreign
+    url = f"{base}/out.jpg"
+    emu.output_url_next(url if via == "direct" else emu.redirect_url(url))
+    with pytest.raises(ApiBadResponse) as info:
+        await make_client(mode=mode).generate(_req(inputs))
+    assert hits == []  # no request went there
+    assert info.value.charged_maybe  # the API ran: the generation may be billed
+    assert "localhost" in info.value.detail and emu.charged_count == 1
+
+
+@pytest.mark.parametrize(
+    "url", ["https://evil.example/out.jpg", "https://segmind.com.evil.example/out.jpg",
+            "http://images.segmind.com/out.jpg", "ftp://images.segmind.com/out.jpg"],
+)
+async def test_result_urls_outside_the_api_hosts_are_refused(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    url: str,
+) -> None:
+    emu.output_url_next(url)
+    with pytest.raises(ApiBadResponse) as info:
+        await make_client(mode="async").generate(_req(inputs))
+    assert info.value.charged_maybe
+
+
+def test_the_api_own_hosts() -> None:
+    base = "http://127.0.0.1:8123"
+    assert result_url_allowed("http://127.0.0.1:8123/_emu/files/x.jpg", base)
+    assert not result_url_allowed("http://127.0.0.1:8124/x.jpg", base)  # another port
+    assert not result_url_allowed("http://localhost:8123/x.jpg", base)
+    prod = "https://api.segmind.com"
+    assert result_url_allowed("https://api.segmind.com/v2/x.jpg", prod)
+    assert result_url_allowed("https://cdn.segmind.com/x.jpg", prod)
+    assert not result_url_allowed("http://cdn.segmind.com/x.jpg", prod)  # https only
+    assert not result_url_allowed("https://cdn.segmind.com:8443/x.jpg", prod)
+    assert not result_url_allowed("https://notsegmind.com/x.jpg", prod)
+    assert not result_url_allowed("https://bucket.s3.amazonaws.com/x.jpg", prod)
+
+
+async def test_a_redirect_within_the_api_host_is_followed(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    hosted = emu.host_image(_image("blue", "JPEG"), "elsewhere.jpg")
+    emu.output_url_next(emu.redirect_url(hosted))
+    result = await make_client(mode="async").generate(_req(inputs))
+    assert sniff_image(bytes(result.image[:4])) is not None  # type: ignore[index]
