@@ -1329,3 +1329,19 @@ async def test_a_redirect_within_the_api_host_is_followed(
     emu.output_url_next(emu.redirect_url(hosted))
     result = await make_client(mode="async").generate(_req(inputs))
     assert sniff_image(bytes(result.image[:4])) is not None  # type: ignore[index]
+
+
+def test_the_client_package_imports_without_a_cycle() -> None:
+    """v1, v2 and the call context know nothing of SegmindClient (not even for typing)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "kontext" / "segmind"
+    for name in ("v1", "v2", "calls", "answers", "transport", "retry", "results", "errors"):
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {
+            node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert "kontext.segmind.client" not in imported, name
+        assert "kontext.segmind" not in imported, name  # the package's __init__ imports client
