@@ -1,5 +1,6 @@
 """Faults the Segmind emulator answers with, planned by the tests and consumed first in,
-first out: an HTTP status, a hang, a dropped connection, a garbage body or an oversize image.
+first out: an HTTP status, a hang, a dropped connection, a garbage body, an oversize image, or a
+result given as a URL the test chose (on another host, or a redirect to one).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from .images import noisy_image, solid
 class Fault:
     """One planned fault; ``times`` answers are left."""
 
-    kind: str  # status | hang | reset | garbage | oversize
+    kind: str  # status | hang | reset | garbage | oversize | output_url
     times: int
     status: int = 0
     error: str = ""
     headers: dict[str, str] | None = None
     garbage: str = ""
     target_bytes: int = 0
+    url: str = ""
 
 
 async def faulty_body(

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from .api import CONTENT_TYPES, DEFAULT_ERRORS, MAX_INPUT_BYTES, html_page, validate
 from .faults import Fault, faulty_body
@@ -119,6 +120,7 @@ class SegmindEmulator:
         app.router.add_post("/v2/{model}", self._v2_submit)
         app.router.add_route("*", "/v2/{model}", self._method_not_allowed)
         app.router.add_get("/_emu/files/{name}", self._file)
+        app.router.add_get("/_emu/redirect", self._redirect)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -191,6 +193,17 @@ class SegmindEmulator:
     def oversize_next(self, target_bytes: int, *, times: int = 1) -> None:
         """The next ``times`` generations answer a valid (noisy) image of ≥ ``target_bytes``."""
         self._faults.append(Fault("oversize", times, target_bytes=int(target_bytes)))
+
+    def output_url_next(self, url: str, *, times: int = 1) -> None:
+        """The next ``times`` generations run (and bill) as usual, but give their result as
+        ``url``: v1 answers 200 with JSON ``{"output": url}``, a v2 job's response carries
+        ``url`` as its ``output``. :meth:`redirect_url` makes an URL of this emulator that
+        redirects to another one."""
+        self._faults.append(Fault("output_url", times, url=url))
+
+    def redirect_url(self, to: str) -> str:
+        """An URL on this emulator's own host that answers 302 to ``to``."""
+        return str(URL(self.base_url).with_path("/_emu/redirect").with_query(to=to))
 
     def fail_v2_next(self, error: str = "Generation failed", *, http_status: int = 422) -> None:
         """The next v2 job ends FAILED with ``error`` (its status answered with ``http_status``)."""
@@ -409,6 +422,10 @@ class SegmindEmulator:
             self._leave()
             self._log(request, record.status)
 
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self._log(request, 302)
+        return web.Response(status=302, headers={"Location": request.query.get("to", "/")})
+
     async def _v1_inner(self, request: web.Request, record: CallRecord) -> web.StreamResponse:
         started = time.monotonic()
         payload, bad_json = await self._read_payload(request)
@@ -432,7 +449,10 @@ class SegmindEmulator:
         seed = int(payload.get("seed", 42))
         rid = uuid.uuid4().hex
         record.request_id = rid
-        if fault is not None:  # garbage / oversize
+        if fault is not None and fault.kind == "output_url":
+            record.fault = fault.kind
+            body, ctype = json.dumps({"output": fault.url}).encode(), "application/json"
+        elif fault is not None:  # garbage / oversize
             record.fault = f"{fault.kind}:{fault.garbage}" if fault.garbage else fault.kind
             body, ctype = await faulty_body(fault, fmt, seed, self._oversize_cache)
         else:
@@ -523,7 +543,9 @@ class SegmindEmulator:
                 return
             fmt = job.payload.get("output_format", "jpg")
             seed = int(job.payload.get("seed", 42))
-            if job.output_fault is not None:
+            if job.output_fault is not None and job.output_fault.kind == "output_url":
+                body, ctype = await self._render(job.payload, img1, img2), CONTENT_TYPES[fmt]
+            elif job.output_fault is not None:
                 body, ctype = await faulty_body(job.output_fault, fmt, seed, self._oversize_cache)
             else:
                 body, ctype = await self._render(job.payload, img1, img2), CONTENT_TYPES[fmt]
@@ -594,11 +616,15 @@ class SegmindEmulator:
         assert job.done_at is not None and job.started is not None
         headers.update(self._success_headers(job.request_id, seed, job.done_at - job.started))
         self._log(request, 200)
+        fault = job.output_fault
         return web.json_response(
             {
                 "request_id": job.request_id,
                 "status": "COMPLETED",
-                "output": f"{self.base_url}/_emu/files/{job.output_name}",
+                "output": (
+                    fault.url if fault is not None and fault.kind == "output_url"
+                    else f"{self.base_url}/_emu/files/{job.output_name}"
+                ),
                 "metrics": {
                     "queue_time": round(job.started - job.created, 3),
                     "inference_time": round(job.done_at - job.started, 3),

@@ -43,21 +43,15 @@ class MemoryBudget:
     :meth:`acquire` waits until ``cost`` bytes fit beside what is held; a cost over the capacity
     takes all of it, so such a job runs alone. Strict arrival order (a large cost is never
     overtaken by small ones, so it cannot starve). Safe across threads and event loops.
-    ``in_use``/``holders`` and their peaks are for tests and metrics.
+    ``in_use``/``holders``/``waiting`` say what it holds now (metrics).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_use = 0
         self.holders = 0
-        self.peak_in_use = 0
-        self.peak_holders = 0
         self._lock = threading.Lock()
         self._waiters: deque[_Waiter] = deque()
-
-    def reset_peaks(self) -> None:
-        with self._lock:
-            self.peak_in_use, self.peak_holders = self.in_use, self.holders
 
     @property
     def waiting(self) -> int:
@@ -66,8 +60,6 @@ class MemoryBudget:
     def _grant(self, take: int) -> None:
         self.in_use += take
         self.holders += 1
-        self.peak_in_use = max(self.peak_in_use, self.in_use)
-        self.peak_holders = max(self.peak_holders, self.holders)
 
     async def acquire(self, cost: int) -> int:
         """Wait for ``cost`` bytes (capped at the capacity); returns what to :meth:`release`."""

@@ -19,13 +19,17 @@ from kontext.images.budget import MIB
 from kontext.images.cost import (
     JPEG_CHECK_SIDE,
     check_cost_async,
+    check_jpeg_structure,
     check_png_stream,
     check_webp_structure,
     decode_cost,
+    jpeg_decodes_within_budget,
+    jpeg_multi_scan,
 )
 from kontext.images.formats import (
     ACCEPTED_FORMATS,
     header_size,
+    jpeg_frame,
     sniff_format,
 )
 from kontext.vocab import ImageFormat
@@ -121,7 +125,10 @@ def inspect_image(
 
     * PNG: every chunk's CRC, and all image data inflated in 1 MiB pieces with each row's filter
       type checked (:func:`check_png_stream`): a fixed ~2 MiB, whatever the pixel count;
-    * JPEG: decoded at 1/2..1/8 scale (every entropy-coded byte is still read);
+    * JPEG: decoded at 1/2..1/8 scale (every entropy-coded byte is still read); a progressive or
+      multi-scan JPEG whose coefficients alone pass :data:`DECODE_BUDGET_BYTES` (4:4:4 over
+      ~26 MP, CMYK over ~20 MP) is never decoded: its segments and scans are walked to the
+      end-of-image marker (:func:`check_jpeg_structure`);
     * WebP: a full decode up to :data:`DECODE_BUDGET_BYTES` (10 MP), the RIFF structure above.
 
     ``which`` (1 or 2) names the image in the message. Synchronous, CPU-bound and not counted in
@@ -135,6 +142,15 @@ def inspect_image(
             width, height = img.size
             _check_dimensions(fmt, width, height, which=which, limit=limit, min_side=min_side)
             if fmt == ImageFormat.JPG:
+                frame = jpeg_frame(data)
+                if frame is None:
+                    raise ValueError("no frame header before the first scan")
+                if not jpeg_decodes_within_budget(frame, jpeg_multi_scan(data, frame)):
+                    # a progressive/multi-scan decode holds every coefficient whatever the scale
+                    check_jpeg_structure(data, frame)
+                    log.debug("image %d: multi-scan jpeg %dx%d checked by structure only "
+                              "(decode over budget)", which, width, height)
+                    return ImageInfo(format=fmt, width=width, height=height, size=len(data))
                 if max(width, height) > JPEG_CHECK_SIDE:
                     scale = max(width, height) / JPEG_CHECK_SIDE
                     img.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))

@@ -21,11 +21,14 @@ from kontext.images.cost import (
     BYTES_PER_PIXEL,
     check_cost_async,
     decode_cost,
+    jpeg_decodes_within_budget,
+    jpeg_multi_scan,
 )
 from kontext.images.formats import (
     ACCEPTED_FORMATS,
     HEAD_BYTES,
     header_size,
+    jpeg_frame,
     sniff_format,
 )
 from kontext.spool import SPOOL_BYTES, ResultFile
@@ -327,11 +330,15 @@ def thumbnail_bytes(data: bytes, max_side: int = 256) -> bytes:
     """A small upright JPEG (longest side ``max_side``) of ``data``, for embeds and showcases.
 
     JPEGs are decoded at reduced scale. Raises :class:`OSError` (``PIL.UnidentifiedImageError``)
-    when ``data`` is not a readable image, :class:`ValueError` when a PNG or WebP would cost more
-    than :data:`DECODE_BUDGET_BYTES` to decode (show a link instead).
+    when ``data`` is not a readable image, :class:`ValueError` when a PNG or WebP — or a
+    progressive JPEG, whose coefficients are held whole at any scale — would cost more than
+    :data:`DECODE_BUDGET_BYTES` to decode (show a link instead).
     """
     with Image.open(io.BytesIO(data)) as img:
         if img.format == ImageFormat.JPG.pil:
+            frame = jpeg_frame(data)
+            if frame is None or not jpeg_decodes_within_budget(frame, jpeg_multi_scan(data, frame)):
+                raise ValueError(f"JPEG {img.width}x{img.height} is too costly to thumbnail")
             img.draft("RGB", (max_side, max_side))
         elif decode_cost(ImageFormat.from_pil(img.format) or "", *img.size) > budget.DECODE_BUDGET_BYTES:
             raise ValueError(f"{img.format} {img.width}x{img.height} is too large to thumbnail")

@@ -17,6 +17,7 @@ module                  its one job
 ``client``              :class:`SegmindClient`: the public calls, the account's credits
 ``v1``                  the synchronous call (one POST, the image in the answer)
 ``v2``                  submit, poll, fetch the output; URL derivation for a resume
+``calls``               one call's context (transport, settings, hooks); result URLs' hosts
 ``retry``               what is repeated, how often, after what pause (tenacity runs it)
 ``transport``           one HTTP request: body limits, spooling, the key, typed failures
 ``answers``             the image inside a 200 (raw, JSON URL or base64), checked whole
@@ -53,15 +54,15 @@ from kontext.vocab import OUTPUT_FORMATS
 
 __all__ = [
     "ASPECT_RATIOS",
-    "CallHooks",
     "DEFAULT_MAX_RETRIES",
     "OUTPUT_FORMATS",
+    "CallHooks",
     "GenerationRequest",
     "GenerationResult",
     "ResponseMeta",
     "RetryPolicy",
-    "SendFenced",
     "SegmindClient",
+    "SendFenced",
     "SubmittedJob",
     "derive_v2_urls",
     "error_for_status",

@@ -8,25 +8,21 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import aiohttp
 
-from kontext.errors import ApiBadResponse
 from kontext.segmind import v1, v2
-from kontext.segmind.errors import SendFenced
-from kontext.segmind.parsing import derive_v2_urls, error_message, parse_number
-from kontext.segmind.results import CallHooks, GenerationRequest, GenerationResult, SubmittedJob
-from kontext.segmind.retry import (
-    DEFAULT_MAX_RETRIES,
-    RateLimitHook,
-    RetryPolicy,
-    SleepFn,
-    with_retries,
+from kontext.segmind.calls import ApiCall
+from kontext.segmind.parsing import derive_v2_urls, parse_number
+from kontext.segmind.results import (
+    NO_HOOKS,
+    CallHooks,
+    GenerationRequest,
+    GenerationResult,
+    SubmittedJob,
 )
-from kontext.segmind.transport import Answer, Transport
-
-T = TypeVar("T")
+from kontext.segmind.retry import DEFAULT_MAX_RETRIES, RetryPolicy, SleepFn
+from kontext.segmind.transport import Transport
 
 
 class SegmindClient:
@@ -41,9 +37,12 @@ class SegmindClient:
     job is billed at most once. :meth:`resume` and :meth:`wait` send no POST (GETs only), and
     :meth:`submit` at most ``max_retries + 1``.
 
-    Each 429 is told once to :attr:`on_rate_limited` (the queue slows every process down) and
-    then waited out here, unless it asks for more than ``retry_after_max_s``: then it is raised
-    at once. ``timeout_s`` bounds one generation request (v1) and, by default, the whole wait of
+    Each call takes its own :class:`~kontext.segmind.results.CallHooks`: every POST is sent only
+    after ``hooks.may_send()`` said yes (else :class:`~kontext.segmind.errors.SendFenced`, nothing
+    more sent), and each 429 is told once to ``hooks.on_rate_limited`` (the queue slows every
+    process down) and then waited out here, unless it asks for more than ``retry_after_max_s``:
+    then it is raised at once. Result images are fetched only from the API's own hosts
+    (:func:`~kontext.segmind.calls.result_url_allowed`). ``timeout_s`` bounds one generation request (v1) and, by default, the whole wait of
     a v2 job. ``sleep`` is injectable so tests never really wait. The retry settings are read at
     each call, so they may be changed on a live client.
     """
@@ -79,9 +78,6 @@ class SegmindClient:
         self.poll_max_interval_s = max(self.poll_interval_s, float(poll_max_interval_s))
         self.retry_after_max_s = max(0.0, float(retry_after_max_s))
         self.sleep = sleep
-        #: called with the wait (seconds, or None) each time the API answers 429, so the caller's
-        #: queue can slow down for everyone, not just for the request being retried
-        self.on_rate_limited: RateLimitHook | None = None
         self.http = Transport(
             session, api_key=api_key, base_url=self.base_url, timeout_s=self.timeout_s,
             max_image_bytes=max_image_bytes,
@@ -105,6 +101,14 @@ class SegmindClient:
             retry_after_max_s=self.retry_after_max_s,
         )
 
+    def _call(self, hooks: CallHooks | None) -> ApiCall:
+        """The context of one call: the settings as they are now, and the call's hooks."""
+        return ApiCall(
+            http=self.http, base_url=self.base_url, model=self.model, policy=self.retry_policy,
+            sleep=self.sleep, hooks=hooks or NO_HOOKS, timeout_s=self.timeout_s,
+            poll_interval_s=self.poll_interval_s, poll_max_interval_s=self.poll_max_interval_s,
+        )
+
     # --- public API ----------------------------------------------------------------------------
 
     async def generate(
@@ -117,35 +121,35 @@ class SegmindClient:
         """Generate one image. Sync mode: one v1 call. Async mode: :meth:`submit`, then
         ``await on_submitted(job)`` (store the request id before polling), then :meth:`wait`.
 
-        Sends at most ``max_retries + 1`` POSTs (see the class docstring). Raises an
-        :class:`~kontext.errors.ApiError` subclass on every failure; ``charged_maybe`` says
-        whether the API may have run (and billed) the generation.
+        Sends at most ``max_retries + 1`` POSTs (see the class docstring), each only after
+        ``hooks.may_send()`` said yes: :class:`~kontext.segmind.errors.SendFenced` when it said
+        no. Raises an :class:`~kontext.errors.ApiError` subclass on every other failure;
+        ``charged_maybe`` says whether the API may have run (and billed) the generation.
         """
-        if hooks is not None:
-            if not hooks.may_send():
-                raise SendFenced(0)
-            self.on_rate_limited = hooks.on_rate_limited
+        call = self._call(hooks)
         if self.mode == "async":
             started = time.monotonic()
-            job, attempts = await v2.submit(self, req)
+            job, attempts = await v2.submit(call, req)
             if on_submitted is not None:
                 await on_submitted(job)
-            return await v2.wait(self, job, deadline_s=None, attempts=attempts, started=started,
+            return await v2.wait(call, job, deadline_s=None, attempts=attempts, started=started,
                                  asked_format=req.output_format, seed=req.seed)
-        return await v1.generate_v1(self, req)
+        return await v1.generate_v1(call, req)
 
-    async def submit(self, req: GenerationRequest) -> SubmittedJob:
+    async def submit(self, req: GenerationRequest, *, hooks: CallHooks | None = None) -> SubmittedJob:
         """``POST {base}/v2/{model}``: queue a job and return its handle."""
-        job, _ = await v2.submit(self, req)
+        job, _ = await v2.submit(self._call(hooks), req)
         return job
 
-    async def wait(self, job: SubmittedJob, *, deadline_s: float | None = None) -> GenerationResult:
+    async def wait(
+        self, job: SubmittedJob, *, deadline_s: float | None = None, hooks: CallHooks | None = None
+    ) -> GenerationResult:
         """Poll ``job`` until it ends; download and return the image.
 
         ``deadline_s`` (default ``timeout_s``) bounds the whole wait; past it, :class:`ApiTimeout`
         with ``charged_maybe=True`` (the job may still finish: :meth:`resume` can pick it up).
         """
-        return await v2.wait(self, job, deadline_s=deadline_s, attempts=0,
+        return await v2.wait(self._call(hooks), job, deadline_s=deadline_s, attempts=0,
                              started=time.monotonic(), asked_format=None, seed=None)
 
     async def resume(
@@ -158,10 +162,11 @@ class SegmindClient:
         hooks: CallHooks | None = None,
     ) -> GenerationResult:
         """Pick up a v2 job after a restart; missing URLs are derived (:func:`derive_v2_urls`).
-        Sends no POST: a billed job is fetched, never re-submitted."""
+        Sends no POST: a billed job is fetched, never re-submitted (``hooks`` is told the 429s
+        of its polls)."""
         derived_status, derived_response = derive_v2_urls(self.base_url, request_id)
         job = SubmittedJob(request_id, status_url or derived_status, response_url or derived_response)
-        return await self.wait(job, deadline_s=deadline_s)
+        return await self.wait(job, deadline_s=deadline_s, hooks=hooks)
 
     async def account_credits(self) -> float | None:
         """The account's credits from ``GET {base}/v1/get-user-credits`` (None when not given);
@@ -169,7 +174,7 @@ class SegmindClient:
         url = f"{self.base_url}/v1/get-user-credits"
         label = "GET /v1/get-user-credits"
         http = self.http
-        answer, _ = await self.retrying(
+        answer, _ = await self._call(None).retrying(
             lambda: http.checked(http.request("GET", url, idempotent=True), label, idempotent=True),
             label,
         )
@@ -183,36 +188,6 @@ class SegmindClient:
         if isinstance(value, int | float):
             return float(value) if math.isfinite(value) else None
         return parse_number(value) if isinstance(value, str) else None
-
-    # --- shared by v1 and v2 -------------------------------------------------------------------
-
-    async def retrying(self, op: Callable[[], Awaitable[T]], label: str) -> tuple[T, int]:
-        """Run ``op`` under this client's retry policy: ``(value, attempts)``."""
-        return await with_retries(
-            op, label, policy=self.retry_policy, sleep=self.sleep,
-            on_rate_limited=self.on_rate_limited,
-        )
-
-    async def download(self, url: str, label: str) -> Answer:
-        """GET a result image (the key is sent only to the API's own hosts)."""
-        http = self.http
-
-        async def once() -> Answer:
-            answer = await http.request("GET", url, idempotent=True, spool=True)
-            if answer.status == 200:
-                return answer
-            if answer.status == 429 or answer.status >= 500:
-                raise http.status_error(answer, f"GET {label}", idempotent=True)
-            # 403/404 on a result URL: expired or gone, not an account problem.
-            raise ApiBadResponse(
-                http.detail(f"GET {label}", answer.status,
-                            "result not downloadable: " + error_message(answer.body), None),
-                status=answer.status, charged_maybe=True,
-            )
-
-        answer, _ = await self.retrying(once, f"GET {label}")
-        http.log_call("GET", label, answer)
-        return answer
 
     def sends_key(self, url: str) -> bool:
         """Whether a request to ``url`` carries the API key (only the API's own hosts)."""

@@ -69,8 +69,11 @@ def failed_job_error(message: str, detail: str, status: int | None) -> ApiError:
 
 
 class SendFenced(Exception):
-    """``may_send()`` said no: no further POST was sent."""
+    """``may_send()`` of the call's :class:`~kontext.segmind.results.CallHooks` said no before a
+    POST: nothing more was sent. ``posts`` is how many POSTs this call sent before (each of them
+    answered or failed in a way that cannot have started a generation: see
+    :mod:`kontext.segmind.retry`)."""
 
-    def __init__(self, posts: int = 0) -> None:
-        super().__init__(f"fenced after {posts} POST(s)")
+    def __init__(self, label: str, posts: int) -> None:
+        super().__init__(f"{label}: not sent, the caller may no longer send ({posts} sent before)")
         self.posts = posts

@@ -96,9 +96,28 @@ class ResponseMeta:
     generation_time_s: float | None = None
 
 
+def _always() -> bool:
+    return True
+
+
+def _ignore(_delay: float | None) -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class CallHooks:
-    """What one job's calls ask and tell its caller."""
+    """What the caller of one generation is asked, and told, while the client works.
 
-    may_send: Callable[[], bool] = lambda: True
-    on_rate_limited: Callable[[float | None], None] = lambda delay: None
+    ``may_send()`` is asked right before every POST (the first one and each repeat after a 429,
+    502, 503 or a failed connect): False stops the call with
+    :class:`~kontext.segmind.errors.SendFenced` and nothing more is sent (the caller's lease is
+    gone). ``on_rate_limited(delay)`` is told each 429 once, with the wait it asked for (seconds,
+    or None), so the caller's queue can slow down for everyone. A hook that raises never breaks
+    the call (a ``may_send`` that raises counts as "no")."""
+
+    may_send: Callable[[], bool] = _always
+    on_rate_limited: Callable[[float | None], None] = _ignore
+
+
+NO_HOOKS = CallHooks()
+"""Hooks that always allow a POST and ignore 429s."""

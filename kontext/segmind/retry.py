@@ -1,9 +1,11 @@
 """The Segmind client's HTTP retries: the only place in the bot that repeats a request to the API.
 
 The pipeline calls the client once per job and never repeats it; the shared queue owns pacing
-(when the next job may start, slowed down for every process by each 429 through
-:attr:`SegmindClient.on_rate_limited`). The loop itself is tenacity's; this module says what is
-repeated, how often and after what pause.
+(when the next job may start, slowed down for every process by each 429, told to the call's
+:class:`~kontext.segmind.results.CallHooks`). The loop itself is tenacity's; this module says what
+is repeated, how often and after what pause. Before every POST — the first and each repeat — the
+call's ``may_send()`` is asked (the caller's lease may have ended during a long Retry-After): when
+it says no, :class:`~kontext.segmind.errors.SendFenced` is raised and nothing more is sent.
 
 What is repeated — only what cannot start (and bill) a second generation, since the API has no
 idempotency key:
@@ -42,12 +44,14 @@ from typing import Any, TypeVar
 import tenacity
 
 from kontext.errors import ApiError, ApiRateLimited
+from kontext.segmind.errors import SendFenced
 
 log = logging.getLogger("kontext.segmind")
 
 T = TypeVar("T")
 SleepFn = Callable[[float], Awaitable[Any]]
 RateLimitHook = Callable[[float | None], None]
+SendGate = Callable[[], bool]
 
 DEFAULT_MAX_RETRIES = 5
 """Repeats after the first try: a job sends at most ``DEFAULT_MAX_RETRIES + 1`` POSTs."""
@@ -108,17 +112,25 @@ async def with_retries(
     policy: RetryPolicy,
     sleep: SleepFn,
     on_rate_limited: RateLimitHook | None = None,
+    may_send: SendGate | None = None,
 ) -> tuple[T, int]:
     """Run ``op``, repeating it on :class:`Retryable` as ``policy`` says.
 
     Returns ``(value, attempts)``. Each 429 is told to ``on_rate_limited`` once, with its wait
-    (a broken hook never breaks the call). When no repeat is left, or a 429 asks for too long,
-    the wrapped :class:`~kontext.errors.ApiError` is raised (its detail says how many attempts).
+    (a broken hook never breaks the call). ``may_send`` (given for a POST) is asked before every
+    attempt, the first included: False (or a hook that raises) ends the call with
+    :class:`SendFenced` and ``op`` is not run again. When no repeat is left, or a 429 asks for too
+    long, the wrapped :class:`~kontext.errors.ApiError` is raised (its detail says how many
+    attempts).
     """
     attempts = 0
 
     async def attempt() -> T:
         nonlocal attempts
+        if may_send is not None and not _allowed(may_send):
+            log.warning("segmind %s: not sent, the caller may no longer send (%d sent before)",
+                        label, attempts)
+            raise SendFenced(label, attempts)
         attempts += 1
         try:
             return await op()
@@ -166,6 +178,15 @@ async def with_retries(
             )
         raise error from None
     return value, attempts
+
+
+def _allowed(may_send: SendGate) -> bool:
+    """``may_send()``; a hook that raises says no (sending without the lease could bill twice)."""
+    try:
+        return bool(may_send())
+    except Exception:  # noqa: BLE001 - a broken hook must not send
+        log.exception("may_send hook failed: not sending")
+        return False
 
 
 def _retry_of(state: tenacity.RetryCallState) -> Retryable:

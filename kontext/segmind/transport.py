@@ -150,7 +150,7 @@ class Transport:
         try:
             return await self._exchange(
                 method, url, json_body=json_body, headers=headers,
-                timeout=timeout or self.timeout, allow_redirects=not with_key, label=label,
+                timeout=timeout or self.timeout, label=label,
                 started=started, spool=spool,
             )
         except ApiError:
@@ -195,16 +195,18 @@ class Transport:
 
     async def _exchange(
         self, method: str, url: str, *, json_body: Mapping[str, Any] | None,
-        headers: Mapping[str, str], timeout: aiohttp.ClientTimeout, allow_redirects: bool,
+        headers: Mapping[str, str], timeout: aiohttp.ClientTimeout,
         label: str, started: float, spool: bool,
     ) -> Answer:
         """Send, read the answer; a spooled body's file is closed unless the answer is returned
-        (a failure or a cancellation while the response is released)."""
+        (a failure or a cancellation while the response is released). Redirects are never
+        followed here: a redirect is the answer (result downloads follow one by hand, only to
+        the API's own hosts: :mod:`kontext.segmind.calls`)."""
         body: bytes | ResultFile = b""
         try:
             async with self._session.request(
                 method, url, json=json_body, headers=headers, timeout=timeout,
-                allow_redirects=allow_redirects,
+                allow_redirects=False,
             ) as resp:
                 body = await self._read_body(resp, label, spool=spool)
                 elapsed = time.monotonic() - started

@@ -3,34 +3,33 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from kontext.segmind.answers import image_from_answer
+from kontext.segmind.calls import ApiCall
 from kontext.segmind.parsing import read_meta
 from kontext.segmind.results import GenerationRequest, GenerationResult
 
-if TYPE_CHECKING:
-    from kontext.segmind.client import SegmindClient
 
-
-async def generate_v1(client: SegmindClient, req: GenerationRequest) -> GenerationResult:
+async def generate_v1(call: ApiCall, req: GenerationRequest) -> GenerationResult:
     """Generate one image with one v1 call (repeated only as :mod:`~kontext.segmind.retry` allows:
-    at most ``client.max_retries + 1`` POSTs)."""
+    at most ``max_retries + 1`` POSTs, each one
+    allowed by ``call.hooks.may_send()``)."""
     started = time.monotonic()
-    path = f"/v1/{client.model}"
-    url = client.base_url + path
-    http = client.http
+    path = f"/v1/{call.model}"
+    url = call.base_url + path
+    http = call.http
     payload = req.to_payload()
-    answer, attempts = await client.retrying(
+    answer, attempts = await call.retrying(
         lambda: http.checked(
             http.request("POST", url, json_body=payload, spool=True), f"POST {path}"
         ),
         f"POST {path}",
+        post=True,  # hooks.may_send() before each POST
     )
     http.log_call("POST", path, answer, attempts=attempts)
     meta = read_meta(answer.headers)
     image, fmt = await image_from_answer(
-        http, answer, client.download, req.output_format, meta.request_id
+        http, answer, call.download, req.output_format, meta.request_id
     )
     return GenerationResult(
         image=image,

@@ -15,10 +15,11 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kontext.errors import ApiBadResponse, ApiError, ApiTimeout
 from kontext.segmind.answers import image_from_answer, validate_image
+from kontext.segmind.calls import ApiCall
 from kontext.segmind.errors import failed_job_error
 from kontext.segmind.parsing import (
     decode_base64_image,
@@ -33,24 +34,22 @@ from kontext.segmind.retry import Retryable
 from kontext.spool import ResultFile
 from kontext.vocab import ImageFormat
 
-if TYPE_CHECKING:
-    from kontext.segmind.client import SegmindClient
-
 log = logging.getLogger("kontext.segmind")
 
 IN_PROGRESS_STATES = frozenset({"QUEUED", "PROCESSING", "IN_PROGRESS", "STARTING", "RUNNING"})
 
 
-async def submit(client: SegmindClient, req: GenerationRequest) -> tuple[SubmittedJob, int]:
+async def submit(call: ApiCall, req: GenerationRequest) -> tuple[SubmittedJob, int]:
     """``POST {base}/v2/{model}``: ``(job, POSTs sent)``; the only POST of a v2 job."""
-    path = f"/v2/{client.model}"
-    url = client.base_url + path
-    http = client.http
-    answer, attempts = await client.retrying(
+    path = f"/v2/{call.model}"
+    url = call.base_url + path
+    http = call.http
+    answer, attempts = await call.retrying(
         lambda: http.checked(
             http.request("POST", url, json_body=req.to_payload()), f"POST {path}"
         ),
         f"POST {path}",
+        post=True,  # hooks.may_send() before each POST
     )
     http.log_call("POST", path, answer, attempts=attempts)
     data = http.parse_json(answer, f"POST {path}", charged_maybe=True)
@@ -61,7 +60,7 @@ async def submit(client: SegmindClient, req: GenerationRequest) -> tuple[Submitt
             status=answer.status, charged_maybe=True,
         )
     assert isinstance(data, dict)
-    derived_status, derived_response = derive_v2_urls(client.base_url, rid)
+    derived_status, derived_response = derive_v2_urls(call.base_url, rid)
     status_url = data.get("status_url")
     response_url = data.get("response_url")
     job = SubmittedJob(
@@ -75,7 +74,7 @@ async def submit(client: SegmindClient, req: GenerationRequest) -> tuple[Submitt
 
 
 async def wait(
-    client: SegmindClient,
+    call: ApiCall,
     job: SubmittedJob,
     *,
     deadline_s: float | None,
@@ -84,20 +83,20 @@ async def wait(
     asked_format: ImageFormat | None,
     seed: int | None,
 ) -> GenerationResult:
-    """Poll ``job`` until it ends (within ``deadline_s``, default ``client.timeout_s``), then
+    """Poll ``job`` until it ends (within ``deadline_s``, default ``call.timeout_s``), then
     fetch and download its image. GETs only: a poll that fails is repeated, never the submit."""
-    budget = client.timeout_s if deadline_s is None else float(deadline_s)
+    budget = call.timeout_s if deadline_s is None else float(deadline_s)
     deadline = time.monotonic() + budget
-    interval = client.poll_interval_s
+    interval = call.poll_interval_s
     polls = 0
     while True:
-        body, status, _ = await _get(client, job.status_url, job, "status")
+        body, status, _ = await _get(call, job.status_url, job, "status")
         polls += 1
         state = str(body.get("status", "")).upper()
         if state == "COMPLETED":
             break
         if state == "FAILED":
-            raise _job_failed(client, job, body, status)
+            raise _job_failed(call, job, body, status)
         if state not in IN_PROGRESS_STATES:
             log.debug("segmind job %s: unknown status %r, polling on", job.request_id, state)
         remaining = deadline - time.monotonic()
@@ -107,14 +106,14 @@ async def wait(
                 f"({polls} polls); it may still finish and be billed",
                 charged_maybe=True,
             )
-        await client.sleep(min(interval, remaining))
-        interval = min(client.poll_max_interval_s, max(interval * 1.5, 0.05))
+        await call.sleep(min(interval, remaining))
+        interval = min(call.poll_max_interval_s, max(interval * 1.5, 0.05))
 
-    body, status, response_headers = await _get(client, job.response_url, job, "response")
+    body, status, response_headers = await _get(call, job.response_url, job, "response")
     state = str(body.get("status", "COMPLETED")).upper()
     if state == "FAILED":
-        raise _job_failed(client, job, body, status)
-    image, fmt, download_headers = await _output(client, job, body, asked_format)
+        raise _job_failed(call, job, body, status)
+    image, fmt, download_headers = await _output(call, job, body, asked_format)
     meta = read_meta(response_headers)
     fallback = read_meta(download_headers)
     metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
@@ -147,12 +146,12 @@ async def wait(
 
 
 async def _get(
-    client: SegmindClient, url: str, job: SubmittedJob, what: str
+    call: ApiCall, url: str, job: SubmittedJob, what: str
 ) -> tuple[dict[str, Any], int, Mapping[str, str]]:
     """GET a status/response URL; a body announcing a terminal state is valid whatever the
     HTTP code (the API serves FAILED with 422). Every other failure is charged_maybe."""
     label = f"GET {what} of job {job.request_id}"
-    http = client.http
+    http = call.http
 
     async def once() -> tuple[dict[str, Any], int, Mapping[str, str]]:
         answer = await http.request("GET", url, idempotent=True, timeout=http.short_timeout)
@@ -183,7 +182,7 @@ async def _get(
         return data, answer.status, answer.headers
 
     try:
-        result, _ = await client.retrying(once, label)
+        result, _ = await call.retrying(once, label)
     except ApiError as err:
         err.charged_maybe = True
         raise
@@ -191,20 +190,20 @@ async def _get(
 
 
 def _job_failed(
-    client: SegmindClient, job: SubmittedJob, body: Mapping[str, Any], status: int
+    call: ApiCall, job: SubmittedJob, body: Mapping[str, Any], status: int
 ) -> ApiError:
     """The typed error of a job that ended FAILED (never billed)."""
     raw = body.get("error") or body.get("message") or "no reason given"
     message = raw if isinstance(raw, str) else json.dumps(raw)
-    detail = client.http.detail(
+    detail = call.http.detail(
         f"v2 job {job.request_id}", status, f"FAILED: {message}", job.request_id
     )
-    log.info("segmind v2 job %s failed: %s", job.request_id, client.http.redact(trim(message)))
+    log.info("segmind v2 job %s failed: %s", job.request_id, call.http.redact(trim(message)))
     return failed_job_error(message, detail, status)
 
 
 async def _output(
-    client: SegmindClient,
+    call: ApiCall,
     job: SubmittedJob,
     body: Mapping[str, Any],
     asked_format: ImageFormat | None,
@@ -220,25 +219,25 @@ async def _output(
     label = f"output of job {job.request_id}"
     if not isinstance(output, str) or not output.strip():
         raise ApiBadResponse(
-            client.http.detail(
+            call.http.detail(
                 label, 200, f"COMPLETED without an output: {trim(str(body))}", job.request_id
             ),
             status=200, charged_maybe=True,
         )
     try:
         if output.startswith(("http://", "https://")):
-            answer = await client.download(output, label)
+            answer = await call.download(output, label)
             image, fmt = await image_from_answer(
-                client.http, answer, client.download, asked_format, job.request_id
+                call.http, answer, call.download, asked_format, job.request_id
             )
             return image, fmt, answer.headers
         data = decode_base64_image(output)
         if data is None:
             raise ApiBadResponse(
-                client.http.detail(label, 200, "output is neither a URL nor base64", job.request_id),
+                call.http.detail(label, 200, "output is neither a URL nor base64", job.request_id),
                 status=200,
             )
-        fmt = validate_image(client.http, data, asked_format, label, job.request_id, 200)
+        fmt = validate_image(call.http, data, asked_format, label, job.request_id, 200)
         return data, fmt, {}
     except ApiError as err:
         err.charged_maybe = True  # the job completed: it was billed

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -37,8 +38,10 @@ from kontext.errors import (
 from kontext.segmind import (
     ASPECT_RATIOS,
     DEFAULT_MAX_RETRIES,
+    CallHooks,
     GenerationRequest,
     SegmindClient,
+    SendFenced,
     SubmittedJob,
     derive_v2_urls,
     error_for_status,
@@ -50,6 +53,7 @@ from kontext.segmind import (
     retry_after_from_headers,
     sniff_image,
 )
+from kontext.segmind.calls import result_url_allowed
 from kontext.spool import ResultFile, open_count
 
 KEY = "sk-test-7f3a9c1e5b2d4f60"
@@ -401,14 +405,17 @@ async def test_every_429_is_reported_to_the_rate_limit_hook(
 ) -> None:
     seen: list[float | None] = []
     client = make_client()
-    client.on_rate_limited = seen.append
     emu.fail_next(429, times=2, headers={"x-rate-limit-reset-at-utc": "2"})
-    await client.generate(_req(inputs))
+    await client.generate(_req(inputs), hooks=CallHooks(on_rate_limited=seen.append))
     assert seen == [2.0, 2.0]
     # a broken hook never breaks the call
-    client.on_rate_limited = lambda _delay: 1 / 0
     emu.fail_next(429)
-    assert (await client.generate(_req(inputs))).attempts == 2
+
+    def crash(_delay: float | None) -> None:
+        raise ZeroDivisionError
+
+    broken = CallHooks(on_rate_limited=crash)
+    assert (await client.generate(_req(inputs), hooks=broken)).attempts == 2
 
 
 @pytest.mark.parametrize("status", [502, 503])
@@ -504,9 +511,8 @@ async def test_a_free_failure_that_never_ends_sends_exactly_the_documented_posts
     emu.fail_next(status, times=100, headers={"Retry-After": "0.01"} if status == 429 else None)
     told: list[float | None] = []
     client = make_client(mode=mode)
-    client.on_rate_limited = told.append
     with pytest.raises(ApiError) as info:
-        await client.generate(_req(inputs))
+        await client.generate(_req(inputs), hooks=CallHooks(on_rate_limited=told.append))
     assert DEFAULT_MAX_RETRIES + 1 == 6  # what the docstring promises
     assert _posts(emu) == 6
     assert len(sleeps) == DEFAULT_MAX_RETRIES  # a pause between two POSTs, none after the last
@@ -1159,3 +1165,183 @@ def test_key_goes_only_to_the_api(session: aiohttp.ClientSession) -> None:
     assert not client.sends_key("https://bucket.s3.amazonaws.com/out.jpg")
     assert not client.sends_key("http://api.segmind.com.evil.example/x")
     assert KEY not in repr(client)
+
+
+# --- the caller's lease is asked before every POST (CallHooks.may_send) ---------------------------
+
+
+class _Lease:
+    """A lease of ``ttl_s`` on a clock that only the client's sleeps move."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.now, self.expires = 0.0, ttl_s
+        self.asked = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+    def fresh(self) -> bool:
+        self.asked += 1
+        return self.now < self.expires
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_429_storm_that_outlives_the_lease_sends_no_post_after_it(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    mode: str,
+) -> None:
+    # Retry-After 25 s (within retry_after_max_s, so the client waits it out), a lease of 20 s:
+    # the repeat after the first 429 would go out with the lease gone
+    lease = _Lease(20.0)
+    told: list[float | None] = []
+    emu.fail_next(429, times=100, headers={"Retry-After": "25"})
+    client = make_client(mode=mode, sleep=lease.sleep)
+    with pytest.raises(SendFenced) as info:
+        await client.generate(
+            _req(inputs), hooks=CallHooks(may_send=lease.fresh, on_rate_limited=told.append)
+        )
+    assert _posts(emu) == 1 and info.value.posts == 1
+    assert lease.asked == 2  # before the first POST and before the repeat
+    assert told == [25.0] and emu.charged_count == 0
+
+
+async def test_no_post_at_all_when_the_lease_is_gone_before_the_first(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    with pytest.raises(SendFenced) as info:
+        await make_client().generate(_req(inputs), hooks=CallHooks(may_send=lambda: False))
+    assert info.value.posts == 0 and _posts(emu) == 0
+
+
+async def test_a_broken_may_send_hook_sends_nothing(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    def broken() -> bool:
+        raise RuntimeError("lease table unreadable")
+
+    with pytest.raises(SendFenced):
+        await make_client().generate(_req(inputs), hooks=CallHooks(may_send=broken))
+    assert _posts(emu) == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_may_send_is_asked_before_each_of_the_documented_posts(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    mode: str,
+) -> None:
+    asked: list[int] = []
+
+    def may_send() -> bool:
+        asked.append(_posts(emu))
+        return True
+
+    emu.fail_next(502, times=2)
+    result = await make_client(mode=mode).generate(_req(inputs), hooks=CallHooks(may_send=may_send))
+    assert result.attempts == 3 and asked == [0, 1, 2]  # before each POST, none after the last
+    assert emu.charged_count == 1
+
+
+async def test_resume_sends_no_post_so_its_lease_fence_is_not_asked(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    client = make_client(mode="async")
+    job = await client.submit(_req(inputs))
+    result = await client.resume(job.request_id, hooks=CallHooks(may_send=lambda: False))
+    assert result.size > 0 and _posts(emu) == 1  # polls and the download are GETs
+
+
+# --- result URLs come only from the API's own hosts ------------------------------------------------
+
+
+@pytest.fixture
+async def foreign() -> AsyncIterator[tuple[str, list[str]]]:
+    """Another server on the loopback, named ``localhost`` (the API's base is ``127.0.0.1``):
+    ``(its base URL, the paths it was asked for)``. It serves a valid JPEG to anyone."""
+    hits: list[str] = []
+    image = _image("blue", "JPEG")
+
+    async def serve(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=image, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://localhost:{port}", hits
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("via", ["direct", "redirect"])
+async def test_a_result_url_on_another_host_is_never_fetched(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    foreign: tuple[str, list[str]], mode: str, via: str,
+) -> None:
+    base, hits = foreign
+    url = f"{base}/out.jpg"
+    emu.output_url_next(url if via == "direct" else emu.redirect_url(url))
+    with pytest.raises(ApiBadResponse) as info:
+        await make_client(mode=mode).generate(_req(inputs))
+    assert hits == []  # no request went there
+    assert info.value.charged_maybe  # the API ran: the generation may be billed
+    assert "localhost" in info.value.detail and emu.charged_count == 1
+
+
+@pytest.mark.parametrize(
+    "url", ["https://evil.example/out.jpg", "https://segmind.com.evil.example/out.jpg",
+            "http://images.segmind.com/out.jpg", "ftp://images.segmind.com/out.jpg"],
+)
+async def test_result_urls_outside_the_api_hosts_are_refused(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+    url: str,
+) -> None:
+    emu.output_url_next(url)
+    with pytest.raises(ApiBadResponse) as info:
+        await make_client(mode="async").generate(_req(inputs))
+    assert info.value.charged_maybe
+
+
+def test_the_api_own_hosts() -> None:
+    base = "http://127.0.0.1:8123"
+    assert result_url_allowed("http://127.0.0.1:8123/_emu/files/x.jpg", base)
+    assert not result_url_allowed("http://127.0.0.1:8124/x.jpg", base)  # another port
+    assert not result_url_allowed("http://localhost:8123/x.jpg", base)
+    prod = "https://api.segmind.com"
+    assert result_url_allowed("https://api.segmind.com/v2/x.jpg", prod)
+    assert result_url_allowed("https://cdn.segmind.com/x.jpg", prod)
+    assert not result_url_allowed("http://cdn.segmind.com/x.jpg", prod)  # https only
+    assert not result_url_allowed("https://cdn.segmind.com:8443/x.jpg", prod)
+    assert not result_url_allowed("https://notsegmind.com/x.jpg", prod)
+    assert not result_url_allowed("https://bucket.s3.amazonaws.com/x.jpg", prod)
+
+
+async def test_a_redirect_within_the_api_host_is_followed(
+    emu: SegmindEmulator, inputs: tuple[str, str], make_client: Callable[..., SegmindClient],
+) -> None:
+    hosted = emu.host_image(_image("blue", "JPEG"), "elsewhere.jpg")
+    emu.output_url_next(emu.redirect_url(hosted))
+    result = await make_client(mode="async").generate(_req(inputs))
+    assert sniff_image(bytes(result.image[:4])) is not None  # type: ignore[index]
+
+
+def test_the_client_package_imports_without_a_cycle() -> None:
+    """v1, v2 and the call context know nothing of SegmindClient (not even for typing)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "kontext" / "segmind"
+    for name in ("v1", "v2", "calls", "answers", "transport", "retry", "results", "errors"):
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {
+            node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert "kontext.segmind.client" not in imported, name
+        assert "kontext.segmind" not in imported, name  # the package's __init__ imports client
