@@ -56,6 +56,7 @@ COGS = (
     "cogs.results",
     "cogs.showcase",
     "cogs.context_menu",
+    "cogs.result_watch",
 )
 
 
@@ -99,6 +100,7 @@ class KontextBot(KontextBotBase):
         discord.VoiceClient.warn_dave = False
         intents = discord.Intents.none()
         intents.guilds = True
+        intents.guild_messages = True  # the bot's own result messages (cogs.result_watch)
         options.update(shard_options(settings))
         super().__init__(
             services,
@@ -110,14 +112,15 @@ class KontextBot(KontextBotBase):
             **options,
         )
         self.force_sync = force_sync
-        # jobs this process did not receive talk to their member through Discord from here
-        services.pipeline.sink_factory = self.recovered_sink
         self.health: HealthServer | None = None
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
         self.recovered = asyncio.Event()
         self._frozen = False
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No text commands: messages (the guild_messages intent) are for listeners only."""
 
     async def setup_hook(self) -> None:
         for cog in COGS:
@@ -228,7 +231,8 @@ class KontextBot(KontextBotBase):
 
     async def _start_queue(self) -> None:
         """Serve the shared queue once connected: claim waiting jobs, take over stopped ones."""
-        self.pipeline.start()
+        # jobs this process did not receive talk to their member through Discord from here
+        self.pipeline.start(self.recovered_sink)
         self.recovered.set()
 
     def recovered_sink(self, job: Job) -> JobSink:

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import discord
+from discord.http import Route, handle_message_parameters
 
 from cogs.base import KontextBotBase
 from cogs.common import aspect_name, locale_of, safety_name
-from kontext.errors import KontextError, ResultNotDelivered
+from kontext.errors import KontextError, PostFateUnknown, ResultNotDelivered
 from kontext.i18n import t
 from kontext.jobs import Delivery, ResultInfo
 
@@ -28,9 +33,13 @@ TOKEN_DEAD_CODES = {10015, 10062, 50027}  # unknown webhook / interaction, inval
 BAR_WIDTH = 12
 #: "posting" appears only when the upload takes longer than this
 POSTING_STATUS_AFTER_S = 0.3
-#: how many of a channel's newest messages are searched for a job's result after an
-#: interrupted or ambiguous post
-RESULT_LOOKBACK = 100
+#: how many 429 answers a result post waits out before it gives up (a 429 proves nothing
+#: was posted, so it is asked again), and the longest wait it accepts for one
+POST_RATE_LIMIT_TRIES = 5
+POST_RATE_LIMIT_MAX_WAIT_S = 30.0
+#: a result upload gives up (fate unknown) when Discord has not answered within this
+POST_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
+DISCORD_EPOCH_S = discord.utils.DISCORD_EPOCH / 1000
 
 
 def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
@@ -119,6 +128,144 @@ async def result_view(bot: KontextBotBase, result: ResultInfo) -> discord.ui.Vie
         return None
 
 
+def jump_url(guild_id: int | None, channel_id: int, message_id: int) -> str:
+    """The link to a message (what :attr:`discord.Message.jump_url` gives)."""
+    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"
+
+
+async def _answer(response: aiohttp.ClientResponse) -> dict[str, Any] | str:
+    text = await response.text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    return data if isinstance(data, dict) else text
+
+
+async def post_once(
+    bot: KontextBotBase,
+    route: Route,
+    *,
+    files: Sequence[discord.File],
+    multipart: Sequence[dict[str, Any]],
+    bot_auth: bool,
+    query: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """POST a message with an upload, sent once; returns the message Discord created.
+
+    discord.py repeats a webhook or channel POST after a 500/502/504/524, and Discord may have
+    created the message before answering with one: a second copy. So the upload is sent here,
+    through the process's HTTP session, with the multipart body discord.py builds
+    (:func:`discord.http.handle_message_parameters`), and repeated only after a 429 (which
+    proves nothing was created).
+
+    Raises :class:`discord.HTTPException` (``Forbidden``, ``NotFound``) on a 4xx: nothing was
+    posted. :class:`ResultNotDelivered` when no connection could be made (not a byte was
+    sent) or the rate limit outlasts its tries. :class:`PostFateUnknown` once the request may
+    have reached Discord without a clear answer: a 5xx, a 2xx without a message, a dropped
+    connection, a timeout, or the task cancelled (a cancellation still marks the task as
+    cancelling, see :meth:`asyncio.Task.cancelling`).
+    """
+    headers = {"User-Agent": bot.http.user_agent}
+    if bot_auth:
+        headers["Authorization"] = f"Bot {bot.http.token}"
+    session = bot.services.http
+    for attempt in range(POST_RATE_LIMIT_TRIES):
+        for file in files:
+            file.reset(seek=attempt)
+        form = aiohttp.FormData(quote_fields=False)
+        for part in multipart:
+            form.add_field(**part)
+        try:
+            async with session.post(
+                route.url,
+                data=form,
+                params=query,
+                headers=headers,
+                timeout=POST_TIMEOUT,
+                proxy=bot.http.proxy,
+                proxy_auth=bot.http.proxy_auth,
+            ) as response:
+                data = await _answer(response)
+                status = response.status
+                if 200 <= status < 300:
+                    if isinstance(data, dict) and "id" in data:
+                        return data
+                    raise PostFateUnknown(f"HTTP {status} without the message")
+                if status == 429 and response.headers.get("Via") and isinstance(data, dict):
+                    retry_after = float(data.get("retry_after") or 1.0)
+                elif status == 403:
+                    raise discord.Forbidden(response, data)
+                elif status == 404:
+                    raise discord.NotFound(response, data)
+                elif 400 <= status < 500:  # a 429 from the edge (a ban) included
+                    raise discord.HTTPException(response, data)
+                else:
+                    raise PostFateUnknown(f"HTTP {status}")
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise ResultNotDelivered(f"no connection to Discord: {type(exc).__name__}") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PostFateUnknown(f"the upload's answer was lost: {type(exc).__name__}") from exc
+        except asyncio.CancelledError as exc:
+            raise PostFateUnknown("cancelled during the upload") from exc
+        if retry_after > POST_RATE_LIMIT_MAX_WAIT_S or attempt + 1 == POST_RATE_LIMIT_TRIES:
+            raise ResultNotDelivered(f"rate limited (retry after {retry_after:.1f} s)")
+        log.warning("a result post was rate limited; again in %.2f s", retry_after)
+        try:
+            await asyncio.sleep(retry_after)
+        except asyncio.CancelledError as exc:
+            raise PostFateUnknown("cancelled during the upload") from exc
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+async def post_result(
+    bot: KontextBotBase,
+    route: Route,
+    result: ResultInfo,
+    locale: str | None,
+    *,
+    view: discord.ui.View | None,
+    bot_auth: bool,
+    content: str | None = None,
+    allowed_mentions: discord.AllowedMentions | None = None,
+    query: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The result (embed, file, buttons) posted once at ``route`` (:func:`post_once`).
+
+    The buttons are :class:`discord.ui.DynamicItem` ones (``cogs.results``), answered by their
+    custom id wherever they are: the view needs no registering with the message.
+    """
+    missing: Any = discord.utils.MISSING
+    params = handle_message_parameters(
+        content=missing if content is None else content,
+        embed=result_embed(result, locale),
+        file=result_file(result),
+        view=missing if view is None else view,
+        allowed_mentions=missing if allowed_mentions is None else allowed_mentions,
+        previous_allowed_mentions=bot.allowed_mentions,
+    )
+    with params:
+        return await post_once(
+            bot,
+            route,
+            files=params.files or (),
+            multipart=params.multipart or (),
+            bot_auth=bot_auth,
+            query=query,
+        )
+
+
+def delivery_of(data: dict[str, Any], channel_id: int) -> Delivery:
+    return Delivery(int(data["id"]), int(data.get("channel_id") or channel_id))
+
+
+def since_snowflake(since: float) -> int:
+    """The ``after=`` snowflake that includes every message created at unix time ``since``
+    or later (same millisecond included)."""
+    moment = datetime.fromtimestamp(max(since, DISCORD_EPOCH_S), UTC)
+    return max(0, discord.utils.time_snowflake(moment) - 1)
+
+
 class ChannelSink:
     """Talks to a member through a channel (no interaction): recovered jobs, dead tokens."""
 
@@ -150,22 +297,23 @@ class ChannelSink:
         return None
 
     async def deliver(self, result: ResultInfo) -> Delivery:
+        """Post the result in the channel with a mention, once (:func:`post_once`)."""
+        view = await result_view(self.bot, result)
+        route = Route("POST", "/channels/{channel_id}/messages", channel_id=self.channel_id)
         try:
-            channel = await self.channel()
-            kwargs: dict[str, Any] = {}
-            view = await result_view(self.bot, result)
-            if view is not None:
-                kwargs["view"] = view
-            msg = await channel.send(
+            data = await post_result(
+                self.bot,
+                route,
+                result,
+                self.locale,
+                view=view,
+                bot_auth=True,
                 content=f"<@{self.user_id}>",
-                embed=result_embed(result, self.locale),
-                file=result_file(result),
                 allowed_mentions=discord.AllowedMentions(users=True),
-                **kwargs,
             )
         except discord.HTTPException as exc:
             raise ResultNotDelivered(f"channel post failed: HTTP {exc.status} code {exc.code}") from exc
-        return Delivery(msg.id, msg.channel.id)
+        return delivery_of(data, self.channel_id)
 
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         channel = await self.channel()
@@ -174,16 +322,20 @@ class ChannelSink:
             allowed_mentions=discord.AllowedMentions(users=True),
         )
 
-    async def find_result(self) -> Delivery | None:
-        """This job's result message among the channel's recent messages (None: not there).
+    async def find_result(self, since: float = 0.0) -> Delivery | None:
+        """This job's result among every message of the channel created since unix time
+        ``since`` (None: not there).
 
-        A result is the bot's own message carrying ``kontext-<job id>.<ext>``; raises when the
-        channel cannot be read.
+        A result is the bot's own message (or its application's, for a follow-up) carrying
+        ``kontext-<job id>.<ext>``. The search pages through the channel oldest first from
+        ``since`` (a snowflake ``after=``), with no fixed count: a result pushed behind any
+        number of newer messages is found. Raises when the channel cannot be read.
         """
         channel = await self.channel()
         own = {i for i in (getattr(self.bot.user, "id", None), self.bot.application_id) if i}
         prefix = f"kontext-{self.job_id}."
-        async for msg in channel.history(limit=RESULT_LOOKBACK):
+        after = discord.Object(since_snowflake(since))
+        async for msg in channel.history(limit=None, after=after, oldest_first=True):
             if msg.author.id not in own and msg.webhook_id not in own:
                 continue
             if any(a.filename.startswith(prefix) for a in msg.attachments):
@@ -331,17 +483,25 @@ class InteractionSink:
         return self.edited or await self._status(t("status.posting", self.locale))
 
     async def deliver(self, result: ResultInfo) -> Delivery:
+        """Post the result as a public follow-up, once (:func:`post_once`); through the channel
+        when the interaction's token has died (a 4xx that proves nothing was posted)."""
         if await self._ready_for_followup():
-            kwargs: dict[str, Any] = {}
             view = await result_view(self.bot, result)
-            if view is not None:
-                kwargs["view"] = view
+            route = Route(
+                "POST",
+                "/webhooks/{webhook_id}/{webhook_token}",
+                webhook_id=self.interaction.application_id,
+                webhook_token=self.interaction.token,
+            )
             try:
-                msg = await self.interaction.followup.send(
-                    embed=result_embed(result, self.locale),
-                    file=result_file(result),
-                    wait=True,
-                    **kwargs,
+                data = await post_result(
+                    self.bot,
+                    route,
+                    result,
+                    self.locale,
+                    view=view,
+                    bot_auth=False,
+                    query={"wait": "true"},
                 )
             except discord.HTTPException as exc:
                 if not token_dead(exc):
@@ -354,16 +514,18 @@ class InteractionSink:
                 )
                 self.dead = True
             else:
+                delivery = delivery_of(data, self.fallback.channel_id)
+                url = jump_url(self.interaction.guild_id, delivery.channel_id, delivery.message_id)
                 # the image is public now: whatever happens to this status edit, it was posted
                 try:
-                    await self._status(t("status.posted", self.locale, url=msg.jump_url))
+                    await self._status(t("status.posted", self.locale, url=url))
                 except Exception as exc:  # noqa: BLE001
                     log.debug("job %s: status after the post failed: %s", result.spec.job_id, exc)
-                return Delivery(msg.id, msg.channel.id)
+                return delivery
         return await self.fallback.deliver(result)
 
-    async def find_result(self) -> Delivery | None:
-        return await self.fallback.find_result()
+    async def find_result(self, since: float = 0.0) -> Delivery | None:
+        return await self.fallback.find_result(since)
 
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         if await self._status(error.user_message(self.locale), embed=None, view=None):

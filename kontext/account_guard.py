@@ -1,44 +1,84 @@
-"""The API account's health as the pipeline sees it: rate limits, pauses and probes.
+"""The API accounts' health as the pipeline sees it: rate limits, pauses and probes.
 
-A 429 slows every new start for a while; an account problem (bad key, no credits) pauses new
-jobs for every process and refunds the waiting ones, and a probe resumes them once the account
-works again. A server's own key that Segmind refuses pauses only that server's jobs.
+A 429 slows every new start of that account for a while; an account problem (bad key, no
+credits) pauses new jobs of **that account only** (the owner's for every process, or one
+server's own key) and refunds its waiting jobs; a probe resumes the owner's account once it
+works again. Each job's API calls get their :class:`~kontext.segmind.CallHooks` here: the lease
+is asked before every POST, and a 429 is told to the right account.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+from collections.abc import Callable
 
-from kontext.errors import ApiError, GuildKeyRefused, ServicePaused
-from kontext.job_state import ActiveJob
-from kontext.segmind import SegmindClient
+from kontext.accounts import Accounts
+from kontext.errors import ApiError, GuildKeyRefused, KontextError, ServicePaused
+from kontext.job_state import InFlight, JobRun, Lifecycle
+from kontext.metrics import Metrics
+from kontext.queue import SharedQueue
+from kontext.segmind import CallHooks, SegmindClient
 from kontext.settlement import Settlement
+from kontext.store import Job, Store
 from kontext.store.types import OWNER_ACCOUNT
 
 log = logging.getLogger("kontext.pipeline")
 
 
-class AccountGuard(Settlement):
-    """Rate limits, pauses and probes (see the module)."""
+class AccountGuard:
+    """Rate limits, pauses and probes of the API accounts (see the module)."""
 
-    def _on_paused(self, paused: bool) -> None:
-        if paused and (self._probe_task is None or self._probe_task.done()):
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_account())
+    def __init__(
+        self,
+        *,
+        store: Store,
+        queue: SharedQueue,
+        client: SegmindClient,
+        accounts: Accounts | None,
+        settlement: Settlement,
+        inflight: InFlight,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        run_for: Callable[[Job], JobRun],
+        probe_interval_s: float,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.client = client
+        self.accounts = accounts
+        self.settlement = settlement
+        self.inflight = inflight
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self._run_for = run_for
+        self.probe_interval_s = probe_interval_s
+        self._probe_task: asyncio.Task[None] | None = None
 
-    async def _client(self, active: ActiveJob) -> SegmindClient:
-        if self.accounts is None or active.spec.account == OWNER_ACCOUNT:
+    # --- a job's calls ------------------------------------------------------------------------
+
+    async def client_for(self, run: JobRun) -> SegmindClient:
+        """The client of the job's account (a server's own key, or the owner's)."""
+        if self.accounts is None or run.spec.account == OWNER_ACCOUNT:
             return self.client
         try:
-            client = await self.accounts.client_for(active.spec.account)
+            return await self.accounts.client_for(run.spec.account)
         except LookupError as exc:  # the key was removed meanwhile: nothing was sent
             raise GuildKeyRefused(str(exc)) from None
-        # its 429s pace its own account's starts
-        client.on_rate_limited = functools.partial(self._rate_limited, account=active.spec.account)
-        return client
 
-    def _rate_limited(self, delay: float | None, account: str = OWNER_ACCOUNT) -> None:
+    def hooks_for(self, run: JobRun) -> CallHooks:
+        """The job's call hooks: no POST without a fresh lease; each 429 to its account."""
+        account = run.spec.account
+
+        def may_send() -> bool:
+            return run.lease is not None and self.queue.fresh(run.lease)
+
+        def rate_limited(delay: float | None) -> None:
+            self.rate_limited(delay, account)
+
+        return CallHooks(may_send=may_send, on_rate_limited=rate_limited)
+
+    def rate_limited(self, delay: float | None, account: str = OWNER_ACCOUNT) -> None:
         """A 429 from the API (told once per 429 by the client, which retries the request
         itself): hold every new start of ``account`` for a while, in every process."""
         wait = min(60.0, delay if delay is not None and delay > 0 else 5.0)
@@ -46,7 +86,7 @@ class AccountGuard(Settlement):
         if account == OWNER_ACCOUNT:
             self.queue.slow_down(wait)
         else:  # a server's own key: its own account waits, not the owner's
-            self._spawn(self._hold_account(account, wait), "kontext-hold")
+            self.inflight.spawn(self._hold_account(account, wait), "kontext-hold")
         log.warning("image API rate limit hit: %s starts no new job for %.1f s", account, wait)
 
     async def _hold_account(self, account: str, wait: float) -> None:
@@ -55,8 +95,19 @@ class AccountGuard(Settlement):
         except Exception as exc:  # noqa: BLE001 - the next 429 tries again
             log.warning("could not record the API's rate limit for %s: %s", account, exc)
 
+    # --- pauses ---------------------------------------------------------------------------------
+
+    def account_refused(self, err: ApiError, account: str) -> KontextError:
+        """The API refused ``account`` (bad key, no credits): pause that account, refund its
+        waiting jobs; returns the error the job in hand ends with."""
+        if account != OWNER_ACCOUNT:
+            self.inflight.spawn(self._pause_guild_account(account, err), "kontext-pause-key")
+            return GuildKeyRefused(err.detail)
+        self.pause_for_account(err)
+        return err
+
     def pause_for_account(self, err: ApiError) -> None:
-        """The API account needs the owner: hold new jobs (every process) and probe."""
+        """The owner's API account needs the owner: hold its new jobs (every process), probe."""
         if self.queue.paused:
             return
         log.error(
@@ -69,22 +120,16 @@ class AccountGuard(Settlement):
             self.probe_interval_s,
         )
         self.queue.note_paused()  # at once, here; the database tells the other processes
-        self._spawn(self._pause(err), "kontext-pause")
+        self.inflight.spawn(self._pause(err), "kontext-pause")
 
     async def _pause(self, err: ApiError) -> None:
         try:
             await self.queue.pause(err.cause)
         except Exception:
             log.exception("could not record the pause in the database")
-        # the jobs waiting now would only wait for the owner: refund them
-        try:
-            waiting = await self.store.queue.waiting_jobs()
-        except Exception:
-            log.exception("could not list the waiting jobs")
-            return
-        for job in waiting:
-            active = self._waiting.get(job.id) or self._active_from_job(job)
-            await self._refund_waiting(active, ServicePaused("account paused"))
+        # the owner's jobs waiting now would only wait for the owner: refund them (servers
+        # with their own key are not paused by the owner's account)
+        await self._refund_waiting_of(OWNER_ACCOUNT, ServicePaused("account paused"))
 
     async def _pause_guild_account(self, account: str, err: ApiError) -> None:
         """A server's own key was refused: hold that server's jobs until its admins fix it."""
@@ -94,17 +139,34 @@ class AccountGuard(Settlement):
         )
         try:
             await self.store.queue.set_account_paused(account, True, err.cause)
-            waiting = await self.store.queue.waiting_jobs()
         except Exception:
             log.exception("could not pause %s", account)
             return
+        await self._refund_waiting_of(account, GuildKeyRefused("key paused"))
+
+    async def _refund_waiting_of(self, account: str, err: KontextError) -> None:
+        try:
+            waiting = await self.store.queue.waiting_jobs()
+        except Exception:
+            log.exception("could not list the waiting jobs")
+            return
         for job in waiting:
-            if job.account == account:
-                active = self._waiting.get(job.id) or self._active_from_job(job)
-                await self._refund_waiting(active, GuildKeyRefused("key paused"))
+            if job.account != account:
+                continue
+            run = self.inflight.waiting.get(job.id) or self._run_for(job)
+            await self.settlement.refund_waiting(run, err)
+
+    def on_paused(self, paused: bool) -> None:
+        """The owner's account was paused (here or by another process): probe it."""
+        if paused and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_account())
+
+    def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
 
     async def _probe_account(self) -> None:
-        while self.queue.paused and self.accepting:
+        while self.queue.paused and self.lifecycle.accepting:
             await asyncio.sleep(self.probe_interval_s)
             try:
                 credits = await self.client.account_credits()
@@ -128,4 +190,3 @@ class AccountGuard(Settlement):
                     continue
             else:
                 log.error("account probe: the Segmind account has no credits left; still paused")
-

@@ -178,6 +178,23 @@ class ResultNotDelivered(KontextError):
     cause = "post_failed"
 
 
+class PostFateUnknown(KontextError):
+    """The result's upload began and no clear answer came back (a 5xx, a dropped connection, a
+    timeout, a cancellation): it may be in the channel. Settled by looking there, never by
+    posting again."""
+
+    key = "discord.post_failed"
+    cause = "post_unknown"
+
+
+class PostUnverified(KontextError):
+    """A result whose upload began could not be found or ruled out in its channel within the
+    bound (the channel cannot be read): the stated rule refunds it."""
+
+    key = "discord.post_unverified"
+    cause = "post_unverified"
+
+
 # --- the Segmind API ---------------------------------------------------------------------------
 
 

@@ -1,8 +1,12 @@
-"""Running a claimed job: call the API → deliver → commit, or refund, under the job's lease.
+"""Running a leased job: ``claimed → sent →`` the API call ``→ posting →`` the post ``→ posted``.
 
-A process that lost the lease (or could not renew it for half its life) starts no API call and
-posts nothing: the process that takes the job over settles it. In async API mode the request id
-is stored as soon as Segmind hands it out, so a billed generation is never lost to a restart.
+Each step is written to the job's row (fenced by the lease) **before** its effect begins: the
+row says ``sent`` before the first request goes to the API, ``posting`` before the upload of the
+result begins. So whoever takes the job over knows what may have happened and settles it from
+the row (:mod:`kontext.recovery`). A process whose lease is lost or stale (not renewed for half
+its life) starts no request (the client asks before every POST) and begins no upload.
+
+Money is the row's: a refund passes ``billed`` only when the API's own answer proved it.
 """
 
 from __future__ import annotations
@@ -10,215 +14,263 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from kontext import images
 from kontext.account_guard import AccountGuard
 from kontext.errors import (
     ApiError,
-    GuildKeyRefused,
+    ApiRateLimited,
     KontextError,
+    PostFateUnknown,
     ResultNotDelivered,
     ShuttingDown,
 )
-from kontext.job_state import GENERATING_STATUS_AFTER_S, ActiveJob, LeaseLost, stop_progress
-from kontext.jobs import Delivery, JobOutcome, ResultInfo
-from kontext.segmind import GenerationResult, SubmittedJob
-from kontext.store.types import OWNER_ACCOUNT
+from kontext.job_state import (
+    GENERATING_STATUS_AFTER_S,
+    InFlight,
+    JobRun,
+    LeaseLost,
+    Lifecycle,
+    Stop,
+    stop_progress,
+)
+from kontext.jobs import JobOutcome, ResultInfo
+from kontext.metrics import Metrics
+from kontext.posting import PostingSettler
+from kontext.queue import SharedQueue
+from kontext.segmind import GenerationResult, SendFenced, SubmittedJob
+from kontext.settlement import Settlement
+from kontext.store import Job, Lease, Store
 from kontext.vocab import Outcome
 
 log = logging.getLogger("kontext.pipeline")
 
 
-class Execution(AccountGuard):
-    """Claim → API → deliver → commit (see the module)."""
+class Executor:
+    """Runs leased jobs to their end (see the module)."""
 
-    async def _report_generating(self, active: ActiveJob, started: float) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        queue: SharedQueue,
+        guard: AccountGuard,
+        settlement: Settlement,
+        posting: PostingSettler,
+        inflight: InFlight,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        async_mode: bool,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.guard = guard
+        self.settlement = settlement
+        self.posting = posting
+        self.inflight = inflight
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.async_mode = async_mode
+        self._clock = clock
+
+    def _check_lease(self, run: JobRun) -> Lease:
+        """The job's lease, or LeaseLost unless it is held and fresh (renewed in half its life)."""
+        if run.lease is None or not self.queue.fresh(run.lease):
+            raise LeaseLost(f"job {run.spec.job_id}")
+        return run.lease
+
+    async def _report_generating(self, run: JobRun, started: float) -> None:
         async def show() -> None:
-            await active.sink.generating(self._clock() - started, self.queue.estimate_duration())
+            await run.sink.generating(self._clock() - started, self.queue.estimate_duration())
 
         await asyncio.sleep(GENERATING_STATUS_AFTER_S)  # the API request goes out first
         while True:
-            await active.progress.show(show)
+            await run.progress.show(show)
 
-    async def _call_api(self, active: ActiveJob, resume: bool) -> GenerationResult:
-        spec = active.spec
+    async def _call_api(self, run: JobRun, resume: Job | None) -> GenerationResult:
+        client = await self.guard.client_for(run)
+        hooks = self.guard.hooks_for(run)
+        if resume is not None:  # a billed request of a process that stopped: fetch it
+            assert resume.api_request_id is not None
+            return await client.resume(
+                resume.api_request_id, resume.api_status_url, resume.api_response_url, hooks=hooks
+            )
+        lease = self._check_lease(run)
+        if not await self.store.leases.mark_sent(lease):  # claimed → sent, before any POST
+            raise LeaseLost(f"job {run.spec.job_id}: not claimed under this lease")
 
         async def submitted(job: SubmittedJob) -> None:
-            # the request id is what lets any process fetch this (billed) generation: keep it in
-            # memory whatever happens, and store it (retried in the background if need be)
-            active.request_id = job.request_id
-            active.status_url, active.response_url = job.status_url, job.response_url
+            # the request id lets any process fetch this billed generation: store it now, or
+            # keep trying in the background while the call goes on
+            async def store_it() -> bool:
+                return await self.store.jobs.set_api_request(
+                    run.spec.job_id, job.request_id, job.status_url, job.response_url, lease=lease
+                )
+
             try:
-                await self._store_request_id(active)
+                await store_it()
             except Exception as exc:  # noqa: BLE001 - the database is away: keep polling
                 log.warning(
                     "job %s: could not store request id %s (%s); retrying in the background",
-                    spec.job_id, job.request_id, type(exc).__name__,
+                    run.spec.job_id, job.request_id, type(exc).__name__,
                 )
-                self._settle_later("request-id", spec.job_id, lambda: self._store_request_id(active))
+                self.settlement.settle_later("request-id", run.spec.job_id, store_it)
 
-        client = await self._client(active)
-        self._check_lease(active)  # no API call for a job this process may have lost
-        active.sent = True
-        # one call per job: the client owns every retry (at most max_retries + 1 POSTs) and
-        # tells each 429 to _rate_limited once; a 429 it gave up on is refunded like any error
-        if resume:
-            assert active.request_id is not None
-            return await client.resume(active.request_id, active.status_url, active.response_url)
-        return await client.generate(spec.request(), on_submitted=submitted)
+        # one call per job: the client owns every retry, asks the lease before each POST and
+        # tells each 429 to the job's account
+        return await client.generate(run.spec.request(), on_submitted=submitted, hooks=hooks)
 
-    async def _store_request_id(self, active: ActiveJob) -> bool:
-        return await self.store.jobs.set_api_request(
-            active.spec.job_id,
-            active.request_id,
-            active.status_url,
-            active.response_url,
-            lease=active.lease,
-        )
-
-    async def _execute(self, active: ActiveJob, *, resume: bool = False) -> JobOutcome:
-        """Call the API, deliver, commit; refund on anything else. Runs under the job's lease."""
-        spec = active.spec
+    async def execute(self, run: JobRun, *, resume: Job | None = None) -> JobOutcome:
+        """Call the API (or, with ``resume``, fetch the stored request), post, commit; refund
+        on anything else. Runs under ``run.lease``."""
+        spec, lease = run.spec, run.lease
+        assert lease is not None
         started = self._clock()
-        active.timings["started"] = started - active.t0
-        active.task = asyncio.current_task()
-        self._active[spec.job_id] = active
-        ticker = asyncio.create_task(self._report_generating(active, started))
+        run.timings["started"] = started - run.t0
+        run.task = asyncio.current_task()
+        self.inflight.leased[lease] = run
+        ticker = asyncio.create_task(self._report_generating(run, started))
         result: GenerationResult | None = None
         fitted: images.FittedImage | None = None
         try:
-            result = await self._call_api(active, resume)
+            result = await self._call_api(run, resume)
             api_seconds = self._clock() - started
-            active.api_charged = True
-            self._api_done(active)  # the next job may start (in any process)
+            self._api_done(lease)  # the next job may start (in any process)
             self.queue.record_duration(api_seconds)
             self.metrics.api_latency.observe(api_seconds)
-            active.timings["api_done"] = self._clock() - active.t0
-            await stop_progress(ticker, active.progress)
+            run.timings["api_done"] = self._clock() - run.t0
+            await stop_progress(ticker, run.progress)
             fitted = await images.fit_to_limit_async(
-                result.image, output_format=result.output_format, limit_bytes=active.sink.upload_limit
+                result.image, output_format=result.output_format, limit_bytes=run.sink.upload_limit
             )
-            balance_after = active.reservation.balance_after
-            if active.remote:  # received by another process: read what the member has now
-                with contextlib.suppress(Exception):
-                    status = await self.store.credits.member_status(spec.guild_id, spec.user_id)
-                    balance_after = status.balance
             info = ResultInfo(
                 spec=spec,
                 image=fitted,
                 generation=result,
                 api_seconds=api_seconds,
-                total_seconds=self._clock() - active.t0,
-                balance_after=balance_after,
-                cost=active.reservation.cost,
+                total_seconds=self._clock() - run.t0,
+                balance_after=await self._balance_after(run),
+                cost=run.cost,
             )
-            self._check_lease(active)  # post nothing for a job this process may have lost
-            active.delivering = True
-            delivery = await self._deliver(active, info)
-            if delivery is None:  # the post's fate is unknown and the channel cannot tell yet
-                await self._let_go(active)
-                return self._finish(JobOutcome(spec.job_id, Outcome.HANDED_OVER), active)
-            active.timings["delivered"] = self._clock() - active.t0
-            await self._commit(active, delivery, api_seconds)
-            self.metrics.credits_spent.inc(active.reservation.cost)
-            log.info(
-                "job %s posted: %.1f s API, %.1f s total, %d bytes%s; phases (ms from start): %s",
-                spec.job_id,
-                api_seconds,
-                self._clock() - active.t0,
-                fitted.size,
-                " (re-encoded)" if fitted.reencoded else "",
-                " ".join(f"{k}={v * 1000:.1f}" for k, v in active.timings.items()),
-            )
-            return self._finish(
-                JobOutcome(spec.job_id, Outcome.POSTED, delivery=delivery, timings=active.timings),
-                active,
-            )
+            self._check_lease(run)
+            if not await self.store.leases.mark_posting(lease):  # sent → posting, before the upload
+                raise LeaseLost(f"job {spec.job_id}: not sent under this lease")
+            run.posting = True
+            return await self._post(run, info, api_seconds)
         except LeaseLost:
-            await stop_progress(ticker, active.progress)
-            if not active.sent:
-                return await self._requeue(active)
-            return self._lost(active)
+            await stop_progress(ticker, run.progress)
+            return await self.settlement.requeue(run)  # only a job still claimed goes back
+        except SendFenced:
+            await stop_progress(ticker, run.progress)
+            # every POST before was answered with a proof that nothing started (429s)
+            return await self.settlement.refund(
+                run, ApiRateLimited("stopped: the lease was not fresh"), billed=False
+            )
         except asyncio.CancelledError:
-            await asyncio.shield(stop_progress(ticker, active.progress))
-            if active.lost:
-                outcome = self._lost(active)
-            elif not active.sent and self._stopping:
-                outcome = await asyncio.shield(self._requeue(active))
-            elif self.handing_over and active.request_id and not active.delivering:
-                log.info("job %s handed over to the next process", spec.job_id)
-                await asyncio.shield(self._let_go(active))
-                await asyncio.shield(self._tell_handover(active))
-                outcome = self._finish(JobOutcome(spec.job_id, Outcome.HANDED_OVER), active)
-            else:
-                outcome = await asyncio.shield(
-                    self._refund(active, ShuttingDown("cancelled while running"))
-                )
+            await asyncio.shield(stop_progress(ticker, run.progress))
+            outcome = await asyncio.shield(self._cancelled(run))
             me = asyncio.current_task()
-            if not (self._stopping or active.lost) or me is None:
+            if run.stop is None or me is None:
                 raise
             me.uncancel()  # our own shutdown (or a lost lease) stopped the job: it is settled
             return outcome
         except ApiError as err:
-            await stop_progress(ticker, active.progress)
-            # billed unless the answer proves nothing was generated (the client says which)
-            active.api_charged = bool(err.charged_maybe)
-            if err.account_problem and spec.account != OWNER_ACCOUNT:
-                # a server's own key: pause that server's jobs only, and say what to do
-                self._spawn(self._pause_guild_account(spec.account, err), "kontext-pause-key")
-                return await self._refund(active, GuildKeyRefused(err.detail))
+            await stop_progress(ticker, run.progress)
+            end: KontextError = err
             if err.account_problem:
-                self.pause_for_account(err)
-            return await self._refund(active, err)
+                end = self.guard.account_refused(err, spec.account)
+            # the client says whether its answer proves nothing was made
+            return await self.settlement.refund(run, end, billed=None if err.charged_maybe else False)
         except KontextError as err:
-            await stop_progress(ticker, active.progress)
-            return await self._refund(active, err)
+            await stop_progress(ticker, run.progress)
+            return await self.settlement.refund(run, err)
         except Exception as exc:  # a bug: the member still gets their credits back
-            await stop_progress(ticker, active.progress)
+            await stop_progress(ticker, run.progress)
             log.exception("job %s failed unexpectedly", spec.job_id)
-            return await self._refund(active, KontextError(f"{type(exc).__name__}"))
+            return await self.settlement.refund(run, KontextError(f"{type(exc).__name__}"))
         finally:
-            if active.task is asyncio.current_task():
-                self._active.pop(spec.job_id, None)
+            if self.inflight.leased.get(lease) is run:
+                del self.inflight.leased[lease]
             # a big result's temporary file(s), whatever the end: posted, refunded, cancelled
             if fitted is not None:
                 fitted.close()
             if result is not None:
                 result.close()
 
-    def _api_done(self, active: ActiveJob) -> None:
+    async def _post(self, run: JobRun, info: ResultInfo, api_seconds: float) -> JobOutcome:
+        """Upload the result (once) and commit; a fate left unknown is settled by looking."""
+        spec = run.spec
+        try:
+            delivery = await run.sink.deliver(info)
+        except ResultNotDelivered as err:  # Discord said no: nothing was posted
+            return await self.settlement.refund(run, err)
+        except PostFateUnknown as exc:
+            log.warning("job %s: the post's fate is unknown (%s); looking", spec.job_id, exc.detail)
+            return await self.posting.settle(run)
+        except Exception as exc:  # noqa: BLE001 - any other failure once the upload began
+            log.warning("job %s: the post failed (%s); looking", spec.job_id, type(exc).__name__)
+            return await self.posting.settle(run)
+        run.timings["delivered"] = self._clock() - run.t0
+        await self.settlement.commit(run, delivery, api_seconds)
+        self.metrics.credits_spent.inc(run.cost)
+        log.info(
+            "job %s posted: %.1f s API, %.1f s total, %d bytes%s; phases (ms from start): %s",
+            spec.job_id,
+            api_seconds,
+            self._clock() - run.t0,
+            info.image.size,
+            " (re-encoded)" if info.image.reencoded else "",
+            " ".join(f"{k}={v * 1000:.1f}" for k, v in run.timings.items()),
+        )
+        return self.settlement.finish(
+            JobOutcome(spec.job_id, Outcome.POSTED, delivery=delivery, timings=run.timings), run
+        )
+
+    async def _cancelled(self, run: JobRun) -> JobOutcome:
+        """The job's task was cancelled: by a lost lease, this process's shutdown, or its
+        caller. Settled from the row's state by whoever may."""
+        if run.stop == Stop.LOST:
+            return self.settlement.lost(run)
+        if run.posting or (self.async_mode and self.lifecycle.handing_over):
+            # an upload cut short, or a request the next process can fetch: it settles the job
+            # from its row (posting: by looking; sent: resumed, or refunded without a request id)
+            return await self._hand_over(run)
+        if await self.settlement.try_requeue(run):  # still claimed: nothing was sent
+            return self.settlement.finish(JobOutcome(run.spec.job_id, Outcome.QUEUED), run)
+        return await self.settlement.refund(run, ShuttingDown("cancelled while running"))
+
+    async def _hand_over(self, run: JobRun) -> JobOutcome:
+        lease = run.lease
+        assert lease is not None
+        log.info("job %s handed over to the next process", run.spec.job_id)
+        self.settlement.leases.forget(lease)
+        try:
+            await self.store.leases.let_go(lease)
+        except Exception as exc:  # noqa: BLE001 - the lease then simply expires
+            log.warning("job %s: could not let its lease go (%s)", lease.job_id, exc)
+        if not run.posting:
+            with contextlib.suppress(Exception):
+                await run.sink.generating(-1.0, self.queue.estimate_duration())
+        return self.settlement.finish(JobOutcome(run.spec.job_id, Outcome.HANDED_OVER), run)
+
+    async def _balance_after(self, run: JobRun) -> int:
+        if not run.remote:
+            return run.balance_after
+        with contextlib.suppress(Exception):  # received by another process: read it now
+            status = await self.store.credits.member_status(run.spec.guild_id, run.spec.user_id)
+            return status.balance
+        return -1
+
+    def _api_done(self, lease: Lease) -> None:
         """Free the job's API slot for the whole bot, without holding up the post."""
-        lease = active.lease
-        if lease is None:
-            return
 
         async def done() -> None:
             try:
                 await self.queue.slot_freed(lease)  # and the next job, in one transaction
-            except Exception as exc:  # noqa: BLE001 - the slot frees at commit / refund then
+            except Exception as exc:  # noqa: BLE001 - the slot frees at posting / refund then
                 log.warning("job %s: could not free its API slot early (%s)", lease.job_id, exc)
                 self.queue.kick()
 
-        self._spawn(done(), f"kontext-api-done-{lease.job_id}")
-
-    async def _deliver(self, active: ActiveJob, info: ResultInfo) -> Delivery | None:
-        """Post the result. A post whose fate is unknown is settled by looking in the channel:
-        an image that reached the channel is never refunded (nor posted again)."""
-        try:
-            return await active.sink.deliver(info)
-        except ResultNotDelivered:
-            raise  # Discord said no: nothing was posted
-        except Exception as exc:
-            log.warning(
-                "job %s: the post's fate is unknown (%s); looking in the channel",
-                active.spec.job_id, type(exc).__name__,
-            )
-        try:
-            found = await active.sink.find_result()
-        except Exception as exc:  # noqa: BLE001 - nobody knows: the next holder looks again
-            log.warning("job %s: cannot read the channel (%s)", active.spec.job_id, exc)
-            return None
-        if found is None:
-            raise ResultNotDelivered("post failed and the result is not in the channel")
-        return found
-
+        self.inflight.spawn(done(), f"kontext-api-done-{lease.job_id}")

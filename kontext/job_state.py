@@ -1,8 +1,14 @@
-"""One job's state while this process handles it, and its progress edits.
+"""One job's in-flight state in this process, its progress edits, and the in-flight registry.
 
-:class:`ActiveJob` is what every stage of :class:`~kontext.pipeline.JobPipeline` passes along
-(the spec, the member's sink, the reservation, the lease, whether a request went out);
-:class:`Progress` throttles one job's status edits.
+Nothing here decides money: that is read from the job's row (:mod:`kontext.store`). What this
+process keeps is what it needs to talk to the member and to stop its own tasks:
+
+* :class:`JobRun` — one job received here (waiting) or run here (under a lease): its spec,
+  the member's sink, its progress edits, its task;
+* :class:`InFlight` — the jobs of this process: waiting ones by job id, leased ones **by
+  lease** (job id + epoch), so a stale task of an old lease can only ever touch its own entry;
+* :class:`Lifecycle` — whether this process accepts, is stopping, hands jobs over;
+* :class:`Progress` — throttles one job's status edits.
 """
 
 from __future__ import annotations
@@ -10,16 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from kontext.errors import ShuttingDown
 from kontext.jobs import JobOutcome, JobSink, JobSpec
-from kontext.store import Lease, Reservation
+from kontext.store import Job, Lease
 
-#: how long a commit or refund is retried while the database is away (then a restart settles it)
-SETTLE_RETRY_S = 3600.0
 #: the progress bar's first edit waits this long, so that it does not compete with sending the
 #: API request itself (nobody sees 50 ms of an ~18 s generation)
 GENERATING_STATUS_AFTER_S = 0.05
@@ -29,6 +34,13 @@ QUEUED_STATUS_AFTER_S = 0.3
 
 class LeaseLost(Exception):
     """This process no longer holds (or could not renew) the job's lease: hands off."""
+
+
+class Stop(StrEnum):
+    """Why this process cancelled one of its own job tasks (never a money decision)."""
+
+    LOST = "lost"  # another process holds the job now
+    SHUTDOWN = "shutdown"  # this process is stopping
 
 
 async def stop_progress(ticker: asyncio.Task[Any], progress: Progress) -> None:
@@ -80,24 +92,88 @@ class RestartedRefund(ShuttingDown):
 
 
 @dataclass(slots=True)
-class ActiveJob:
+class JobRun:
     """A job this process received (waiting in the queue) or runs (claimed or taken over)."""
 
     spec: JobSpec
     sink: JobSink
-    reservation: Reservation
+    cost: int
+    #: the member's balance after the reservation (-1: unknown here, read before posting)
+    balance_after: int
     t0: float
     timings: dict[str, float]
-    progress: Progress = field(default_factory=lambda: Progress(3.0))
+    progress: Progress
     lease: Lease | None = None
     done: asyncio.Future[JobOutcome] | None = None  # the receiving run() awaits it
     remote: bool = False  # received by another process (its sink is rebuilt from the job)
-    sent: bool = False  # an API request may have gone out
-    api_charged: bool = False
-    delivering: bool = False
-    lost: bool = False
-    request_id: str | None = None
-    status_url: str | None = None
-    response_url: str | None = None
     task: asyncio.Task[Any] | None = None
-    outcome: JobOutcome | None = None
+    #: the upload of its result is under way here (a shutdown gives it time to finish)
+    posting: bool = False
+    #: why this process cancelled the job's task, if it did
+    stop: Stop | None = None
+
+
+class RunFactory:
+    """Builds the :class:`JobRun` of a job this process did not receive, from its row."""
+
+    def __init__(
+        self,
+        sink_for: Callable[[Job], JobSink],
+        *,
+        progress_interval_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._sink_for = sink_for
+        self._progress_s = progress_interval_s
+        self._clock = clock
+
+    def from_job(self, job: Job) -> JobRun:
+        return JobRun(
+            spec=JobSpec.from_job(job),
+            sink=self._sink_for(job),
+            cost=job.cost_credits,
+            balance_after=-1,
+            t0=self._clock(),
+            timings={},
+            progress=Progress(self._progress_s),
+            remote=True,
+        )
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """This process's phase: accepting new jobs, or stopping (and how)."""
+
+    accepting: bool = True
+    #: shutdown is cancelling running jobs
+    stopping: bool = False
+    #: stopping in async API mode: jobs with a request id are left to the next process
+    handing_over: bool = False
+
+
+@dataclass(slots=True)
+class InFlight:
+    """This process's jobs: waiting (by job id) and leased (by lease), and its tasks."""
+
+    waiting: dict[int, JobRun] = field(default_factory=dict)
+    leased: dict[Lease, JobRun] = field(default_factory=dict)
+    #: jobs claimed or taken over here, and other short work of the pipeline
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: commits and refunds retried while the database is away
+    settling: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: reservations whose outcome was unknown (the member was told "not charged"): never run
+    doomed: set[int] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, *, settling: bool = False) -> None:
+        """Run ``coro`` as a task this process waits for at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        bucket = self.settling if settling else self.tasks
+        bucket.add(task)
+        task.add_done_callback(bucket.discard)
+
+    def by_job(self, job_id: int) -> JobRun | None:
+        """The leased run of ``job_id`` here, whatever its lease (for cancelling on a loss)."""
+        for lease, run in self.leased.items():
+            if lease.job_id == job_id:
+                return run
+        return None

@@ -153,14 +153,21 @@ class JobSink(Protocol):
         """The API is working on it."""
 
     async def deliver(self, result: ResultInfo) -> Delivery:
-        """Post the result; raise ResultNotDelivered when it cannot be posted."""
+        """Post the result, sending the upload once.
+
+        Raises :class:`~kontext.errors.ResultNotDelivered` when Discord provably did not post it
+        (a refusal, or a failure before any byte of the upload was sent), and
+        :class:`~kontext.errors.PostFateUnknown` when the upload began and no clear answer came
+        (5xx, a dropped connection, a timeout, a cancellation): it may be in the channel.
+        """
         ...
 
     async def failed(self, error: KontextError, *, refunded: int) -> None:
         """Tell the member the job stopped (``refunded`` credits were given back)."""
 
-    async def find_result(self) -> Delivery | None:
-        """Look for this job's result in its channel (an ambiguous or interrupted post).
+    async def find_result(self, since: float) -> Delivery | None:
+        """Look for this job's result among every message of its channel created after unix
+        time ``since`` (an ambiguous or interrupted post; no fixed count).
 
         None when it is not there; raises when the channel cannot be read (then nobody knows).
         """

@@ -12,14 +12,12 @@ owns the money rules:
   posted, never refunded, since the owner already paid for it.
 
 The queue is the database's (:mod:`kontext.store.queue`, :mod:`kontext.queue`): :meth:`run`
-reserves and then waits; whichever process claims the job runs it (:meth:`_execute`) under a
-lease, and every change it makes names that lease. A process that lost the lease, or could not
-renew it for half its life, starts no API call and posts nothing for that job: the process that
-takes it over settles it from the database and the channel.
+reserves and then waits; whichever process claims the job runs it under a lease, stepping its
+row through ``claimed → sent → posting → posted`` (:mod:`kontext.execution`), each step fenced
+by the lease and written before its effect begins. A process that takes over a job of one that
+stopped settles it from that step alone (:mod:`kontext.recovery`, :mod:`kontext.posting`).
 
-This module is the whole :class:`JobPipeline` (intake and shutdown here; the other stages in
-:mod:`kontext.settlement`, :mod:`kontext.account_guard`, :mod:`kontext.execution` and
-:mod:`kontext.recovery`, see :mod:`kontext.pipeline_base`). The job types live in
+The pipeline is composed of small parts (see :class:`JobPipeline`); the job types live in
 :mod:`kontext.jobs` and are importable from here too.
 """
 
@@ -36,21 +34,37 @@ from typing import Any
 import aiohttp
 
 from kontext import images
+from kontext.account_guard import AccountGuard
 from kontext.accounts import Accounts
 from kontext.errors import (
     GuildKeyRefused,
+    GuildNotEnabled,
     JobAlreadyExists,
     KontextError,
+    QueueTimeout,
+    ServicePaused,
     ShuttingDown,
 )
-from kontext.job_state import QUEUED_STATUS_AFTER_S, ActiveJob, Progress
+from kontext.execution import Executor
+from kontext.job_state import (
+    QUEUED_STATUS_AFTER_S,
+    InFlight,
+    JobRun,
+    Lifecycle,
+    Progress,
+    RunFactory,
+    Stop,
+)
 from kontext.jobs import Delivery, InputImage, JobOutcome, JobSink, JobSpec, ResultInfo
 from kontext.metrics import Metrics
+from kontext.outcomes import OutcomeLog
+from kontext.posting import PostingSettler
 from kontext.queue import SharedQueue
 from kontext.recovery import Recovery
 from kontext.segmind import SegmindClient
 from kontext.settings import Settings
-from kontext.store import Job, Reservation, Store
+from kontext.settlement import Settlement
+from kontext.store import Job, Lease, Reservation, ReserveRequest, Store
 from kontext.store.types import OWNER_ACCOUNT
 from kontext.vocab import JobState, Outcome
 
@@ -71,14 +85,17 @@ INTAKE_AT_ONCE = 4
 INTAKE_SLOT_S = 1.0
 
 
-class JobPipeline(Recovery):
+class JobPipeline:
     """Runs jobs for the whole process, on the bot's shared queue.
 
-    ``progress_interval_s`` is the least time between two progress edits of one job (queue
-    position, progress bar); ``probe_interval_s`` how often a paused API account is probed.
-    ``sink_factory`` builds the sink of a job this process did not receive (run for another
-    process, or taken over after one stopped). ``accounts`` picks each job's API account (a
-    server's own key); without it every job runs on the owner's key.
+    Composed of small parts, each built here with what it needs: :class:`Settlement` (the money
+    edges), :class:`AccountGuard` (API accounts), :class:`PostingSettler` (a post's fate),
+    :class:`Executor` (a leased job's steps) and :class:`Recovery` (takeovers); the pipeline
+    itself does the intake, serves the queue's events (:class:`kontext.queue.QueueHandler`) and
+    shuts down. ``progress_interval_s`` is the least time between two progress edits of one
+    job; ``probe_interval_s`` how often a paused API account is probed; ``settle_s`` the bound
+    on settling a post whose channel cannot be read. ``accounts`` picks each job's API account
+    (a server's own key); without it every job runs on the owner's key.
     """
 
     def __init__(
@@ -90,9 +107,9 @@ class JobPipeline(Recovery):
         queue: SharedQueue,
         http: aiohttp.ClientSession,
         worker_id: str,
-        sink_factory: Callable[[Job], JobSink] | None = None,
         progress_interval_s: float = 3.0,
         probe_interval_s: float = 60.0,
+        settle_s: float = 600.0,
         metrics: Metrics | None = None,
         accounts: Accounts | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -104,35 +121,70 @@ class JobPipeline(Recovery):
         self.queue = queue
         self.http = http
         self.worker_id = worker_id
-        self.sink_factory = sink_factory
         self.accounts = accounts
         self.progress_interval_s = progress_interval_s
-        self.probe_interval_s = probe_interval_s
         self._clock = clock
-        self.accepting = True
         self._intake = asyncio.Semaphore(INTAKE_AT_ONCE)
         self._intakes: dict[tuple[int, int], asyncio.Lock] = {}  # one intake per member
-        self.handing_over = False
-        self._stopping = False  # shutdown is cancelling running jobs
-        self._probe_task: asyncio.Task[None] | None = None
-        self._waiting: dict[int, ActiveJob] = {}  # jobs received here, waiting in the queue
-        self._active: dict[int, ActiveJob] = {}  # jobs this process runs (API call or delivery)
         self._runs: set[asyncio.Task[Any]] = set()  # callers inside run()
-        self._jobs: set[asyncio.Task[Any]] = set()  # jobs claimed or taken over here
-        self._settling: set[asyncio.Task[Any]] = set()  # commits/refunds retried (database down)
-        self._doomed: set[int] = set()  # reservations whose outcome was unknown: never run them
-        self.outcomes: dict[str, int] = {}
-        self.on_outcome: Callable[[JobOutcome], None] | None = None
-        client.on_rate_limited = self._rate_limited
-        queue.on_claim = self._on_claim
-        queue.on_taken_over = self._on_taken_over
-        queue.on_lost = self._on_lost
-        queue.on_expired = self._on_expired
-        queue.on_paused = self._on_paused
+        self._sinks: Callable[[Job], JobSink] | None = None  # set by start()
+        self.lifecycle = Lifecycle()
+        self.inflight = InFlight()
+        self.outcomes = OutcomeLog(self.metrics)
+        async_mode = settings.segmind_api_mode == "async"
+        self.settlement = Settlement(
+            store=store, leases=queue, outcomes=self.outcomes, inflight=self.inflight,
+            worker_id=worker_id,
+        )
+        self.guard = AccountGuard(
+            store=store, queue=queue, client=client, accounts=accounts,
+            settlement=self.settlement, inflight=self.inflight, lifecycle=self.lifecycle,
+            metrics=self.metrics, run_for=self._run_for, probe_interval_s=probe_interval_s,
+        )
+        self.posting = PostingSettler(
+            store=store, settlement=self.settlement, lifecycle=self.lifecycle, settle_s=settle_s
+        )
+        self.executor = Executor(
+            store=store, queue=queue, guard=self.guard, settlement=self.settlement,
+            posting=self.posting, inflight=self.inflight, lifecycle=self.lifecycle,
+            metrics=self.metrics, async_mode=async_mode, clock=clock,
+        )
+        self.recovery = Recovery(
+            executor=self.executor, posting=self.posting, settlement=self.settlement,
+            inflight=self.inflight, lifecycle=self.lifecycle, async_mode=async_mode,
+        )
 
-    def start(self) -> None:
-        """Start serving the shared queue (claims, lease renewals, takeovers)."""
-        self.queue.start()
+    def start(self, sinks: Callable[[Job], JobSink]) -> None:
+        """Start serving the shared queue (claims, lease renewals, takeovers). ``sinks`` builds
+        the sink of a job this process did not receive (run for another process, or taken over
+        after one stopped)."""
+        self._sinks = sinks
+        self.queue.start(self)
+
+    def _run_for(self, job: Job) -> JobRun:
+        if self._sinks is None:
+            raise RuntimeError("the pipeline was not started: it cannot run another process's job")
+        return RunFactory(
+            self._sinks, progress_interval_s=self.progress_interval_s, clock=self._clock
+        ).from_job(job)
+
+    # --- the state the bot shows ------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return self.lifecycle.accepting
+
+    @property
+    def paused(self) -> bool:
+        """True while the owner's API account needs attention (new jobs are refused)."""
+        return self.queue.paused
+
+    def ensure_accepting(self, account: str = OWNER_ACCOUNT) -> None:
+        """Raise when new jobs are refused right now (restart, the owner's account paused)."""
+        if not self.lifecycle.accepting:
+            raise ShuttingDown("not accepting")
+        if self.queue.paused and account == OWNER_ACCOUNT:
+            raise ServicePaused("API account paused")
 
     async def ensure_accepting_for(self, guild_id: int) -> None:
         """:meth:`ensure_accepting` for a new job of ``guild_id`` (its server may bring its own
@@ -143,6 +195,49 @@ class JobPipeline(Recovery):
         self.ensure_accepting(account)
         if account != OWNER_ACCOUNT and await self.store.queue.account_paused(account):
             raise GuildKeyRefused(f"{account} paused")
+
+    # --- the queue's events (kontext.queue.QueueHandler) -----------------------------------------
+
+    def on_claim(self, job: Job, lease: Lease) -> None:
+        """This process claimed ``job``: run it (with the member's live sink if it came here)."""
+        if job.id in self.inflight.doomed:  # its member was told "not charged"
+            self.inflight.spawn(self.settlement.refund_doomed(lease), f"kontext-refund-{job.id}")
+            return
+        run = self.inflight.waiting.pop(job.id, None) or self._run_for(job)
+        run.lease = lease
+        self.inflight.spawn(self.executor.execute(run), f"kontext-job-{job.id}")
+
+    def on_taken_over(self, job: Job, lease: Lease) -> None:
+        """A stopped (or silent) process left ``job`` unfinished: settle it here, from its row."""
+        if job.id in self.inflight.doomed and job.state == JobState.CLAIMED:
+            self.inflight.spawn(self.settlement.refund_doomed(lease), f"kontext-refund-{job.id}")
+            return
+        run = self._run_for(job)
+        run.lease = lease
+        self.inflight.spawn(self.recovery.take_over(run, job), f"kontext-recover-{job.id}")
+
+    def on_lost(self, lease: Lease) -> None:
+        """Another process holds the job now: stop this lease's task without a word or a refund
+        (an upload under way finishes; the new holder finds it)."""
+        run = self.inflight.leased.get(lease)
+        if run is not None and run.task is not None and not run.posting:
+            run.stop = Stop.LOST
+            run.task.cancel()
+
+    async def on_expired(self, job: Job) -> None:
+        """``job`` waited longer than ``MAX_QUEUE_WAIT_SECONDS``: refund it and say so."""
+        run = self.inflight.waiting.get(job.id) or self._run_for(job)
+        await self.settlement.refund_waiting(run, QueueTimeout("waited too long"))
+
+    async def on_refused(self, job: Job) -> None:
+        """``job`` waits for a server the bot no longer serves: refund it and say so."""
+        run = self.inflight.waiting.get(job.id) or self._run_for(job)
+        await self.settlement.refund_waiting(run, GuildNotEnabled(f"server {job.guild_id}"))
+
+    def on_paused(self, paused: bool) -> None:
+        self.guard.on_paused(paused)
+
+    # --- intake -----------------------------------------------------------------------------------
 
     async def run(self, spec: JobSpec, sink: JobSink) -> JobOutcome:
         """Run one new job to its end. Never raises a KontextError; tells ``sink`` instead.
@@ -176,41 +271,46 @@ class JobPipeline(Recovery):
                 timings["reserved"] = self._clock() - t0
         except JobAlreadyExists:
             log.info("job %s: duplicate delivery, already handled", spec.job_id)
-            return self._finish(JobOutcome(spec.job_id, Outcome.DUPLICATE, cause="duplicate"))
+            return self.settlement.finish(
+                JobOutcome(spec.job_id, Outcome.DUPLICATE, cause="duplicate")
+            )
         except KontextError as err:
             log.info("job %s refused: %s (%s)", spec.job_id, err.cause, err.detail)
-            return await self._reject(spec, sink, err)
+            return await self.settlement.reject(spec, sink, err)
         except Exception as exc:  # the database away while reserving, or a bug: nothing charged
             log.exception("job %s could not be accepted", spec.job_id)
-            return await self._reject(spec, sink, KontextError(type(exc).__name__))
+            return await self.settlement.reject(spec, sink, KontextError(type(exc).__name__))
 
-        active = ActiveJob(
+        run = JobRun(
             spec=spec,
             sink=sink,
-            reservation=reservation,
+            cost=reservation.cost,
+            balance_after=reservation.balance_after,
             t0=t0,
             timings=timings,
             progress=Progress(self.progress_interval_s),
         )
-        active.done = asyncio.get_running_loop().create_future()
-        self._waiting[spec.job_id] = active
+        run.done = asyncio.get_running_loop().create_future()
+        self.inflight.waiting[spec.job_id] = run
         claim = reservation.claim
         if claim is not None and claim.job is not None:
             await self.queue.adopt(claim, reserving)  # runs it now (or, shutting down, requeues)
         else:
             self.queue.kick()
-        reporter = asyncio.create_task(self._report_queue(active))
+        reporter = asyncio.create_task(self._report_queue(run))
         try:
-            return await asyncio.shield(active.done)
+            return await asyncio.shield(run.done)
         except asyncio.CancelledError:
             me = asyncio.current_task()
-            if me is not None and me.cancelling() and active.lease is None:
+            if me is not None and me.cancelling() and run.lease is None:
                 # our caller gave up on a job that still waits: take it out of the queue
-                await asyncio.shield(self._refund_waiting(active, ShuttingDown("cancelled")))
+                await asyncio.shield(
+                    self.settlement.refund_waiting(run, ShuttingDown("cancelled"))
+                )
             raise
         finally:
             reporter.cancel()
-            self._waiting.pop(spec.job_id, None)
+            self.inflight.waiting.pop(spec.job_id, None)
 
     async def _use_account(self, spec: JobSpec) -> None:
         """Pick the job's API account (a server's own key, else the owner's); refuse while a
@@ -220,6 +320,24 @@ class JobPipeline(Recovery):
         spec.account = await self.accounts.account_for(spec.guild_id)
         if spec.account != OWNER_ACCOUNT and await self.store.queue.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
+
+    def reserve_request(self, spec: JobSpec) -> ReserveRequest:
+        """What :meth:`kontext.store.ledger.Ledger.reserve` needs of ``spec`` (and ``precheck``)."""
+        return ReserveRequest(
+            job_id=spec.job_id,
+            guild_id=spec.guild_id,
+            channel_id=spec.channel_id,
+            user_id=spec.user_id,
+            params=spec.params(),
+            seed=spec.seed,
+            locale=spec.locale,
+            application_id=spec.application_id,
+            interaction_token=spec.interaction_token,
+            exempt_from_cooldown=spec.exempt_from_cooldown,
+            worker_id=self.worker_id,
+            parent_job_id=spec.parent_job_id,
+            account=spec.account,
+        )
 
     @contextlib.asynccontextmanager
     async def _member_lock(self, spec: JobSpec) -> AsyncIterator[None]:
@@ -244,7 +362,7 @@ class JobPipeline(Recovery):
         gives the credits back, or finds none (or one already claimed) and changes nothing.
         """
         try:
-            request = self._reserve_request(spec)
+            request = self.reserve_request(spec)
             if self.queue.claiming:  # an empty queue with room: claimed in the same transaction
                 every = await self.queue.every_account()
                 request = dataclasses.replace(
@@ -255,8 +373,10 @@ class JobPipeline(Recovery):
             raise  # a refusal: decided inside the transaction, which was rolled back
         except BaseException:
             # the member is told "not charged": make it true, also if this process claims it
-            self._doomed.add(spec.job_id)
-            self._settle_later("refund", spec.job_id, lambda: self._refund_if_ours(spec.job_id))
+            self.inflight.doomed.add(spec.job_id)
+            self.settlement.settle_later(
+                "refund", spec.job_id, lambda: self.settlement.refund_if_ours(spec.job_id)
+            )
             raise
 
     async def _check_in_turn(self, spec: JobSpec) -> None:
@@ -271,7 +391,7 @@ class JobPipeline(Recovery):
         try:
             async with self._intake:
                 # what can refuse the member is read first: a refused job downloads nothing
-                await self.store.ledger.precheck(self._reserve_request(spec))
+                await self.store.ledger.precheck(self.reserve_request(spec))
                 check = asyncio.ensure_future(self.check_inputs(spec))
                 await asyncio.wait({check}, timeout=INTAKE_SLOT_S)
             await check
@@ -310,64 +430,69 @@ class JobPipeline(Recovery):
         refunded). A job already posting its image gets up to ``settle_s`` more; then everyone
         who was told nothing yet is told, within ``settle_s``.
         """
-        self.accepting = False
+        self.lifecycle.accepting = False
         self.queue.stop_claiming()
-        for active in list(self._waiting.values()):  # they stay queued: their run() returns
-            if active.done is not None and not active.done.done():
-                active.done.set_result(self._finish(JobOutcome(active.spec.job_id, Outcome.QUEUED)))
-        if self._waiting:
-            log.info("shutdown: %d waiting job(s) stay in the queue", len(self._waiting))
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-        jobs = {t for t in self._jobs if not t.done()}
+        for run in list(self.inflight.waiting.values()):  # they stay queued: their run() returns
+            if run.done is not None and not run.done.done():
+                self.settlement.finish(JobOutcome(run.spec.job_id, Outcome.QUEUED), run)
+        if self.inflight.waiting:
+            log.info("shutdown: %d waiting job(s) stay in the queue", len(self.inflight.waiting))
+        self.guard.stop()
+        jobs = {t for t in self.inflight.tasks if not t.done()}
         if jobs:
             log.info("shutdown: waiting up to %.1f s for %d running job(s)", grace_s, len(jobs))
             _, pending = await asyncio.wait(jobs, timeout=max(0.0, grace_s))
             if pending:
-                self._stopping = True
-                self.handing_over = self.settings.segmind_api_mode == "async"
-                posting = {a.task for a in self._active.values() if a.delivering and a.task}
-                stop = [t for t in pending if t not in posting]
+                self.lifecycle.stopping = True
+                self.lifecycle.handing_over = self.settings.segmind_api_mode == "async"
+                runs = list(self.inflight.leased.values())
+                posting = {r.task for r in runs if r.posting and r.task}
+                for r in runs:
+                    if r.task in pending and r.task not in posting:
+                        r.stop = Stop.SHUTDOWN
                 log.warning(
                     "shutdown: %d job(s) still running after %.1f s: %s",
                     len(pending),
                     grace_s,
-                    "handing over the ones with a request id" if self.handing_over else "refunding",
+                    "handing them over" if self.lifecycle.handing_over else "refunding",
                 )
-                for task in stop:
+                for task in pending - posting:
                     task.cancel()
                 _, still = await asyncio.wait(pending, timeout=settle_s)
-                for task in still:  # a post that hangs: give up on it too
+                for r in runs:  # an upload that hangs: give up on it too (its fate: looked up)
+                    if r.task in still:
+                        r.stop = Stop.SHUTDOWN
+                for task in still:
                     task.cancel()
                 if still:
                     await asyncio.wait(still, timeout=1.0)
-        runs = [t for t in self._runs if not t.done()]
-        if runs:  # messages of the jobs that stay queued
-            await asyncio.wait(runs, timeout=settle_s)
-        if self._settling:  # the database was down: one last chance, then the next process
-            _, late = await asyncio.wait(self._settling, timeout=settle_s)
+        runs_left = [t for t in self._runs if not t.done()]
+        if runs_left:  # messages of the jobs that stay queued
+            await asyncio.wait(runs_left, timeout=settle_s)
+        if self.inflight.settling:  # the database was down: one last chance, then the next process
+            _, late = await asyncio.wait(self.inflight.settling, timeout=settle_s)
             for task in late:
                 task.cancel()
         await self.queue.aclose()
 
-    async def _report_queue(self, active: ActiveJob) -> None:
+    async def _report_queue(self, run: JobRun) -> None:
         """While the job waits: tell the member its place (when it changes, throttled), and
         notice when another process took the job (its run() then returns)."""
         shown: tuple[int, int] | None = None
-        job_id = active.spec.job_id
+        job_id = run.spec.job_id
         # a job with room to start is claimed within milliseconds: show no place for it (the
         # first edit would also hold back its progress bar by a whole interval)
         await asyncio.sleep(QUEUED_STATUS_AFTER_S)
-        while active.lease is None and active.done is not None and not active.done.done():
+        while run.lease is None and run.done is not None and not run.done.done():
             try:
-                view = await self.queue.view(account=active.spec.account)
+                view = await self.queue.view(account=run.spec.account)
             except Exception as exc:  # noqa: BLE001 - the database is away: look again later
                 log.debug("job %s: queue view failed: %s", job_id, exc)
                 await asyncio.sleep(self.progress_interval_s)
                 continue
             pos, total = view.position(job_id)
             if pos == 0:
-                if await self._claimed_elsewhere(active):
+                if await self._claimed_elsewhere(run):
                     return
                 await asyncio.sleep(self.queue.view_s)
                 continue
@@ -376,23 +501,23 @@ class JobPipeline(Recovery):
                 eta = self.queue.eta(view, pos)
 
                 async def show(pos: int = pos, total: int = total, eta: float = eta) -> None:
-                    if active.lease is None:
-                        await active.sink.queued(pos, total, eta)
+                    if run.lease is None:
+                        await run.sink.queued(pos, total, eta)
 
-                await active.progress.show(show)
+                await run.progress.show(show)
                 continue
             await asyncio.sleep(min(self.progress_interval_s, max(0.05, self.queue.poll_s)))
 
-    async def _claimed_elsewhere(self, active: ActiveJob) -> bool:
+    async def _claimed_elsewhere(self, run: JobRun) -> bool:
         """The job left the waiting list: True (and run() returns) when not into our hands."""
-        job = await self.store.jobs.get(active.spec.job_id)
-        if active.lease is not None or job is None:
+        job = await self.store.jobs.get(run.spec.job_id)
+        if run.lease is not None or job is None:
             return False
         if job.state == JobState.ACCEPTED or job.lease_owner == self.worker_id:
             return False  # still waiting, or our own claim is on its way
-        if active.done is not None and not active.done.done():
-            active.progress.closed = True
+        if run.done is not None and not run.done.done():
+            run.progress.closed = True
             log.info("job %s: in another process's hands (%s)", job.id, job.state)
-            active.done.set_result(self._finish(JobOutcome(job.id, Outcome.ELSEWHERE)))
+            self.settlement.finish(JobOutcome(job.id, Outcome.ELSEWHERE), run)
         return True
 

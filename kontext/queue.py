@@ -9,9 +9,13 @@
 * the **renewer** extends this process's leases every ``lease_s / 6`` seconds. A lease the
   database no longer gives back was lost (``on_lost``); a lease not renewed for half its life is
   not *fresh* (:meth:`fresh`): its job starts no API call and posts nothing until it is;
-* the **sweeper** takes over running jobs whose lease expired by the database's clock
+* the **sweeper** takes over unfinished jobs whose lease expired by the database's clock
   (``on_taken_over``: a process died, or was paused) and refunds jobs that waited longer than
   ``MAX_QUEUE_WAIT_SECONDS`` (``on_expired``).
+
+The events go to a :class:`QueueHandler` (the pipeline) given to :meth:`SharedQueue.start`.
+Leases are kept **by lease** (job id and epoch): forgetting or losing an old lease of a job never
+touches a newer one this process holds.
 
 Positions and ETAs come from :meth:`view` (the whole bot's queue, read at most every
 ``view_s``).
@@ -25,9 +29,8 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kontext.accounts import Accounts
 from kontext.store.types import AccountLimits, Claim, Job, Lease, QueueView
@@ -36,6 +39,28 @@ log = logging.getLogger("kontext.queue")
 
 #: a lease is renewed this many times per life
 RENEWALS_PER_LEASE = 6
+
+
+class QueueHandler(Protocol):
+    """What the queue tells the pipeline (every method is called from the queue's loops)."""
+
+    def on_claim(self, job: Job, lease: Lease) -> None:
+        """This process claimed ``job`` under ``lease``: run it."""
+
+    def on_taken_over(self, job: Job, lease: Lease) -> None:
+        """This process took ``job`` over from a stopped one: settle it from its row."""
+
+    def on_lost(self, lease: Lease) -> None:
+        """``lease`` is no longer this process's: stop its job here."""
+
+    async def on_expired(self, job: Job) -> None:
+        """``job`` waited past ``MAX_QUEUE_WAIT_SECONDS``."""
+
+    async def on_refused(self, job: Job) -> None:
+        """``job`` waits for a server the bot no longer serves."""
+
+    def on_paused(self, paused: bool) -> None:
+        """The owner's account was paused or resumed (by any process)."""
 
 
 @dataclass(slots=True)
@@ -58,6 +83,7 @@ class SharedQueue:
         *,
         worker_id: str,
         limits: AccountLimits,
+        accounts: Accounts | None = None,
         lease_s: float = 60.0,
         poll_s: float = 0.5,
         max_wait_s: float = 1800.0,
@@ -86,21 +112,17 @@ class SharedQueue:
         self._view_lock = asyncio.Lock()
         self._other_views: dict[str, tuple[float, QueueView]] = {}
         self._holds: set[asyncio.Task[Any]] = set()
-        #: the pipeline's hooks
-        self.on_claim: Callable[[Job, Lease], None] = lambda job, lease: None
-        self.on_taken_over: Callable[[Job, Lease], None] = lambda job, lease: None
-        self.on_lost: Callable[[int], None] = lambda job_id: None
-        self.on_expired: Callable[[Job], Awaitable[None]] | None = None
-        self.on_paused: Callable[[bool], None] = lambda paused: None
-        #: every account's limits (the owner's and servers' own keys); the owner's alone if unset
-        self.accounts: Accounts | None = None
+        #: every account's limits (the owner's and servers' own keys); the owner's alone if None
+        self.accounts = accounts
+        self._handler: QueueHandler | None = None
 
     # --- life ----------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start claiming, renewing and sweeping (idempotent)."""
+    def start(self, handler: QueueHandler) -> None:
+        """Start claiming, renewing and sweeping, telling ``handler`` (idempotent)."""
         if self._tasks or self._closed:
             return
+        self._handler = handler
         self._claiming = True
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -141,9 +163,12 @@ class SharedQueue:
         now = time.monotonic()
         self._held[lease.job_id] = _Held(lease, now, now if sent is None else sent)
 
-    def forget(self, job_id: int) -> None:
-        """The job ended here (or was let go): stop renewing its lease."""
-        self._held.pop(job_id, None)
+    def forget(self, lease: Lease) -> None:
+        """The job ended here (or was let go) under ``lease``: stop renewing that lease (a newer
+        lease of the same job, held here, is kept)."""
+        held = self._held.get(lease.job_id)
+        if held is not None and held.lease == lease:
+            del self._held[lease.job_id]
         self._wake.set()
 
     def fresh(self, lease: Lease) -> bool:
@@ -195,8 +220,9 @@ class SharedQueue:
             return  # this process is writing the new state: what it read may be older
         if paused != self._paused:
             self._paused = paused
-            with contextlib.suppress(Exception):
-                self.on_paused(paused)
+            if self._handler is not None:
+                with contextlib.suppress(Exception):
+                    self._handler.on_paused(paused)
 
     def slow_down(self, seconds: float) -> None:
         """Start no job of the account for ``seconds``, in every process (after a 429)."""
@@ -314,6 +340,8 @@ class SharedQueue:
     async def _take(self, claim: Claim, sent: float) -> bool:
         """Start a claimed job (True), or note why there was none (False)."""
         self._set_paused(claim.paused)
+        if claim.refused:
+            self._refuse(claim.refused)
         if claim.job is None or claim.lease is None:
             return False
         if not self._claiming:  # shutdown began while claiming: back in the queue (never sent)
@@ -322,10 +350,30 @@ class SharedQueue:
         self.hold(claim.lease, sent=sent)
         self._view_at = float("-inf")  # positions moved
         try:
-            self.on_claim(claim.job, claim.lease)
+            assert self._handler is not None
+            self._handler.on_claim(claim.job, claim.lease)
         except Exception:
             log.exception("job %s: could not start it", claim.job.id)
         return True
+
+    def _refuse(self, job_ids: list[int]) -> None:
+        """Refund waiting jobs of servers the bot no longer serves (in the background)."""
+        handler = self._handler
+        if handler is None:
+            return
+
+        async def refuse() -> None:
+            for job_id in job_ids:
+                try:
+                    job = await self.store.jobs.get(job_id)
+                    if job is not None:
+                        await handler.on_refused(job)
+                except Exception:
+                    log.exception("job %s: could not refuse it", job_id)
+
+        task = asyncio.get_running_loop().create_task(refuse(), name="kontext-refuse")
+        self._holds.add(task)
+        task.add_done_callback(self._holds.discard)
 
     async def slot_freed(self, lease: Lease) -> None:
         """The API call of ``lease``'s job ended: free its slot and, in the same transaction,
@@ -351,6 +399,7 @@ class SharedQueue:
                 await self._wake.wait()
 
     async def _requeue_quietly(self, lease: Lease) -> None:
+        self.forget(lease)
         try:
             await self.store.leases.requeue(lease)
         except Exception as exc:  # noqa: BLE001 - its lease then expires and it is taken over
@@ -375,9 +424,10 @@ class SharedQueue:
                     held.renewed = sent
                 else:
                     log.warning("job %s: lease lost to another process; stopping here", job_id)
-                    self._held.pop(job_id, None)
-                    with contextlib.suppress(Exception):
-                        self.on_lost(job_id)
+                    del self._held[job_id]
+                    if self._handler is not None:
+                        with contextlib.suppress(Exception):
+                            self._handler.on_lost(held.lease)
 
     async def _sweep(self) -> None:
         every = max(0.2, self.lease_s / 4)
@@ -392,15 +442,16 @@ class SharedQueue:
         except Exception as exc:  # noqa: BLE001
             log.warning("queue: recovery sweep failed (%s)", type(exc).__name__)
             taken = []
+        handler = self._handler
+        if handler is None:
+            return
         for job, lease in taken:
-            log.warning("job %s: taken over from a stopped or silent process", job.id)
+            log.warning("job %s (%s): taken over from a stopped or silent process", job.id, job.state)
             self.hold(lease)
             try:
-                self.on_taken_over(job, lease)
+                handler.on_taken_over(job, lease)
             except Exception:
                 log.exception("job %s: could not resume it", job.id)
-        if self.on_expired is None:
-            return
         try:
             expired = await self.store.queue.expired_waiting(self.max_wait_s)
         except Exception as exc:  # noqa: BLE001
@@ -408,6 +459,6 @@ class SharedQueue:
             return
         for job in expired:
             try:
-                await self.on_expired(job)
+                await handler.on_expired(job)
             except Exception:
                 log.exception("job %s: could not end it after its wait", job.id)

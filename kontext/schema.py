@@ -69,8 +69,10 @@ metadata = MetaData()
 
 LEDGER_KINDS: tuple[LedgerKind, ...] = tuple(LedgerKind)
 JOB_STATES: tuple[JobState, ...] = tuple(JobState)
-#: a job still in the queue or being generated
-ACTIVE_STATES: tuple[JobState, ...] = (JobState.ACCEPTED, JobState.RUNNING)
+#: a job a process holds under a lease (claimed, its request sent, its result being posted)
+LEASED_STATES: tuple[JobState, ...] = (JobState.CLAIMED, JobState.SENT, JobState.POSTING)
+#: a job not finished yet: waiting in the queue, or leased
+ACTIVE_STATES: tuple[JobState, ...] = (JobState.ACCEPTED, *LEASED_STATES)
 #: a job that ended without a post (refunded; "failed" when there was nothing to refund)
 UNPOSTED_STATES: tuple[JobState, ...] = (JobState.FAILED, JobState.REFUNDED)
 SHOWCASE_STATES: tuple[ShowcaseState, ...] = tuple(ShowcaseState)
@@ -194,6 +196,10 @@ jobs = Table(
     Column("lease_expires_at", Double),  # the database's clock
     Column("api_done_at", Double),  # the API answered: the job no longer takes an API slot
     Column("account", Text, nullable=False, server_default=text("'owner'")),  # whose API key
+    # the job's life as a state machine (revision 0003), by the database's clock
+    Column("sent_at", Double),  # the first request to the API was about to go out (billed)
+    Column("posting_at", Double),  # the result's upload began: searched for from here on
+    Column("settle_tries", Integer, nullable=False, server_default=text("0")),  # searches failed
     _in_check("state", JOB_STATES, "ck_jobs_state"),
     Index("ix_jobs_state", "state"),
     Index("ix_jobs_member_state", "guild_id", "user_id", "state"),
@@ -298,7 +304,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 #: the newest revision in ``migrations/versions`` (a test checks it against Alembic's head): a
 #: database already there is recognised without importing Alembic, which then never loads (it
 #: and what it brings cost a running bot ~10 MiB for nothing)
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

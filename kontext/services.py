@@ -12,6 +12,7 @@ Hidden knobs for development and tests only (not settings, not in ``.env.example
 * ``KONTEXT_QUEUE_POLL_SECONDS`` — how often an idle process looks at the shared queue (0.5)
 * ``KONTEXT_PROGRESS_SECONDS`` — least time between two progress edits of a job (3)
 * ``KONTEXT_ACCOUNT_PROBE_SECONDS`` — how often a paused API account is probed (60)
+* ``KONTEXT_SETTLE_SECONDS`` — the bound on settling a post whose channel cannot be read (600)
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Knobs:
     poll_s: float = 0.5
     progress_interval_s: float = 3.0
     probe_interval_s: float = 60.0
+    settle_s: float = 600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
@@ -75,6 +77,7 @@ class Knobs:
             poll_s=hidden_knob("KONTEXT_QUEUE_POLL_SECONDS", 0.5, env),
             progress_interval_s=hidden_knob("KONTEXT_PROGRESS_SECONDS", 3.0, env),
             probe_interval_s=hidden_knob("KONTEXT_ACCOUNT_PROBE_SECONDS", 60.0, env),
+            settle_s=hidden_knob("KONTEXT_SETTLE_SECONDS", 600.0, env),
         )
 
 
@@ -169,17 +172,18 @@ def _assemble(
         )
 
     segmind = segmind_with(s.segmind_api_key)
+    limits = AccountLimits(OWNER_ACCOUNT, s.max_concurrent_jobs, s.segmind_rpm)
+    vault = KeyVault(s.encryption_key)
+    accounts = Accounts(store, vault, segmind, limits, segmind_with)
     queue = SharedQueue(
         store,
         worker_id=worker_id,
-        limits=AccountLimits(OWNER_ACCOUNT, s.max_concurrent_jobs, s.segmind_rpm),
+        limits=limits,
+        accounts=accounts,
         lease_s=knobs.lease_s,
         poll_s=knobs.poll_s,
         max_wait_s=s.max_queue_wait_seconds,
     )
-    vault = KeyVault(s.encryption_key)
-    accounts = Accounts(store, vault, segmind, queue.limits, segmind_with)
-    queue.accounts = accounts
     pipeline = JobPipeline(
         settings=s,
         store=store,
@@ -190,6 +194,7 @@ def _assemble(
         metrics=metrics,
         progress_interval_s=knobs.progress_interval_s,
         probe_interval_s=knobs.probe_interval_s,
+        settle_s=knobs.settle_s,
         accounts=accounts,
     )
     metrics.bind_queue(

@@ -12,12 +12,20 @@ from enum import StrEnum
 
 
 class JobState(StrEnum):
-    """A job row's ``state``: ``accepted`` (waiting in the queue) → ``running`` (claimed, under a
-    lease) → ``posted`` (committed), ``refunded`` (charge given back) or ``failed`` (refunded
-    with nothing to give back: the job was free)."""
+    """A job row's ``state``, one step of the job's life (the table in docs/ARCHITECTURE.md):
+
+    ``accepted`` (waiting in the queue) → ``claimed`` (a process holds its lease; nothing sent)
+    → ``sent`` (written just before the first request to the API: billed from here) →
+    ``posting`` (written just before the result's upload to Discord begins: never posted again)
+    → ``posted`` (committed: the charge is final). Every unfinished state may end
+    ``refunded`` (charge given back) or ``failed`` (refunded with nothing to give back: the job
+    was free); ``claimed`` may go back to ``accepted`` (nothing was sent). Each step is one
+    conditional update fenced by the job's lease."""
 
     ACCEPTED = "accepted"
-    RUNNING = "running"
+    CLAIMED = "claimed"
+    SENT = "sent"
+    POSTING = "posting"
     POSTED = "posted"
     FAILED = "failed"
     REFUNDED = "refunded"

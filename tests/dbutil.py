@@ -198,3 +198,27 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+async def put_job_in_state(store: Any, job_id: int, state: str, **values: Any) -> bool:
+    """Test only: move a job straight to ``state`` with nobody's lease (as a process that died
+    there leaves it once its lease lapsed): ``claimed``, ``sent`` (billed, ``sent_at`` set) or
+    ``posting`` (``posting_at`` set too). ``values``: other columns. False when the job is not
+    waiting or leased."""
+    from sqlalchemy import update
+
+    from kontext.schema import ACTIVE_STATES, jobs
+
+    now = store.ctx.now()
+    cols: dict[str, Any] = {"state": state, "started_at": now, "lease_owner": None,
+                            "lease_expires_at": None}
+    if state in ("sent", "posting"):
+        cols.update(sent_at=now, api_charged=True)
+    if state == "posting":
+        cols.update(posting_at=now, api_done_at=now)
+    cols.update(values)
+    async with store.db.write() as conn:
+        result = await conn.execute(
+            update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(list(ACTIVE_STATES))).values(**cols)
+        )
+        return bool(result.rowcount)

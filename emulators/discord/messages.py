@@ -31,6 +31,9 @@ from .models import (
 )
 from .world import World
 
+GUILD_MESSAGES_INTENT = 1 << 9
+DIRECT_MESSAGES_INTENT = 1 << 12
+
 
 class MessageStore:
     """Create, edit, delete and look up the messages of every channel."""
@@ -244,7 +247,7 @@ class MessageStore:
         message_reference: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         attachments = self.uploaded_attachments(body, files, ephemeral=bool(flags & EPHEMERAL))
-        return self.make_message(
+        msg = self.make_message(
             channel_id,
             author=self._world.bot_user,
             content=str(body.get("content") or ""),
@@ -257,6 +260,21 @@ class MessageStore:
             message_reference=message_reference,
             tts=bool(body.get("tts")),
         )
+        self._dispatch_own_message(msg)
+        return msg
+
+    def _dispatch_own_message(self, msg: dict[str, Any]) -> None:
+        """MESSAGE_CREATE for a message the bot (or its interaction webhook) created, to the
+        connections that identified with the intent that carries it (``GUILD_MESSAGES`` in a
+        server, ``DIRECT_MESSAGES`` in a DM), as Discord sends it; ephemeral ones are never
+        sent."""
+        if msg["flags"] & EPHEMERAL:
+            return
+        guild = self._world.guild_of_channel(int(msg["channel_id"]))
+        intent = GUILD_MESSAGES_INTENT if guild is not None else DIRECT_MESSAGES_INTENT
+        for conn in self._connections.connections_for(guild.id if guild else None):
+            if int((conn.identify or {}).get("intents") or 0) & intent:
+                conn.dispatch("MESSAGE_CREATE", copy.deepcopy(msg))
 
     def edit_from_body(
         self, msg: dict[str, Any], body: Mapping[str, Any], files: Sequence[UploadedFile]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from kontext.images.formats import sniff_image
 from kontext.segmind.client import SegmindClient
-from kontext.segmind.errors import error_for_status
+from kontext.segmind.errors import SendFenced, error_for_status
 from kontext.segmind.parsing import (
     derive_v2_urls,
     image_is_complete,
@@ -41,6 +41,7 @@ from kontext.segmind.parsing import (
     retry_after_from_headers,
 )
 from kontext.segmind.results import (
+    CallHooks,
     GenerationRequest,
     GenerationResult,
     ResponseMeta,
@@ -52,12 +53,14 @@ from kontext.vocab import OUTPUT_FORMATS
 
 __all__ = [
     "ASPECT_RATIOS",
+    "CallHooks",
     "DEFAULT_MAX_RETRIES",
     "OUTPUT_FORMATS",
     "GenerationRequest",
     "GenerationResult",
     "ResponseMeta",
     "RetryPolicy",
+    "SendFenced",
     "SegmindClient",
     "SubmittedJob",
     "derive_v2_urls",

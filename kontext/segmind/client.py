@@ -14,8 +14,9 @@ import aiohttp
 
 from kontext.errors import ApiBadResponse
 from kontext.segmind import v1, v2
+from kontext.segmind.errors import SendFenced
 from kontext.segmind.parsing import derive_v2_urls, error_message, parse_number
-from kontext.segmind.results import GenerationRequest, GenerationResult, SubmittedJob
+from kontext.segmind.results import CallHooks, GenerationRequest, GenerationResult, SubmittedJob
 from kontext.segmind.retry import (
     DEFAULT_MAX_RETRIES,
     RateLimitHook,
@@ -111,6 +112,7 @@ class SegmindClient:
         req: GenerationRequest,
         *,
         on_submitted: Callable[[SubmittedJob], Awaitable[None]] | None = None,
+        hooks: CallHooks | None = None,
     ) -> GenerationResult:
         """Generate one image. Sync mode: one v1 call. Async mode: :meth:`submit`, then
         ``await on_submitted(job)`` (store the request id before polling), then :meth:`wait`.
@@ -119,6 +121,10 @@ class SegmindClient:
         :class:`~kontext.errors.ApiError` subclass on every failure; ``charged_maybe`` says
         whether the API may have run (and billed) the generation.
         """
+        if hooks is not None:
+            if not hooks.may_send():
+                raise SendFenced(0)
+            self.on_rate_limited = hooks.on_rate_limited
         if self.mode == "async":
             started = time.monotonic()
             job, attempts = await v2.submit(self, req)
@@ -149,6 +155,7 @@ class SegmindClient:
         response_url: str | None = None,
         *,
         deadline_s: float | None = None,
+        hooks: CallHooks | None = None,
     ) -> GenerationResult:
         """Pick up a v2 job after a restart; missing URLs are derived (:func:`derive_v2_urls`).
         Sends no POST: a billed job is fetched, never re-submitted."""

@@ -66,3 +66,11 @@ def failed_job_error(message: str, detail: str, status: int | None) -> ApiError:
         return ApiBadRequest(detail, status=status)
     return ApiServerError(detail, status=status)
 
+
+
+class SendFenced(Exception):
+    """``may_send()`` said no: no further POST was sent."""
+
+    def __init__(self, posts: int = 0) -> None:
+        super().__init__(f"fenced after {posts} POST(s)")
+        self.posts = posts

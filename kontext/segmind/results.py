@@ -3,6 +3,7 @@ submitted v2 job and the informational headers of an answer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,3 +94,11 @@ class ResponseMeta:
     remaining_credits: float | None = None
     seed: int | None = None
     generation_time_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallHooks:
+    """What one job's calls ask and tell its caller."""
+
+    may_send: Callable[[], bool] = lambda: True
+    on_rate_limited: Callable[[float | None], None] = lambda delay: None

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 
 from kontext.schema import (
     ACTIVE_STATES,
+    LEASED_STATES,
     UNPOSTED_STATES,
     budget_days,
     guild_budget_days,
@@ -74,13 +75,18 @@ class Audit:
 
     # --- invariants -------------------------------------------------------------------------------
 
-    async def check_invariants(self, posts: Mapping[int, int] | None = None) -> list[str]:
+    async def check_invariants(
+        self, posts: Mapping[int, int] | None = None, *, max_age_s: float | None = None
+    ) -> list[str]:
         """Every broken money rule found (empty when all hold). A diagnostic: scans the tables.
 
         Beside the ledger's rules: the budget booked is the cost of every call counted as billed
-        (plus the jobs still reserved), no lease is held by a retired process, and, given
-        ``posts`` (job id → result messages seen in the channels, e.g. from an emulator), each
-        job was posted at most once, and a posted job's message is the one it committed.
+        (plus the jobs still reserved); every job that reached ``sent`` stays billed unless an
+        answer of the API itself proved nothing was made (its failure cause is the API's); no
+        lease is held by a retired process or by a finished job; members' jobs in flight are
+        their unfinished jobs; given ``max_age_s``, no job is unfinished longer than that (by
+        its creation); and, given ``posts`` (job id → result messages seen in the channels, e.g.
+        from an emulator), each job was posted at most once.
         """
         problems: list[str] = []
         async with self.db.read() as conn:
@@ -126,6 +132,8 @@ class Audit:
                         _j.api_charged,
                         _j.lease_owner,
                         _j.account,
+                        _j.sent_at,
+                        _j.failure_cause,
                     )
                 )
             ).all()
@@ -136,6 +144,7 @@ class Audit:
                 for (w,) in await conn.execute(select(_w.id).where(_w.retired_at.is_not(None)))
             }
 
+        now = self.ctx.now()
         active: Counter[tuple[int, int]] = Counter()
         budget_expected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         guild_expected: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -151,8 +160,18 @@ class Audit:
                 ):
                     counts[0] += int(job.cost_usd_micros)
                     counts[1] += 1
-            if job.state == JobState.RUNNING and job.lease_owner in retired:
+            if job.state in LEASED_STATES and job.lease_owner in retired:
                 problems.append(f"job {job.id}: lease held by retired worker {job.lease_owner}")
+            if job.state not in ACTIVE_STATES and job.lease_owner is not None:
+                problems.append(f"job {job.id} ({job.state}): finished but leased by {job.lease_owner}")
+            if (
+                max_age_s is not None
+                and job.state in ACTIVE_STATES
+                and now - float(job.created_at) > max_age_s
+            ):
+                problems.append(
+                    f"job {job.id} ({job.state}): unfinished after {now - float(job.created_at):.0f} s"
+                )
         known_jobs = {int(j.id) for j in job_rows}
         for job_id, n in (posts or {}).items():
             if n > 1:
@@ -229,6 +248,13 @@ def _job_problems(
         out.append(f"{name}: refund delta != cost")
     if job.state in ACTIVE_STATES and (kinds[LedgerKind.COMMIT] or kinds[LedgerKind.REFUND]):
         out.append(f"{name}: active but has a commit/refund row")
+    if job.state in (JobState.SENT, JobState.POSTING) and not (job.sent_at and job.api_charged):
+        out.append(f"{name}: reached sent but is not counted as billed")
+    if job.sent_at is not None and not job.api_charged:
+        # only the API's own answer can prove a sent request made nothing
+        if not str(job.failure_cause or "").startswith("api_"):
+            out.append(f"{name}: its request was sent, yet its budget share was given back "
+                       f"({job.failure_cause})")
     other = set(kinds) - {LedgerKind.RESERVE, LedgerKind.COMMIT, LedgerKind.REFUND}
     if other:
         out.append(f"{name}: unexpected ledger kinds {sorted(other)}")

@@ -2,8 +2,8 @@
 
 A job is created by :meth:`kontext.store.ledger.Ledger.reserve` and ended by its commit or
 refund; it is claimed and leased by :mod:`kontext.store.queue` and :mod:`kontext.store.leases`.
-Here: the reads, ``accepted → running`` without a lease (tests, tools), and the API's request id
-and polling URLs (fenced by the job's lease, :data:`kontext.store.leases.FENCES`).
+Here: the reads, the API's request id and polling URLs (fenced by the job's lease,
+:data:`kontext.store.leases.FENCES`), and the result message the bot saw on the gateway.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from sqlalchemy import BigInteger, Double, Text, func, select, update
+from sqlalchemy import BigInteger, Text, func, select, update
 
 from kontext.schema import ACTIVE_STATES, jobs
 from kontext.store.base import StoreContext, bind, job_from_row
@@ -27,11 +27,18 @@ class JobStatements:
 
     def __init__(self, dialect: str) -> None:
         job_id = bind("job_id", BigInteger)
-        # accepted → running without a lease; returns ``id``
-        self.mark_running = (
+        # the bot saw its own result message of a job that is posting: proof it was posted
+        self.note_result_seen = (
             update(jobs)
-            .where(_j.id == job_id, _j.state == JobState.ACCEPTED)
-            .values(state=JobState.RUNNING, started_at=bind("now", Double))
+            .where(
+                _j.id == job_id,
+                _j.state == JobState.POSTING,
+                _j.result_message_id.is_(None),
+            )
+            .values(
+                result_message_id=bind("message_id", BigInteger),
+                result_channel_id=bind("channel_id", BigInteger),
+            )
             .returning(_j.id)
         )
         # one per fence; returns ``id`` when the fence held
@@ -54,8 +61,8 @@ def job_statements(dialect: str) -> JobStatements:
 
 
 class JobStore:
-    """``store.jobs``: ``get``, ``in_state``, ``count_active``, ``mark_running``,
-    ``set_api_request``."""
+    """``store.jobs``: ``get``, ``in_state``, ``count_active``, ``set_api_request``,
+    ``note_result_seen``."""
 
     def __init__(self, ctx: StoreContext) -> None:
         self.ctx = ctx
@@ -96,10 +103,13 @@ class JobStore:
         async with self.db.read() as conn:
             return int(await conn.scalar(stmt) or 0)
 
-    async def mark_running(self, job_id: int) -> bool:
-        """accepted → running (sets ``started_at``); False when the job was not accepted."""
+    async def note_result_seen(self, job_id: int, channel_id: int, message_id: int) -> bool:
+        """The bot saw its own result message for ``job_id`` (on the gateway): while the job is
+        ``posting``, remember the message, so whoever settles the job commits it even when the
+        message is deleted or the channel cannot be read later. False when not posting."""
         return await self.ctx.update_one(
-            self._sql.mark_running, {"job_id": job_id, "now": self.ctx.now()}
+            self._sql.note_result_seen,
+            {"job_id": job_id, "channel_id": channel_id, "message_id": message_id},
         )
 
     async def set_api_request(

@@ -18,10 +18,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Text, and_, or_, select, update
+from sqlalchemy import BigInteger, Connection, Double, Text, and_, func, or_, select, update
 
 from kontext.db import execute
-from kontext.schema import ACTIVE_STATES, jobs
+from kontext.schema import ACTIVE_STATES, LEASED_STATES, jobs
 from kontext.store.base import StoreContext, bind, db_now, job_from_row, state_in
 from kontext.store.types import Job, Lease
 from kontext.vocab import JobState
@@ -32,7 +32,7 @@ _j = jobs.c
 FENCES: dict[str, Any] = {
     "leased": and_(
         _j.id == bind("job_id", BigInteger),
-        _j.state == JobState.RUNNING,
+        state_in(LEASED_STATES),
         _j.lease_owner == bind("owner", Text),
         _j.lease_epoch == bind("epoch", BigInteger),
     ),
@@ -52,21 +52,39 @@ def fence_params(lease: Lease | None, *, waiting: bool = False) -> tuple[str, di
 
 
 class LeaseStatements:
-    """The lease holder's own changes of its job, built once per dialect. Each takes the
-    lease's ``job_id``, ``owner`` and ``epoch`` (:meth:`Lease.params`) and returns ``id`` when
-    the lease still held."""
+    """The lease holder's own changes of its job, built once per dialect: the steps of the
+    job's life (:class:`~kontext.vocab.JobState`) and the lease's own. Each takes the lease's
+    ``job_id``, ``owner`` and ``epoch`` (:meth:`Lease.params`) and returns ``id`` when the lease
+    still held and the job was in the state the step starts from."""
 
     def __init__(self, dialect: str) -> None:
         leased = FENCES["leased"]
-        # the API answered: the job leaves its API slot
-        self.api_done = (
-            update(jobs).where(leased).values(api_done_at=db_now(dialect)).returning(_j.id)
+        now = db_now(dialect)
+        # claimed → sent, just before the first request to the API: billed from here on
+        self.mark_sent = (
+            update(jobs)
+            .where(leased, _j.state == JobState.CLAIMED)
+            .values(state=JobState.SENT, sent_at=now, api_charged=True)
+            .returning(_j.id)
         )
-        # back to the queue (no request was sent): it waits again, its place by arrival kept,
+        # sent → posting, just before the result's upload begins: never posted again
+        self.mark_posting = (
+            update(jobs)
+            .where(leased, _j.state == JobState.SENT)
+            .values(
+                state=JobState.POSTING,
+                posting_at=now,
+                api_done_at=func.coalesce(_j.api_done_at, now),
+            )
+            .returning(_j.id)
+        )
+        # the API answered: the job leaves its API slot
+        self.api_done = update(jobs).where(leased).values(api_done_at=now).returning(_j.id)
+        # claimed → accepted (no request was sent): it waits again, its place by arrival kept,
         # and counts neither as started nor as billed
         self.requeue = (
             update(jobs)
-            .where(leased)
+            .where(leased, _j.state == JobState.CLAIMED)
             .values(
                 state=JobState.ACCEPTED,
                 lease_owner=None,
@@ -82,6 +100,18 @@ class LeaseStatements:
             update(jobs)
             .where(leased)
             .values(lease_owner=None, lease_expires_at=None)
+            .returning(_j.id)
+        )
+        # a search that could not tell: let the lease go, counted, to be taken again only after
+        # ``delay`` seconds (the API slot was freed when the job began posting)
+        self.defer = (
+            update(jobs)
+            .where(leased, _j.state == JobState.POSTING)
+            .values(
+                lease_owner=None,
+                lease_expires_at=now + bind("delay", Double),
+                settle_tries=_j.settle_tries + 1,
+            )
             .returning(_j.id)
         )
 
@@ -116,7 +146,7 @@ class LeaseStore:
             now = read_db_now(conn, self.ctx.dialect)
             rows = conn.execute(
                 update(jobs)
-                .where(_j.lease_owner == worker_id, _j.state == JobState.RUNNING)
+                .where(_j.lease_owner == worker_id, state_in(LEASED_STATES))
                 .values(lease_expires_at=now + lease_s)
                 .returning(_j.id, _j.lease_epoch)
             ).all()
@@ -135,16 +165,16 @@ class LeaseStore:
 
         def tx(conn: Connection) -> list[tuple[Job, Lease]]:
             now = read_db_now(conn, self.ctx.dialect)
+            # free: nobody's lease with no delay set, or a lease past its expiry. The UPDATE
+            # checks it again (a renewal may land between the SELECT and the UPDATE on
+            # Postgres, which does not lock the rows read): only a lease still expired moves
+            free = or_(
+                and_(_j.lease_owner.is_(None), _j.lease_expires_at.is_(None)),
+                _j.lease_expires_at < now,
+            )
             seen = conn.execute(
                 select(_j.id, _j.lease_epoch)
-                .where(
-                    _j.state == JobState.RUNNING,
-                    or_(
-                        _j.lease_owner.is_(None),
-                        _j.lease_expires_at.is_(None),
-                        _j.lease_expires_at < now,
-                    ),
-                )
+                .where(state_in(LEASED_STATES), free)
                 .order_by(_j.started_at, _j.id)
                 .limit(limit)
             ).all()
@@ -154,8 +184,9 @@ class LeaseStore:
                     update(jobs)
                     .where(
                         _j.id == row.id,
-                        _j.state == JobState.RUNNING,
+                        state_in(LEASED_STATES),
                         _j.lease_epoch == row.lease_epoch,
+                        free,
                     )
                     .values(
                         lease_owner=worker_id,
@@ -177,8 +208,21 @@ class LeaseStore:
         return await self.ctx.update_one(self._sql.let_go, lease.params())
 
     async def requeue(self, lease: Lease) -> bool:
-        """Put a claimed job whose request was never sent back in the queue (fenced)."""
+        """claimed → accepted: a job whose request was never sent goes back in the queue."""
         return await self.ctx.update_one(self._sql.requeue, lease.params())
+
+    async def mark_sent(self, lease: Lease) -> bool:
+        """claimed → sent, just before the first request to the API (the budget keeps it)."""
+        return await self.ctx.update_one(self._sql.mark_sent, lease.params())
+
+    async def mark_posting(self, lease: Lease) -> bool:
+        """sent → posting, just before the result's upload begins (never posted again)."""
+        return await self.ctx.update_one(self._sql.mark_posting, lease.params())
+
+    async def defer(self, lease: Lease, delay_s: float) -> bool:
+        """A posting job whose channel could not tell: let its lease go, the try counted, to be
+        taken over again after ``delay_s`` seconds."""
+        return await self.ctx.update_one(self._sql.defer, {**lease.params(), "delay": delay_s})
 
     async def api_done(self, lease: Lease) -> bool:
         """The API answered: the job no longer holds one of the account's slots."""
@@ -194,7 +238,7 @@ class LeaseStore:
             ).first()
         return (
             row is not None
-            and row.state == JobState.RUNNING
+            and row.state in LEASED_STATES
             and row.lease_owner == lease.owner
             and int(row.lease_epoch) == lease.epoch
         )

@@ -165,12 +165,14 @@ class LedgerStatements:
             "lease_expires_at": None,
         }
         # returns guild_id, user_id
+        # a leased job is committed only from ``posting`` (its upload began under that lease)
+        commit_where = {**FENCES, "leased": and_(FENCES["leased"], _j.state == JobState.POSTING)}
         self.commit_job = {
             name: update(jobs)
             .where(where)
             .values(**posted, duration_s=bind("duration", Double))
             .returning(_j.guild_id, _j.user_id)
-            for name, where in FENCES.items()
+            for name, where in commit_where.items()
         }
         # as commit_job without ``duration``: measured from start (or creation)
         self.commit_job_timed = {
@@ -178,7 +180,7 @@ class LedgerStatements:
             .where(where)
             .values(**posted, duration_s=now - func.coalesce(_j.started_at, _j.created_at))
             .returning(_j.guild_id, _j.user_id)
-            for name, where in FENCES.items()
+            for name, where in commit_where.items()
         }
         # one job fewer in flight; returns the balance
         self.release_inflight = (

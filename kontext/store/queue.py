@@ -34,8 +34,8 @@ from sqlalchemy import (
 )
 
 from kontext.db import execute
-from kontext.schema import api_accounts, jobs
-from kontext.store.base import StoreContext, db_now, job_from_row
+from kontext.schema import LEASED_STATES, api_accounts, guild_controls, jobs
+from kontext.store.base import StoreContext, db_now, job_from_row, state_in
 from kontext.store.leases import api_done_tx, read_db_now
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits, Claim, Job, Lease, QueueView
 from kontext.vocab import JobState
@@ -79,8 +79,10 @@ class QueueStatements:
         self.account = select(_a.id, _a.paused, _a.blocked_until).where(_a.id == acct)
         # the account's running jobs (their members; still at the API or not)
         self.running = select(_j.guild_id, _j.user_id, _j.api_done_at).where(
-            _j.state == JobState.RUNNING, _j.account == acct
+            state_in(LEASED_STATES), _j.account == acct
         )
+        # the servers the owner blocked (their waiting jobs are refused, never claimed)
+        self.blocked = select(guild_controls.c.guild_id).where(guild_controls.c.blocked)
         # starts in the RPM window
         self.starts = (
             select(func.count())
@@ -89,18 +91,17 @@ class QueueStatements:
         )
         now = bindparam("now", type_=Double)
         owner = bindparam("owner", type_=Text)
-        # accepted → running with a new lease
+        # accepted → claimed with a new lease (nothing is sent yet: not billed)
         self.claim = (
             update(jobs)
             .where(_j.id == bindparam("job_id", type_=BigInteger), _j.state == JobState.ACCEPTED)
             .values(
-                state=JobState.RUNNING,
+                state=JobState.CLAIMED,
                 lease_owner=owner,
                 lease_epoch=_j.lease_epoch + 1,
                 lease_expires_at=bindparam("expires", type_=Double),
                 started_at=now,
                 worker_id=owner,
-                api_charged=True,
             )
             .returning(*jobs.columns)
         )
@@ -144,9 +145,10 @@ class QueueStore:
 
         ``limits``: one account's, or every account's (the owner's and servers' own keys);
         accounts are served in the order of their oldest waiting job. The job moves
-        ``accepted → running`` with a new lease; its ``started_at`` (the RPM window) is the
-        database's now, and it counts as billed from here (its request may be sent at once; a
-        refund that proves nothing was generated gives the budget back).
+        ``accepted → claimed`` with a new lease; its ``started_at`` (the RPM window) is the
+        database's now. It counts as billed only once it reaches ``sent``. Waiting jobs of
+        servers the bot no longer serves (blocked by the owner, or outside
+        ``ALLOWED_GUILD_IDS``) are never claimed: their ids come back in ``Claim.refused``.
 
         ``done``: a job of this worker whose API call just ended: its slot is freed in the same
         transaction (:meth:`kontext.store.leases.LeaseStore.api_done`), so a freed slot is
@@ -173,8 +175,14 @@ class QueueStore:
         now = float(execute(conn, q.now, {}).scalar_one())
         known = {lim.account: lim for lim in every}
         by_account: dict[str, list[Any]] = {}
-        for row in execute(conn, q.waiting, {}).all():
-            if row.account in known:
+        refused: list[int] = []
+        waiting_rows = execute(conn, q.waiting, {}).all()
+        blocked = {int(g) for (g,) in execute(conn, q.blocked, {}).all()} if waiting_rows else set()
+        allowed = self.ctx.config.allowed_guild_ids
+        for row in waiting_rows:
+            if int(row.guild_id) in blocked or (allowed and int(row.guild_id) not in allowed):
+                refused.append(int(row.id))
+            elif row.account in known:
                 by_account.setdefault(row.account, []).append(row)
         accounts = {}
         for name in (OWNER_ACCOUNT, *by_account):
@@ -182,7 +190,9 @@ class QueueStore:
             if state is not None:
                 accounts[name] = state
         owner = accounts.get(OWNER_ACCOUNT)
-        result = Claim(empty=True, paused=bool(owner is not None and owner.paused))
+        result = Claim(
+            empty=True, paused=bool(owner is not None and owner.paused), refused=refused
+        )
         waits: list[float] = []
         for name, rows in by_account.items():  # oldest waiting job first (dicts keep order)
             state = accounts.get(name)
@@ -191,6 +201,7 @@ class QueueStore:
             claim = self._claim_account(conn, worker_id, known[name], rows, state, now, lease_s)
             if claim.job is not None:
                 claim.paused = result.paused
+                claim.refused = refused
                 return claim
             waits.append(claim.wait_s)
         if waits:
@@ -255,7 +266,7 @@ class QueueStore:
             running = (
                 await conn.execute(
                     select(_j.guild_id, _j.user_id, _j.started_at, _j.api_done_at).where(
-                        _j.state == JobState.RUNNING, mine
+                        state_in(LEASED_STATES), mine
                     )
                 )
             ).all()

@@ -156,6 +156,9 @@ class Job:
     lease_expires_at: float | None = None
     api_done_at: float | None = None
     account: str = OWNER_ACCOUNT
+    sent_at: float | None = None
+    posting_at: float | None = None
+    settle_tries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +228,9 @@ class Claim:
     paused: bool = False
     #: seconds until a start may be allowed (RPM window, 429 hold); 0 when at the slot limit
     wait_s: float = 0.0
+    #: waiting jobs of servers the bot no longer serves (blocked by the owner, or not in
+    #: ``ALLOWED_GUILD_IDS``): never claimed; the caller refunds them
+    refused: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -186,7 +186,7 @@ async def running_bot(settings: Settings, on_outcome: Any = None) -> AsyncIterat
         try:
             await bot.login(settings.discord_token)
             if on_outcome is not None:
-                bot.pipeline.on_outcome = on_outcome
+                bot.pipeline.outcomes.subscribe(on_outcome)
             task = asyncio.create_task(bot.connect(reconnect=False))
             async with asyncio.timeout(15):
                 await bot.wait_until_ready()

@@ -194,11 +194,31 @@ async def test_followup_rate_limited_with_retry_after_posts_once() -> None:
         await serves_next(h, balance_after=START - 2)
 
 
-async def test_upload_5xx_once_is_retried_and_posts_once() -> None:
+def upload_posts(h: Harness) -> int:
+    """How many result uploads (follow-up POSTs) reached Discord."""
+    return sum(1 for r in h.discord.requests if r.method == "POST" and "/webhooks/" in r.path)
+
+
+async def test_upload_5xx_is_sent_once_and_refunded_when_nothing_was_posted() -> None:
+    """A 5xx on the upload is never repeated (Discord may have created the message before
+    answering: a repeat made a second copy); this one created nothing, so the channel holds no
+    result and the job is refunded."""
     async with harness() as h:
         rule = h.discord.fail_next("POST", WEBHOOK_POST, 503)
         rec = await h.kontext()
-        assert rule.hits == 1
+        assert rule.hits == 1 and upload_posts(h) == 1
+        await settle_and_check(h, rec, status="refunded", balance=START)
+        assert h.result_messages() == []
+        await serves_next(h, balance_after=START - 1)
+
+
+async def test_upload_5xx_after_the_post_was_made_is_found_and_posted_once() -> None:
+    """A 502 after Discord created the follow-up: the fate is unknown, the channel shows the
+    result, so the job is posted and charged, with one copy."""
+    async with harness() as h:
+        h.discord.fail_next("POST", WEBHOOK_POST, 502, process=True)
+        rec = await h.kontext()
+        assert upload_posts(h) == 1
         await settle_and_check(h, rec, status="posted", balance=START - 1)
         assert len(h.result_messages()) == 1
         await serves_next(h, balance_after=START - 2)
@@ -250,7 +270,7 @@ async def test_a_big_result_is_uploaded_from_its_file_which_is_closed_at_the_end
             h.discord.expire_token(rec)
             await h.wait_settled(rec)
         assert spool.open_count() == before  # closed when the job ended
-        if upload == "refused":
+        if upload in ("refused", "503-once"):  # a 5xx upload is never sent again
             await settle_and_check(h, rec, status="refunded", balance=START)
             assert posted == [True]
         else:
@@ -270,7 +290,7 @@ async def test_a_big_result_is_uploaded_from_its_file_which_is_closed_at_the_end
 
 
 def h_balance_after(upload: str) -> int:
-    return START - (1 if upload == "refused" else 2)
+    return START - (1 if upload in ("refused", "503-once") else 2)
 
 
 async def test_defer_answered_40060_does_nothing_else() -> None:

@@ -349,7 +349,7 @@ async def test_jobs_received_on_shard0_run_in_the_shard1_process_when_shard0_sto
             if any(j is None for j in jobs):
                 return None
             states = sorted((j.state, j.id) for j in jobs if j is not None)
-            if [st for st, _ in states] != ["accepted", "accepted", "running"]:
+            if [st for st, _ in states] != ["accepted", "accepted", "sent"]:
                 return None
             return [states[2][1], states[0][1], states[1][1]]
 

@@ -43,7 +43,7 @@ from sqlalchemy.engine import make_url
 
 from emulators.discord import EPHEMERAL, DiscordEmulator, GatewayConnection, InteractionRecord
 from emulators.segmind import SegmindEmulator
-from kontext.schema import jobs
+from kontext.schema import LEASED_STATES, jobs
 from kontext.store import Store
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import _dsn, backend_url, ensure_postgres, make_settings, temp_postgres_url
@@ -412,7 +412,7 @@ async def test_kill9_survivor_runs_the_waiting_jobs_and_settles_the_running_one(
         b = await f.start("b", **env)  # alive, sweeping, while A holds the job
         async with f.store() as store:
             held = await store.jobs.get(running.id)
-        assert held is not None and held.state == "running" and held.lease_epoch == 1, held
+        assert held is not None and held.state == "sent" and held.lease_epoch == 1, held
         assert held.lease_owner == running.lease_owner  # still A's
         a.kill()
         assert await a.wait(10) == -9
@@ -449,7 +449,7 @@ async def _job_has(store: Store, job_id: int, check: Callable[[Any], Any]) -> bo
 async def _running(store: Store, ids: list[int]) -> Any:
     for job_id in ids:
         job = await store.jobs.get(job_id)
-        if job is not None and job.state == "running":
+        if job is not None and job.state in LEASED_STATES:
             return job
     return None
 
@@ -693,7 +693,7 @@ async def test_a_minute_without_postgres_runs_no_job_twice(tmp_path: Path) -> No
         await f.until(lambda: len(f.semu.calls) == 2, 15, "two jobs at the API")
         await f.until_db(lambda s: _eq(s.queue.count_waiting(), 2), 10, "two jobs waiting")
         async with f.store() as store:
-            at_api = {j.id for j in [await store.jobs.get(i) for i in ids] if j and j.state == "running"}
+            at_api = {j.id for j in [await store.jobs.get(i) for i in ids] if j and j.state in LEASED_STATES}
         assert len(at_api) == 2
 
         down_at = time.monotonic()

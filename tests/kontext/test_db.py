@@ -30,6 +30,7 @@ from tests.dbutil import (
     ensure_postgres,
     make_settings,
     postgres_base_url,
+    put_job_in_state,
     temp_postgres_schema,
 )
 
@@ -594,13 +595,15 @@ async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.
         second = await store.queue.claim_next("w", limits, lease_s=30, done=first.lease)
         assert second.job is not None and second.lease is not None
         assert await store.leases.api_done(second.lease)
+        assert await store.leases.mark_sent(first.lease)
+        assert await store.leases.mark_posting(first.lease)
         assert await store.ledger.commit(
             first.job.id, result_message_id=9, result_channel_id=5, lease=first.lease
         )
         assert await store.ledger.refund(second.job.id, cause="api_error", lease=second.lease)
         waiting, other = sorted({1, 2, 3, 4} - {first.job.id, second.job.id})
         assert await store.ledger.refund(waiting, cause="shutdown", waiting_only=True)
-        assert await store.jobs.mark_running(other)
+        assert await put_job_in_state(store, other, "posting")
         assert await store.ledger.commit(other, result_message_id=10, result_channel_id=5, duration_s=1.5)
         await store.credits.grant(1, 2, 5, actor_id=7)
         assert (await store.credits.revoke(1, 2, 1_000, actor_id=7))[1] == 0

@@ -28,7 +28,7 @@ from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
 from kontext.store import Store
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits
-from tests.dbutil import make_settings
+from tests.dbutil import make_settings, put_job_in_state
 from tests.e2e.harness import make_image
 from tests.e2e.proc import until
 
@@ -69,7 +69,7 @@ class FakeSink:
         self.posted = Delivery(message_id=next(_ids), channel_id=5)
         return self.posted
 
-    async def find_result(self) -> Delivery | None:
+    async def find_result(self, since: float) -> Delivery | None:
         self.events.append(("find_result",))
         return self.posted
 
@@ -106,7 +106,6 @@ class Env:
         nxt = JobPipeline(
             settings=self.pipeline.settings, store=self.store, client=self.pipeline.client,
             queue=queue, http=self.pipeline.http, worker_id=worker_id,
-            sink_factory=self.remote_sink,
         )
         return queue, nxt
 
@@ -162,11 +161,10 @@ async def pipeline_env(
             worker_id="w1", progress_interval_s=progress, probe_interval_s=probe,
         )
         outcomes: list[JobOutcome] = []
-        pipeline.on_outcome = outcomes.append
+        pipeline.outcomes.subscribe(outcomes.append)
         env = Env(semu, store, queue, pipeline, semu.host_image(make_image()),
                   semu.host_image(make_image(colour="blue")), outcomes)
-        pipeline.sink_factory = env.remote_sink
-        pipeline.start()
+        pipeline.start(env.remote_sink)
         try:
             yield env
             assert await store.audit.check_invariants() == []
@@ -250,7 +248,7 @@ async def test_shutdown_refunds_an_overdue_running_job_and_leaves_waiting_ones_q
             env.pipeline.ensure_accepting()
         # the next process runs it
         queue, nxt = env.next_process("w2")
-        nxt.start()
+        nxt.start(env.remote_sink)
         await eventually(
             lambda: env.store.jobs.get(specs[1].job_id), lambda j: j.state == "posted", 20
         )
@@ -278,13 +276,13 @@ async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -
         assert sink.events[-1][0] == "generating" and sink.events[-1][1] == -1.0
         assert await env.balance(spec.user_id) == 9  # still reserved: the owner paid for it
         job = await env.store.jobs.get(spec.job_id)
-        assert job is not None and job.state == "running" and job.lease_owner is None  # let go
+        assert job is not None and job.state == "sent" and job.lease_owner is None  # let go
         # the next process takes it over at once (no lease to wait for)
         queue, nxt = env.next_process("w2")
-        nxt.start()
+        nxt.start(env.remote_sink)
         await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "posted")
         sink2 = env.remote[spec.job_id]
-        assert sink2.kinds()[0] == "find_result" and sink2.kinds()[-1] == "deliver"
+        assert "find_result" not in sink2.kinds() and sink2.kinds()[-1] == "deliver"
         assert len(env.semu.calls) == 1 and env.semu.charged_count == 1
         assert await env.balance(spec.user_id) == 9
         await nxt.shutdown(1.0)
@@ -293,11 +291,12 @@ async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -
 async def test_resume_in_sync_mode_refunds_with_a_restart_message(tmp_path: Path) -> None:
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        await env.store.ledger.reserve(env.pipeline._reserve_request(spec))
-        await env.store.jobs.mark_running(spec.job_id)  # a process died mid-call, holding no lease
+        await env.store.ledger.reserve(env.pipeline.reserve_request(spec))
+        # a process died mid-call (its request sent), holding no lease
+        await put_job_in_state(env.store, spec.job_id, "sent")
         await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "refunded")
         sink = env.remote[spec.job_id]
-        assert sink.kinds() == ["find_result", "failed"]
+        assert sink.kinds() == ["failed"]  # nothing to look for: its upload never began
         assert "restarted" in sink.events[-1][1].user_message("en-US")
         assert await env.balance(spec.user_id) == 10
         assert env.semu.calls == []
@@ -307,8 +306,8 @@ async def test_a_result_already_in_the_channel_is_committed_not_refunded(tmp_pat
     """A process died between posting and committing: the next one finds the post (e)."""
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        await env.store.ledger.reserve(env.pipeline._reserve_request(spec))
-        await env.store.jobs.mark_running(spec.job_id)
+        await env.store.ledger.reserve(env.pipeline.reserve_request(spec))
+        await put_job_in_state(env.store, spec.job_id, "posting")
         env.remote[spec.job_id] = sink = FakeSink()
         sink.posted = Delivery(message_id=4242, channel_id=5)
         job = await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "posted")
@@ -437,8 +436,8 @@ async def test_unsure_refund_leaves_another_process_s_job_alone(tmp_path: Path) 
         spec = env.spec()
         _, other = env.next_process("w2")  # not started: it only reserves
         env.pipeline.queue.stop_claiming()  # keep the job waiting
-        await env.store.ledger.reserve(other._reserve_request(spec))  # w2 received this job
-        assert not await env.pipeline._refund_if_ours(spec.job_id)
+        await env.store.ledger.reserve(other.reserve_request(spec))  # w2 received this job
+        assert not await env.pipeline.settlement.refund_if_ours(spec.job_id)
         job = await env.store.jobs.get(spec.job_id)
         assert job is not None and job.state == "accepted"
         assert await env.store.ledger.refund(spec.job_id, cause="test")
@@ -516,7 +515,7 @@ async def test_jobs_checked_when_shutdown_begins_are_not_reserved(
         sink = FakeSink()
         task = asyncio.create_task(env.pipeline.run(spec, sink))
         await checking.wait()
-        env.pipeline.accepting = False  # what shutdown() does first
+        env.pipeline.lifecycle.accepting = False  # what shutdown() does first
         release.set()
         outcome = await task
         assert outcome.status == "rejected" and outcome.cause == "shutdown"

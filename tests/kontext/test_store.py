@@ -19,7 +19,7 @@ from kontext.errors import (
 )
 from kontext.schema import ledger, settings_audit
 from kontext.store import ReserveRequest, Store
-from tests.dbutil import FakeClock
+from tests.dbutil import FakeClock, put_job_in_state
 
 G, U, U2, CH = 1001, 2001, 2002, 3001
 DAY = 86_400.0
@@ -184,8 +184,7 @@ async def test_zero_cost_jobs(store_factory: Any) -> None:
 
 async def test_commit_is_idempotent_and_final(store: Store, clock: FakeClock) -> None:
     await store.ledger.reserve(req(1))
-    assert await store.jobs.mark_running(1)
-    assert not await store.jobs.mark_running(1)
+    assert await put_job_in_state(store, 1, "posting")
     clock.advance(18)
     assert await store.ledger.commit(1, result_message_id=55, result_channel_id=CH)
     assert not await store.ledger.commit(1, result_message_id=56, result_channel_id=CH)
@@ -204,7 +203,7 @@ async def test_refund_restores_and_is_exclusive(store: Store) -> None:
     assert await store.ledger.refund(1, cause="api_timeout")
     assert not await store.ledger.refund(1, cause="api_timeout")
     assert not await store.ledger.commit(1, result_message_id=1, result_channel_id=CH)
-    assert not await store.jobs.mark_running(1)
+    assert not await put_job_in_state(store, 1, "claimed")
     status = await store.credits.member_status(G, U)
     assert (status.balance, status.inflight, status.cooldown_remaining) == (10, 0, 0)
     job = await store.jobs.get(1)

@@ -107,8 +107,14 @@ async def test_fencing_a_lost_lease_changes_nothing(store_factory: Any) -> None:
     assert not await store.ledger.refund(1, cause="x", lease=old)
     assert not await store.leases.let_go(old)
     assert not await store.leases.holds(old) and await store.leases.holds(new)
-    # the new holder can
+    assert not await store.leases.mark_sent(old) and not await store.leases.requeue(old)
+    # the new holder can, step by step: claimed → sent → posting → posted
     assert await store.leases.renew("b", 30) == {1: new.epoch}
+    assert not await store.ledger.commit(1, result_message_id=9, result_channel_id=5, lease=new)
+    assert not await store.leases.mark_posting(new)  # not sent yet
+    assert await store.leases.mark_sent(new) and not await store.leases.mark_sent(new)
+    assert not await store.leases.requeue(new)  # sent: it may be billed, never queued again
+    assert await store.leases.mark_posting(new)
     assert await store.ledger.commit(1, result_message_id=9, result_channel_id=5, lease=new)
     assert await store.audit.check_invariants() == []
 
@@ -146,6 +152,7 @@ async def test_refund_after_a_claim_keeps_the_budget_unless_nothing_was_generate
     a = await store.queue.claim_next("a", limits(), lease_s=30)
     b = await store.queue.claim_next("a", limits(), lease_s=30)
     assert a.lease and b.lease
+    assert await store.leases.mark_sent(a.lease) and await store.leases.mark_sent(b.lease)
     # not known (a shutdown mid-call): the database's record stands: billed
     assert await store.ledger.refund(1, cause="shutdown", api_charged=None, lease=a.lease)
     # the answer proves nothing was generated (a 400): the budget share comes back
@@ -154,6 +161,19 @@ async def test_refund_after_a_claim_keeps_the_budget_unless_nothing_was_generate
     assert one is not None and one.api_charged and two is not None and not two.api_charged
     budget = await store.budgets.status()
     assert budget.reserved_usd == 0.10
+    assert await store.audit.check_invariants() == []
+
+
+async def test_a_claimed_job_never_sent_is_not_billed(store_factory: Any) -> None:
+    """Billing begins at ``sent``: a takeover refund of a job only claimed gives the budget back."""
+    store = await open_store(store_factory)
+    await store.ledger.reserve(req(1, 101))
+    claim = await store.queue.claim_next("a", limits(), lease_s=30)
+    assert claim.lease is not None
+    assert await store.ledger.refund(1, cause="shutdown", api_charged=None, lease=claim.lease)
+    job = await store.jobs.get(1)
+    assert job is not None and not job.api_charged and job.sent_at is None
+    assert (await store.budgets.status()).reserved_usd == 0
     assert await store.audit.check_invariants() == []
 
 

@@ -13,9 +13,10 @@ from kontext.vocab import ImageFormat, JobState, LedgerKind, Outcome, Source
 
 
 def test_the_check_constraints_are_the_ones_the_migrations_made() -> None:
-    # the exact text of before the enums: no migration is needed
+    # the exact text revision 0003 wrote (changing an enum needs a revision)
     expected = [
-        (schema.jobs, "ck_jobs_state", "state IN ('accepted', 'running', 'posted', 'failed', 'refunded')"),
+        (schema.jobs, "ck_jobs_state",
+         "state IN ('accepted', 'claimed', 'sent', 'posting', 'posted', 'failed', 'refunded')"),
         (schema.ledger, "ck_ledger_kind",
          "kind IN ('start', 'grant', 'revoke', 'daily', 'reserve', 'commit', 'refund')"),
     ]
@@ -27,7 +28,8 @@ def test_the_check_constraints_are_the_ones_the_migrations_made() -> None:
 def test_members_are_their_strings() -> None:
     assert JobState.POSTED == "posted" and f"{LedgerKind.REFUND}" == "refund"
     assert json.dumps([Outcome.HANDED_OVER, Source.USE_AS_INPUT]) == '["handed_over", "use_as_input"]'
-    assert schema.ACTIVE_STATES == ("accepted", "running")
+    assert schema.ACTIVE_STATES == ("accepted", "claimed", "sent", "posting")
+    assert schema.LEASED_STATES == ("claimed", "sent", "posting")
     assert {"posted": 1}[Outcome.POSTED] == 1
 
 
