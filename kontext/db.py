@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import tenacity
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -163,31 +163,34 @@ class Database:
         """SQLite: switch the file to WAL mode (persistent), retrying while others hold locks.
 
         Switching needs a moment alone with the file and SQLite does not wait for that with the
-        busy timeout, so two processes creating one database at once can be refused: retry
-        (without blocking the event loop) for up to the busy timeout. No-op on Postgres.
+        busy timeout, so two processes creating one database at once can be refused: a locked
+        database (``OperationalError``) is tried again, without blocking the event loop, for up
+        to the busy timeout (pauses of 0.01 s doubling to 0.5 s), then its error is raised; any
+        other error, or a file that will not take WAL mode, is raised at once. No-op on Postgres.
         """
         if not self.is_sqlite:
             return
-        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-        delay = 0.01
-        while True:
-            try:
-                async with self.engine.connect() as conn:
-                    # on the driver's connection: outside any transaction, as the pragma needs
-                    raw = (await conn.get_raw_connection()).driver_connection
-                    assert raw is not None
-                    cursor = await raw.execute("PRAGMA journal_mode = WAL")
-                    row = await cursor.fetchone()
-                    await cursor.close()
-                mode = str(row[0] if row else "").lower()
-                if mode == "wal":
-                    return
-                raise RuntimeError(f"SQLite refused WAL mode (journal_mode={mode})")
-            except (OperationalError, sqlite3.OperationalError):
-                if time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(0.5, delay * 2)
+        async for attempt in tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type((OperationalError, sqlite3.OperationalError)),
+            stop=tenacity.stop_after_delay(SQLITE_BUSY_TIMEOUT_MS / 1000),
+            wait=tenacity.wait_exponential(multiplier=0.01, max=0.5),  # 0.01 s, doubling, ≤ 0.5 s
+            reraise=True,
+        ):
+            with attempt:
+                mode = await self._switch_to_wal()
+        if mode != "wal":
+            raise RuntimeError(f"SQLite refused WAL mode (journal_mode={mode})")
+
+    async def _switch_to_wal(self) -> str:
+        """One try at ``PRAGMA journal_mode = WAL``: the journal mode SQLite answers, lowercase."""
+        async with self.engine.connect() as conn:
+            # on the driver's connection: outside any transaction, as the pragma needs
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            cursor = await raw.execute("PRAGMA journal_mode = WAL")
+            row = await cursor.fetchone()
+            await cursor.close()
+        return str(row[0] if row else "").lower()
 
     @property
     def is_sqlite(self) -> bool:

@@ -18,29 +18,36 @@ Tests drive it through :meth:`DiscordEmulator.invoke_slash`, :meth:`~DiscordEmul
 never fixed sleeps). Faults are injected with :meth:`DiscordEmulator.fail_next` and
 :meth:`DiscordEmulator.delay`.
 
-The parts, one concern each::
+The parts, one concern each, each an object holding the parts it works with (passed in when
+the emulator builds it; none imports the facade)::
 
-    emulator.py           DiscordEmulator: the facade tests hold; lifecycle, waiting
+    emulator.py           DiscordEmulator: the facade tests hold; builds the parts, lifecycle
+    config.py             Settings (the knobs tests may change) and Address (the port)
+    changes.py            Changes: notify and wait_until, for every waiter
+    ids.py                Snowflakes: the emulator's ids
     models.py             constants, APIError, request/interaction records, Guild
-    world.py              users, guilds, roles, channels, members, permissions (mixin)
-    messages.py           the message store (mixin)
-    commands.py           synced commands (mixin) and their REST routes
-    driver.py             what members do: slash commands, clicks, modals (mixin)
+    connections.py        the open gateway connections and how events are routed to them
+    world.py              World: users, guilds, roles, channels, members, permissions
+    cdn.py                Cdn: stored attachments behind signed, expiring URLs
+    messages.py           MessageStore: every channel's messages
+    commands.py           CommandRegistry: the synced commands
+    interactions.py       Interactions: every interaction sent, by id and token
+    driver.py             Driver: what members do (slash commands, clicks, modals)
     components.py         finding components, building modal submissions
     validation.py         Discord's checks of commands, messages and modals
     rest_channels.py      REST: users, application, channels, messages, guilds
     rest_interactions.py  REST: interaction callbacks and webhooks
-    cdn.py                signed, expiring attachment URLs
-    gateway.py            websocket sessions: identify, resume, dispatch, shards
+    rest_commands.py      REST: command sync
+    gateway.py            Gateway: the websocket endpoint, identify, resume
     faults.py             injected failures, delays and rate-limit headers
-    http.py               the middleware and request body reader
+    http.py               the middleware (request log, faults, auth) and the body reader
 
 This package does not import discord.py at import time.
 """
 
+from .connections import GatewayConnection
 from .emulator import DiscordEmulator
 from .faults import FaultRule
-from .gateway import GatewayConnection
 from .models import (
     ALL_PERMISSIONS,
     EPHEMERAL,

@@ -2,7 +2,7 @@
 
 Every attachment URL carries Discord's ``ex``/``is``/``hm`` query (expiry, issue time, HMAC);
 a URL answers 404 once it expired or once the test called
-:meth:`DiscordEmulator.expire_attachment` (which bumps the attachment's generation, so every URL
+``DiscordEmulator.expire_attachment`` (which bumps the attachment's generation, so every URL
 issued before stops working, as when Discord's CDN links go stale).
 """
 
@@ -14,15 +14,17 @@ import math
 import mimetypes
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .emulator import DiscordEmulator
+from .changes import Changes
+from .config import Address, Settings
+from .ids import Snowflakes
 
 _ATTACHMENT_PATH_RE = re.compile(r"/attachments/(\d+)/")
 
@@ -54,8 +56,17 @@ def image_info(data: bytes) -> tuple[int, int, str | None] | None:
 class Cdn:
     """Stores attachments, issues their signed URLs and serves them."""
 
-    def __init__(self, emu: DiscordEmulator) -> None:
-        self.emu = emu
+    def __init__(
+        self, settings: Settings, address: Address, snowflakes: Snowflakes, changes: Changes
+    ) -> None:
+        self._settings = settings
+        self._address = address
+        self._snowflakes = snowflakes
+        self._changes = changes
+        self.attachments: dict[int, StoredAttachment] = {}
+        #: successful and refused downloads, by attachment id
+        self.fetches: Counter[int] = Counter()
+        self.fetch_failures: Counter[int] = Counter()
 
     def add_routes(self, app: web.Application) -> None:
         """Serve ``/attachments/...`` and ``/proxy/attachments/...``."""
@@ -64,9 +75,9 @@ class Cdn:
 
     def _sign(self, att: StoredAttachment) -> str:
         issued = int(time.time())
-        expires = issued + max(1, int(math.ceil(self.emu.attachment_ttl)))
+        expires = issued + max(1, int(math.ceil(self._settings.attachment_ttl)))
         digest = hashlib.sha256(
-            f"{self.emu.secret}:{att.id}:{att.generation}:{expires:x}:{issued:x}".encode()
+            f"{self._settings.secret}:{att.id}:{att.generation}:{expires:x}:{issued:x}".encode()
         ).hexdigest()
         return f"ex={expires:x}&is={issued:x}&hm={digest}&"
 
@@ -78,7 +89,7 @@ class Cdn:
         except (KeyError, ValueError):
             return False
         expected = hashlib.sha256(
-            f"{self.emu.secret}:{att.id}:{att.generation}:{expires:x}:{issued:x}".encode()
+            f"{self._settings.secret}:{att.id}:{att.generation}:{expires:x}:{issued:x}".encode()
         ).hexdigest()
         return digest == expected and time.time() <= expires
 
@@ -89,8 +100,8 @@ class Cdn:
             "id": str(att.id),
             "filename": att.filename,
             "size": len(att.data),
-            "url": f"{self.emu.base_url}/attachments/{att.id}/{name}?{query}",
-            "proxy_url": f"{self.emu.base_url}/proxy/attachments/{att.id}/{name}?{query}",
+            "url": f"{self._address.base_url}/attachments/{att.id}/{name}?{query}",
+            "proxy_url": f"{self._address.base_url}/proxy/attachments/{att.id}/{name}?{query}",
             "flags": 0,
         }
         if att.content_type is not None:
@@ -121,7 +132,7 @@ class Cdn:
             elif content_type in (None, "", "application/octet-stream"):
                 content_type = mimetypes.guess_type(filename)[0] or content_type or None
         att = StoredAttachment(
-            id=self.emu.snowflake(),
+            id=self._snowflakes.next(),
             data=bytes(data),
             filename=filename.replace(" ", "_") or "unknown",
             content_type=content_type,
@@ -130,7 +141,7 @@ class Cdn:
             description=description,
             ephemeral=ephemeral,
         )
-        self.emu.attachments[att.id] = att
+        self.attachments[att.id] = att
         return att
 
     def add(
@@ -157,31 +168,31 @@ class Cdn:
 
     def data(self, ref: Mapping[str, Any] | str | int) -> bytes:
         """The bytes of an attachment (dict, URL or id)."""
-        return self.emu.attachments[self.attachment_id(ref)].data
+        return self.attachments[self.attachment_id(ref)].data
 
     def expire(self, ref: Mapping[str, Any] | str | int) -> None:
         """Make every URL issued so far for this attachment answer 404 (CDN expiry)."""
-        self.emu.attachments[self.attachment_id(ref)].generation += 1
+        self.attachments[self.attachment_id(ref)].generation += 1
 
     def fresh(self, ref: Mapping[str, Any] | str | int) -> dict[str, Any]:
         """A new attachment object (fresh signed URLs), like a fresh fetch of the message."""
-        return self.payload(self.emu.attachments[self.attachment_id(ref)])
+        return self.payload(self.attachments[self.attachment_id(ref)])
 
     def refresh_message_urls(self, message: dict[str, Any]) -> None:
         for i, att in enumerate(message.get("attachments", [])):
-            stored = self.emu.attachments.get(int(att["id"]))
+            stored = self.attachments.get(int(att["id"]))
             if stored is not None:
                 message["attachments"][i] = self.payload(stored)
 
     async def serve(self, request: web.Request) -> web.Response:
         aid = int(request.match_info["attachment_id"])
-        att = self.emu.attachments.get(aid)
+        att = self.attachments.get(aid)
         if att is None or not self._url_valid(att, request.query):
-            self.emu.attachment_fetch_failures[aid] += 1
-            self.emu.notify()
+            self.fetch_failures[aid] += 1
+            self._changes.notify()
             return web.Response(status=404, text="This content is no longer available.")
-        self.emu.attachment_fetches[aid] += 1
-        self.emu.notify()
+        self.fetches[aid] += 1
+        self._changes.notify()
         return web.Response(
             body=att.data, headers={"Content-Type": att.content_type or "application/octet-stream"}
         )

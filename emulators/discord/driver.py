@@ -1,6 +1,6 @@
 """The test driver: what members do in Discord, sent to the bot as INTERACTION_CREATE.
 
-A mixin of :class:`DiscordEmulator`: :meth:`invoke_slash`, :meth:`invoke_message_command`,
+:class:`Driver` (the emulator's ``invoke_slash``, ... delegate to it): :meth:`invoke_slash`, :meth:`invoke_message_command`,
 :meth:`invoke_user_command`, :meth:`click_button`, :meth:`select` and :meth:`submit_modal` build
 the interaction payload Discord would send (member, permissions, resolved options and
 attachments, the channel) from the synced commands and the world, deliver it to the chosen
@@ -10,54 +10,45 @@ gateway clients and return its :class:`InteractionRecord`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
-import itertools
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from .changes import Changes
+from .commands import CommandRegistry
 from .components import find_component, modal_submission
-from .models import (
-    ALL_PERMISSIONS,
-    DM_APP_PERMISSIONS,
-    Guild,
-    InteractionRecord,
-    ToSpec,
-)
+from .config import Settings
+from .connections import Connections, GatewayConnection
+from .ids import Snowflakes
+from .interactions import Interactions
+from .messages import MessageStore
+from .models import ALL_PERMISSIONS, DM_APP_PERMISSIONS, InteractionRecord, ToSpec
 from .validation import SUBCOMMAND_TYPES
-
-if TYPE_CHECKING:
-    from .emulator import DiscordEmulator
-    from .gateway import Gateway, GatewayConnection
+from .world import World
 
 
-class DriverMixin:
-    """Interactions as members cause them (state lives on the emulator)."""
+class Driver:
+    """Interactions as members cause them, delivered to the bot's gateway clients."""
 
-    application_id: int
-    default_user_id: int
-    bot_user_id: int
-    guilds: dict[int, Guild]
-    users: dict[int, dict[str, Any]]
-    interactions: dict[int, InteractionRecord]
-    _by_token: dict[str, InteractionRecord]
-    _token_counter: itertools.count[int]
-    _message_index: dict[int, dict[str, Any]]
-    gateway: Gateway
-    # provided by DiscordEmulator and its other parts
-    notify: Callable[[], None]
-    snowflake: Callable[[], int]
-    add_user: Callable[..., dict[str, Any]]
-    _guild: Callable[[int], Guild]
-    _channel_or_lookup: Callable[[int], dict[str, Any]]
-    _ensure_member: Callable[[Guild, int], dict[str, Any]]
-    dm_channel: Callable[[int], dict[str, Any]]
-    guild_upload_limit: Callable[[int | None], int]
-    member_permissions: Callable[[int, int], int]
-    channel_permissions: Callable[..., int]
-    _message_dict: Callable[[Any], dict[str, Any]]
-    _coerce_attachment: Callable[[Any, str], dict[str, Any]]
-    _require_command: Callable[[str, int, int | None], dict[str, Any] | None]
+    def __init__(
+        self,
+        settings: Settings,
+        world: World,
+        messages: MessageStore,
+        commands: CommandRegistry,
+        interactions: Interactions,
+        connections: Connections,
+        snowflakes: Snowflakes,
+        changes: Changes,
+    ) -> None:
+        self._settings = settings
+        self._world = world
+        self._messages = messages
+        self._commands = commands
+        self._interactions = interactions
+        self._connections = connections
+        self._snowflakes = snowflakes
+        self._changes = changes
 
     def _resolve_location(
         self, guild_id: int | None, channel_id: int | None, dm: bool
@@ -65,16 +56,16 @@ class DriverMixin:
         if dm:
             return None, channel_id
         if channel_id is not None:
-            channel = self._channel_or_lookup(channel_id)
+            channel = self._world.channel_or_lookup(channel_id)
             return (int(channel["guild_id"]) if channel.get("guild_id") else None), int(channel_id)
         if guild_id is None:
-            if len(self.guilds) == 1:
-                guild_id = next(iter(self.guilds))
-            elif not self.guilds:
+            if len(self._world.guilds) == 1:
+                guild_id = next(iter(self._world.guilds))
+            elif not self._world.guilds:
                 return None, None
             else:
                 raise ValueError("several guilds exist: pass guild_id or channel_id")
-        guild = self._guild(guild_id)
+        guild = self._world.guild(guild_id)
         text = [cid for cid, c in guild.channels.items() if c["type"] == 0]
         if not text:
             raise ValueError(f"guild {guild_id} has no text channel: add_channel() first")
@@ -93,14 +84,13 @@ class DriverMixin:
         app_permissions: int | None,
         message: dict[str, Any] | None = None,
     ) -> InteractionRecord:
-        uid = user_id or self.default_user_id
-        user = self.add_user(uid)
-        iid = self.snowflake()
-        raw_token = f"interaction:{iid}:emulated-{next(self._token_counter)}"
-        token = base64.urlsafe_b64encode(raw_token.encode()).decode().rstrip("=")
+        uid = user_id or self._world.default_user_id
+        user = self._world.add_user(uid)
+        iid = self._snowflakes.next()
+        token = self._interactions.new_token(iid)
         payload: dict[str, Any] = {
             "id": str(iid),
-            "application_id": str(self.application_id),
+            "application_id": str(self._settings.application_id),
             "type": itype,
             "data": data,
             "token": token,
@@ -108,16 +98,16 @@ class DriverMixin:
             "locale": locale,
             "entitlements": [],
             "entitlement_sku_ids": [],
-            "attachment_size_limit": attachment_size_limit or self.guild_upload_limit(guild_id),
+            "attachment_size_limit": attachment_size_limit or self._world.guild_upload_limit(guild_id),
         }
         if guild_id is not None:
-            guild = self._guild(guild_id)
+            guild = self._world.guild(guild_id)
             if channel_id is None:
                 raise ValueError("channel_id is required")
-            member = self._ensure_member(guild, uid)
-            perms = self.channel_permissions(guild.id, uid, channel_id)
-            bot_perms = self.channel_permissions(guild.id, self.bot_user_id, channel_id)
-            channel = copy.deepcopy(self._channel_or_lookup(channel_id))
+            member = self._world.ensure_member(guild, uid)
+            perms = self._world.channel_permissions(guild.id, uid, channel_id)
+            bot_perms = self._world.channel_permissions(guild.id, self._settings.bot_user_id, channel_id)
+            channel = copy.deepcopy(self._world.channel_or_lookup(channel_id))
             channel["permissions"] = str(perms)
             payload.update(
                 {
@@ -139,9 +129,9 @@ class DriverMixin:
                 }
             )
         else:
-            dm = self.dm_channel(uid)
+            dm = self._world.dm_channel(uid)
             if channel_id is not None and int(channel_id) != int(dm["id"]):
-                dm = self._channel_or_lookup(channel_id)
+                dm = self._world.channel_or_lookup(channel_id)
             payload.update(
                 {
                     "channel_id": dm["id"],
@@ -156,25 +146,21 @@ class DriverMixin:
             )
         if message is not None:
             payload["message"] = copy.deepcopy(message)
-        # a DriverMixin only ever exists as part of a DiscordEmulator
-        rec = InteractionRecord(cast("DiscordEmulator", self), payload)
-        self.interactions[iid] = rec
-        self._by_token[token] = rec
-        return rec
+        return self._interactions.open(payload)
 
-    async def _deliver(
+    async def deliver(
         self, rec: InteractionRecord, to: ToSpec | GatewayConnection, timeout: float
     ) -> InteractionRecord:
-        if not self.gateway.connections:
-            await self.gateway.wait_connected(1, timeout)
-        conns = self.gateway.select(to, rec.guild_id)
+        if not self._connections.connections:
+            await self._connections.wait_connected(1, timeout)
+        conns = self._connections.select(to, rec.guild_id)
         if not conns:
             raise RuntimeError(f"no connected gateway client handles guild {rec.guild_id}")
         for conn in conns:
             conn.dispatch("INTERACTION_CREATE", copy.deepcopy(rec.payload))
             rec.delivered_to.append(conn.number)
         await asyncio.gather(*(c.flush(timeout) for c in conns))
-        self.notify()
+        self._changes.notify()
         return rec
 
     async def invoke_slash(
@@ -208,7 +194,7 @@ class DriverMixin:
         parts = name.split()
         root, path = parts[0], [*parts[1:], *subcommand]
         guild_id, channel_id = self._resolve_location(guild_id, channel_id, dm)
-        command = self._require_command(root, 1, guild_id)
+        command = self._commands.require_command(root, 1, guild_id)
         values: dict[str, Any] = dict(options or {})
         values.update(attachments or {})
         resolved: dict[str, Any] = {}
@@ -231,7 +217,7 @@ class DriverMixin:
         for segment, seg_type in reversed(wrappers):
             opts = [{"name": segment, "type": seg_type, "options": opts}]
         data: dict[str, Any] = {
-            "id": command["id"] if command else str(self.snowflake()),
+            "id": command["id"] if command else str(self._snowflakes.next()),
             "name": root,
             "type": 1,
             "options": opts,
@@ -250,7 +236,7 @@ class DriverMixin:
             attachment_size_limit=attachment_size_limit,
             app_permissions=app_permissions,
         )
-        return await self._deliver(rec, to, timeout)
+        return await self.deliver(rec, to, timeout)
 
     def _build_options(
         self,
@@ -310,7 +296,7 @@ class DriverMixin:
         if otype == 5:
             return bool(value)
         if otype == 11:
-            att = self._coerce_attachment(value, oname)
+            att = self._messages.coerce_attachment(value, oname)
             att["ephemeral"] = True
             resolved.setdefault("attachments", {})[att["id"]] = att
             return att["id"]
@@ -321,18 +307,18 @@ class DriverMixin:
             if isinstance(value, Mapping):
                 ident = value["user"]["id"] if "user" in value else value["id"]
             uid = int(ident)
-            if otype == 6 or uid in self.users:
-                user = self.add_user(uid)
+            if otype == 6 or uid in self._world.users:
+                user = self._world.add_user(uid)
                 resolved.setdefault("users", {})[str(uid)] = copy.deepcopy(user)
-                guild = self.guilds.get(guild_id) if guild_id is not None else None
+                guild = self._world.guilds.get(guild_id) if guild_id is not None else None
                 if guild is not None and uid in guild.members:
                     member = {k: v for k, v in guild.members[uid].items() if k != "user"}
-                    member["permissions"] = str(self.member_permissions(guild.id, uid))
+                    member["permissions"] = str(self._world.member_permissions(guild.id, uid))
                     resolved.setdefault("members", {})[str(uid)] = member
                 return str(uid)
         if otype in (8, 9):
             rid = int(value["id"]) if isinstance(value, Mapping) else int(value)
-            guild = self._guild(guild_id) if guild_id is not None else None
+            guild = self._world.guild(guild_id) if guild_id is not None else None
             role = guild.roles.get(rid) if guild else None
             if role is None:
                 raise LookupError(f"option {oname!r}: unknown role {rid}")
@@ -340,7 +326,7 @@ class DriverMixin:
             return str(rid)
         if otype == 7:
             cid = int(value["id"]) if isinstance(value, Mapping) else int(value)
-            channel = self._channel_or_lookup(cid)
+            channel = self._world.channel_or_lookup(cid)
             entry: dict[str, Any] = {
                 k: channel[k]
                 for k in ("id", "name", "type", "guild_id", "nsfw", "parent_id")
@@ -364,7 +350,7 @@ class DriverMixin:
         timeout: float = 5.0,
     ) -> InteractionRecord:
         """Run a message context-menu command on a stored message (or a message dict)."""
-        msg = self._message_index.get(
+        msg = self._messages.get(
             int(target_message if isinstance(target_message, int) else target_message["id"])
         )
         if msg is None:
@@ -373,9 +359,9 @@ class DriverMixin:
             msg = dict(target_message)
         channel_id = int(msg["channel_id"])
         guild_id, _ = self._resolve_location(None, channel_id, False)
-        command = self._require_command(name, 3, guild_id)
+        command = self._commands.require_command(name, 3, guild_id)
         data: dict[str, Any] = {
-            "id": command["id"] if command else str(self.snowflake()),
+            "id": command["id"] if command else str(self._snowflakes.next()),
             "name": name,
             "type": 3,
             "target_id": msg["id"],
@@ -393,7 +379,7 @@ class DriverMixin:
             attachment_size_limit=attachment_size_limit,
             app_permissions=app_permissions,
         )
-        return await self._deliver(rec, to, timeout)
+        return await self.deliver(rec, to, timeout)
 
     async def invoke_user_command(
         self,
@@ -409,11 +395,11 @@ class DriverMixin:
     ) -> InteractionRecord:
         """Run a user context-menu command on ``target_user_id``."""
         guild_id, channel_id = self._resolve_location(guild_id, channel_id, False)
-        command = self._require_command(name, 2, guild_id)
+        command = self._commands.require_command(name, 2, guild_id)
         resolved: dict[str, Any] = {}
         self._option_value("target", {"type": 6}, target_user_id, resolved, guild_id)
         data: dict[str, Any] = {
-            "id": command["id"] if command else str(self.snowflake()),
+            "id": command["id"] if command else str(self._snowflakes.next()),
             "name": name,
             "type": 2,
             "target_id": str(target_user_id),
@@ -431,7 +417,7 @@ class DriverMixin:
             attachment_size_limit=None,
             app_permissions=None,
         )
-        return await self._deliver(rec, to, timeout)
+        return await self.deliver(rec, to, timeout)
 
     async def click_button(
         self,
@@ -450,7 +436,7 @@ class DriverMixin:
 
         With ``check`` the component must exist on the message and not be disabled.
         """
-        msg = self._message_dict(message)
+        msg = self._messages.message_dict(message)
         comp = find_component(msg.get("components", []), custom_id)
         if check:
             if comp is None:
@@ -474,7 +460,7 @@ class DriverMixin:
             app_permissions=None,
             message=msg,
         )
-        return await self._deliver(rec, to, timeout)
+        return await self.deliver(rec, to, timeout)
 
     async def select(
         self,
@@ -518,7 +504,7 @@ class DriverMixin:
             definition = next(
                 (
                     r.modal
-                    for r in reversed(self.interactions.values())
+                    for r in reversed(self._interactions.records.values())
                     if r.modal and r.modal.get("custom_id") == modal
                 ),
                 None,
@@ -530,7 +516,7 @@ class DriverMixin:
             if message is None and source.message_id is not None:
                 message = source.message_id
         components = modal_submission(definition, values)
-        msg = self._message_dict(message) if message is not None else None
+        msg = self._messages.message_dict(message) if message is not None else None
         if msg is not None:
             channel_id = channel_id or int(msg["channel_id"])
         guild_id, channel_id = self._resolve_location(guild_id, channel_id, False)
@@ -545,14 +531,14 @@ class DriverMixin:
             app_permissions=None,
             message=msg,
         )
-        return await self._deliver(rec, to, timeout)
+        return await self.deliver(rec, to, timeout)
 
     def expire_token(self, interaction: InteractionRecord | int) -> None:
         """Make webhook calls with this interaction's token answer 401/50027."""
         rec = (
             interaction
             if isinstance(interaction, InteractionRecord)
-            else self.interactions[int(interaction)]
+            else self._interactions.records[int(interaction)]
         )
         rec.token_revoked = True
 

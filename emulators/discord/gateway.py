@@ -1,9 +1,10 @@
-"""The emulated Gateway: websocket connections, IDENTIFY/RESUME sessions and dispatch.
+"""The emulated Gateway: the websocket endpoint, IDENTIFY/RESUME sessions and the ``/gateway``
+routes.
 
 A client gets HELLO, heartbeats are ACKed, IDENTIFY answers READY plus one GUILD_CREATE per
 guild of its shard (``(guild_id >> 22) % shard_count``), RESUME replays what the session missed,
-and op 8 (request guild members) answers one chunk. Every dispatch goes through one writer task
-per connection, so frames keep their order and :meth:`GatewayConnection.flush` can wait for them.
+and op 8 (request guild members) answers one chunk. The open connections themselves, and the
+routing of events to them, are :mod:`.connections`.
 """
 
 from __future__ import annotations
@@ -12,132 +13,39 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-import itertools
 import json
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .models import ToSpec, json_response
-
-if TYPE_CHECKING:
-    from .emulator import DiscordEmulator
-
-
-@dataclass
-class Session:
-    id: str
-    shard: tuple[int, int] | None
-    seq: int = 0
-    log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
-
-
-class GatewayConnection:
-    """One websocket client of the emulated Gateway."""
-
-    def __init__(self, emulator: DiscordEmulator, ws: web.WebSocketResponse, number: int) -> None:
-        self.emulator = emulator
-        self.ws = ws
-        self.number = number
-        self.session: Session | None = None
-        self.ready = False
-        self.closed = False
-        self.close_code: int | None = None
-        self.identify: dict[str, Any] | None = None
-        self.received: list[dict[str, Any]] = []
-        self.sent: list[dict[str, Any]] = []
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def __repr__(self) -> str:
-        return f"<GatewayConnection #{self.number} ready={self.ready} closed={self.closed}>"
-
-    @property
-    def shard(self) -> tuple[int, int] | None:
-        """``(shard_id, shard_count)`` if the client identified with a shard."""
-        return self.session.shard if self.session else None
-
-    @property
-    def seq(self) -> int:
-        """The last dispatch sequence number sent."""
-        return self.session.seq if self.session else 0
-
-    def handles_guild(self, guild_id: int | None) -> bool:
-        """Whether events of this guild go to this connection (shard routing)."""
-        shard = self.shard
-        if shard is None or shard[1] <= 1:
-            return True
-        if guild_id is None:
-            return shard[0] == 0
-        return (guild_id >> 22) % shard[1] == shard[0]
-
-    def send_op(self, op: int, data: Any) -> None:
-        """Queue a non-dispatch frame."""
-        self._queue.put_nowait({"op": op, "d": data, "s": None, "t": None})
-
-    def dispatch(self, event: str, data: Any) -> int:
-        """Queue a dispatch (op 0) frame; returns its sequence number."""
-        if self.session is None:
-            raise RuntimeError("connection has no session yet")
-        self.session.seq += 1
-        frame = {"op": 0, "t": event, "s": self.session.seq, "d": data}
-        self.session.log.append(frame)
-        self._queue.put_nowait(frame)
-        return self.session.seq
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once every frame queued before it was written."""
-        self._queue.put_nowait(callback)
-
-    async def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every frame queued so far was written to the socket."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(fut)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(fut, timeout)
-
-    async def close(self, code: int = 4000, message: str = "") -> None:
-        """Close the websocket with ``code``."""
-        await self.ws.close(code=code, message=message.encode())
-
-    async def _writer(self) -> None:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                break
-            if isinstance(item, asyncio.Future):
-                if not item.done():
-                    item.set_result(None)
-                continue
-            if callable(item):
-                item()
-                continue
-            if self.ws.closed:
-                continue
-            try:
-                await self.ws.send_str(json.dumps(item))
-                self.sent.append(item)
-            except (ConnectionError, RuntimeError):
-                self.closed = True
-        # Release anyone waiting on a flush.
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, asyncio.Future) and not item.done():
-                item.set_result(None)
+from .changes import Changes
+from .config import Address, Settings
+from .connections import Connections, GatewayConnection, Session
+from .models import json_response
+from .world import World
 
 
 class Gateway:
-    """Every gateway connection and session, and the ``/gateway`` routes."""
+    """The websocket endpoint and its sessions, and the ``/gateway`` routes."""
 
-    def __init__(self, emu: DiscordEmulator) -> None:
-        self.emu = emu
-        #: every open websocket (identified or not), in connection order
-        self.all: list[GatewayConnection] = []
+    def __init__(
+        self,
+        settings: Settings,
+        address: Address,
+        world: World,
+        connections: Connections,
+        changes: Changes,
+    ) -> None:
+        self._settings = settings
+        self._address = address
+        self._world = world
+        self._connections = connections
+        self._changes = changes
         self._sessions: dict[str, Session] = {}
-        self._numbers = itertools.count()
+        self.identify_count = 0
+        self.resume_count = 0
+        self.heartbeats = 0
 
     def add_routes(self, app: web.Application, api: str) -> None:
         """The websocket (``/gateway``) and ``GET /gateway``, ``GET /gateway/bot``."""
@@ -145,66 +53,14 @@ class Gateway:
         app.router.add_get(api + "/gateway", self.get_gateway)
         app.router.add_get(api + "/gateway/bot", self.get_gateway_bot)
 
-    @property
-    def connections(self) -> list[GatewayConnection]:
-        """Identified (READY sent), open gateway connections in connection order."""
-        return [c for c in self.all if c.ready and not c.closed]
-
-    def connections_for(self, guild_id: int | None) -> list[GatewayConnection]:
-        """The identified connections that get this guild's events (shard routing)."""
-        return [c for c in self.connections if c.handles_guild(guild_id)]
-
-    def select(
-        self, to: ToSpec | GatewayConnection, guild_id: int | None
-    ) -> list[GatewayConnection]:
-        """The connections ``to`` names among those handling ``guild_id``."""
-        if isinstance(to, GatewayConnection):
-            return [to]
-        conns = self.connections_for(guild_id)
-        if to == "all":
-            return conns
-        if to == "first":
-            return conns[:1]
-        if to == "last":
-            return conns[-1:]
-        if isinstance(to, int):
-            return [conns[to]]
-        raise ValueError(f"bad 'to': {to!r}")
-
-    async def close_all(self, code: int, reason: str) -> int:
-        """Close every connection with ``code``; returns how many there were."""
-        conns = list(self.all)
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                await conn.close(code, reason)
-        return len(conns)
-
-    async def wait_connected(self, count: int, timeout: float) -> list[GatewayConnection]:
-        """Wait until ``count`` clients got READY and their GUILD_CREATEs."""
-        await self.emu.wait_until(
-            lambda: len(self.connections) >= count,
-            timeout,
-            description=f"{count} gateway client(s)",
-        )
-        return self.connections
-
-    async def dispatch(
-        self, event: str, data: Any, *, guild_id: int | None, to: ToSpec | GatewayConnection
-    ) -> None:
-        """Send a dispatch event to the selected clients and wait until it was written."""
-        conns = self.select(to, guild_id)
-        for conn in conns:
-            conn.dispatch(event, copy.deepcopy(data))
-        await asyncio.gather(*(c.flush() for c in conns))
-
     async def get_gateway(self, request: web.Request) -> web.Response:
-        return json_response({"url": self.emu.gateway_url})
+        return json_response({"url": self._address.gateway_url})
 
     async def get_gateway_bot(self, request: web.Request) -> web.Response:
         return json_response(
             {
-                "url": self.emu.gateway_url,
-                "shards": self.emu.recommended_shards,
+                "url": self._address.gateway_url,
+                "shards": self._settings.recommended_shards,
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,
@@ -217,12 +73,11 @@ class Gateway:
     async def serve(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
         await ws.prepare(request)
-        conn = GatewayConnection(self.emu, ws, next(self._numbers))
-        self.all.append(conn)
-        writer = asyncio.create_task(conn._writer())
+        conn = self._connections.open(ws)
+        writer = asyncio.create_task(conn.write_frames())
         conn.send_op(
             10,
-            {"heartbeat_interval": self.emu.heartbeat_interval_ms, "_trace": ["discord-emulator"]},
+            {"heartbeat_interval": self._settings.heartbeat_interval_ms, "_trace": ["discord-emulator"]},
         )
         try:
             async for msg in ws:
@@ -240,26 +95,25 @@ class Gateway:
             conn.closed = True
             conn.ready = False
             conn.close_code = ws.close_code
-            with contextlib.suppress(ValueError):
-                self.all.remove(conn)
-            conn._queue.put_nowait(None)
+            self._connections.remove(conn)
+            conn.stop_writing()
             with contextlib.suppress(Exception):
                 await writer
-            self.emu.notify()
+            self._changes.notify()
         return ws
 
     async def _frame(self, conn: GatewayConnection, frame: dict[str, Any]) -> None:
         op = frame.get("op")
         data = frame.get("d")
         if op == 1:
-            self.emu.heartbeats += 1
+            self.heartbeats += 1
             conn.send_op(11, None)
         elif op == 2:
             await self._identify(conn, data or {})
         elif op == 6:
             await self._resume(conn, data or {})
         elif op == 8 and isinstance(data, dict):
-            guild = self.emu.guilds.get(int(data.get("guild_id") or 0))
+            guild = self._world.guilds.get(int(data.get("guild_id") or 0))
             if guild is not None and conn.session is not None:
                 members = list(guild.members.values())
                 if data.get("user_ids"):
@@ -276,7 +130,7 @@ class Gateway:
                 conn.dispatch("GUILD_MEMBERS_CHUNK", chunk)
 
     async def _identify(self, conn: GatewayConnection, data: dict[str, Any]) -> None:
-        if self.emu.token is not None and data.get("token") != self.emu.token:
+        if self._settings.token is not None and data.get("token") != self._settings.token:
             await conn.close(4004, "Authentication failed.")
             return
         if conn.session is not None:
@@ -288,7 +142,7 @@ class Gateway:
             if shard[0] >= shard[1]:
                 await conn.close(4010, "Invalid shard.")
                 return
-        self.emu.identify_count += 1
+        self.identify_count += 1
         conn.identify = data
         session = Session(
             id=hashlib.md5(
@@ -298,18 +152,18 @@ class Gateway:
         )
         self._sessions[session.id] = session
         conn.session = session
-        guilds = [g for g in self.emu.guilds.values() if conn.handles_guild(g.id)]
+        guilds = [g for g in self._world.guilds.values() if conn.handles_guild(g.id)]
         ready: dict[str, Any] = {
             "v": 10,
-            "user": copy.deepcopy(self.emu.bot_user),
+            "user": copy.deepcopy(self._world.bot_user),
             "user_settings": {},
             "guilds": [{"id": str(g.id), "unavailable": True} for g in guilds],
             "session_id": session.id,
             "session_type": "normal",
-            "resume_gateway_url": self.emu.gateway_url,
+            "resume_gateway_url": self._address.gateway_url,
             "application": {
-                "id": str(self.emu.application_id),
-                "flags": self.emu.application_flags,
+                "id": str(self._settings.application_id),
+                "flags": self._settings.application_flags,
             },
             "private_channels": [],
             "relationships": [],
@@ -328,19 +182,19 @@ class Gateway:
     def _mark_ready(self, conn: GatewayConnection) -> None:
         if not conn.closed:
             conn.ready = True
-            self.emu.notify()
+            self._changes.notify()
 
     async def _resume(self, conn: GatewayConnection, data: dict[str, Any]) -> None:
         session = self._sessions.get(str(data.get("session_id")))
-        token_ok = self.emu.token is None or data.get("token") == self.emu.token
-        if session is None or not self.emu.allow_resume or not token_ok:
+        token_ok = self._settings.token is None or data.get("token") == self._settings.token
+        if session is None or not self._settings.allow_resume or not token_ok:
             conn.send_op(9, False)
             return
-        self.emu.resume_count += 1
+        self.resume_count += 1
         conn.session = session
         last = int(data.get("seq") or 0)
         for frame in list(session.log):
             if frame["s"] > last:
-                conn._queue.put_nowait(frame)
+                conn.replay(frame)
         conn.dispatch("RESUMED", {"_trace": ["discord-emulator"]})
         conn.call_soon(lambda: self._mark_ready(conn))

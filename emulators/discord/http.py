@@ -10,15 +10,14 @@ import json
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from .faults import rate_limit_headers
+from .changes import Changes
+from .config import Settings
+from .faults import Faults, rate_limit_headers
 from .models import API_PREFIX_RE, APIError, RequestRecord, UploadedFile, err, json_response
-
-if TYPE_CHECKING:
-    from .emulator import DiscordEmulator
 
 _FILES_FIELD_RE = re.compile(r"^files\[(\d+)\]$")
 _RECORD_KEY: web.RequestKey[RequestRecord] = web.RequestKey("emu_record", RequestRecord)
@@ -33,10 +32,14 @@ def _loads(raw: bytes) -> Any:
 
 
 class Http:
-    """The middleware and body reader of the emulator's aiohttp application."""
+    """The middleware of the emulator's aiohttp application, and the record of every request
+    it answered (``requests``)."""
 
-    def __init__(self, emu: DiscordEmulator) -> None:
-        self.emu = emu
+    def __init__(self, settings: Settings, faults: Faults, changes: Changes) -> None:
+        self._settings = settings
+        self._faults = faults
+        self._changes = changes
+        self.requests: list[RequestRecord] = []
 
     @web.middleware
     async def middleware(
@@ -49,13 +52,13 @@ class Http:
         is_ws = request.path == "/gateway"
         fault = None
         if not is_ws:
-            await self.emu.faults.wait_delays(request.method, request.path)
-            fault = self.emu.faults.take(request.method, request.path)
+            await self._faults.wait_delays(request.method, request.path)
+            fault = self._faults.take(request.method, request.path)
         response: web.StreamResponse
         try:
             if fault is not None and not fault.process:
                 with contextlib.suppress(Exception):
-                    await self.read_body(request)
+                    await read_body(request)
                 raise fault.to_error()
             self._check_auth(request)
             response = await handler(request)
@@ -70,8 +73,8 @@ class Http:
                 response.headers.update(rate_limit_headers(request.method, request.path))
         record.status = response.status
         if not is_ws:
-            self.emu.requests.append(record)
-            self.emu.notify()
+            self.requests.append(record)
+            self._changes.notify()
         return response
 
     def _check_auth(self, request: web.Request) -> None:
@@ -80,61 +83,64 @@ class Http:
             return
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bot ") or (
-            self.emu.token is not None and header[4:] != self.emu.token
+            self._settings.token is not None and header[4:] != self._settings.token
         ):
             raise APIError(401, 0, "401: Unauthorized")
 
-    async def read_body(self, request: web.Request) -> tuple[Any, list[UploadedFile]]:
-        if _BODY_KEY in request:
-            return request[_BODY_KEY]
-        record = request[_RECORD_KEY]
-        files: list[UploadedFile] = []
-        payload: Any = None
-        if request.content_type.startswith("multipart/"):
-            reader = await request.multipart()
-            position = 0
-            while True:
-                part = await reader.next()
-                if part is None:
-                    break
-                if not isinstance(part, BodyPartReader):  # a nested multipart: not Discord's
-                    continue
-                raw = await part.read(decode=False)
-                name = part.name or ""
-                if part.filename is None and name == "payload_json":
-                    payload = _loads(bytes(raw))
-                elif part.filename is not None:
-                    match = _FILES_FIELD_RE.match(name)
-                    index = int(match.group(1)) if match else position
-                    ctype = part.headers.get("Content-Type")
-                    files.append(UploadedFile(name, index, part.filename, bytes(raw), ctype))
-                    position += 1
-        else:
-            raw = await request.read()
-            if raw:
-                payload = _loads(raw)
-        record.json = payload
-        record.files = [
-            {
-                "field": f.field,
-                "filename": f.filename,
-                "size": f.size,
-                "content_type": f.content_type,
-            }
-            for f in files
-        ]
-        request[_BODY_KEY] = (payload, files)
-        return payload, files
 
-    async def json_body(self, request: web.Request) -> dict[str, Any]:
-        payload, _ = await self.read_body(request)
-        if payload is None:
-            return {}
-        if not isinstance(payload, dict):
-            raise APIError(
-                400,
-                50035,
-                "Invalid Form Body",
-                errors=err("MODEL_TYPE_CONVERT", "Expected an object."),
-            )
-        return payload
+async def read_body(request: web.Request) -> tuple[Any, list[UploadedFile]]:
+    """The request's JSON payload (or ``payload_json``) and its files, read once."""
+    if _BODY_KEY in request:
+        return request[_BODY_KEY]
+    record = request[_RECORD_KEY]
+    files: list[UploadedFile] = []
+    payload: Any = None
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        position = 0
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not Discord's
+                continue
+            raw = await part.read(decode=False)
+            name = part.name or ""
+            if part.filename is None and name == "payload_json":
+                payload = _loads(bytes(raw))
+            elif part.filename is not None:
+                match = _FILES_FIELD_RE.match(name)
+                index = int(match.group(1)) if match else position
+                ctype = part.headers.get("Content-Type")
+                files.append(UploadedFile(name, index, part.filename, bytes(raw), ctype))
+                position += 1
+    else:
+        raw = await request.read()
+        if raw:
+            payload = _loads(raw)
+    record.json = payload
+    record.files = [
+        {
+            "field": f.field,
+            "filename": f.filename,
+            "size": f.size,
+            "content_type": f.content_type,
+        }
+        for f in files
+    ]
+    request[_BODY_KEY] = (payload, files)
+    return payload, files
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (``{}`` when empty); 400 when it is not an object."""
+    payload, _ = await read_body(request)
+    if payload is None:
+        return {}
+    if not isinstance(payload, dict):
+        raise APIError(
+            400,
+            50035,
+            "Invalid Form Body",
+            errors=err("MODEL_TYPE_CONVERT", "Expected an object."),
+        )
+    return payload

@@ -1,8 +1,8 @@
 """The emulated message store: every channel's messages, as Discord message payloads.
 
-A mixin of :class:`DiscordEmulator`. Messages are created by the bot (REST and interaction
-routes, through :meth:`_create_from_body`) or by tests (:meth:`add_message`); tests read them
-with :meth:`public_messages`, :meth:`all_messages` and :meth:`wait_for_message`.
+:class:`MessageStore` holds them. Messages are created by the bot (REST and interaction routes,
+through :meth:`MessageStore.create_from_body`) or by tests (``emu.add_message``); tests read
+them with ``emu.public_messages``, ``emu.all_messages`` and ``emu.wait_for_message``.
 """
 
 from __future__ import annotations
@@ -11,54 +11,68 @@ import contextlib
 import copy
 import mimetypes
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from .cdn import image_info
+from .cdn import Cdn, image_info
+from .changes import Changes
+from .config import Settings
+from .connections import Connections
+from .ids import Snowflakes
 from .models import (
     EPHEMERAL,
     IS_COMPONENTS_V2,
     LOADING,
     SUPPRESS_EMBEDS,
     APIError,
-    Guild,
     InteractionRecord,
     UploadedFile,
     now_iso,
 )
-
-if TYPE_CHECKING:
-    from .cdn import Cdn
-    from .gateway import Gateway
-
+from .world import World
 
 GUILD_MESSAGES_INTENT = 1 << 9
 DIRECT_MESSAGES_INTENT = 1 << 12
 
 
-class MessagesMixin:
-    """Create, edit, delete and look up messages (state lives on the emulator)."""
+class MessageStore:
+    """Create, edit, delete and look up the messages of every channel."""
 
-    messages: defaultdict[int, list[dict[str, Any]]]
-    _message_index: dict[int, dict[str, Any]]
-    deleted_messages: list[dict[str, Any]]
-    users: dict[int, dict[str, Any]]
-    bot_user: dict[str, Any]
-    application_id: int
-    default_user_id: int
-    cdn: Cdn
-    gateway: Gateway
-    # provided by DiscordEmulator and its other parts
-    notify: Callable[[], None]
-    snowflake: Callable[[], int]
-    add_user: Callable[..., dict[str, Any]]
-    add_attachment: Callable[..., dict[str, Any]]
-    _channel: Callable[[int], dict[str, Any]]
-    _guild_of_channel: Callable[[int], Guild | None]
+    def __init__(
+        self,
+        settings: Settings,
+        world: World,
+        cdn: Cdn,
+        snowflakes: Snowflakes,
+        connections: Connections,
+        changes: Changes,
+    ) -> None:
+        self._settings = settings
+        self._world = world
+        self._cdn = cdn
+        self._snowflakes = snowflakes
+        self._connections = connections
+        self._changes = changes
+        self.messages: defaultdict[int, list[dict[str, Any]]] = defaultdict(list)
+        self._index: dict[int, dict[str, Any]] = {}
+        self.deleted_messages: list[dict[str, Any]] = []
 
-    def _message_dict(self, ref: Mapping[str, Any] | int | str) -> dict[str, Any]:
+    @property
+    def bot_user(self) -> dict[str, Any]:
+        """The author of the bot's messages."""
+        return self._world.bot_user
+
+    def refresh_urls(self, message: dict[str, Any]) -> None:
+        """Fresh signed URLs for the message's attachments (as a fetch of it gets)."""
+        self._cdn.refresh_message_urls(message)
+
+    def get(self, message_id: int) -> dict[str, Any] | None:
+        """A stored message by id (any channel, ephemeral ones included), if it exists."""
+        return self._index.get(message_id)
+
+    def message_dict(self, ref: Mapping[str, Any] | int | str) -> dict[str, Any]:
         mid = int(ref["id"]) if isinstance(ref, Mapping) else int(ref)
-        msg = self._message_index.get(mid)
+        msg = self._index.get(mid)
         if msg is None:
             raise LookupError(f"unknown message {mid}")
         return msg
@@ -71,7 +85,7 @@ class MessagesMixin:
         """Every stored message of every channel."""
         return [m for msgs in self.messages.values() for m in msgs]
 
-    def _make_message(
+    def make_message(
         self,
         channel_id: int,
         *,
@@ -86,8 +100,8 @@ class MessagesMixin:
         message_reference: dict[str, Any] | None = None,
         tts: bool = False,
     ) -> dict[str, Any]:
-        channel = self._channel(channel_id)
-        mid = self.snowflake()
+        channel = self._world.channel(channel_id)
+        mid = self._snowflakes.next()
         msg: dict[str, Any] = {
             "id": str(mid),
             "channel_id": str(channel_id),
@@ -110,9 +124,9 @@ class MessagesMixin:
         if channel.get("guild_id"):
             msg["guild_id"] = channel["guild_id"]
         if interaction is not None:
-            msg["webhook_id"] = str(self.application_id)
-            msg["application_id"] = str(self.application_id)
-            user = copy.deepcopy(self.users[interaction.user_id])
+            msg["webhook_id"] = str(self._settings.application_id)
+            msg["application_id"] = str(self._settings.application_id)
+            user = copy.deepcopy(self._world.users[interaction.user_id])
             msg["interaction_metadata"] = {
                 "id": str(interaction.id),
                 "type": interaction.type,
@@ -130,13 +144,13 @@ class MessagesMixin:
                 }
         if message_reference is not None:
             msg["message_reference"] = message_reference
-            ref = self._message_index.get(int(message_reference.get("message_id", 0) or 0))
+            ref = self._index.get(int(message_reference.get("message_id", 0) or 0))
             msg["referenced_message"] = copy.deepcopy(ref) if ref else None
         self.messages[int(channel_id)].append(msg)
-        self._message_index[mid] = msg
+        self._index[mid] = msg
         if not flags & EPHEMERAL:
             channel["last_message_id"] = str(mid)
-        self.notify()
+        self._changes.notify()
         return msg
 
     def add_message(
@@ -154,39 +168,39 @@ class MessagesMixin:
         ``attachments`` are attachment dicts (:meth:`add_attachment`), bytes, or
         ``(bytes, filename[, content_type])`` tuples. ``dispatch`` sends MESSAGE_CREATE.
         """
-        author = self.add_user(author_id or self.default_user_id)
-        atts = [self._coerce_attachment(a, "file") for a in attachments]
-        msg = self._make_message(
+        author = self._world.add_user(author_id or self._world.default_user_id)
+        atts = [self.coerce_attachment(a, "file") for a in attachments]
+        msg = self.make_message(
             channel_id, author=author, content=content, embeds=embeds, attachments=atts
         )
         if dispatch:
-            guild = self._guild_of_channel(channel_id)
-            for conn in self.gateway.connections_for(guild.id if guild else None):
+            guild = self._world.guild_of_channel(channel_id)
+            for conn in self._connections.connections_for(guild.id if guild else None):
                 conn.dispatch("MESSAGE_CREATE", copy.deepcopy(msg))
         return msg
 
-    def _coerce_attachment(self, value: Any, default_name: str) -> dict[str, Any]:
+    def coerce_attachment(self, value: Any, default_name: str) -> dict[str, Any]:
         if isinstance(value, Mapping):
             return dict(value)
         if isinstance(value, bytes | bytearray | memoryview):
             data = bytes(value)
             info = image_info(data)
             ext = mimetypes.guess_extension(info[2]) if info and info[2] else None
-            return self.add_attachment(data, f"{default_name}{ext or '.bin'}", "auto")
+            return self._cdn.add(data, f"{default_name}{ext or '.bin'}", "auto")
         if isinstance(value, tuple) and value and isinstance(value[0], bytes | bytearray):
             data, filename, *rest = value
-            return self.add_attachment(bytes(data), filename, rest[0] if rest else "auto")
+            return self._cdn.add(bytes(data), filename, rest[0] if rest else "auto")
         raise TypeError(f"cannot use {type(value).__name__} as an attachment")
 
-    def _delete_message(self, msg: dict[str, Any]) -> None:
+    def delete(self, msg: dict[str, Any]) -> None:
         cid = int(msg["channel_id"])
         with contextlib.suppress(ValueError):
             self.messages[cid].remove(msg)
-        self._message_index.pop(int(msg["id"]), None)
+        self._index.pop(int(msg["id"]), None)
         self.deleted_messages.append(msg)
-        self.notify()
+        self._changes.notify()
 
-    def _uploaded_attachments(
+    def uploaded_attachments(
         self,
         body: Mapping[str, Any],
         files: Sequence[UploadedFile],
@@ -210,7 +224,7 @@ class MessagesMixin:
         new: list[dict[str, Any]] = []
         for up in files:
             entry = meta.get(str(up.index), {})
-            att = self.cdn.store(
+            att = self._cdn.store(
                 up.data,
                 str(entry.get("filename") or up.filename),
                 up.content_type,
@@ -218,10 +232,10 @@ class MessagesMixin:
                 description=entry.get("description"),
                 ephemeral=ephemeral,
             )
-            new.append(self.cdn.payload(att))
+            new.append(self._cdn.payload(att))
         return keep + new
 
-    def _create_from_body(
+    def create_from_body(
         self,
         channel_id: int,
         body: Mapping[str, Any],
@@ -232,10 +246,10 @@ class MessagesMixin:
         interaction: InteractionRecord | None = None,
         message_reference: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        attachments = self._uploaded_attachments(body, files, ephemeral=bool(flags & EPHEMERAL))
-        msg = self._make_message(
+        attachments = self.uploaded_attachments(body, files, ephemeral=bool(flags & EPHEMERAL))
+        msg = self.make_message(
             channel_id,
-            author=self.bot_user,
+            author=self._world.bot_user,
             content=str(body.get("content") or ""),
             embeds=body.get("embeds") or [],
             components=body.get("components") or [],
@@ -256,13 +270,13 @@ class MessagesMixin:
         sent."""
         if msg["flags"] & EPHEMERAL:
             return
-        guild = self._guild_of_channel(int(msg["channel_id"]))
+        guild = self._world.guild_of_channel(int(msg["channel_id"]))
         intent = GUILD_MESSAGES_INTENT if guild is not None else DIRECT_MESSAGES_INTENT
-        for conn in self.gateway.connections_for(guild.id if guild else None):
+        for conn in self._connections.connections_for(guild.id if guild else None):
             if int((conn.identify or {}).get("intents") or 0) & intent:
                 conn.dispatch("MESSAGE_CREATE", copy.deepcopy(msg))
 
-    def _edit_from_body(
+    def edit_from_body(
         self, msg: dict[str, Any], body: Mapping[str, Any], files: Sequence[UploadedFile]
     ) -> None:
         if "content" in body:
@@ -270,7 +284,7 @@ class MessagesMixin:
         if "components" in body:
             msg["components"] = copy.deepcopy(body["components"] or [])
         if "attachments" in body or files:
-            msg["attachments"] = self._uploaded_attachments(
+            msg["attachments"] = self.uploaded_attachments(
                 body, files, ephemeral=bool(msg["flags"] & EPHEMERAL), existing=msg["attachments"]
             )
         if "embeds" in body:
@@ -280,12 +294,15 @@ class MessagesMixin:
             msg["flags"] = keep | (int(body["flags"]) & (SUPPRESS_EMBEDS | IS_COMPONENTS_V2))
         msg["flags"] &= ~LOADING
         msg["edited_timestamp"] = now_iso()
-        self.notify()
+        self._changes.notify()
 
-    def _check_upload(self, files: Sequence[UploadedFile], limit: int) -> None:
-        for up in files:
-            if up.size > limit:
-                raise APIError(413, 40005, "Request entity too large")
+
+
+def check_upload(files: Sequence[UploadedFile], limit: int) -> None:
+    """Discord's 413 for a file above the upload limit."""
+    for up in files:
+        if up.size > limit:
+            raise APIError(413, 40005, "Request entity too large")
 
 
 def resolve_embeds(

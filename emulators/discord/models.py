@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .emulator import DiscordEmulator
+from .changes import Changes
+from .config import Settings
 
 DISCORD_EPOCH_MS = 1_420_070_400_000
 EPHEMERAL = 1 << 6
@@ -249,8 +249,9 @@ class InteractionRecord:
     request of this interaction the emulator refused (``{"route", "status", "code"}``).
     """
 
-    def __init__(self, emulator: DiscordEmulator, payload: dict[str, Any]) -> None:
-        self._emu = emulator
+    def __init__(self, payload: dict[str, Any], *, settings: Settings, changes: Changes) -> None:
+        self._settings = settings
+        self._changes = changes
         self.payload = payload
         self.id: int = int(payload["id"])
         self.token: str = payload["token"]
@@ -315,7 +316,7 @@ class InteractionRecord:
         """Whether the interaction token no longer works for webhook calls."""
         if self.token_revoked:
             return True
-        ttl = self._emu.token_ttl
+        ttl = self._settings.token_ttl
         return ttl is not None and time.monotonic() - self.created_at > ttl
 
     def messages(self) -> list[dict[str, Any]]:
@@ -332,7 +333,7 @@ class InteractionRecord:
         self, predicate: Callable[[InteractionRecord], Any], timeout: float = 5.0
     ) -> InteractionRecord:
         """Wait until ``predicate(self)`` is true; re-checked on every emulator change."""
-        await self._emu.wait_until(lambda: predicate(self), timeout, description=f"{self!r}")
+        await self._changes.wait_until(lambda: predicate(self), timeout, description=f"{self!r}")
         return self
 
     async def wait_response(self, timeout: float = 5.0) -> dict[str, Any]:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import TYPE_CHECKING
+from typing import Any
 
 from aiohttp import web
 
+from .cdn import Cdn
+from .config import Settings
+from .http import json_body, read_body
+from .messages import MessageStore, check_upload
 from .models import (
     EPHEMERAL,
     IS_COMPONENTS_V2,
@@ -20,18 +24,19 @@ from .models import (
     json_response,
 )
 from .validation import validate_message
-
-if TYPE_CHECKING:
-    from typing import Any
-
-    from .emulator import DiscordEmulator
+from .world import World
 
 
 class ChannelRoutes:
     """Users, the application, channels, messages and guilds."""
 
-    def __init__(self, emu: DiscordEmulator) -> None:
-        self.emu = emu
+    def __init__(
+        self, settings: Settings, world: World, messages: MessageStore, cdn: Cdn
+    ) -> None:
+        self._settings = settings
+        self._world = world
+        self._messages = messages
+        self._cdn = cdn
 
     def add_routes(self, app: web.Application, api: str) -> None:
         """Register the routes under the API prefix ``api`` (and a 404 for every other one)."""
@@ -58,16 +63,16 @@ class ChannelRoutes:
     # ------------------------------------------------------------------ users and application
 
     async def me(self, request: web.Request) -> web.Response:
-        return json_response(self.emu.bot_user)
+        return json_response(self._world.bot_user)
 
     async def user(self, request: web.Request) -> web.Response:
-        user = self.emu.users.get(int(request.match_info["user_id"]))
+        user = self._world.users.get(int(request.match_info["user_id"]))
         if user is None:
             raise APIError(404, 10013, "Unknown User")
         return json_response(user)
 
     async def create_dm(self, request: web.Request) -> web.Response:
-        body = await self.emu.http.json_body(request)
+        body = await json_body(request)
         try:
             uid = int(body["recipient_id"])
         except (KeyError, TypeError, ValueError):
@@ -77,13 +82,13 @@ class ChannelRoutes:
                 "Invalid Form Body",
                 errors={"recipient_id": err("BASE_TYPE_REQUIRED", "This field is required")},
             ) from None
-        return json_response(self.emu.dm_channel(uid))
+        return json_response(self._world.dm_channel(uid))
 
     async def application(self, request: web.Request) -> web.Response:
         return json_response(
             {
-                "id": str(self.emu.application_id),
-                "name": self.emu.application_name,
+                "id": str(self._settings.application_id),
+                "name": self._settings.application_name,
                 "icon": None,
                 "description": "",
                 "summary": "",
@@ -91,18 +96,18 @@ class ChannelRoutes:
                 "hook": True,
                 "bot_public": True,
                 "bot_require_code_grant": False,
-                "verify_key": hashlib.sha256(self.emu.secret.encode()).hexdigest(),
-                "owner": copy.deepcopy(self.emu.owner_user),
+                "verify_key": hashlib.sha256(self._settings.secret.encode()).hexdigest(),
+                "owner": copy.deepcopy(self._world.owner_user),
                 "team": None,
-                "flags": self.emu.application_flags,
+                "flags": self._settings.application_flags,
                 "rpc_origins": [],
                 "tags": [],
                 "redirect_uris": [],
                 "interactions_endpoint_url": None,
                 "role_connections_verification_url": None,
-                "approximate_guild_count": len(self.emu.guilds),
+                "approximate_guild_count": len(self._world.guilds),
                 "approximate_user_install_count": 0,
-                "bot": copy.deepcopy(self.emu.bot_user),
+                "bot": copy.deepcopy(self._world.bot_user),
                 "integration_types_config": {"0": {}},
                 "install_params": None,
                 "custom_install_url": None,
@@ -121,22 +126,22 @@ class ChannelRoutes:
     # ------------------------------------------------------------------ channels and messages
 
     async def get_channel(self, request: web.Request) -> web.Response:
-        return json_response(self.emu._channel(int(request.match_info["channel_id"])))
+        return json_response(self._world.channel(int(request.match_info["channel_id"])))
 
     async def typing(self, request: web.Request) -> web.Response:
-        self.emu._channel(int(request.match_info["channel_id"]))
+        self._world.channel(int(request.match_info["channel_id"]))
         return web.Response(status=204)
 
     async def list_messages(self, request: web.Request) -> web.Response:
         cid = int(request.match_info["channel_id"])
-        self.emu._channel(cid)
+        self._world.channel(cid)
         try:
             limit = min(100, max(1, int(request.query.get("limit", "50"))))
             before = int(request.query["before"]) if "before" in request.query else None
             after = int(request.query["after"]) if "after" in request.query else None
         except ValueError:
             raise APIError(400, 50035, "Invalid Form Body") from None
-        msgs = self.emu.public_messages(cid)
+        msgs = self._messages.public_messages(cid)
         if before is not None:
             msgs = [m for m in msgs if int(m["id"]) < before]
         if after is not None:
@@ -145,36 +150,36 @@ class ChannelRoutes:
         else:
             picked = msgs[-limit:]
         for m in picked:
-            self.emu.cdn.refresh_message_urls(m)
+            self._cdn.refresh_message_urls(m)
         return json_response(list(reversed(picked)))
 
     def _channel_message(self, request: web.Request) -> dict[str, Any]:
         cid = int(request.match_info["channel_id"])
-        self.emu._channel(cid)
-        msg = self.emu._message_index.get(int(request.match_info["message_id"]))
+        self._world.channel(cid)
+        msg = self._messages.get(int(request.match_info["message_id"]))
         if msg is None or int(msg["channel_id"]) != cid or msg["flags"] & EPHEMERAL:
             raise APIError(404, 10008, "Unknown Message")
         return msg
 
     async def get_message(self, request: web.Request) -> web.Response:
         msg = self._channel_message(request)
-        self.emu.cdn.refresh_message_urls(msg)
+        self._cdn.refresh_message_urls(msg)
         return json_response(msg)
 
     async def post_message(self, request: web.Request) -> web.Response:
         cid = int(request.match_info["channel_id"])
-        self.emu._channel(cid)
-        body, files = await self.emu.http.read_body(request)
+        self._world.channel(cid)
+        body, files = await read_body(request)
         if not isinstance(body, dict):
             body = {}
-        guild = self.emu._guild_of_channel(cid)
-        self.emu._check_upload(files, self.emu.guild_upload_limit(guild.id if guild else None))
+        guild = self._world.guild_of_channel(cid)
+        check_upload(files, self._world.guild_upload_limit(guild.id if guild else None))
         validate_message(body, files, require_content=True)
         reference = body.get("message_reference")
         msg_type = 0
         if reference:
             ref_id = int(reference.get("message_id") or 0)
-            if ref_id not in self.emu._message_index and reference.get("fail_if_not_exists", True):
+            if self._messages.get(ref_id) is None and reference.get("fail_if_not_exists", True):
                 raise APIError(
                     400,
                     50035,
@@ -191,51 +196,51 @@ class ChannelRoutes:
         flags = int(body.get("flags") or 0) & (
             SUPPRESS_EMBEDS | SUPPRESS_NOTIFICATIONS | IS_COMPONENTS_V2
         )
-        msg = self.emu._create_from_body(
+        msg = self._messages.create_from_body(
             cid, body, files, flags=flags, msg_type=msg_type, message_reference=reference or None
         )
         return json_response(msg)
 
     async def edit_message(self, request: web.Request) -> web.Response:
         msg = self._channel_message(request)
-        body, files = await self.emu.http.read_body(request)
+        body, files = await read_body(request)
         if not isinstance(body, dict):
             body = {}
-        if int(msg["author"]["id"]) != self.emu.bot_user_id:
+        if int(msg["author"]["id"]) != self._settings.bot_user_id:
             raise APIError(403, 50005, "Cannot edit a message authored by another user")
-        guild = self.emu._guild_of_channel(int(msg["channel_id"]))
-        self.emu._check_upload(files, self.emu.guild_upload_limit(guild.id if guild else None))
+        guild = self._world.guild_of_channel(int(msg["channel_id"]))
+        check_upload(files, self._world.guild_upload_limit(guild.id if guild else None))
         validate_message(body, files, require_content=False)
-        self.emu._edit_from_body(msg, body, files)
+        self._messages.edit_from_body(msg, body, files)
         return json_response(msg)
 
     async def delete_message(self, request: web.Request) -> web.Response:
         msg = self._channel_message(request)
-        self.emu._delete_message(msg)
+        self._messages.delete(msg)
         return web.Response(status=204)
 
     # ------------------------------------------------------------------ guilds
 
     async def get_guild(self, request: web.Request) -> web.Response:
-        guild = self.emu.guilds.get(int(request.match_info["guild_id"]))
+        guild = self._world.guilds.get(int(request.match_info["guild_id"]))
         if guild is None:
             raise APIError(404, 10004, "Unknown Guild")
         return json_response(guild.to_rest())
 
     async def guild_channels(self, request: web.Request) -> web.Response:
-        guild = self.emu.guilds.get(int(request.match_info["guild_id"]))
+        guild = self._world.guilds.get(int(request.match_info["guild_id"]))
         if guild is None:
             raise APIError(404, 10004, "Unknown Guild")
         return json_response(list(guild.channels.values()))
 
     async def guild_roles(self, request: web.Request) -> web.Response:
-        guild = self.emu.guilds.get(int(request.match_info["guild_id"]))
+        guild = self._world.guilds.get(int(request.match_info["guild_id"]))
         if guild is None:
             raise APIError(404, 10004, "Unknown Guild")
         return json_response(list(guild.roles.values()))
 
     async def guild_member(self, request: web.Request) -> web.Response:
-        guild = self.emu.guilds.get(int(request.match_info["guild_id"]))
+        guild = self._world.guilds.get(int(request.match_info["guild_id"]))
         if guild is None:
             raise APIError(404, 10004, "Unknown Guild")
         member = guild.members.get(int(request.match_info["user_id"]))

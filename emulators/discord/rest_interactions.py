@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
-from .messages import resolve_embeds
+from .changes import Changes
+from .config import Settings
+from .http import read_body
+from .interactions import Interactions
+from .messages import MessageStore, check_upload, resolve_embeds
 from .models import (
     EPHEMERAL,
     IS_COMPONENTS_V2,
@@ -31,15 +36,26 @@ from .models import (
 )
 from .validation import validate_message, validate_modal
 
-if TYPE_CHECKING:
-    from .emulator import DiscordEmulator
+#: told of each follow-up message once it is stored, before the bot gets its answer
+FollowupObserver = Callable[[InteractionRecord, dict[str, Any]], None]
 
 
 class InteractionRoutes:
     """The callback and webhook routes of interactions."""
 
-    def __init__(self, emu: DiscordEmulator) -> None:
-        self.emu = emu
+    def __init__(
+        self,
+        settings: Settings,
+        interactions: Interactions,
+        messages: MessageStore,
+        changes: Changes,
+        followup_created: FollowupObserver,
+    ) -> None:
+        self._settings = settings
+        self._interactions = interactions
+        self._messages = messages
+        self._changes = changes
+        self._followup_created = followup_created
 
     def add_routes(self, app: web.Application, api: str) -> None:
         """Register the routes under the API prefix ``api``."""
@@ -56,14 +72,14 @@ class InteractionRoutes:
             rec.rejected.append(
                 {"route": route, "status": exc.status, "code": exc.code, "message": exc.message}
             )
-            self.emu.notify()
+            self._changes.notify()
         return exc
 
     async def callback(self, request: web.Request) -> web.Response:
-        rec = self.emu.interactions.get(int(request.match_info["interaction_id"]))
+        rec = self._interactions.get(int(request.match_info["interaction_id"]))
         if rec is not None and rec.token != request.match_info["token"]:
             rec = None
-        payload, files = await self.emu.http.read_body(request)
+        payload, files = await read_body(request)
         try:
             return self._callback(request, rec, payload, files)
         except APIError as exc:
@@ -80,8 +96,8 @@ class InteractionRoutes:
         if rec is None or rec.token_expired():
             raise APIError(404, 10062, "Unknown interaction")
         if (
-            self.emu.response_deadline is not None
-            and time.monotonic() - rec.created_at > self.emu.response_deadline
+            self._settings.response_deadline is not None
+            and time.monotonic() - rec.created_at > self._settings.response_deadline
         ):
             raise APIError(404, 10062, "Unknown interaction")
         if rec.acknowledged:
@@ -95,7 +111,7 @@ class InteractionRoutes:
             )
         cb_type = payload.get("type")
         data = payload.get("data") or {}
-        self.emu._check_upload(files, rec.attachment_size_limit)
+        check_upload(files, rec.attachment_size_limit)
         allowed = {
             2: {4, 5, 9},
             3: {4, 5, 6, 7, 9},
@@ -121,7 +137,7 @@ class InteractionRoutes:
         if cb_type == 4:
             validate_message(data, files, require_content=True)
             msg_type = 0 if rec.type != 2 else (23 if rec.data.get("type", 1) != 1 else 20)
-            msg = self.emu._create_from_body(
+            msg = self._messages.create_from_body(
                 rec.channel_id,
                 data,
                 files,
@@ -133,22 +149,22 @@ class InteractionRoutes:
             rec.original = msg
         elif cb_type == 5:
             msg_type = 0 if rec.type != 2 else (23 if rec.data.get("type", 1) != 1 else 20)
-            msg = self.emu._make_message(
+            msg = self._messages.make_message(
                 rec.channel_id,
-                author=self.emu.bot_user,
+                author=self._messages.bot_user,
                 flags=(flags & EPHEMERAL) | LOADING,
                 msg_type=msg_type,
                 interaction=rec,
             )
             rec.original = msg
         elif cb_type == 6:
-            rec.original = self.emu._message_index.get(rec.message_id or 0)
+            rec.original = self._messages.get(rec.message_id or 0)
         elif cb_type == 7:
-            target = self.emu._message_index.get(rec.message_id or 0)
+            target = self._messages.get(rec.message_id or 0)
             if target is None:
                 raise APIError(404, 10008, "Unknown Message")
             validate_message(data, files, require_content=False)
-            self.emu._edit_from_body(target, data, files)
+            self._messages.edit_from_body(target, data, files)
             rec.original = msg = target
         elif cb_type == 8:
             rec.autocomplete_choices = list(data.get("choices") or [])
@@ -156,7 +172,7 @@ class InteractionRoutes:
             validate_modal(data)
             rec.modal = copy.deepcopy(data)
         rec.responses.append(payload)
-        self.emu.notify()
+        self._changes.notify()
         if request.query.get("with_response") not in ("1", "true", "True"):
             return web.Response(status=204)
         answer: dict[str, Any] = {
@@ -176,8 +192,8 @@ class InteractionRoutes:
         return json_response(answer)
 
     def _webhook_rec(self, request: web.Request) -> InteractionRecord:
-        rec = self.emu._by_token.get(request.match_info["token"])
-        if rec is None or int(request.match_info["app_id"]) != self.emu.application_id:
+        rec = self._interactions.by_token(request.match_info["token"])
+        if rec is None or int(request.match_info["app_id"]) != self._settings.application_id:
             raise APIError(404, 10015, "Unknown Webhook")
         if rec.token_expired():
             raise self._reject(rec, "webhook", APIError(401, 50027, "Invalid Webhook Token"))
@@ -189,19 +205,19 @@ class InteractionRoutes:
                 raise APIError(404, 10008, "Unknown Message")
             return rec.original
         for msg in rec.messages():
-            if msg["id"] == message_id and int(message_id) in self.emu._message_index:
+            if msg["id"] == message_id and self._messages.get(int(message_id)) is not None:
                 return msg
         raise APIError(404, 10008, "Unknown Message")
 
     async def followup(self, request: web.Request) -> web.Response:
         rec = self._webhook_rec(request)
-        body, files = await self.emu.http.read_body(request)
+        body, files = await read_body(request)
         try:
             if not rec.acknowledged:
                 raise APIError(404, 10015, "Unknown Webhook")
             if not isinstance(body, dict):
                 raise APIError(400, 50006, "Cannot send an empty message")
-            self.emu._check_upload(files, rec.attachment_size_limit)
+            check_upload(files, rec.attachment_size_limit)
             validate_message(body, files, require_content=True)
         except APIError as exc:
             raise self._reject(rec, "followup", exc) from None
@@ -217,7 +233,7 @@ class InteractionRoutes:
             # ephemeral state is the one chosen at defer time.
             original["content"] = str(body.get("content") or "")
             original["components"] = copy.deepcopy(body.get("components") or [])
-            original["attachments"] = self.emu._uploaded_attachments(
+            original["attachments"] = self._messages.uploaded_attachments(
                 body, files, ephemeral=bool(original["flags"] & EPHEMERAL)
             )
             original["embeds"] = resolve_embeds(body.get("embeds") or [], original["attachments"])
@@ -227,7 +243,7 @@ class InteractionRoutes:
             original["timestamp"] = now_iso()
             msg = original
         else:
-            msg = self.emu._create_from_body(
+            msg = self._messages.create_from_body(
                 rec.channel_id,
                 body,
                 files,
@@ -236,8 +252,8 @@ class InteractionRoutes:
                 interaction=rec,
             )
         rec.followups.append(msg)
-        self.emu.notify()
-        self.emu.followup_created(rec, msg)
+        self._changes.notify()
+        self._followup_created(rec, msg)
         if request.query.get("wait") in ("1", "true", "True"):
             return json_response(msg)
         return web.Response(status=204)
@@ -245,26 +261,26 @@ class InteractionRoutes:
     async def get_message(self, request: web.Request) -> web.Response:
         rec = self._webhook_rec(request)
         msg = self._webhook_message(rec, request.match_info["message_id"])
-        self.emu.cdn.refresh_message_urls(msg)
+        self._messages.refresh_urls(msg)
         return json_response(msg)
 
     async def edit_message(self, request: web.Request) -> web.Response:
         rec = self._webhook_rec(request)
         message_id = request.match_info["message_id"]
-        body, files = await self.emu.http.read_body(request)
+        body, files = await read_body(request)
         try:
             msg = self._webhook_message(rec, message_id)
             if not isinstance(body, dict):
                 body = {}
-            self.emu._check_upload(files, rec.attachment_size_limit)
+            check_upload(files, rec.attachment_size_limit)
             validate_message(body, files, require_content=False)
         except APIError as exc:
             raise self._reject(rec, "edit", exc) from None
-        self.emu._edit_from_body(msg, body, files)
+        self._messages.edit_from_body(msg, body, files)
         if message_id == "@original":
             rec.edits.append(body)
         rec.message_edits.append((int(msg["id"]), body))
-        self.emu.notify()
+        self._changes.notify()
         return json_response(msg)
 
     async def delete_message(self, request: web.Request) -> web.Response:
@@ -276,5 +292,5 @@ class InteractionRoutes:
             raise self._reject(rec, "delete", exc) from None
         if msg is rec.original:
             rec.original_deleted = True
-        self.emu._delete_message(msg)
+        self._messages.delete(msg)
         return web.Response(status=204)

@@ -1,57 +1,57 @@
 """The emulated world: users, guilds, roles, channels, members, DM channels and permissions.
 
-A mixin of :class:`DiscordEmulator`: these are the methods tests build their world with
-(``add_guild``, ``add_channel``, ``add_member``, ...). Each change is dispatched to the gateway
-clients that handle the guild (``GUILD_CREATE``, ``CHANNEL_CREATE``, ...), as Discord does.
+:class:`World` holds them; tests build their world through the emulator's ``add_guild``,
+``add_channel``, ``add_member``, ... Each change is dispatched to the gateway clients that handle
+the guild (``GUILD_CREATE``, ``CHANNEL_CREATE``, ...), as Discord does.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
+from .changes import Changes
+from .config import Settings
+from .connections import Connections
+from .ids import Snowflakes
 from .models import (
     ADMINISTRATOR,
     ALL_PERMISSIONS,
     BOT_PERMISSIONS,
-    DISCORD_EPOCH_MS,
     EVERYONE_PERMISSIONS,
     APIError,
     Guild,
     now_iso,
 )
 
-if TYPE_CHECKING:
-    from .gateway import Gateway
 
+class World:
+    """Users, guilds, channels, members and their permissions."""
 
-class WorldMixin:
-    """Users, guilds, channels, members and their permissions (state lives on the emulator)."""
+    def __init__(
+        self,
+        settings: Settings,
+        snowflakes: Snowflakes,
+        connections: Connections,
+        changes: Changes,
+    ) -> None:
+        self._settings = settings
+        self._snowflakes = snowflakes
+        self._connections = connections
+        self._changes = changes
+        self.users: dict[int, dict[str, Any]] = {}
+        self.guilds: dict[int, Guild] = {}
+        self.channels: dict[int, dict[str, Any]] = {}
+        self._dm_by_user: dict[int, int] = {}
+        self.bot_user = self._make_user(
+            settings.bot_user_id, settings.application_name, bot=True
+        )
+        self.bot_user.update({"verified": True, "mfa_enabled": False, "email": None, "flags": 0})
+        self.owner_user = self.add_user(name="app-owner")
+        self.default_user_id = int(self.add_user(name="tester")["id"])
 
-    users: dict[int, dict[str, Any]]
-    guilds: dict[int, Guild]
-    channels: dict[int, dict[str, Any]]
-    bot_user: dict[str, Any]
-    bot_user_id: int
-    upload_limit: int
-    _snowflake_last: int
-    _dm_by_user: dict[int, int]
-    gateway: Gateway
-    # provided by DiscordEmulator
-    notify: Callable[[], None]
-
-    # ------------------------------------------------------------------ ids and users
-
-    def snowflake(self) -> int:
-        """A new, strictly increasing, timestamp-based snowflake."""
-        ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
-        candidate = (ms << 22) | (1 << 17)
-        if candidate <= self._snowflake_last:
-            candidate = self._snowflake_last + 1
-        self._snowflake_last = candidate
-        return candidate
+    # ------------------------------------------------------------------ users
 
     def _make_user(self, user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
         user = {
@@ -75,7 +75,7 @@ class WorldMixin:
         self, user_id: int | None = None, *, name: str | None = None, bot: bool = False
     ) -> dict[str, Any]:
         """Create (or return) a user payload."""
-        uid = user_id or self.snowflake()
+        uid = user_id or self._snowflakes.next()
         if uid in self.users:
             return self.users[uid]
         return self._make_user(uid, name or f"user{uid % 10000}", bot=bot)
@@ -95,7 +95,7 @@ class WorldMixin:
         upload_limit: int | None = None,
     ) -> Guild:
         """Add a guild the bot is in (dispatches GUILD_CREATE to connected clients)."""
-        gid = guild_id or self.snowflake()
+        gid = guild_id or self._snowflakes.next()
         owner = int(self.add_user(owner_id, name="guild-owner")["id"])
         guild = Guild(
             id=gid,
@@ -108,16 +108,16 @@ class WorldMixin:
         self.guilds[gid] = guild
         guild.roles[gid] = self._role_payload(gid, "@everyone", everyone_permissions, position=0)
         bot_role = self._role_payload(
-            self.snowflake(), self.bot_user["username"], bot_permissions, position=1
+            self._snowflakes.next(), self.bot_user["username"], bot_permissions, position=1
         )
         bot_role["managed"] = True
-        bot_role["tags"] = {"bot_id": str(self.bot_user_id)}
+        bot_role["tags"] = {"bot_id": str(self._settings.bot_user_id)}
         guild.roles[int(bot_role["id"])] = bot_role
-        guild.members[self.bot_user_id] = self._member_payload(self.bot_user, [int(bot_role["id"])])
+        guild.members[self._settings.bot_user_id] = self._member_payload(self.bot_user, [int(bot_role["id"])])
         guild.members[owner] = self._member_payload(self.users[owner], [])
-        for conn in self.gateway.connections_for(gid):
+        for conn in self._connections.connections_for(gid):
             conn.dispatch("GUILD_CREATE", guild.to_gateway())
-        self.notify()
+        self._changes.notify()
         return guild
 
     @staticmethod
@@ -158,7 +158,7 @@ class WorldMixin:
             "communication_disabled_until": None,
         }
 
-    def _guild(self, guild_id: int) -> Guild:
+    def guild(self, guild_id: int) -> Guild:
         try:
             return self.guilds[int(guild_id)]
         except KeyError:
@@ -168,16 +168,16 @@ class WorldMixin:
         self, guild_id: int, name: str, permissions: int = 0, *, role_id: int | None = None
     ) -> dict[str, Any]:
         """Add a role (dispatches GUILD_ROLE_CREATE)."""
-        guild = self._guild(guild_id)
+        guild = self.guild(guild_id)
         role = self._role_payload(
-            role_id or self.snowflake(), name, permissions, position=len(guild.roles)
+            role_id or self._snowflakes.next(), name, permissions, position=len(guild.roles)
         )
         guild.roles[int(role["id"])] = role
-        for conn in self.gateway.connections_for(guild.id):
+        for conn in self._connections.connections_for(guild.id):
             conn.dispatch(
                 "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": copy.deepcopy(role)}
             )
-        self.notify()
+        self._changes.notify()
         return role
 
     def add_channel(
@@ -191,8 +191,8 @@ class WorldMixin:
         topic: str | None = None,
     ) -> dict[str, Any]:
         """Add a text channel (dispatches CHANNEL_CREATE); returns the channel dict."""
-        guild = self._guild(guild_id)
-        cid = channel_id or self.snowflake()
+        guild = self.guild(guild_id)
+        cid = channel_id or self._snowflakes.next()
         channel = {
             "id": str(cid),
             "type": channel_type,
@@ -209,9 +209,9 @@ class WorldMixin:
         }
         guild.channels[cid] = channel
         self.channels[cid] = channel
-        for conn in self.gateway.connections_for(guild.id):
+        for conn in self._connections.connections_for(guild.id):
             conn.dispatch("CHANNEL_CREATE", copy.deepcopy(channel))
-        self.notify()
+        self._changes.notify()
         return channel
 
     def add_member(
@@ -230,7 +230,7 @@ class WorldMixin:
         ``roles`` are role ids or role names (unknown names are created with no permissions).
         Dispatches GUILD_MEMBER_ADD. Returns the member dict (with ``user``).
         """
-        guild = self._guild(guild_id)
+        guild = self.guild(guild_id)
         user = self.add_user(user_id, name=name, bot=bot)
         uid = int(user["id"])
         role_ids: list[int] = []
@@ -247,12 +247,12 @@ class WorldMixin:
         guild.members[uid] = member
         if permissions:
             guild.member_permissions[uid] = permissions
-        for conn in self.gateway.connections_for(guild.id):
+        for conn in self._connections.connections_for(guild.id):
             conn.dispatch("GUILD_MEMBER_ADD", {**copy.deepcopy(member), "guild_id": str(guild.id)})
-        self.notify()
+        self._changes.notify()
         return member
 
-    def _ensure_member(self, guild: Guild, user_id: int) -> dict[str, Any]:
+    def ensure_member(self, guild: Guild, user_id: int) -> dict[str, Any]:
         if user_id not in guild.members:
             user = self.add_user(user_id)
             guild.members[user_id] = self._member_payload(user, [])
@@ -260,7 +260,7 @@ class WorldMixin:
 
     def member_permissions(self, guild_id: int, user_id: int) -> int:
         """Guild-level permissions of a member (owner and ADMINISTRATOR get everything)."""
-        guild = self._guild(guild_id)
+        guild = self.guild(guild_id)
         if user_id == guild.owner_id:
             return ALL_PERMISSIONS
         perms = int(guild.roles[guild.id]["permissions"])
@@ -278,7 +278,7 @@ class WorldMixin:
         if user_id in self._dm_by_user:
             return self.channels[self._dm_by_user[user_id]]
         user = self.add_user(user_id)
-        cid = self.snowflake()
+        cid = self._snowflakes.next()
         channel = {
             "id": str(cid),
             "type": 1,
@@ -290,13 +290,13 @@ class WorldMixin:
         self._dm_by_user[user_id] = cid
         return channel
 
-    def _channel(self, channel_id: int) -> dict[str, Any]:
+    def channel(self, channel_id: int) -> dict[str, Any]:
         channel = self.channels.get(int(channel_id))
         if channel is None:
             raise APIError(404, 10003, "Unknown Channel")
         return channel
 
-    def _guild_of_channel(self, channel_id: int) -> Guild | None:
+    def guild_of_channel(self, channel_id: int) -> Guild | None:
         channel = self.channels.get(int(channel_id))
         if channel is None or not channel.get("guild_id"):
             return None
@@ -305,16 +305,16 @@ class WorldMixin:
     def guild_upload_limit(self, guild_id: int | None) -> int:
         """Upload limit for a guild (its own, or by boost tier, or ``emu.upload_limit``)."""
         if guild_id is None:
-            return self.upload_limit
+            return self._settings.upload_limit
         guild = self.guilds.get(guild_id)
         if guild is None:
-            return self.upload_limit
+            return self._settings.upload_limit
         if guild.upload_limit is not None:
             return guild.upload_limit
         tiers = {2: 50 * 1024 * 1024, 3: 100 * 1024 * 1024}
-        return max(self.upload_limit, tiers.get(guild.premium_tier, 0))
+        return max(self._settings.upload_limit, tiers.get(guild.premium_tier, 0))
 
-    def _channel_or_lookup(self, channel_id: int) -> dict[str, Any]:
+    def channel_or_lookup(self, channel_id: int) -> dict[str, Any]:
         channel = self.channels.get(int(channel_id))
         if channel is None:
             raise LookupError(f"unknown channel {channel_id}")
@@ -328,7 +328,7 @@ class WorldMixin:
         perms = self.member_permissions(guild_id, user_id)
         if perms & ADMINISTRATOR or channel_id is None:
             return perms
-        guild = self._guild(guild_id)
+        guild = self.guild(guild_id)
         channel = guild.channels.get(int(channel_id))
         if channel is None:
             return perms
@@ -360,8 +360,8 @@ class WorldMixin:
     ) -> dict[str, Any]:
         """Set a channel's permission overwrite for a role (or, with ``member``, a member);
         dispatches CHANNEL_UPDATE. Returns the channel dict."""
-        channel = self._channel(channel_id)
-        guild = self._guild_of_channel(channel_id)
+        channel = self.channel(channel_id)
+        guild = self.guild_of_channel(channel_id)
         if guild is None:
             raise LookupError(f"channel {channel_id} is not in a guild")
         overwrite = {
@@ -373,7 +373,7 @@ class WorldMixin:
         channel["permission_overwrites"] = [
             o for o in channel.get("permission_overwrites") or [] if int(o["id"]) != target_id
         ] + [overwrite]
-        for conn in self.gateway.connections_for(guild.id):
+        for conn in self._connections.connections_for(guild.id):
             conn.dispatch("CHANNEL_UPDATE", copy.deepcopy(channel))
-        self.notify()
+        self._changes.notify()
         return channel

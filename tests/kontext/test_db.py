@@ -18,7 +18,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kontext import db as db_module
-from kontext import db_execute
+from kontext import db_engine, db_execute
 from kontext.db import SQLITE_BUSY_TIMEOUT_MS, Database, engine_args, execute
 from kontext.errors import JobAlreadyExists
 from kontext.schema import current_revision, head_revision, jobs, revisions
@@ -113,6 +113,94 @@ async def test_sqlite_pragmas(tmp_path: Path) -> None:
             timeout = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
             assert timeout == SQLITE_BUSY_TIMEOUT_MS >= 30_000
             assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        await db.dispose()
+
+
+def _hold_read_lock(path: Path) -> sqlite3.Connection:
+    """Another connection in a read transaction: the file's journal mode cannot change under it."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    holder.execute("BEGIN")
+    holder.execute("SELECT * FROM t").fetchall()
+    return holder
+
+
+async def test_sqlite_prepare_retries_a_locked_file_until_it_switches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file another process holds is tried again (SQLite answers "database is locked"), and
+    the switch succeeds once the other lets go."""
+    monkeypatch.setattr(db_engine, "SQLITE_BUSY_TIMEOUT_MS", 20)  # each try gives up quickly
+    holder = _hold_read_lock(tmp_path / "w.db")
+    db = Database.from_url(f"sqlite:///{tmp_path}/w.db")
+    tries: list[str] = []
+    switch = db._switch_to_wal
+
+    async def watched() -> str:
+        try:
+            mode = await switch()
+        except sqlite3.OperationalError as error:
+            tries.append(str(error))
+            holder.execute("COMMIT")  # the other process lets go after the first refusal
+            raise
+        tries.append(mode)
+        return mode
+
+    monkeypatch.setattr(db, "_switch_to_wal", watched)
+    try:
+        await db.prepare()
+        assert tries == ["database is locked", "wal"]
+        async with db.read() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+    finally:
+        holder.close()
+        await db.dispose()
+
+
+async def test_sqlite_prepare_gives_up_on_a_file_locked_past_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locked for longer than the busy timeout: the lock's own error surfaces, after retries."""
+    monkeypatch.setattr(db_engine, "SQLITE_BUSY_TIMEOUT_MS", 20)
+    monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    holder = _hold_read_lock(tmp_path / "g.db")
+    db = Database.from_url(f"sqlite:///{tmp_path}/g.db")
+    tries = 0
+    switch = db._switch_to_wal
+
+    async def counted() -> str:
+        nonlocal tries
+        tries += 1
+        return await switch()
+
+    monkeypatch.setattr(db, "_switch_to_wal", counted)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            await db.prepare()
+        assert tries > 2
+    finally:
+        holder.close()
+        await db.dispose()
+
+
+async def test_sqlite_prepare_raises_at_once_when_wal_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer other than WAL is not a lock: no retry."""
+    db = Database.from_url(f"sqlite:///{tmp_path}/r.db")
+    tries = 0
+
+    async def refused() -> str:
+        nonlocal tries
+        tries += 1
+        return "delete"
+
+    monkeypatch.setattr(db, "_switch_to_wal", refused)
+    try:
+        with pytest.raises(RuntimeError, match="journal_mode=delete"):
+            await db.prepare()
+        assert tries == 1
     finally:
         await db.dispose()
 
