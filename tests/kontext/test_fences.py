@@ -141,7 +141,7 @@ async def test_l1_a_takeover_does_not_overwrite_a_renewal_that_raced_it(tmp_path
 
 
 async def _eq(value: Any, expected: int) -> bool:
-    return (await value) == expected
+    return bool((await value) == expected)
 
 
 async def _takeover_waiting_or_done(watcher: Any, blocker_pid: int, takeover: Any) -> bool:
