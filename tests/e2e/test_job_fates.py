@@ -42,7 +42,7 @@ FINISHED = ("posted", "refunded", "failed")
 LEASE = "2"  # seconds: a killed process's job is taken over after this (by the DB's clock)
 RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
 #: how long, in these tests' settings, a job whose channel cannot be read may stay unfinished
-UNREADABLE_CHANNEL_BOUND_S = 30.0
+UNREADABLE_CHANNEL_BOUND_S = 20.0
 
 
 @dataclass
