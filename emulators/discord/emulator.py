@@ -34,7 +34,7 @@ from aiohttp import web
 from .cdn import Cdn, StoredAttachment
 from .commands import CommandRoutes, CommandsMixin
 from .driver import DriverMixin
-from .faults import FaultRule, Faults
+from .faults import DelayRule, FaultRule, Faults
 from .gateway import Gateway, GatewayConnection
 from .http import Http
 from .messages import MessagesMixin
@@ -364,9 +364,10 @@ class DiscordEmulator(WorldMixin, MessagesMixin, CommandsMixin, DriverMixin):
 
     def delay(
         self, method: str, path_regex: str, seconds: float, *, times: int | None = None
-    ) -> None:
-        """Delay matching requests by ``seconds`` before handling them."""
-        self.faults.delay(method, path_regex, seconds, times=times)
+    ) -> DelayRule:
+        """Delay matching requests by ``seconds`` before handling them; the rule returned
+        counts the requests it delayed (``hits``, counted as each one arrives)."""
+        return self.faults.delay(method, path_regex, seconds, times=times)
 
     def clear_faults(self) -> None:
         """Drop every fault and delay rule."""

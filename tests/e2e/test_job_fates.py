@@ -175,23 +175,31 @@ async def budget_micros(w: World) -> tuple[int, int]:
 async def test_h1_a_takeover_that_cannot_read_the_channel_ends_the_job_and_frees_its_slot(
     tmp_path: Path,
 ) -> None:
-    """A process is killed while its job is at the API; the channel then answers 403 Missing
-    Access to every read (Read Message History removed). The process that takes the job over
-    cannot tell whether the result was posted: still, the job ends within a bound, and its
-    API slot (MAX_CONCURRENT_JOBS=1) does not stop another member's job meanwhile.
+    """A process is killed (-9) while it uploads a job's result to Discord; the channel then
+    answers 403 Missing Access to every read (Read Message History removed). The process that
+    takes the job over cannot tell whether the result was posted: still, the job ends within
+    a bound, and its API slot (MAX_CONCURRENT_JOBS=1) does not stop another member's job
+    meanwhile.
 
     Today the takeover lets the lease go and tries again, forever: the job stays ``running``
-    (its epoch climbing with each hand-over) and holds the only slot."""
-    async with world(tmp_path, latency=60) as w:
-        env = {"MAX_CONCURRENT_JOBS": "1"}
+    (its epoch climbing with each hand-over)."""
+    async with world(tmp_path, latency=0.2) as w:
+        env = {"MAX_CONCURRENT_JOBS": "1", "KONTEXT_LEASE_SECONDS": LEASE}
         stuck_member, other_member = w.member("stuck"), w.member("other")
-        stuck, _ = await crash_mid_call(w, stuck_member, **env)
+        first = await w.start("first", **env)
+        conns = list(w.demu.connections)
+        # the result's upload (the interaction's public follow-up) hangs: killed meanwhile
+        upload = w.demu.delay("POST", r"/webhooks/\d+/[^/]+$", 30.0, times=1)
+        stuck = await w.kontext(stuck_member, "killed while posting")
+        await w.until(lambda: upload.hits >= 1, 15, "the result's upload begun")
+        first.kill()
+        assert await first.wait(10) == -9
+        await w.demu.wait_until(lambda: all(c.closed for c in conns), 10, description="closed")
         unreadable = w.demu.fail_next(
             "GET", rf"/channels/{w.channel}/messages$", 403, code=50001,
             message="Missing Access", times=None,
         )
-        w.semu.latency = 0.2
-        await w.start("second", KONTEXT_LEASE_SECONDS=LEASE, **env)
+        await w.start("second", **env)
         await w.until(lambda: unreadable.hits >= 1, 20, "the takeover reading the channel")
         other = await w.kontext(other_member, "another member's job")
         started = time.monotonic()
@@ -212,7 +220,7 @@ async def test_h1_a_takeover_that_cannot_read_the_channel_ends_the_job_and_frees
                 f"{w.logs()}"
             ) from None
         print(f"\nboth ended {time.monotonic() - started:.1f} s after the second job arrived")
-        assert w.submits() == 2 and w.posted()[stuck.id] == 0, w.logs()
+        assert w.submits() == 2 and w.posted()[stuck.id] <= 1, w.logs()
 
 
 # --- M1: a takeover refund keeps the budget share of a request that was sent ----------------------
