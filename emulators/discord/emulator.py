@@ -34,7 +34,7 @@ from .commands import CommandRegistry
 from .config import Address, Settings
 from .connections import Connections, GatewayConnection
 from .driver import Driver
-from .faults import FaultRule, Faults
+from .faults import DelayRule, FaultRule, Faults
 from .gateway import Gateway
 from .http import Http
 from .ids import Snowflakes
@@ -575,9 +575,10 @@ class DiscordEmulator:
 
     def delay(
         self, method: str, path_regex: str, seconds: float, *, times: int | None = None
-    ) -> None:
-        """Delay matching requests by ``seconds`` before handling them."""
-        self.faults.delay(method, path_regex, seconds, times=times)
+    ) -> DelayRule:
+        """Delay matching requests by ``seconds`` before handling them; the rule returned
+        counts the requests it delayed (``hits``, counted as each one arrives)."""
+        return self.faults.delay(method, path_regex, seconds, times=times)
 
     def clear_faults(self) -> None:
         """Drop every fault and delay rule."""

@@ -132,9 +132,13 @@ class Faults:
         self.rules.append(rule)
         return rule
 
-    def delay(self, method: str, path_regex: str, seconds: float, *, times: int | None) -> None:
+    def delay(
+        self, method: str, path_regex: str, seconds: float, *, times: int | None
+    ) -> DelayRule:
         """Plan a delay; see :meth:`DiscordEmulator.delay`."""
-        self.delays.append(DelayRule(method.upper(), re.compile(path_regex), seconds, times))
+        rule = DelayRule(method.upper(), re.compile(path_regex), seconds, times)
+        self.delays.append(rule)
+        return rule
 
     def clear(self) -> None:
         """Drop every fault and delay rule."""
