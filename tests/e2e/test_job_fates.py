@@ -184,7 +184,9 @@ async def test_h1_a_takeover_that_cannot_read_the_channel_ends_the_job_and_frees
     Today the takeover lets the lease go and tries again, forever: the job stays ``running``
     (its epoch climbing with each hand-over)."""
     async with world(tmp_path, latency=0.2) as w:
-        env = {"MAX_CONCURRENT_JOBS": "1", "KONTEXT_LEASE_SECONDS": LEASE}
+        # the stated bound for a channel that cannot be read, shortened for the test
+        env = {"MAX_CONCURRENT_JOBS": "1", "KONTEXT_LEASE_SECONDS": LEASE,
+               "KONTEXT_SETTLE_SECONDS": "6"}
         stuck_member, other_member = w.member("stuck"), w.member("other")
         first = await w.start("first", **env)
         conns = list(w.demu.connections)
@@ -221,6 +223,10 @@ async def test_h1_a_takeover_that_cannot_read_the_channel_ends_the_job_and_frees
             ) from None
         print(f"\nboth ended {time.monotonic() - started:.1f} s after the second job arrived")
         assert w.submits() == 2 and w.posted()[stuck.id] <= 1, w.logs()
+        job = await w.job(stuck.id)
+        assert job is not None and job.api_charged, job  # its request was sent: billed
+        if w.posted()[stuck.id] == 0:  # proven neither way: refunded by the stated rule
+            assert (job.state, job.failure_cause) == ("refunded", "post_unverified"), job
 
 
 # --- M1: a takeover refund keeps the budget share of a request that was sent ----------------------
