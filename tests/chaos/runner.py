@@ -232,8 +232,7 @@ class Run:
                     new = [c for c in self.demu.connections if id(c) not in old]
                     return not bot.running or bool(new and self.demu.find_command("kontext"))
 
-                while not ready() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+                await self._until(ready, max(0.0, deadline - time.monotonic()))
                 if bot.running and ready():
                     self.note(f"{name} up (pid {bot.pid})")
                     return
