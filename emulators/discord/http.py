@@ -5,6 +5,7 @@ body reader (JSON or multipart with ``payload_json`` and ``files[n]``) every rou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
-from .faults import rate_limit_headers
+from .faults import FaultRule, rate_limit_headers
 from .models import API_PREFIX_RE, APIError, RequestRecord, UploadedFile, err, json_response
 
 if TYPE_CHECKING:
@@ -56,10 +57,12 @@ class Http:
             if fault is not None and not fault.process:
                 with contextlib.suppress(Exception):
                     await self.read_body(request)
+                self._drop_if(fault, request, record)
                 raise fault.to_error()
             self._check_auth(request)
             response = await handler(request)
             if fault is not None:
+                self._drop_if(fault, request, record)
                 raise fault.to_error()
         except APIError as exc:
             headers = {"Via": "1.1 google", **exc.headers}
@@ -73,6 +76,18 @@ class Http:
             self.emu.requests.append(record)
             self.emu.notify()
         return response
+
+    def _drop_if(self, fault: FaultRule, request: web.Request, record: RequestRecord) -> None:
+        """A planned dropped connection: record the request (status 0: no answer), close
+        its connection."""
+        if not fault.drop:
+            return
+        record.status = 0
+        self.emu.requests.append(record)
+        self.emu.notify()
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # the connection is gone: nothing to answer
 
     def _check_auth(self, request: web.Request) -> None:
         path = API_PREFIX_RE.sub("", request.path)
