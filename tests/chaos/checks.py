@@ -73,12 +73,13 @@ async def check_run(run: Run) -> list[str]:
     unknown: Counter[int] = Counter()
     reached: Counter[int] = Counter()
     for call in run.semu.calls:
-        m = TAG.search(str((call.payload or {}).get("prompt") or ""))
-        job_id = job_of_index.get(int(m.group(1))) if m else None
-        if job_id is None:
+        tag = TAG.search(str((call.payload or {}).get("prompt") or ""))
+        found = job_of_index.get(int(tag.group(1))) if tag else None
+        if found is None:
             if call.charged:
                 out.append(f"a billed call of no known job: {call.path} {call.payload!r:.80}")
             continue
+        job_id = found
         reached[job_id] += 1
         billed[job_id] += call.charged
         unknown[job_id] += unknown_answer(call)
@@ -102,11 +103,11 @@ async def check_run(run: Run) -> list[str]:
     for row in rows.values():
         if row.state == JobState.POSTED:
             spent[(int(row.guild_id), int(row.user_id))] += int(row.cost_credits)
-    for m in member_rows:
-        who = f"member {m.user_id}"
-        if m.inflight:
-            out.append(f"{who}: {m.inflight} job slot(s) held")
-        expected = STARTING_CREDITS - spent[(int(m.guild_id), int(m.user_id))]
-        if m.balance != expected:
-            out.append(f"{who}: balance {m.balance}, committed jobs say {expected}")
+    for member in member_rows:
+        who = f"member {member.user_id}"
+        if member.inflight:
+            out.append(f"{who}: {member.inflight} job slot(s) held")
+        expected = STARTING_CREDITS - spent[(int(member.guild_id), int(member.user_id))]
+        if member.balance != expected:
+            out.append(f"{who}: balance {member.balance}, committed jobs say {expected}")
     return out

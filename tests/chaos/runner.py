@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ FINISHED = frozenset({JobState.POSTED, JobState.REFUNDED, JobState.FAILED})
 STARTING_CREDITS = 100
 READ_MESSAGE_HISTORY = 1 << 16
 RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
+#: where a result is uploaded: the interaction's follow-up, or the channel (the fallback)
+UPLOAD_ROUTES = {"followup": r"^/webhooks/\d+/[^/]+$", "channel": r"^/channels/\d+/messages$"}
 #: seconds after the schedule ends (and every fault is lifted) by which every job is finished
 DEFAULT_BOUND_S = 60.0
 
@@ -139,6 +142,8 @@ class Slot:
     env: dict[str, str]
     bot: BotProcess | None = None
     generation: int = 0
+    #: one stop/restart at a time (two faults may pick the same process)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -205,7 +210,7 @@ class Run:
         self.faults: Counter[str] = Counter()
         self.notes: list[str] = []
         self.history_rules: dict[int, FaultRule] = {}  # channel index -> the 403 rule
-        self.dead_logs: dict[str, str] = {}
+        self.every_bot: list[BotProcess] = []
         self.t0: float | None = None  # the schedule's start (None while the fleet starts)
         self._start_lock = asyncio.Lock()
 
@@ -227,6 +232,7 @@ class Run:
                 bot = await start_bot(self.demu, self.semu, self.url, workdir=self.workdir,
                                       name=name, **slot.env)
                 slot.bot = bot
+                self.every_bot.append(bot)
 
                 def ready(bot: BotProcess = bot, old: set[int] = old) -> bool:
                     new = [c for c in self.demu.connections if id(c) not in old]
@@ -237,16 +243,12 @@ class Run:
                     self.note(f"{name} up (pid {bot.pid})")
                     return
                 self.note(f"{name} did not come up (exit {bot.proc.returncode}); again")
-                self._keep_log(bot)
                 bot.kill()
                 with contextlib.suppress(Exception):
                     await bot.wait(10)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not come up in {deadline_s} s")
                 await self._until(lambda: not self.db.down_now, 30)
-
-    def _keep_log(self, bot: BotProcess) -> None:
-        self.dead_logs[bot.name] = bot.log()
 
     async def stop(self, slot: Slot, *, kill: bool) -> None:
         bot = slot.bot
@@ -260,7 +262,6 @@ class Run:
             took = time.monotonic()
             code = await bot.stop(timeout=15)
             self.note(f"{bot.name} SIGTERM -> exit {code} in {time.monotonic() - took:.1f} s")
-        self._keep_log(bot)
 
     async def _until(self, check: Callable[[], Any], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -304,19 +305,21 @@ class Run:
         self.note(f"fault {kind} {a}")
         if kind in ("kill9", "sigterm"):
             slot = self.slots[a["bot"]]
-            await self.stop(slot, kill=kind == "kill9")
-            await asyncio.sleep(a["restart_after"])  # the schedule's pause before the restart
-            await self.start(slot)
+            async with slot.lock:
+                await self.stop(slot, kill=kind == "kill9")
+                await asyncio.sleep(a["restart_after"])  # the schedule's pause before restarting
+                await self.start(slot)
         elif kind == "clock":
             slot = self.slots[a["bot"]]
             lib = libfaketime()
-            await self.stop(slot, kill=a["kill"])
-            if lib is None:
-                self.note("libfaketime missing: restarted without a moved clock")
-            else:
-                slot.env.update(LD_PRELOAD=lib, FAKETIME=f"{a['skew_s']:+d}",
-                                DONT_FAKE_MONOTONIC="1")
-            await self.start(slot)
+            async with slot.lock:
+                await self.stop(slot, kill=a["kill"])
+                if lib is None:
+                    self.note("libfaketime missing: restarted without a moved clock")
+                else:
+                    slot.env.update(LD_PRELOAD=lib, FAKETIME=f"{a['skew_s']:+d}",
+                                    DONT_FAKE_MONOTONIC="1")
+                await self.start(slot)
         elif kind == "db_outage":
             if self.db.down_now:
                 return
@@ -328,9 +331,9 @@ class Run:
             if not self.db.down_now:
                 await self.db.drop()
         elif kind == "discord_5xx":
-            route = (r"^/webhooks/\d+/[^/]+$" if a["route"] == "followup"
-                     else r"^/channels/\d+/messages$")
-            self.demu.fail_next("POST", route, a["status"], process=True)
+            self.demu.fail_next("POST", UPLOAD_ROUTES[a["route"]], a["status"], process=True)
+        elif kind == "discord_drop":
+            self.demu.faults.drop_next("POST", UPLOAD_ROUTES[a["route"]])
         elif kind == "gateway_drop":
             await self.demu.disconnect_all()
         elif kind == "history_removed":
@@ -395,16 +398,15 @@ class Run:
             if id(rule) not in keep:
                 rule.times = rule.hits
         for slot in self.slots:
-            if slot.bot is None or not slot.bot.running:
-                if slot.bot is not None:
-                    self.note(f"{slot.bot.name} found dead (exit {slot.bot.proc.returncode})")
-                    self._keep_log(slot.bot)
-                await self.start(slot)
+            async with slot.lock:
+                if slot.bot is None or not slot.bot.running:
+                    if slot.bot is not None:
+                        self.note(f"{slot.bot.name} found dead (exit {slot.bot.proc.returncode})")
+                    await self.start(slot)
 
     async def stop_all(self) -> None:
         await asyncio.gather(
-            *(s.bot.stop(timeout=10) for s in self.slots if s.bot is not None and s.bot.running),
-            return_exceptions=True,
+            *(b.stop(timeout=10) for b in self.every_bot if b.running), return_exceptions=True
         )
 
     def posted(self) -> Counter[int]:
@@ -417,11 +419,7 @@ class Run:
         return seen
 
     def logs(self) -> dict[str, str]:
-        out = dict(self.dead_logs)
-        for slot in self.slots:
-            if slot.bot is not None:
-                out[slot.bot.name] = slot.bot.log()
-        return out
+        return {b.name: b.log() for b in self.every_bot}
 
 
 def result_ids(msg: dict[str, Any]) -> list[int]:
@@ -483,9 +481,8 @@ async def run_plan(plan: Plan, url: str, workdir: Path, *, bound_s: float = DEFA
             for slot in run.slots:
                 await run.start(slot)
             run.t0 = t0 = time.monotonic()
-            tasks = [asyncio.create_task(_at(t0, j.at, lambda j=j: run.submit(j)))
-                     for j in plan.jobs]
-            tasks += [asyncio.create_task(_at(t0, f.at, lambda f=f: run.inject(f)))
+            tasks = [asyncio.create_task(_at(t0, j.at, partial(run.submit, j))) for j in plan.jobs]
+            tasks += [asyncio.create_task(_at(t0, f.at, partial(run.inject, f)))
                       for f in plan.faults]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for r in results:

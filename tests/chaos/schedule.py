@@ -20,6 +20,7 @@ FAULT_WEIGHTS: dict[str, int] = {
     "db_outage": 2,  # the database is unreachable (Postgres) / locked (SQLite) > one lease
     "db_drop": 1,  # every database connection killed (Postgres)
     "discord_5xx": 3,  # Discord answers 5xx *after* creating the result message
+    "discord_drop": 2,  # the result upload is carried out, then its connection drops
     "gateway_drop": 1,  # every gateway connection dropped (the bots resume)
     "history_removed": 2,  # the bots lose Read Message History in a channel
     "delete_result": 2,  # a moderator deletes a posted result
@@ -129,6 +130,8 @@ def _fault(
         args = {"bot": rng.randrange(bots), "skew_s": skew, "kill": rng.random() < 0.5}
     elif kind == "db_outage":
         args = {"seconds": round(lease_s * rng.uniform(1.5, 3.0), 2)}
+    elif kind == "discord_drop":
+        args = {"route": rng.choice(("followup", "channel"))}
     elif kind == "discord_5xx":
         args = {
             "status": rng.choice((500, 502, 503, 504)),
