@@ -40,6 +40,12 @@ def unknown_answer(call: CallRecord) -> bool:
 async def check_run(run: Run) -> list[str]:
     out: list[str] = []
     job_of_index = {index: rec.id for index, rec in run.recs.items()}
+    label = {rec.id: f"#{index}" for index, rec in run.recs.items()}
+
+    def name(job_id: int) -> str:
+        """``job <id> (#<index in the schedule>)``."""
+        return f"job {job_id} ({label.get(job_id, '?')})"
+
     async with open_store(run.url) as store:
         async with store.db.read() as conn:
             rows = {int(r.id): r for r in await conn.execute(select(jobs))}
@@ -52,7 +58,7 @@ async def check_run(run: Run) -> list[str]:
     for job_id, row in sorted(rows.items()):
         if row.state not in FINISHED:
             out.append(
-                f"job {job_id}: still {row.state} after the bound (lease {row.lease_owner}, "
+                f"{name(job_id)}: still {row.state} after the bound (lease {row.lease_owner}, "
                 f"epoch {row.lease_epoch}, api_charged {row.api_charged})"
             )
 
@@ -60,13 +66,13 @@ async def check_run(run: Run) -> list[str]:
     for job_id, row in sorted(rows.items()):
         n, gone = posts[job_id], run.deleted[job_id]
         if row.state == JobState.POSTED and n + gone != 1:
-            out.append(f"job {job_id}: committed with {n} result message(s) ({gone} deleted)")
+            out.append(f"{name(job_id)}: committed with {n} result message(s) ({gone} deleted)")
         elif row.state in (JobState.REFUNDED, JobState.FAILED) and n + gone:
-            out.append(f"job {job_id}: {row.state} but {n + gone} result message(s) were posted")
+            out.append(f"{name(job_id)}: {row.state} but {n + gone} result message(s) were posted")
         elif n + gone > 1:
-            out.append(f"job {job_id}: posted {n + gone} times")
+            out.append(f"{name(job_id)}: posted {n + gone} times")
     for job_id in (posts + run.deleted).keys() - rows.keys():
-        out.append(f"job {job_id}: a result message without a job row")
+        out.append(f"{name(job_id)}: a result message without a job row")
 
     # the budget against the calls Segmind received and billed
     billed: Counter[int] = Counter()
@@ -88,15 +94,15 @@ async def check_run(run: Run) -> list[str]:
             continue
         counted = row.state == JobState.POSTED or bool(row.api_charged)
         if billed[job_id] > 1:
-            out.append(f"job {job_id}: billed {billed[job_id]} times by Segmind, counted once")
+            out.append(f"{name(job_id)}: billed {billed[job_id]} times by Segmind, counted once")
         if billed[job_id] and not counted:
-            out.append(f"job {job_id}: billed by Segmind but its budget share was given back "
+            out.append(f"{name(job_id)}: billed by Segmind but its budget share was given back "
                        f"({row.state})")
         if counted and not billed[job_id] and not unknown[job_id]:
-            out.append(f"job {job_id}: budget counts a call that was not billed, and every answer "
+            out.append(f"{name(job_id)}: budget counts a call that was not billed, and every answer "
                        f"was known ({reached[job_id]} call(s) reached the API; {row.state})")
     for job_id in billed.keys() - rows.keys():
-        out.append(f"job {job_id}: billed by Segmind but no job row")
+        out.append(f"{name(job_id)}: billed by Segmind but no job row")
 
     # nothing held
     spent: defaultdict[tuple[int, int], int] = defaultdict(int)
