@@ -440,8 +440,8 @@ async def open_store(url: str) -> AsyncIterator[Store]:
         await store.close()
 
 
-async def job_states(url: str) -> dict[int, str]:
-    async with open_store(url) as store, store.db.read() as conn:
+async def job_states(store: Store) -> dict[int, str]:
+    async with store.db.read() as conn:
         return {int(i): str(s) for i, s in await conn.execute(select(jobs.c.id, jobs.c.state))}
 
 
@@ -449,14 +449,15 @@ async def wait_finished(run: Run, bound_s: float) -> dict[int, str]:
     """Poll the job table until no job is unfinished or ``bound_s`` passed; the last states."""
     deadline = time.monotonic() + bound_s
     states: dict[int, str] = {}
-    while True:
-        with contextlib.suppress(Exception):
-            states = await job_states(run.url)
-            if all(s in FINISHED for s in states.values()):
+    async with open_store(run.url) as store:
+        while True:
+            with contextlib.suppress(Exception):  # a connection the outage broke is replaced
+                states = await job_states(store)
+                if all(s in FINISHED for s in states.values()):
+                    return states
+            if time.monotonic() > deadline:
                 return states
-        if time.monotonic() > deadline:
-            return states
-        await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)
 
 
 async def _at(t0: float, at: float, action: Callable[[], Awaitable[None]]) -> None:
