@@ -20,6 +20,8 @@ inside the bot, so ``python -m bench --bot REV`` counts any revision's.
 * Snapshots are taken one after the other, each window's end the next one's start: idle
   (``transactions_idle``), then the jobs (``transactions_jobs``, from the first sent to
   ``transactions_flush`` after the last one's final status edit), then idle again.
+* Every job, the warm-up's too, is one member's: the figures are a returning member's job,
+  without the rows a member's first job adds.
 * Every transaction the bot's store runs ends in a commit, reads too (``Database.read`` commits
   its read-only transaction): commits are the figure. Rollbacks are told beside it: with
   ``pool_pre_ping`` SQLAlchemy's asyncpg dialect pings each connection it hands out inside a
@@ -173,8 +175,9 @@ async def measure(sizes: Sizes, url: str) -> dict[str, Any]:
     n, idle_s, flush_s = sizes.transactions_jobs, sizes.transactions_idle, sizes.transactions_flush
     async with world(segmind_latency=sizes.transactions_latency, result=sized_jpeg(sizes.small_result)) as w:
         async with bot_process("kontext", w, "transactions", database_url=url) as bot:
+            member = w.members[0]  # one returning member: no first-job rows in the figures
             for i in range(sizes.warmup_jobs):  # first connections, first writes, lazy imports
-                rec = await w.send(10_000 + i)
+                rec = await w.send(10_000 + i, member)
                 await w.wait_results([rec], 60)
             async with Counters(url) as counters:
                 await counters.no_autovacuum()
@@ -183,7 +186,7 @@ async def measure(sizes: Sizes, url: str) -> dict[str, Any]:
                 await asyncio.sleep(idle_s)
                 marks.append(await counters.snapshot())
                 for i in range(n):
-                    rec = await w.send(i)
+                    rec = await w.send(i, member)
                     await w.wait_results([rec], 60)
                 await asyncio.sleep(flush_s)
                 marks.append(await counters.snapshot())
