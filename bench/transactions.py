@@ -15,7 +15,7 @@ inside the bot, so ``python -m bench --bot REV`` counts any revision's.
   snapshot that ends the jobs' window is taken ``transactions_flush`` (11 s) after the last job,
   and the first one as long after the warm-up, so that each window holds its own transactions.
 * The idle bot commits too (the dispatcher's polls, the recovery sweep, …): its rate is
-  measured over ``idle_s`` before the jobs and again after them, and the mean rate × the jobs'
+  measured over ``transactions_idle`` before the jobs and again after them, and the mean rate × the jobs'
   window is taken off before dividing by the number of jobs. Both figures are reported.
 * Snapshots are taken one after the other, each window's end the next one's start: idle
   (``transactions_idle``), then the jobs (``transactions_jobs``, from the first sent to
