@@ -13,6 +13,7 @@ Layout:
 * :mod:`bench.baseline_blocking` — THE ANTI-PATTERN BASELINE: the seed sample's blocking HTTP
   call inside a cog, for comparison only; the bot never imports it;
 * :mod:`bench.ledger` — reserve + commit pairs per second on SQLite and Postgres;
+* :mod:`bench.transactions` — the database transactions one job costs, counted by Postgres;
 * :mod:`bench.scenarios` — the measured scenarios and the table;
 * :mod:`bench.diagnose` — where the queue's time goes (the bot's own timestamps, no targets).
 """

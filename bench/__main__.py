@@ -1,8 +1,8 @@
 """``python -m bench`` (``make bench``): run the benchmark, print the table, write it to a file.
 
 Options: ``--smoke`` (tiny sizes, seconds: proves the code paths), ``--only SECTION[,SECTION]``
-(overhead, concurrent, memory, throughput, baseline, speedups, dbqueue, shared, ledger), ``--out PATH``
-(default ``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see
+(overhead, concurrent, memory, throughput, baseline, speedups, dbqueue, transactions, shared,
+ledger), ``--out PATH`` (default ``bench/results/latest.md``), ``--profile DIR`` (bots under py-spy, see
 :mod:`bench.profiling`), ``--before REV`` (the revision whose bot the ``dbqueue`` section
 compares with, checked out in a temporary git worktree; default 2c73ae8, the last commit with the
 queue in memory; ``--before ''`` skips the comparison), ``--after REV`` (the other side of that
@@ -20,8 +20,10 @@ bot's CPU per job (it needs both installed).
 
 Sections ``memory``: 50 jobs in flight with 9 MiB results (peak RSS); ``dbqueue``: the
 single-job overhead (SQLite) of the bot at ``--before`` and of this checkout, and their
-difference; ``shared``: two bot processes on one Postgres database (``MAX_CONCURRENT_JOBS`` = 4
-for both, API latency 1 s, 32 jobs half to each): throughput and the API's peak concurrency.
+difference; ``transactions``: the database transactions (commits) one job costs and the idle
+bot's per second, counted by Postgres from outside the bot (:mod:`bench.transactions`);
+``shared``: two bot processes on one Postgres database (``MAX_CONCURRENT_JOBS`` = 4 for both,
+API latency 1 s, 32 jobs half to each): throughput and the API's peak concurrency.
 """
 
 from __future__ import annotations

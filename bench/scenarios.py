@@ -19,7 +19,7 @@ import psutil
 
 from emulators.discord import InteractionRecord
 
-from . import ledger, ledger_floor, speedups
+from . import ledger, ledger_floor, speedups, transactions
 from .common import MB, lag_in_window, median, noisy_png, percentile, sized_jpeg
 from .world import ROOT, BotProcess, World, bot_process, world
 
@@ -49,6 +49,10 @@ class Sizes:
     shared_jobs: int = 32  # N, delivered half to each process
     shared_latency: float = 1.0
     dbqueue_runs: int = 2  # before/after runs of sequential_jobs / dbqueue_runs jobs each, ABBA
+    transactions_jobs: int = 30  # sequential jobs on Postgres whose transactions are counted
+    transactions_idle: float = 10.0  # seconds of each idle window (before and after the jobs)
+    transactions_latency: float = 0.05  # short jobs: few of the idle bot's commits to take off
+    transactions_flush: float = 11.0  # quiet before a snapshot (Postgres reports counters late)
 
     @classmethod
     def smoke(cls) -> Sizes:
@@ -58,6 +62,8 @@ class Sizes:
             stress_rounds=2, baseline_c=2,
             ledger_seconds=0.3, small_result=64 * 1024, large_result=256 * 1024, warmup_jobs=1,
             shared_c=2, shared_jobs=4, shared_latency=0.1, dbqueue_runs=2,
+            transactions_jobs=2, transactions_idle=1.0, transactions_latency=0.0,
+            transactions_flush=1.5,
         )
 
 
@@ -491,6 +497,9 @@ async def run_all(
 
     if want("dbqueue"):
         await _dbqueue_rows(report, sizes, before, after)
+
+    if want("transactions"):
+        await transactions.rows(report, sizes)
 
     if want("shared"):
         await _shared_rows(report, sizes)
