@@ -445,16 +445,28 @@ async def job_states(store: Store) -> dict[int, str]:
         return {int(i): str(s) for i, s in await conn.execute(select(jobs.c.id, jobs.c.state))}
 
 
+#: an interaction that reached a bot has its job row (or its refusal) within this: the job table
+#: must show every job finished for this long before the wait ends (a job sent just before the
+#: schedule ended may not have its row yet)
+SETTLED_FOR_S = 3.0
+
+
 async def wait_finished(run: Run, bound_s: float) -> dict[int, str]:
-    """Poll the job table until no job is unfinished or ``bound_s`` passed; the last states."""
+    """Poll the job table until no job is unfinished (for :data:`SETTLED_FOR_S` in a row) or
+    ``bound_s`` passed; the last states."""
     deadline = time.monotonic() + bound_s
     states: dict[int, str] = {}
+    settled_since: float | None = None
     async with open_store(run.url) as store:
         while True:
             with contextlib.suppress(Exception):  # a connection the outage broke is replaced
                 states = await job_states(store)
                 if all(s in FINISHED for s in states.values()):
-                    return states
+                    settled_since = settled_since or time.monotonic()
+                    if time.monotonic() - settled_since >= SETTLED_FOR_S:
+                        return states
+                else:
+                    settled_since = None
             if time.monotonic() > deadline:
                 return states
             await asyncio.sleep(0.25)
