@@ -170,10 +170,3 @@ class InFlight:
         bucket = self.settling if settling else self.tasks
         bucket.add(task)
         task.add_done_callback(bucket.discard)
-
-    def by_job(self, job_id: int) -> JobRun | None:
-        """The leased run of ``job_id`` here, whatever its lease (for cancelling on a loss)."""
-        for lease, run in self.leased.items():
-            if lease.job_id == job_id:
-                return run
-        return None
