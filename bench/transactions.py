@@ -36,13 +36,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .common import sized_jpeg
 from .world import bot_process, world
-
-if TYPE_CHECKING:
-    from .scenarios import Report, Sizes
 
 #: the counters of pg_stat_database read per snapshot
 DB_COUNTERS = ("xact_commit", "xact_rollback")
@@ -169,7 +166,7 @@ class Counters:
 
 
 
-async def measure(sizes: Sizes, url: str) -> dict[str, Any]:
+async def measure(sizes: Any, url: str) -> dict[str, Any]:
     """The bot (this checkout's, or ``--bot REV``'s) on the database ``url``: warm-up jobs, then
     idle, ``transactions_jobs`` sequential jobs, idle; the counters per job and per idle second."""
     n, idle_s, flush_s = sizes.transactions_jobs, sizes.transactions_idle, sizes.transactions_flush
@@ -203,7 +200,7 @@ async def measure(sizes: Sizes, url: str) -> dict[str, Any]:
     }
 
 
-async def rows(report: Report, sizes: Sizes) -> None:
+async def rows(report: Any, sizes: Any) -> None:
     """The section's rows: transactions per job, and the idle bot's per second."""
     from .ledger import postgres_url
 
