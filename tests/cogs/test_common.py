@@ -148,17 +148,19 @@ class _PostedThenBrokenInteraction(FakeInteraction):
 async def test_a_transport_error_after_the_post_does_not_undo_the_delivery() -> None:
     """Review finding (d): the image is public, so the job must end posted, not refunded."""
     from kontext.images import FittedImage
+    from kontext.job_options import JobOptions
     from kontext.pipeline import InputImage, JobSpec, ResultInfo
 
     it = _PostedThenBrokenInteraction()
     bot = SimpleNamespace(result_views=no_result_buttons)
     sink = InteractionSink(bot, it, job_id=1)  # type: ignore[arg-type]
     await sink._status("generating")  # the private message was edited once already
-    spec = JobSpec(
-        job_id=1, guild_id=2, channel_id=5, user_id=7, prompt="p",
-        image_1=InputImage("https://cdn.discordapp.com/a.png"),
+    options = JobOptions(
+        prompt="p", image_1=InputImage("https://cdn.discordapp.com/a.png"),
         image_2=InputImage("https://cdn.discordapp.com/b.png"),
+        aspect_ratio="match_input_image", safety_tolerance=1, seed=42,
     )
+    spec = JobSpec(job_id=1, guild_id=2, channel_id=5, user_id=7, options=options)
     image = FittedImage(
         body=b"\xff\xd8\xff" + b"0" * 10, format="jpg", filename_ext="jpg", width=1, height=1,
         reencoded=False, scale=1.0,
