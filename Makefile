@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run sync test lint demo bench audit clean
+.PHONY: run sync test lint demo bench chaos audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# randomized fault injection over real bot processes: SEEDS seeds on Postgres and SQLite; prints
+# jobs, faults injected and violations per seed (and the schedule of a failing one)
+SEEDS ?= 10
+chaos: $(STAMP)
+	$(PY) -m tests.chaos --seeds $(SEEDS) $(CHAOS_ARGS)
 
 audit: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check pip-audit==2.10.1

@@ -31,6 +31,8 @@ class FaultRule:
     times: int | None = 1
     process: bool = False
     hits: int = 0
+    #: drop the connection instead of answering (see :meth:`Faults.drop_next`)
+    drop: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         """Whether the rule applies to this request (and still has uses left)."""
@@ -130,6 +132,16 @@ class Faults:
             process=process,
         )
         self.rules.append(rule)
+        return rule
+
+    def drop_next(
+        self, method: str, path_regex: str, *, times: int | None = 1, process: bool = True
+    ) -> FaultRule:
+        """Plan a dropped connection: the next ``times`` matching requests get no answer, their
+        connection is closed. With ``process`` (the default) the request is carried out first
+        (e.g. the message is created), so the client cannot know what happened."""
+        rule = self.fail_next(method, path_regex, 0, times=times, process=process)
+        rule.drop = True
         return rule
 
     def delay(

@@ -5,6 +5,7 @@ body reader (JSON or multipart with ``payload_json`` and ``files[n]``) every rou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -16,7 +17,7 @@ from aiohttp import BodyPartReader, web
 
 from .changes import Changes
 from .config import Settings
-from .faults import Faults, rate_limit_headers
+from .faults import FaultRule, Faults, rate_limit_headers
 from .models import API_PREFIX_RE, APIError, RequestRecord, UploadedFile, err, json_response
 
 _FILES_FIELD_RE = re.compile(r"^files\[(\d+)\]$")
@@ -59,10 +60,12 @@ class Http:
             if fault is not None and not fault.process:
                 with contextlib.suppress(Exception):
                     await read_body(request)
+                self._drop_if(fault, request, record)
                 raise fault.to_error()
             self._check_auth(request)
             response = await handler(request)
             if fault is not None:
+                self._drop_if(fault, request, record)
                 raise fault.to_error()
         except APIError as exc:
             headers = {"Via": "1.1 google", **exc.headers}
@@ -76,6 +79,18 @@ class Http:
             self.requests.append(record)
             self._changes.notify()
         return response
+
+    def _drop_if(self, fault: FaultRule, request: web.Request, record: RequestRecord) -> None:
+        """A planned dropped connection: record the request (status 0: no answer), close
+        its connection."""
+        if not fault.drop:
+            return
+        record.status = 0
+        self.requests.append(record)
+        self._changes.notify()
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # the connection is gone: nothing to answer
 
     def _check_auth(self, request: web.Request) -> None:
         path = API_PREFIX_RE.sub("", request.path)

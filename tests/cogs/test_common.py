@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp.payload
 import discord
+import pytest
 
 from cogs.base import no_result_buttons
 from cogs.sinks import InteractionSink, UploadBuffer
@@ -131,12 +132,9 @@ class _PostedThenBrokenInteraction(FakeInteraction):
     def __init__(self) -> None:
         super().__init__()
         self.edits = 0
-        posted = SimpleNamespace(id=99, channel=SimpleNamespace(id=5), jump_url="https://x/y")
-
-        async def send(**_: Any) -> Any:
-            return posted
-
-        self.followup = SimpleNamespace(send=send)
+        self.application_id = 3
+        self.token = "token"
+        self.guild_id = 2
 
     async def edit_original_response(self, *, content: str, **kw: Any) -> None:
         self.edits += 1
@@ -145,10 +143,18 @@ class _PostedThenBrokenInteraction(FakeInteraction):
         await super().edit_original_response(content=content, **kw)
 
 
-async def test_a_transport_error_after_the_post_does_not_undo_the_delivery() -> None:
+async def test_a_transport_error_after_the_post_does_not_undo_the_delivery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Review finding (d): the image is public, so the job must end posted, not refunded."""
+    from cogs import sinks
     from kontext.images import FittedImage
     from kontext.job_options import JobOptions
+
+    async def posted(*_: Any, **__: Any) -> dict[str, Any]:  # the follow-up went out
+        return {"id": "99", "channel_id": "5"}
+
+    monkeypatch.setattr(sinks, "post_result", posted)
     from kontext.pipeline import InputImage, JobSpec, ResultInfo
 
     it = _PostedThenBrokenInteraction()

@@ -138,6 +138,6 @@ async def test_a_quote_when_the_server_wants_one(services: Services) -> None:
 
 
 async def test_no_new_job_while_shutting_down(services: Services) -> None:
-    services.pipeline.accepting = False
+    services.pipeline.lifecycle.accepting = False
     with pytest.raises(ShuttingDown):
         await services.launcher.prepare(request())
