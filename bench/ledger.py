@@ -29,6 +29,20 @@ def area(store: Any, name: str) -> Any:
     return getattr(store, name, store)
 
 
+def reserve_request(job_id: int, user_id: int, seed: int) -> Any:
+    """A bench job's ``ReserveRequest``, for this bot or one from before a job's options were
+    one value (``params`` and ``seed`` then)."""
+    from kontext.store import ReserveRequest
+
+    who: dict[str, Any] = {"job_id": job_id, "guild_id": GUILD_ID, "channel_id": 1, "user_id": user_id}
+    if "options" not in ReserveRequest.__dataclass_fields__:
+        return ReserveRequest(**who, params={"prompt": "bench"}, seed=seed)
+    from kontext.job_options import InputImage, JobOptions
+
+    image = InputImage("https://cdn.discordapp.com/attachments/1/2/bench.png")
+    return ReserveRequest(**who, options=JobOptions("bench", image, image, seed=seed))
+
+
 def use_bot_root() -> None:
     """In a worker process: import the bot (``kontext``) from ``BENCH_BOT_ROOT`` when set."""
     root = os.environ.get("BENCH_BOT_ROOT")
@@ -52,7 +66,7 @@ def _settings() -> Any:
 
 async def worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
     """Run reserve + commit pairs from ``config["start_at"]`` for ``config["duration"]`` s."""
-    from kontext.store import ReserveRequest, Store
+    from kontext.store import Store
 
     store = await Store.open(url, _settings())
     index = int(config["worker"])
@@ -74,12 +88,7 @@ async def worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
                 n += 1
                 job_id = (index + 1) * 10**12 + k * 10**8 + n
                 try:
-                    await area(store, "ledger").reserve(
-                        ReserveRequest(
-                            job_id=job_id, guild_id=GUILD_ID, channel_id=1, user_id=user,
-                            params={"prompt": "bench"}, seed=n,
-                        )
-                    )
+                    await area(store, "ledger").reserve(reserve_request(job_id, user, n))
                     await area(store, "ledger").commit(job_id, result_message_id=job_id, result_channel_id=1)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     cause = getattr(exc, "cause", type(exc).__name__)

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from .ledger import GUILD_ID, ROOT, LedgerResult, _settings, area, use_bot_root
+from .ledger import ROOT, LedgerResult, _settings, area, reserve_request, use_bot_root
 
 #: statements of the transaction frame (the replay makes its own)
 _FRAME = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE|PRAGMA)\b", re.IGNORECASE)
@@ -70,7 +70,7 @@ async def capture(url: str) -> dict[str, Any]:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from kontext.store import ReserveRequest, Store
+    from kontext.store import Store
 
     got: list[tuple[str, list[Any]]] = []
     sqlite = url.startswith("sqlite")
@@ -89,8 +89,7 @@ async def capture(url: str) -> dict[str, Any]:
     phases: list[list[tuple[str, list[Any]]]] = []
     try:
         for n, job_id in enumerate(CAPTURE_JOBS):
-            req = ReserveRequest(job_id=job_id, guild_id=GUILD_ID, channel_id=1, user_id=CAPTURE_USER,
-                                 params={"prompt": "bench"}, seed=n)
+            req = reserve_request(job_id, CAPTURE_USER, n)
             got.clear()
             await area(store, "ledger").reserve(req)
             reserve = list(got)

@@ -21,7 +21,8 @@ from cogs.inputs import input_from_attachment
 from cogs.launch import check_channel, launch
 from cogs.modals import PromptModal
 from kontext.errors import InputError
-from kontext.vocab import ImageFormat, Source
+from kontext.job_options import JobOptions
+from kontext.vocab import Source
 
 log = logging.getLogger("kontext.cogs.context_menu")
 
@@ -66,18 +67,10 @@ class ContextMenuCog(commands.Cog, name="ContextMenu"):
         image_1, image_2 = (input_from_attachment(a, message.id) for a in pictures)
 
         async def done(submit: discord.Interaction, prompt: str) -> None:
-            await launch(
-                self.bot,
-                submit,
-                prompt=prompt,
-                image_1=image_1,
-                image_2=image_2,
-                aspect_ratio=None,
-                output_format=ImageFormat.JPG,
-                safety_tolerance=None,
-                seed=None,
-                source=Source.CONTEXT_MENU,
+            options = JobOptions(
+                prompt=prompt, image_1=image_1, image_2=image_2, source=Source.CONTEXT_MENU
             )
+            await launch(self.bot, submit, options)
 
         await interaction.response.send_modal(
             PromptModal(locale_of(interaction), title_key="contextmenu.modal_title", on_done=done)

@@ -18,6 +18,7 @@ from cogs.base import KontextBotBase
 from cogs.common import ASPECT_NAMES
 from cogs.inputs import input_from_attachment
 from cogs.launch import launch
+from kontext.job_options import JobOptions
 from kontext.settings import ASPECT_RATIOS
 from kontext.vocab import ImageFormat
 
@@ -87,9 +88,7 @@ class KontextCog(commands.Cog, name="Kontext"):
         safety_tolerance: app_commands.Choice[int] | None = None,
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
     ) -> None:
-        await launch(
-            self.bot,
-            interaction,
+        options = JobOptions(
             prompt=prompt,
             image_1=input_from_attachment(image_1),
             image_2=input_from_attachment(image_2),
@@ -98,6 +97,7 @@ class KontextCog(commands.Cog, name="Kontext"):
             safety_tolerance=safety_tolerance.value if safety_tolerance is not None else None,
             seed=seed,
         )
+        await launch(self.bot, interaction, options)
 
 
 async def setup(bot: KontextBotBase) -> None:

@@ -21,9 +21,8 @@ from cogs.common import ACCEPTED_STATUS_AFTER_S, locale_of, reply_error
 from cogs.sinks import InteractionSink
 from kontext.errors import JobCancelled, KontextError
 from kontext.i18n import t
-from kontext.jobs import InputImage, JobOutcome, JobSpec
+from kontext.jobs import JobOptions, JobOutcome, JobSpec
 from kontext.launcher import JobLauncher, JobRequest
-from kontext.vocab import ImageFormat, Source
 
 log = logging.getLogger("kontext.cogs.launch")
 
@@ -101,23 +100,14 @@ async def check_channel(bot: KontextBotBase, interaction: discord.Interaction) -
 
 
 async def launch(
-    bot: KontextBotBase,
-    interaction: discord.Interaction,
-    *,
-    prompt: str,
-    image_1: InputImage,
-    image_2: InputImage,
-    aspect_ratio: str | None,
-    output_format: ImageFormat,
-    safety_tolerance: int | None,
-    seed: int | None,
-    parent_job_id: int | None = None,
-    source: Source = Source.SLASH,
+    bot: KontextBotBase, interaction: discord.Interaction, options: JobOptions
 ) -> JobOutcome | None:
-    """Start one job for ``interaction`` (slash command, button, modal or context menu).
+    """Start one job making ``options`` for ``interaction`` (slash command, button, modal or
+    context menu).
 
-    ``safety_tolerance`` None means the default: moderate (1), or the server's maximum when
-    that is lower. ``seed`` None picks a random one. The job's id is the interaction's id.
+    ``options.safety_tolerance`` None means the default: moderate (1), or the server's maximum
+    when that is lower; ``options.seed`` None picks a random one; ``options.aspect_ratio`` None
+    takes the server's default. The job's id is the interaction's id.
     """
     deferred_here = not interaction.response.is_done()
     if not await acknowledge(interaction):
@@ -137,15 +127,7 @@ async def launch(
         locale=locale,
         application_id=interaction.application_id,
         interaction_token=interaction.token,
-        prompt=prompt,
-        image_1=image_1,
-        image_2=image_2,
-        aspect_ratio=aspect_ratio,
-        output_format=output_format,
-        safety_tolerance=safety_tolerance,
-        seed=seed,
-        parent_job_id=parent_job_id,
-        source=source,
+        options=options,
     )
     try:
         prepared = await launcher.prepare(request)

@@ -14,6 +14,7 @@ its id is the new job's id, and the server's rules, credits, cooldown and queue 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -154,7 +155,7 @@ class ResultActions:
         """A new job from ``job``'s inputs: the parent's seed, or a random one."""
         if not await acknowledge(interaction):
             return
-        spec = JobSpec.from_job(job)
+        parent = JobSpec.from_job(job).options
         try:
             image_1, image_2 = await fresh_inputs(self.bot, job, (1, 2))
         except KontextError as err:
@@ -162,19 +163,16 @@ class ResultActions:
             return
         if swap:
             image_1, image_2 = image_2, image_1
-        await launch(
-            self.bot,
-            interaction,
-            prompt=spec.prompt if prompt is None else prompt,
+        options = dataclasses.replace(
+            parent,
+            prompt=parent.prompt if prompt is None else prompt,
             image_1=image_1,
             image_2=image_2,
-            aspect_ratio=spec.aspect_ratio,
-            output_format=spec.output_format,
-            safety_tolerance=spec.safety_tolerance,
-            seed=spec.seed if keep_seed else None,
+            seed=parent.seed if keep_seed else None,
             parent_job_id=job.id,
             source=source,
         )
+        await launch(self.bot, interaction, options)
 
     async def ask_prompt(self, interaction: discord.Interaction, job: Job) -> None:
         if not await check_channel(self.bot, interaction):
@@ -214,26 +212,23 @@ class ResultActions:
         """The result (image 1) edited together with original image ``keep`` (image 2)."""
         if not await acknowledge(interaction):
             return
-        spec = JobSpec.from_job(job)
+        parent = JobSpec.from_job(job).options
         try:
             result = await result_input(self.bot, job, message_id)
             (original,) = await fresh_inputs(self.bot, job, (keep,))
         except KontextError as err:
             await reply_error(interaction, err)
             return
-        await launch(
-            self.bot,
-            interaction,
+        options = dataclasses.replace(
+            parent,
             prompt=prompt,
             image_1=result,
             image_2=original,
-            aspect_ratio=spec.aspect_ratio,
-            output_format=spec.output_format,
-            safety_tolerance=spec.safety_tolerance,
             seed=None,
             parent_job_id=job.id,
             source=Source.USE_AS_INPUT,
         )
+        await launch(self.bot, interaction, options)
 
     # --- delete -----------------------------------------------------------------------------
 

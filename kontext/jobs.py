@@ -1,73 +1,88 @@
 """What a job is, as the core and the Discord adapter exchange it.
 
-:class:`JobSpec` is what to make (and who asked, where), :class:`JobSink` how the pipeline talks
-to the member (implemented by the Discord adapter), :class:`ResultInfo` what the sink posts,
-:class:`Delivery` where it went and :class:`JobOutcome` how the job ended. No behaviour here:
-the pipeline (:mod:`kontext.pipeline`) runs jobs, the launcher (:mod:`kontext.launcher`) starts
-them.
+:class:`JobSpec` is what to make (its :class:`~kontext.job_options.JobOptions`) and who asked,
+where, :class:`JobSink` how the pipeline talks to the member (implemented by the Discord
+adapter), :class:`ResultInfo` what the sink posts, :class:`Delivery` where it went and
+:class:`JobOutcome` how the job ended. No behaviour here: the pipeline (:mod:`kontext.pipeline`)
+runs jobs, the launcher (:mod:`kontext.launcher`) starts them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from kontext import images
 from kontext.errors import KontextError
+from kontext.job_options import InputImage, JobOptions
 from kontext.segmind import GenerationRequest, GenerationResult
 from kontext.store import Job
 from kontext.store.types import OWNER_ACCOUNT
-from kontext.vocab import ImageFormat, Outcome, Source
+from kontext.vocab import ImageFormat, Outcome
+
+__all__ = [
+    "Delivery",
+    "InputImage",
+    "JobOptions",
+    "JobOutcome",
+    "JobSink",
+    "JobSpec",
+    "ResultInfo",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class InputImage:
-    """One input image as Discord gave it."""
-
-    url: str
-    filename: str = "image"
-    size: int | None = None
-    content_type: str | None = None
-    attachment_id: int | None = None
-    message_id: int | None = None  # the message that carries it, to refetch a fresh URL
-
-
-@dataclass(slots=True)
 class JobSpec:
-    """Everything needed to run (or rerun) one generation."""
+    """Everything needed to run (or rerun) one generation: what to make (``options``, every
+    choice resolved) and who asked, where."""
 
     job_id: int
     guild_id: int
     channel_id: int
     user_id: int
-    prompt: str
-    image_1: InputImage
-    image_2: InputImage
-    aspect_ratio: str = "match_input_image"
-    output_format: ImageFormat = ImageFormat.JPG
-    safety_tolerance: int = 1
-    seed: int = 42
+    options: JobOptions
     locale: str | None = None
     exempt_from_cooldown: bool = False
     application_id: int | None = None
     interaction_token: str | None = field(default=None, repr=False)
-    parent_job_id: int | None = None
-    source: Source = Source.SLASH
     #: whose API key runs it: the owner's, or ``guild:<id>`` (a server's own key)
     account: str = OWNER_ACCOUNT
 
-    def params(self) -> dict[str, Any]:
-        """The job's parameters as stored in the database (no token)."""
-        return {
-            "prompt": self.prompt,
-            "image_1": asdict(self.image_1),
-            "image_2": asdict(self.image_2),
-            "aspect_ratio": self.aspect_ratio,
-            "output_format": self.output_format,
-            "safety_tolerance": self.safety_tolerance,
-            "seed": self.seed,
-            "source": self.source,
-        }
+    def __post_init__(self) -> None:
+        if not self.options.resolved:
+            raise ValueError(f"job {self.job_id}: options not resolved: {self.options!r}")
+
+    # the options a job runs with, read often: short, and typed as resolved
+
+    @property
+    def prompt(self) -> str:
+        return self.options.prompt
+
+    @property
+    def image_1(self) -> InputImage:
+        return self.options.image_1
+
+    @property
+    def image_2(self) -> InputImage:
+        return self.options.image_2
+
+    @property
+    def aspect_ratio(self) -> str:
+        return _chosen(self.options.aspect_ratio)
+
+    @property
+    def output_format(self) -> ImageFormat:
+        return self.options.output_format
+
+    @property
+    def safety_tolerance(self) -> int:
+        return _chosen(self.options.safety_tolerance)
+
+    @property
+    def seed(self) -> int:
+        return _chosen(self.options.seed)
 
     def request(self) -> GenerationRequest:
         return GenerationRequest(
@@ -83,26 +98,26 @@ class JobSpec:
     @classmethod
     def from_job(cls, job: Job) -> JobSpec:
         """Rebuild the spec of a stored job (after a restart, or for a button)."""
-        p = job.params
         return cls(
             job_id=job.id,
             guild_id=job.guild_id,
             channel_id=job.channel_id,
             user_id=job.user_id,
-            prompt=p["prompt"],
-            image_1=InputImage(**p["image_1"]),
-            image_2=InputImage(**p["image_2"]),
-            aspect_ratio=p.get("aspect_ratio", "match_input_image"),
-            output_format=ImageFormat(p.get("output_format", ImageFormat.JPG)),
-            safety_tolerance=int(p.get("safety_tolerance", 1)),
-            seed=int(p.get("seed", job.seed or 0)),
+            options=JobOptions.from_params(
+                job.params, seed=job.seed, parent_job_id=job.parent_job_id
+            ),
             locale=job.locale,
             application_id=job.application_id,
             interaction_token=job.interaction_token,
-            parent_job_id=job.parent_job_id,
-            source=Source(p.get("source", Source.SLASH)),
             account=job.account,
         )
+
+
+def _chosen(value: T | None) -> T:
+    """A resolved option (:class:`JobSpec` checks every one is on creation)."""
+    if value is None:
+        raise ValueError("option not resolved")
+    return value
 
 
 @dataclass(slots=True)

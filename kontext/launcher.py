@@ -15,15 +15,14 @@ pipeline. Discord-free: the adapter keeps only acknowledging, the quote's button
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kontext import images, policy
 from kontext.errors import InputError
-from kontext.jobs import InputImage, JobOutcome, JobSink, JobSpec
+from kontext.jobs import JobOptions, JobOutcome, JobSink, JobSpec
 from kontext.pipeline import JobPipeline
 from kontext.queue import SharedQueue
 from kontext.store import Store
-from kontext.vocab import ImageFormat, Source
 
 #: the safety tolerance when a member picks none (or the server's maximum, when lower)
 DEFAULT_SAFETY = 1
@@ -34,7 +33,8 @@ class JobRequest:
     """One member's request for a new job, as the Discord adapter read it.
 
     ``job_id`` is the interaction's id (a second delivery of it is never charged twice);
-    ``None`` options take the server's default (aspect ratio, safety) or a random seed.
+    ``options`` is what to make, ``None`` where the member chose nothing: the server's default
+    (aspect ratio, safety) or a random seed.
     """
 
     job_id: int
@@ -42,15 +42,7 @@ class JobRequest:
     channel_id: int
     user_id: int
     locale: str
-    prompt: str
-    image_1: InputImage
-    image_2: InputImage
-    aspect_ratio: str | None = None
-    output_format: ImageFormat = ImageFormat.JPG
-    safety_tolerance: int | None = None
-    seed: int | None = None
-    parent_job_id: int | None = None
-    source: Source = Source.SLASH
+    options: JobOptions
     #: a thread's parent channel (the channel rules apply to either)
     parent_channel_id: int | None = None
     channel_nsfw: bool = False
@@ -108,8 +100,9 @@ class JobLauncher:
             raise InputError("not in a guild", key="input.guild_only")
         await self.pipeline.ensure_accepting_for(request.guild_id)
         gs = await self.store.settings.get(request.guild_id)
-        prompt = images.validate_prompt(request.prompt)
-        safety = request.safety_tolerance
+        chosen = request.options
+        prompt = images.validate_prompt(chosen.prompt)
+        safety = chosen.safety_tolerance
         if safety is None:
             safety = min(DEFAULT_SAFETY, gs.max_safety_tolerance)
         policy.check_request(
@@ -124,19 +117,17 @@ class JobLauncher:
             guild_id=request.guild_id,
             channel_id=request.channel_id,
             user_id=request.user_id,
-            prompt=prompt,
-            image_1=request.image_1,
-            image_2=request.image_2,
-            aspect_ratio=request.aspect_ratio or gs.default_aspect_ratio,
-            output_format=request.output_format,
-            safety_tolerance=safety,
-            seed=images.validate_seed(request.seed),
+            options=replace(
+                chosen,
+                prompt=prompt,
+                aspect_ratio=chosen.aspect_ratio or gs.default_aspect_ratio,
+                safety_tolerance=safety,
+                seed=images.validate_seed(chosen.seed),
+            ),
             locale=request.locale,
             exempt_from_cooldown=policy.is_exempt(gs, request.role_ids),
             application_id=request.application_id,
             interaction_token=request.interaction_token,
-            parent_job_id=request.parent_job_id,
-            source=request.source,
         )
         return PreparedJob(spec, gs.credits_per_image if gs.confirm_quote else None)
 

@@ -258,7 +258,7 @@ class JobPipeline:
         t0 = self._clock()
         timings: dict[str, float] = {}
         try:
-            await self._use_account(spec)
+            spec = await self._use_account(spec)
             self.ensure_accepting(spec.account)
             reserving = time.monotonic()
             # everything that can refuse the member is checked before any download, and one
@@ -318,14 +318,15 @@ class JobPipeline:
             reporter.cancel()
             self.inflight.waiting.pop(spec.job_id, None)
 
-    async def _use_account(self, spec: JobSpec) -> None:
-        """Pick the job's API account (a server's own key, else the owner's); refuse while a
-        server's own key is paused (Segmind refused it)."""
+    async def _use_account(self, spec: JobSpec) -> JobSpec:
+        """``spec`` with the job's API account (a server's own key, else the owner's); refuse
+        while a server's own key is paused (Segmind refused it)."""
         if self.accounts is None:
-            return
-        spec.account = await self.accounts.account_for(spec.guild_id)
+            return spec
+        spec = dataclasses.replace(spec, account=await self.accounts.account_for(spec.guild_id))
         if spec.account != OWNER_ACCOUNT and await self.store.queue.account_paused(spec.account):
             raise GuildKeyRefused(f"{spec.account} paused")
+        return spec
 
     def reserve_request(self, spec: JobSpec) -> ReserveRequest:
         """What :meth:`kontext.store.ledger.Ledger.reserve` needs of ``spec`` (and ``precheck``)."""
@@ -334,14 +335,12 @@ class JobPipeline:
             guild_id=spec.guild_id,
             channel_id=spec.channel_id,
             user_id=spec.user_id,
-            params=spec.params(),
-            seed=spec.seed,
+            options=spec.options,
             locale=spec.locale,
             application_id=spec.application_id,
             interaction_token=spec.interaction_token,
             exempt_from_cooldown=spec.exempt_from_cooldown,
             worker_id=self.worker_id,
-            parent_job_id=spec.parent_job_id,
             account=spec.account,
         )
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devtools.databases import (  # the throwaway databases, shared with the bench
     DEFAULT_POSTGRES_URL as DEFAULT_POSTGRES_URL,
@@ -54,6 +54,9 @@ from devtools.databases import (
     temp_sqlite_url as temp_sqlite_url,
 )
 
+if TYPE_CHECKING:
+    from kontext.job_options import JobOptions
+
 BACKENDS: tuple[str, ...] = ("sqlite", "postgres")
 #: 2025-03-01 12:00:00 UTC — tests start at noon so a day boundary is 12 h away.
 CLOCK_START = 1_740_830_400.0
@@ -71,6 +74,14 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds``."""
         self.t += seconds
+
+
+def job_options(prompt: str = "p", seed: int = 1, **chosen: Any) -> JobOptions:
+    """What a test job makes (the store keeps it as the job's ``params``)."""
+    from kontext.job_options import InputImage, JobOptions
+
+    image = InputImage("https://cdn.discordapp.com/attachments/1/2/a.png")
+    return JobOptions(prompt, image, image, seed=seed, **chosen)
 
 
 def make_settings(**overrides: Any) -> Any:
@@ -167,8 +178,7 @@ async def _reserve_worker(url: str, config: dict[str, Any]) -> dict[str, Any]:
                 guild_id=int(config["guild_id"]),
                 channel_id=1,
                 user_id=int(config["user_id"]),
-                params={"prompt": "x"},
-                seed=job_id,
+                options=job_options("x", seed=job_id),
                 worker_id=config.get("worker_id"),
             )
             try:

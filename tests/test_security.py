@@ -31,6 +31,7 @@ import pytest
 from sqlalchemy import select
 
 from kontext.errors import JobAlreadyExists
+from kontext.job_options import JobOptions
 from kontext.logging_setup import setup_logging
 from kontext.pipeline import InputImage, JobSpec
 from kontext.schema import ledger, metadata
@@ -233,8 +234,10 @@ def test_setup_logging_at_debug_keeps_parameter_logging_drivers_quiet() -> None:
 
 def _spec(token: str) -> JobSpec:
     img = InputImage(url="https://cdn.example/a.png")
-    return JobSpec(job_id=1, guild_id=2, channel_id=3, user_id=4, prompt="p", image_1=img,
-                   image_2=img, interaction_token=token)
+    options = JobOptions(prompt="p", image_1=img, image_2=img, aspect_ratio="1:1",
+                         safety_tolerance=1, seed=42)
+    return JobSpec(job_id=1, guild_id=2, channel_id=3, user_id=4, options=options,
+                   interaction_token=token)
 
 
 def test_settings_repr_hides_secrets() -> None:
@@ -274,10 +277,11 @@ async def test_a_job_id_cannot_be_taken_over_by_another_member() -> None:
         rec = await h.kontext()
         other = h.admin_id
         before = await h.bot.store.credits.member_status(h.guild_id, other)
+        img = InputImage("https://cdn.example/a.png")
         with pytest.raises(JobAlreadyExists):
             await h.bot.store.ledger.reserve(
                 ReserveRequest(job_id=rec.id, guild_id=h.guild_id, channel_id=h.channel_id,
-                               user_id=other, params={"prompt": "mine now"}, seed=1)
+                               user_id=other, options=JobOptions("mine now", img, img, seed=1))
             )
         job = await h.bot.store.jobs.get(rec.id)
         assert job is not None and job.user_id == h.member_id and job.params["prompt"] != "mine now"

@@ -7,6 +7,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from kontext.job_options import JobOptions
+
 MICROS_PER_USD = 1_000_000
 #: a day, in seconds
 DAY = 86_400.0
@@ -66,19 +68,31 @@ class ReserveRequest:
     guild_id: int
     channel_id: int
     user_id: int
-    params: dict[str, Any]
-    seed: int
+    #: what to make: stored as the job's ``params`` JSON, its seed and parent columns
+    options: JobOptions
     locale: str | None = None
     application_id: int | None = None
     interaction_token: str | None = field(default=None, repr=False)
     exempt_from_cooldown: bool = False
     worker_id: str | None = None
-    parent_job_id: int | None = None
     #: claim it at once for this worker when nothing else waits: ``(worker_id, every account's
     #: limits, lease seconds)`` (see :meth:`kontext.store.ledger.Ledger.reserve`)
     claim_for: Any = None
     #: whose API key runs it: ``"owner"`` (the owner's budgets apply) or ``"guild:<id>"``
     account: str = OWNER_ACCOUNT
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The job's ``params`` JSON (:meth:`kontext.job_options.JobOptions.params`)."""
+        return self.options.params()
+
+    @property
+    def seed(self) -> int | None:
+        return self.options.seed
+
+    @property
+    def parent_job_id(self) -> int | None:
+        return self.options.parent_job_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,7 @@ async def test_a_transport_error_after_the_post_does_not_undo_the_delivery(
     """Review finding (d): the image is public, so the job must end posted, not refunded."""
     from cogs import sinks
     from kontext.images import FittedImage
+    from kontext.job_options import JobOptions
 
     async def posted(*_: Any, **__: Any) -> dict[str, Any]:  # the follow-up went out
         return {"id": "99", "channel_id": "5"}
@@ -160,11 +161,12 @@ async def test_a_transport_error_after_the_post_does_not_undo_the_delivery(
     bot = SimpleNamespace(result_views=no_result_buttons)
     sink = InteractionSink(bot, it, job_id=1)  # type: ignore[arg-type]
     await sink._status("generating")  # the private message was edited once already
-    spec = JobSpec(
-        job_id=1, guild_id=2, channel_id=5, user_id=7, prompt="p",
-        image_1=InputImage("https://cdn.discordapp.com/a.png"),
+    options = JobOptions(
+        prompt="p", image_1=InputImage("https://cdn.discordapp.com/a.png"),
         image_2=InputImage("https://cdn.discordapp.com/b.png"),
+        aspect_ratio="match_input_image", safety_tolerance=1, seed=42,
     )
+    spec = JobSpec(job_id=1, guild_id=2, channel_id=5, user_id=7, options=options)
     image = FittedImage(
         body=b"\xff\xd8\xff" + b"0" * 10, format="jpg", filename_ext="jpg", width=1, height=1,
         reencoded=False, scale=1.0,

@@ -28,6 +28,7 @@ from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import (
     FakeClock,
     ensure_postgres,
+    job_options,
     make_settings,
     postgres_base_url,
     put_job_in_state,
@@ -584,7 +585,7 @@ async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.
         def job(job_id: int, user_id: int) -> ReserveRequest:
             return ReserveRequest(
                 job_id=job_id, guild_id=1, channel_id=5, user_id=user_id,
-                params={"prompt": "p"}, seed=job_id,
+                options=job_options(seed=job_id),
             )  # fmt: skip
 
         for job_id, user_id in ((1, 2), (2, 2), (3, 3), (4, 3)):

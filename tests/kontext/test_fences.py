@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from kontext.store import ReserveRequest, Store
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits
-from tests.dbutil import make_settings, open_test_store
+from tests.dbutil import job_options, make_settings, open_test_store
 
 #: a job that no process holds and that is not finished
 UNCLAIMED = ("accepted", "refunded", "failed")
@@ -37,7 +37,7 @@ async def queue_job(store: Store, job_id: int, guild_id: int, user_id: int) -> N
     await store.ledger.reserve(
         ReserveRequest(
             job_id=job_id, guild_id=guild_id, channel_id=5, user_id=user_id,
-            params={"prompt": "p"}, seed=1,
+            options=job_options(),
         )
     )
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kontext.errors import InputError, KontextError, ShuttingDown
-from kontext.jobs import InputImage
+from kontext.job_options import InputImage, JobOptions
 from kontext.launcher import DEFAULT_SAFETY, JobRequest
 from kontext.services import Knobs, Services, open_services
 from kontext.settings import settings_from_env
@@ -30,15 +31,20 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 
 def request(**fields: object) -> JobRequest:
+    """A request with the test's ``fields``: the options' own go into its :class:`JobOptions`."""
+    chosen: dict[str, object] = {
+        "prompt": "  put the hat on the cat  ",
+        "image_1": InputImage("https://cdn.discordapp.com/a.png"),
+        "image_2": InputImage("https://cdn.discordapp.com/b.png"),
+    }
+    chosen.update({k: fields.pop(k) for k in list(fields) if k in JobOptions.__dataclass_fields__})
     base: dict[str, object] = {
         "job_id": next(_ids),
         "guild_id": GUILD,
         "channel_id": 10,
         "user_id": 20,
         "locale": "de",
-        "prompt": "  put the hat on the cat  ",
-        "image_1": InputImage("https://cdn.discordapp.com/a.png"),
-        "image_2": InputImage("https://cdn.discordapp.com/b.png"),
+        "options": JobOptions(**chosen),  # type: ignore[arg-type]  # each of its type
     }
     base.update(fields)
     return JobRequest(**base)  # type: ignore[arg-type]  # the test's fields, each of its type
@@ -68,7 +74,10 @@ async def test_defaults_come_from_the_server_and_the_request_becomes_the_spec(
     assert spec.safety_tolerance == min(DEFAULT_SAFETY, 0)  # never above the server's maximum
     assert 0 <= spec.seed <= 4294967295  # random when not given
     assert spec.exempt_from_cooldown  # an exempt role
-    assert (spec.parent_job_id, spec.source, spec.locale) == (99, Source.REROLL, "de")
+    assert (spec.options.parent_job_id, spec.options.source, spec.locale) == (99, Source.REROLL, "de")
+    assert spec.options == replace(
+        req.options, prompt=spec.prompt, aspect_ratio="16:9", safety_tolerance=0, seed=spec.seed
+    )  # the member's choices, with the defaults filled in
     assert spec.interaction_token == "tok" and spec.output_format == ImageFormat.JPG
     chosen = await services.launcher.prepare(request(aspect_ratio="1:1", seed=5))
     assert (chosen.spec.aspect_ratio, chosen.spec.seed) == ("1:1", 5)

@@ -23,6 +23,7 @@ from emulators.segmind import SegmindEmulator
 from kontext import images
 from kontext import pipeline as pipeline_mod
 from kontext.errors import KontextError, ServicePaused, ShuttingDown
+from kontext.job_options import JobOptions
 from kontext.pipeline import Delivery, InputImage, JobOutcome, JobPipeline, JobSpec, ResultInfo
 from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
@@ -116,10 +117,14 @@ class Env:
             guild_id=GUILD,
             channel_id=5,
             user_id=user_id or job_id,
-            prompt="combine them",
-            image_1=InputImage(self.url_1),
-            image_2=InputImage(self.url_2),
-            seed=7,
+            options=JobOptions(
+                prompt="combine them",
+                image_1=InputImage(self.url_1),
+                image_2=InputImage(self.url_2),
+                aspect_ratio="match_input_image",
+                safety_tolerance=1,
+                seed=7,
+            ),
         )
 
     async def balance(self, user_id: int) -> int:

@@ -19,7 +19,7 @@ from kontext.errors import (
 )
 from kontext.schema import ledger, settings_audit
 from kontext.store import ReserveRequest, Store
-from tests.dbutil import FakeClock, put_job_in_state
+from tests.dbutil import FakeClock, job_options, put_job_in_state
 
 G, U, U2, CH = 1001, 2001, 2002, 3001
 DAY = 86_400.0
@@ -32,8 +32,7 @@ def req(job_id: int, user_id: int = U, guild_id: int = G, **kw: Any) -> ReserveR
         guild_id=guild_id,
         channel_id=CH,
         user_id=user_id,
-        params=kw.pop("params", {"prompt": "a cat", "aspect_ratio": "1:1"}),
-        seed=kw.pop("seed", 42),
+        options=kw.pop("options", job_options("a cat", seed=42, aspect_ratio="1:1")),
         **kw,
     )
 
@@ -58,7 +57,7 @@ async def test_reserve_creates_job_and_charges(store: Store, clock: FakeClock) -
     assert r.cooldown_until == clock() + 60
     job = await store.jobs.get(11)
     assert job is not None
-    assert job.state == "accepted" and job.params == {"prompt": "a cat", "aspect_ratio": "1:1"}
+    assert job.state == "accepted" and job.params == job_options("a cat", seed=42, aspect_ratio="1:1").params()
     assert (job.cost_credits, job.cost_usd_micros, job.seed) == (1, 100_000, 42)
     assert (job.locale, job.application_id, job.worker_id) == ("de", 77, "w1")
     assert job.interaction_token == "secret-token" and "secret-token" not in repr(job)

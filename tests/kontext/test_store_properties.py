@@ -36,6 +36,7 @@ from tests.dbutil import (
     BACKENDS,
     FakeClock,
     ensure_postgres,
+    job_options,
     make_settings,
     open_test_store,
     temp_postgres_url,
@@ -52,8 +53,7 @@ def req(job_id: int, guild_id: int = G, user_id: int = U, **kw: Any) -> ReserveR
         guild_id=guild_id,
         channel_id=CH,
         user_id=user_id,
-        params={"prompt": "p"},
-        seed=job_id,
+        options=job_options(seed=job_id),
         **kw,
     )
 

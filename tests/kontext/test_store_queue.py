@@ -13,14 +13,15 @@ from typing import Any
 from kontext.schema import jobs
 from kontext.store import ReserveRequest, Store
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits, Lease
+from tests.dbutil import job_options
 
 G = 1
 
 
 def req(job_id: int, user_id: int, **kw: Any) -> ReserveRequest:
     return ReserveRequest(
-        job_id=job_id, guild_id=G, channel_id=5, user_id=user_id, params={"prompt": "p"},
-        seed=1, **kw,
+        job_id=job_id, guild_id=G, channel_id=5, user_id=user_id, options=job_options(),
+        **kw,
     )
 
 
