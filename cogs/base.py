@@ -9,14 +9,12 @@ before the first cog loads.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
 from discord.ext import commands
 
 from kontext.gate import GuildGate
-from kontext.jobs import JobSpec
 from kontext.pipeline import JobPipeline
 from kontext.queue import SharedQueue
 from kontext.segmind import SegmindClient
@@ -24,15 +22,6 @@ from kontext.services import Services
 from kontext.store import Store
 
 log = logging.getLogger("kontext.cogs")
-
-#: builds the buttons under a new result (``cogs.results`` installs its own when it loads)
-ResultViews = Callable[[JobSpec], Awaitable[discord.ui.View | None]]
-
-
-async def no_result_buttons(spec: JobSpec) -> None:
-    """Results without buttons (while ``cogs.results`` is not loaded)."""
-    return None
-
 
 class KontextBotBase(commands.Bot):
     """A ``commands.Bot`` with the bot's services (see the module)."""
@@ -42,7 +31,6 @@ class KontextBotBase(commands.Bot):
         self.services = services
         self.settings = services.settings
         self.metrics = services.metrics  # an attribute: kontext.health.HealthSource reads it
-        self.result_views: ResultViews = no_result_buttons
         self._named_guilds: set[int] = set()
 
     # shortcuts to the services (the health endpoint and the tests read them)

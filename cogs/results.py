@@ -3,8 +3,8 @@
 They are persistent :class:`discord.ui.DynamicItem` buttons: the custom id carries the action
 and the job id (``kontext:reroll:<job id>``), and everything else is read from the database when
 a button is pressed, so they keep working after a restart or a deploy (the cog registers the
-button class at load, and installs :meth:`ResultsCog.result_view` as the bot's builder of the
-buttons under new results; no view object has to survive).
+button class at load; the buttons under a new result come from :mod:`cogs.result_buttons`, with
+the same custom ids; no view object has to survive).
 
 Each new job goes through :func:`cogs.launch.launch` with the pressing (or modal) interaction:
 its id is the new job's id, and the server's rules, credits, cooldown and queue apply as for
@@ -21,11 +21,12 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from cogs.base import KontextBotBase, bot_of, no_result_buttons
+from cogs.base import KontextBotBase, bot_of
 from cogs.common import gate_refuses, locale_of, reply_error
 from cogs.inputs import fresh_inputs, result_input
 from cogs.launch import acknowledge, check_channel, launch
 from cogs.modals import PromptModal, UseAsInputModal
+from cogs.result_buttons import button
 from cogs.showcase import Showcase
 from kontext.errors import InputError, KontextError
 from kontext.i18n import t
@@ -35,23 +36,6 @@ from kontext.vocab import Source
 
 log = logging.getLogger("kontext.cogs.results")
 
-ACTIONS = ("reroll", "edit", "swap", "use", "share", "delete")
-#: action -> (label key, style, row)
-BUTTONS: dict[str, tuple[str, discord.ButtonStyle, int]] = {
-    "reroll": ("result.reroll", discord.ButtonStyle.primary, 0),
-    "edit": ("result.edit", discord.ButtonStyle.secondary, 0),
-    "swap": ("result.swap", discord.ButtonStyle.secondary, 0),
-    "use": ("result.use", discord.ButtonStyle.secondary, 0),
-    "share": ("result.share", discord.ButtonStyle.success, 1),
-    "delete": ("result.delete", discord.ButtonStyle.danger, 1),
-}
-EMOJI = {"reroll": "🎲", "edit": "✏️", "swap": "🔀", "use": "➕", "share": "🌟", "delete": "🗑️"}
-
-
-def custom_id(action: str, job_id: int) -> str:
-    return f"kontext:{action}:{job_id}"
-
-
 class ResultButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
     template=r"kontext:(?P<action>reroll|edit|swap|use|share|delete):(?P<job_id>[0-9]{1,20})",
@@ -59,16 +43,8 @@ class ResultButton(
     """One button under a result; rebuilt from its custom id whenever it is pressed."""
 
     def __init__(self, action: str, job_id: int, label: str | None = None) -> None:
-        key, style, row = BUTTONS[action]
-        super().__init__(
-            discord.ui.Button(
-                label=label or action,
-                style=style,
-                emoji=EMOJI.get(action),
-                custom_id=custom_id(action, job_id),
-            ),
-            row=row,
-        )
+        item = button(action, job_id, label)
+        super().__init__(item, row=item.row)
         self.action = action
         self.job_id = job_id
 
@@ -93,24 +69,9 @@ class ResultsCog(commands.Cog, name="Results"):
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(ResultButton)
-        self.bot.result_views = self.result_view
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(ResultButton)
-        self.bot.result_views = no_result_buttons
-
-    # --- the view ---------------------------------------------------------------------------
-
-    async def result_view(self, spec: JobSpec) -> discord.ui.View:
-        """The buttons for a new result (Share only when the server has a showcase channel)."""
-        gs = await self.bot.services.store.settings.get(spec.guild_id)
-        view = discord.ui.View(timeout=None)
-        for action in ACTIONS:
-            if action == "share" and not gs.showcase_channel_id:
-                continue
-            label = t(BUTTONS[action][0], spec.locale)[:80]
-            view.add_item(ResultButton(action, spec.job_id, label))
-        return view
 
 
 class ResultActions:

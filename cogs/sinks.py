@@ -21,6 +21,7 @@ import aiohttp
 import discord
 from discord.http import Route, handle_message_parameters
 
+from cogs import result_buttons
 from cogs.base import KontextBotBase
 from cogs.common import aspect_name, locale_of, safety_name
 from kontext.errors import KontextError, PostFateUnknown, ResultNotDelivered
@@ -117,12 +118,10 @@ def result_file(result: ResultInfo) -> discord.File:
     return discord.File(UploadBuffer(result.image.data), filename=result_filename(result))
 
 async def result_view(bot: KontextBotBase, result: ResultInfo) -> discord.ui.View | None:
-    """The buttons under a result (``cogs.results``'s, when loaded); None without them.
-
-    A failure to build them never stops the result from being posted.
-    """
+    """The buttons under a result (:mod:`cogs.result_buttons`); None when they cannot be built:
+    a failure to build them never stops the result from being posted."""
     try:
-        return await bot.result_views(result.spec)
+        return await result_buttons.result_view(bot.services.store, result.spec)
     except Exception:
         log.exception("job %s: could not build the result buttons", result.spec.job_id)
         return None

@@ -13,7 +13,6 @@ import aiohttp.payload
 import discord
 import pytest
 
-from cogs.base import no_result_buttons
 from cogs.sinks import InteractionSink, UploadBuffer
 
 
@@ -158,7 +157,7 @@ async def test_a_transport_error_after_the_post_does_not_undo_the_delivery(
     from kontext.pipeline import InputImage, JobSpec, ResultInfo
 
     it = _PostedThenBrokenInteraction()
-    bot = SimpleNamespace(result_views=no_result_buttons)
+    bot = SimpleNamespace(services=None)
     sink = InteractionSink(bot, it, job_id=1)  # type: ignore[arg-type]
     await sink._status("generating")  # the private message was edited once already
     options = JobOptions(
