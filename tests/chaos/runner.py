@@ -51,6 +51,9 @@ def bot_env(plan: Plan) -> dict[str, str]:
     return {
         "SEGMIND_API_MODE": plan.mode,
         "KONTEXT_LEASE_SECONDS": f"{plan.lease_s:g}",
+        # the README's bound, shortened like the lease: a post whose channel cannot be read is
+        # settled by the stated rule within this (600 s in production)
+        "KONTEXT_SETTLE_SECONDS": "12",
         "MAX_CONCURRENT_JOBS": "3",
         "SEGMIND_RPM": "10000",
         "JOBS_PER_MEMBER": "2",
