@@ -127,7 +127,7 @@ class JobPipeline:
         self._intake = asyncio.Semaphore(INTAKE_AT_ONCE)
         self._intakes: dict[tuple[int, int], asyncio.Lock] = {}  # one intake per member
         self._runs: set[asyncio.Task[Any]] = set()  # callers inside run()
-        self._sinks: Callable[[Job], JobSink] | None = None  # set by start()
+        self._remote_runs: RunFactory | None = None  # given its sinks by start()
         self.lifecycle = Lifecycle()
         self.inflight = InFlight()
         self.outcomes = OutcomeLog(self.metrics)
@@ -158,15 +158,16 @@ class JobPipeline:
         """Start serving the shared queue (claims, lease renewals, takeovers). ``sinks`` builds
         the sink of a job this process did not receive (run for another process, or taken over
         after one stopped)."""
-        self._sinks = sinks
+        self._remote_runs = RunFactory(
+            sinks, progress_interval_s=self.progress_interval_s, clock=self._clock
+        )
         self.queue.start(self)
 
     def _run_for(self, job: Job) -> JobRun:
-        if self._sinks is None:
+        """The run of a job this process did not receive (its sink rebuilt from the row)."""
+        if self._remote_runs is None:
             raise RuntimeError("the pipeline was not started: it cannot run another process's job")
-        return RunFactory(
-            self._sinks, progress_interval_s=self.progress_interval_s, clock=self._clock
-        ).from_job(job)
+        return self._remote_runs.from_job(job)
 
     # --- the state the bot shows ------------------------------------------------------------------
 
