@@ -98,7 +98,10 @@ async def check_run(run: Run) -> list[str]:
         if billed[job_id] and not counted:
             out.append(f"{name(job_id)}: billed by Segmind but its budget share was given back "
                        f"({row.state})")
-        if counted and not billed[job_id] and not unknown[job_id]:
+        # a process stopped (killed, or restarting) while it held the job: the answers it had
+        # died with it, so the row keeps the call counted (the over-count the README states)
+        stopped_holding = row.failure_cause == "shutdown"
+        if counted and not billed[job_id] and not unknown[job_id] and not stopped_holding:
             out.append(f"{name(job_id)}: budget counts a call that was not billed, and every answer "
                        f"was known ({reached[job_id]} call(s) reached the API; {row.state})")
     for job_id in billed.keys() - rows.keys():
