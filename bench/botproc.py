@@ -104,8 +104,10 @@ def _install_trace() -> None:
     wrap("kontext.store.ledger.Ledger", "reserve", lambda a, r: a[1].job_id)
     wrap("kontext.store.ledger.Ledger", "commit", lambda a, r: a[1])
     wrap("kontext.store.ledger.Ledger", "precheck", lambda a, r: a[1].job_id)
-    wrap("kontext.pipeline.JobPipeline", "check_inputs", lambda a, r: a[1].job_id)
-    wrap("kontext.pipeline.JobPipeline", "_execute", lambda a, r: a[1].spec.job_id)
+    wrap("kontext.pipeline.JobPipeline", "check_inputs", lambda a, r: a[1].job_id)  # older bots
+    wrap("kontext.pipeline.JobPipeline", "_execute", lambda a, r: a[1].spec.job_id)  # older bots
+    wrap("kontext.intake.Intake", "check_inputs", lambda a, r: a[1].job_id)
+    wrap("kontext.execution.Executor", "execute", lambda a, r: a[1].spec.job_id)
     wrap("kontext.segmind.SegmindClient", "generate", lambda a, r: None)
 
 

@@ -150,7 +150,7 @@ async def shared() -> None:
     seg: dict[str, list[float]] = {}
     for i, freed in enumerate(ends[: len(order) - c]):
         nxt = order[i + c]
-        done, claim, ex = tr.get(("api_done", freed)), tr.get(("claim_next", nxt)), tr.get(("_execute", nxt))
+        done, claim, ex = tr.get(("api_done", freed)), tr.get(("claim_next", nxt)), tr.get(("execute", nxt)) or tr.get(("_execute", nxt))
         if not (done and claim and ex):
             continue
         gen = min((t for t in gens if t[4] == ex[4] and t[2] >= ex[2]), key=lambda t: t[2])

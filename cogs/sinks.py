@@ -10,21 +10,17 @@ talks through the channel only. The sink of a job this process did not receive i
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import discord
-from discord.http import Route, handle_message_parameters
+from discord.http import Route
 
-from cogs import result_buttons
 from cogs.base import KontextBotBase
-from cogs.common import aspect_name, locale_of, safety_name
-from kontext.errors import KontextError, PostFateUnknown, ResultNotDelivered
+from cogs.common import locale_of
+from cogs.result_message import delivery_of, jump_url, post_result, result_view
+from kontext.errors import KontextError, ResultNotDelivered
 from kontext.i18n import t
 from kontext.jobs import Delivery, ResultInfo
 
@@ -34,12 +30,6 @@ TOKEN_DEAD_CODES = {10015, 10062, 50027}  # unknown webhook / interaction, inval
 BAR_WIDTH = 12
 #: "posting" appears only when the upload takes longer than this
 POSTING_STATUS_AFTER_S = 0.3
-#: how many 429 answers a result post waits out before it gives up (a 429 proves nothing
-#: was posted, so it is asked again), and the longest wait it accepts for one
-POST_RATE_LIMIT_TRIES = 5
-POST_RATE_LIMIT_MAX_WAIT_S = 30.0
-#: a result upload gives up (fate unknown) when Discord has not answered within this
-POST_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 DISCORD_EPOCH_S = discord.utils.DISCORD_EPOCH / 1000
 
 
@@ -53,210 +43,6 @@ def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
 def token_dead(exc: discord.HTTPException) -> bool:
     """True when the interaction's token can no longer be used."""
     return exc.code in TOKEN_DEAD_CODES or exc.status == 401 or isinstance(exc, discord.NotFound)
-
-def result_filename(result: ResultInfo) -> str:
-    return f"kontext-{result.spec.job_id}.{result.image.filename_ext}"
-
-
-def result_embed(result: ResultInfo, locale: str | None) -> discord.Embed:
-    """The card under a result: prompt, inputs, settings, seed, time, credits left."""
-    spec = result.spec
-    prompt = spec.prompt if len(spec.prompt) <= 1000 else spec.prompt[:999] + "…"
-    embed = discord.Embed(description=prompt, colour=discord.Colour.blurple())
-    embed.set_author(name=t("embed.title", locale))
-    embed.set_image(url=f"attachment://{result_filename(result)}")
-    embed.set_thumbnail(url=spec.image_1.url)
-    embed.add_field(
-        name=t("embed.inputs", locale),
-        value=f"[{t('embed.image', locale, n=1)}]({spec.image_1.url}) · "
-        f"[{t('embed.image', locale, n=2)}]({spec.image_2.url})",
-        inline=False,
-    )
-    embed.add_field(name=t("embed.aspect_ratio", locale), value=aspect_name(spec.aspect_ratio, locale))
-    embed.add_field(name=t("embed.seed", locale), value=f"`{spec.seed}`")
-    embed.add_field(name=t("embed.format", locale), value=result.image.format.upper())
-    embed.add_field(name=t("embed.safety", locale), value=safety_name(spec.safety_tolerance, locale))
-    embed.add_field(name=t("embed.time", locale), value=f"{result.total_seconds:.1f} s")
-    if result.balance_after >= 0:
-        embed.add_field(name=t("embed.credits_left", locale), value=str(result.balance_after))
-    embed.add_field(name=t("embed.maker", locale), value=f"<@{spec.user_id}>")
-    footer = t("embed.footer", locale)
-    if result.image.reencoded:
-        footer += " · " + t("embed.reencoded", locale)
-    embed.set_footer(text=footer)
-    return embed
-
-
-class UploadBuffer(io.BytesIO):
-    """An ``io.BytesIO`` over a result's bytes that never copies them.
-
-    aiohttp sizes an ``io.BytesIO`` upload with ``getbuffer()``, and CPython copies a buffer it
-    still shares with the ``bytes`` it was made from the moment one is asked for: one more copy
-    of every result for as long as it uploads (50 results of 1 MiB: 50 MiB). The view handed out
-    here is read-only, of the very bytes the buffer reads from.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
-        self._data = data
-
-    def getbuffer(self) -> memoryview:
-        return memoryview(self._data)
-
-
-def result_file(result: ResultInfo) -> discord.File:
-    """The result as an upload: from its temporary file when it has one (aiohttp streams the
-    file in pieces; nothing is read into memory here), else from its bytes without a copy.
-
-    The file stays the pipeline's: discord.py never closes a file object it did not open, and
-    the pipeline closes it when the job ends. Each call starts at the first byte (a post that
-    falls back to the channel uploads again)."""
-    file = result.image.file
-    if file is not None:
-        # discord.File reads any binary stream; its annotation names only BufferedIOBase
-        return discord.File(file.stream(), filename=result_filename(result))  # type: ignore[arg-type]  # see above
-    return discord.File(UploadBuffer(result.image.data), filename=result_filename(result))
-
-async def result_view(bot: KontextBotBase, result: ResultInfo) -> discord.ui.View | None:
-    """The buttons under a result (:mod:`cogs.result_buttons`); None when they cannot be built:
-    a failure to build them never stops the result from being posted."""
-    try:
-        return await result_buttons.result_view(bot.services.store, result.spec)
-    except Exception:
-        log.exception("job %s: could not build the result buttons", result.spec.job_id)
-        return None
-
-
-def jump_url(guild_id: int | None, channel_id: int, message_id: int) -> str:
-    """The link to a message (what :attr:`discord.Message.jump_url` gives)."""
-    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"
-
-
-async def _answer(response: aiohttp.ClientResponse) -> dict[str, Any] | str:
-    text = await response.text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text
-    return data if isinstance(data, dict) else text
-
-
-async def post_once(
-    bot: KontextBotBase,
-    route: Route,
-    *,
-    files: Sequence[discord.File],
-    multipart: Sequence[dict[str, Any]],
-    bot_auth: bool,
-    query: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """POST a message with an upload, sent once; returns the message Discord created.
-
-    discord.py repeats a webhook or channel POST after a 500/502/504/524, and Discord may have
-    created the message before answering with one: a second copy. So the upload is sent here,
-    through the process's HTTP session, with the multipart body discord.py builds
-    (:func:`discord.http.handle_message_parameters`), and repeated only after a 429 (which
-    proves nothing was created).
-
-    Raises :class:`discord.HTTPException` (``Forbidden``, ``NotFound``) on a 4xx: nothing was
-    posted. :class:`ResultNotDelivered` when no connection could be made (not a byte was
-    sent) or the rate limit outlasts its tries. :class:`PostFateUnknown` once the request may
-    have reached Discord without a clear answer: a 5xx, a 2xx without a message, a dropped
-    connection, a timeout, or the task cancelled (a cancellation still marks the task as
-    cancelling, see :meth:`asyncio.Task.cancelling`).
-    """
-    headers = {"User-Agent": bot.http.user_agent}
-    if bot_auth:
-        headers["Authorization"] = f"Bot {bot.http.token}"
-    session = bot.services.http
-    for attempt in range(POST_RATE_LIMIT_TRIES):
-        for file in files:
-            file.reset(seek=attempt)
-        form = aiohttp.FormData(quote_fields=False)
-        for part in multipart:
-            form.add_field(**part)
-        try:
-            async with session.post(
-                route.url,
-                data=form,
-                params=query,
-                headers=headers,
-                timeout=POST_TIMEOUT,
-                proxy=bot.http.proxy,
-                proxy_auth=bot.http.proxy_auth,
-            ) as response:
-                data = await _answer(response)
-                status = response.status
-                if 200 <= status < 300:
-                    if isinstance(data, dict) and "id" in data:
-                        return data
-                    raise PostFateUnknown(f"HTTP {status} without the message")
-                if status == 429 and response.headers.get("Via") and isinstance(data, dict):
-                    retry_after = float(data.get("retry_after") or 1.0)
-                elif status == 403:
-                    raise discord.Forbidden(response, data)
-                elif status == 404:
-                    raise discord.NotFound(response, data)
-                elif 400 <= status < 500:  # a 429 from the edge (a ban) included
-                    raise discord.HTTPException(response, data)
-                else:
-                    raise PostFateUnknown(f"HTTP {status}")
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise ResultNotDelivered(f"no connection to Discord: {type(exc).__name__}") from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise PostFateUnknown(f"the upload's answer was lost: {type(exc).__name__}") from exc
-        except asyncio.CancelledError as exc:
-            raise PostFateUnknown("cancelled during the upload") from exc
-        if retry_after > POST_RATE_LIMIT_MAX_WAIT_S or attempt + 1 == POST_RATE_LIMIT_TRIES:
-            raise ResultNotDelivered(f"rate limited (retry after {retry_after:.1f} s)")
-        log.warning("a result post was rate limited; again in %.2f s", retry_after)
-        try:
-            await asyncio.sleep(retry_after)
-        except asyncio.CancelledError as exc:
-            raise PostFateUnknown("cancelled during the upload") from exc
-    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
-
-
-async def post_result(
-    bot: KontextBotBase,
-    route: Route,
-    result: ResultInfo,
-    locale: str | None,
-    *,
-    view: discord.ui.View | None,
-    bot_auth: bool,
-    content: str | None = None,
-    allowed_mentions: discord.AllowedMentions | None = None,
-    query: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """The result (embed, file, buttons) posted once at ``route`` (:func:`post_once`).
-
-    The buttons are :class:`discord.ui.DynamicItem` ones (``cogs.results``), answered by their
-    custom id wherever they are: the view needs no registering with the message.
-    """
-    missing: Any = discord.utils.MISSING
-    params = handle_message_parameters(
-        content=missing if content is None else content,
-        embed=result_embed(result, locale),
-        file=result_file(result),
-        view=missing if view is None else view,
-        allowed_mentions=missing if allowed_mentions is None else allowed_mentions,
-        previous_allowed_mentions=bot.allowed_mentions,
-    )
-    with params:
-        return await post_once(
-            bot,
-            route,
-            files=params.files or (),
-            multipart=params.multipart or (),
-            bot_auth=bot_auth,
-            query=query,
-        )
-
-
-def delivery_of(data: dict[str, Any], channel_id: int) -> Delivery:
-    return Delivery(int(data["id"]), int(data.get("channel_id") or channel_id))
-
 
 def since_snowflake(since: float) -> int:
     """The ``after=`` snowflake that includes every message created at unix time ``since``

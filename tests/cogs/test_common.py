@@ -13,7 +13,8 @@ import aiohttp.payload
 import discord
 import pytest
 
-from cogs.sinks import InteractionSink, UploadBuffer
+from cogs.result_message import UploadBuffer
+from cogs.sinks import InteractionSink
 
 
 class FakeInteraction:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cogs import sinks
+from cogs import result_message
 from kontext import errors as kontext_errors
 from kontext import spool
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, Harness, harness
@@ -246,14 +246,14 @@ async def test_a_big_result_is_uploaded_from_its_file_which_is_closed_at_the_end
     file's start when the first upload is retried or falls back to the channel; whatever the
     end, the file is closed when the job ends."""
     posted: list[int] = []
-    original = sinks.result_file
+    original = result_message.result_file
 
     def result_file(result: Any) -> Any:
         file = original(result)
         posted.append(result.image.file is not None)
         return file
 
-    monkeypatch.setattr(sinks, "result_file", result_file)
+    monkeypatch.setattr(result_message, "result_file", result_file)
     before = spool.open_count()
     async with harness(segmind_latency=0.3 if upload == "token-dead" else 0.0) as h:
         h.segmind.oversize_next(BIG)

@@ -21,7 +21,7 @@ import pytest
 
 from emulators.segmind import SegmindEmulator
 from kontext import images
-from kontext import pipeline as pipeline_mod
+from kontext import intake as intake_mod
 from kontext.errors import KontextError, ServicePaused, ShuttingDown
 from kontext.job_options import JobOptions
 from kontext.pipeline import Delivery, InputImage, JobOutcome, JobPipeline, JobSpec, ResultInfo
@@ -296,7 +296,7 @@ async def test_async_shutdown_hands_over_and_resume_posts_once(tmp_path: Path) -
 async def test_resume_in_sync_mode_refunds_with_a_restart_message(tmp_path: Path) -> None:
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        await env.store.ledger.reserve(env.pipeline.reserve_request(spec))
+        await env.store.ledger.reserve(env.pipeline.intake.reserve_request(spec))
         # a process died mid-call (its request sent), holding no lease
         await put_job_in_state(env.store, spec.job_id, "sent")
         await eventually(lambda: env.store.jobs.get(spec.job_id), lambda j: j.state == "refunded")
@@ -311,7 +311,7 @@ async def test_a_result_already_in_the_channel_is_committed_not_refunded(tmp_pat
     """A process died between posting and committing: the next one finds the post (e)."""
     async with pipeline_env(tmp_path) as env:
         spec = env.spec()
-        await env.store.ledger.reserve(env.pipeline.reserve_request(spec))
+        await env.store.ledger.reserve(env.pipeline.intake.reserve_request(spec))
         await put_job_in_state(env.store, spec.job_id, "posting")
         env.remote[spec.job_id] = sink = FakeSink()
         sink.posted = Delivery(message_id=4242, channel_id=5)
@@ -441,7 +441,7 @@ async def test_unsure_refund_leaves_another_process_s_job_alone(tmp_path: Path) 
         spec = env.spec()
         _, other = env.next_process("w2")  # not started: it only reserves
         env.pipeline.queue.stop_claiming()  # keep the job waiting
-        await env.store.ledger.reserve(other.reserve_request(spec))  # w2 received this job
+        await env.store.ledger.reserve(other.intake.reserve_request(spec))  # w2 received this job
         assert not await env.pipeline.settlement.refund_if_ours(spec.job_id)
         job = await env.store.jobs.get(spec.job_id)
         assert job is not None and job.state == "accepted"
@@ -465,38 +465,38 @@ async def test_images_are_checked_a_few_jobs_at_a_time_in_arrival_order(
             await gate.wait()
             running -= 1
 
-        monkeypatch.setattr(env.pipeline, "check_inputs", slow_check)
-        specs = [env.spec() for _ in range(pipeline_mod.INTAKE_AT_ONCE * 2)]
+        monkeypatch.setattr(env.pipeline.intake, "check_inputs", slow_check)
+        specs = [env.spec() for _ in range(intake_mod.INTAKE_AT_ONCE * 2)]
         tasks = [asyncio.create_task(env.pipeline.run(s, FakeSink())) for s in specs]
-        await eventually(lambda: _value(len(started)), lambda n: n == pipeline_mod.INTAKE_AT_ONCE)
+        await eventually(lambda: _value(len(started)), lambda n: n == intake_mod.INTAKE_AT_ONCE)
         # the first arrivals get the first turns (within a turn, each first reads what could
         # refuse it, so they may start their downloads in any order)
-        first = [s.job_id for s in specs[: pipeline_mod.INTAKE_AT_ONCE]]
+        first = [s.job_id for s in specs[: intake_mod.INTAKE_AT_ONCE]]
         assert sorted(started) == first
         gate.set()
         outcomes = await asyncio.gather(*tasks)
         assert [o.status for o in outcomes] == ["posted"] * len(specs)
         assert sorted(started[len(first):]) == [s.job_id for s in specs[len(first):]]
-        assert peak == pipeline_mod.INTAKE_AT_ONCE
+        assert peak == intake_mod.INTAKE_AT_ONCE
 
 
 async def test_a_slow_check_gives_up_its_turn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline_mod, "INTAKE_AT_ONCE", 1)
-    monkeypatch.setattr(pipeline_mod, "INTAKE_SLOT_S", 0.05)
+    monkeypatch.setattr(intake_mod, "INTAKE_AT_ONCE", 1)
+    monkeypatch.setattr(intake_mod, "INTAKE_SLOT_S", 0.05)
     async with pipeline_env(tmp_path) as env:
-        env.pipeline._intake = asyncio.Semaphore(1)
+        env.pipeline.intake.turns = asyncio.Semaphore(1)
         hang = asyncio.Event()
         first, second = env.spec(), env.spec()
-        real_check = env.pipeline.check_inputs
+        real_check = env.pipeline.intake.check_inputs
 
         async def check(spec: JobSpec) -> None:
             if spec.job_id == first.job_id:
                 await hang.wait()  # a download that takes its time
             await real_check(spec)
 
-        monkeypatch.setattr(env.pipeline, "check_inputs", check)
+        monkeypatch.setattr(env.pipeline.intake, "check_inputs", check)
         slow = asyncio.create_task(env.pipeline.run(first, FakeSink()))
         quick = await env.pipeline.run(second, FakeSink())  # not held up by the slow one
         assert quick.status == "posted" and not slow.done()
@@ -515,7 +515,7 @@ async def test_jobs_checked_when_shutdown_begins_are_not_reserved(
             checking.set()
             await release.wait()
 
-        monkeypatch.setattr(env.pipeline, "check_inputs", check)
+        monkeypatch.setattr(env.pipeline.intake, "check_inputs", check)
         spec = env.spec()
         sink = FakeSink()
         task = asyncio.create_task(env.pipeline.run(spec, sink))
