@@ -86,6 +86,7 @@ class Settlement:
 
     async def _retry(self, what: str, job_id: int, op: Callable[[], Awaitable[object]]) -> None:
         tries = 0
+        done: object = None
         try:
             async for attempt in AsyncRetrying(
                 wait=wait_exponential(multiplier=0.25, max=2.0),
@@ -97,14 +98,16 @@ class Settlement:
                     tries += 1
                     if tries % 20 == 0:
                         log.warning("job %s: %s still failing; retrying", job_id, what)
-                    await op()
+                    done = await op()
         except Exception as exc:  # noqa: BLE001 - the database stayed away for the whole bound
             log.error(
                 "job %s: %s still failing after %d tries (%s); the process that takes the job "
                 "over settles it from its row", job_id, what, tries, type(exc).__name__,
             )
             return
-        if tries > 1:
+        if done is False:  # the database answered: the job is in other hands (its lease moved)
+            log.warning("job %s: %s refused after %d tries: the job moved on", job_id, what, tries)
+        elif tries > 1:
             log.warning("job %s: %s went through after %d tries", job_id, what, tries)
 
     # --- the edges ------------------------------------------------------------------------------

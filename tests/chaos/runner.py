@@ -381,7 +381,7 @@ class Run:
         for msg in reversed(self.demu.public_messages(cid)):
             ids = result_ids(msg)
             if ids:
-                self.demu._delete_message(msg)
+                self.demu.store.delete(msg)  # a moderator deletes it
                 for job_id in ids:
                     self.deleted[job_id] += 1
                 self.note(f"deleted the result of job {ids[0]} (message {msg['id']})")
