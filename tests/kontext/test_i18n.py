@@ -100,7 +100,7 @@ def _code_keys() -> set[str]:
 
 
 def _dynamic_keys() -> set[str]:
-    from cogs.results import BUTTONS
+    from cogs.result_buttons import BUTTONS
 
     keys = {f"ledger.{k}" for k in LEDGER_KINDS}
     keys |= {f"setting.{k}" for k in SETTING_KEYS}
