@@ -137,7 +137,9 @@ class Executor:
         try:
             result = await self._call_api(run, resume)
             api_seconds = self._clock() - started
-            self._api_done(lease)  # the next job may start (in any process)
+            # sent → posting and the slot freed (the next job may start, in any process), in
+            # one transaction that runs while the image is fitted
+            answered = self._api_done(lease)
             self.queue.record_duration(api_seconds)
             self.metrics.api_latency.observe(api_seconds)
             run.timings["api_done"] = self._clock() - run.t0
@@ -155,7 +157,9 @@ class Executor:
                 cost=run.cost,
             )
             self._check_lease(run)
-            if not await self.store.leases.mark_posting(lease):  # sent → posting, before the upload
+            # the upload begins only once the row says posting (written above, or here when
+            # that write failed)
+            if not await answered and not await self.store.leases.mark_posting(lease):
                 raise LeaseLost(f"job {spec.job_id}: not sent under this lease")
             run.posting = True
             return await self._post(run, info, api_seconds)
@@ -263,14 +267,16 @@ class Executor:
             return status.balance
         return -1
 
-    def _api_done(self, lease: Lease) -> None:
-        """Free the job's API slot for the whole bot, without holding up the post."""
+    def _api_done(self, lease: Lease) -> asyncio.Task[bool]:
+        """Move the job to ``posting`` and free its API slot for the whole bot (and claim the
+        next job), without holding up the fitting; the task's result: whether it moved."""
 
-        async def done() -> None:
+        async def done() -> bool:
             try:
-                await self.queue.slot_freed(lease)  # and the next job, in one transaction
+                return await self.queue.slot_freed(lease)  # and the next job, in one transaction
             except Exception as exc:  # noqa: BLE001 - the slot frees at posting / refund then
                 log.warning("job %s: could not free its API slot early (%s)", lease.job_id, exc)
                 self.queue.kick()
+                return False
 
-        self.inflight.spawn(done(), f"kontext-api-done-{lease.job_id}")
+        return self.inflight.spawn(done(), f"kontext-api-done-{lease.job_id}")

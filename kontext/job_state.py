@@ -19,11 +19,13 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from kontext.errors import ShuttingDown
 from kontext.jobs import JobOutcome, JobSink, JobSpec
 from kontext.store import Job, Lease
+
+T = TypeVar("T")
 
 #: the progress bar's first edit waits this long, so that it does not compete with sending the
 #: API request itself (nobody sees 50 ms of an ~18 s generation)
@@ -164,9 +166,12 @@ class InFlight:
     #: reservations whose outcome was unknown (the member was told "not charged"): never run
     doomed: set[int] = field(default_factory=set)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, *, settling: bool = False) -> None:
+    def spawn(
+        self, coro: Coroutine[Any, Any, T], name: str, *, settling: bool = False
+    ) -> asyncio.Task[T]:
         """Run ``coro`` as a task this process waits for at shutdown."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         bucket = self.settling if settling else self.tasks
         bucket.add(task)
         task.add_done_callback(bucket.discard)
+        return task

@@ -382,21 +382,23 @@ class SharedQueue:
         self._holds.add(task)
         task.add_done_callback(self._holds.discard)
 
-    async def slot_freed(self, lease: Lease) -> None:
-        """The API call of ``lease``'s job ended: free its slot and, in the same transaction,
-        take the next job (when this process still claims)."""
+    async def slot_freed(self, lease: Lease) -> bool:
+        """The API call of ``lease``'s job answered with the image: move it to ``posting``, free
+        its slot and, in the same transaction, take the next job (when this process still
+        claims). True when the job moved to ``posting`` (its upload may begin)."""
         if self._idle or not self._claiming:
             # nothing waited at the last look (at most ``poll_s`` ago), or this process claims
             # no more: just free the slot (one small update) and let the dispatchers look
-            await self.store.leases.api_done(lease)
+            posting: bool = await self.store.leases.api_done(lease)
             self.kick()
-            return
+            return posting
         sent = time.monotonic()
         claim = await self.store.queue.claim_next(
             self.worker_id, await self._every_account(), lease_s=self.lease_s, done=lease
         )
         if await self._take(claim, sent):
             self.kick()  # there may be room for more
+        return bool(claim.done_posting)
 
     async def _sleep(self, seconds: float) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that

@@ -67,7 +67,8 @@ class LeaseStatements:
             .values(state=JobState.SENT, sent_at=now, api_charged=True)
             .returning(_j.id)
         )
-        # sent → posting, just before the result's upload begins: never posted again
+        # sent → posting, just before the result's upload begins: never posted again (when the
+        # api_done update below could not be written)
         self.mark_posting = (
             update(jobs)
             .where(leased, _j.state == JobState.SENT)
@@ -78,8 +79,14 @@ class LeaseStatements:
             )
             .returning(_j.id)
         )
-        # the API answered: the job leaves its API slot
-        self.api_done = update(jobs).where(leased).values(api_done_at=now).returning(_j.id)
+        # the API answered with the image: sent → posting, and the job leaves its API slot, in
+        # one update (written while the image is fitted; the upload waits for it)
+        self.api_done = (
+            update(jobs)
+            .where(leased, _j.state == JobState.SENT)
+            .values(state=JobState.POSTING, posting_at=now, api_done_at=now)
+            .returning(_j.id)
+        )
         # claimed → accepted (no request was sent): it waits again, its place by arrival kept,
         # and counts neither as started nor as billed
         self.requeue = (
@@ -122,7 +129,7 @@ def lease_statements(dialect: str) -> LeaseStatements:
 
 
 def api_done_tx(conn: Connection, dialect: str, lease: Lease) -> bool:
-    """Inside a transaction: the API answered, the job's slot is free (see :meth:`LeaseStore.api_done`)."""
+    """Inside a transaction: :meth:`LeaseStore.api_done` (True when the job moved to posting)."""
     return execute(conn, lease_statements(dialect).api_done, lease.params()).first() is not None
 
 
@@ -225,7 +232,8 @@ class LeaseStore:
         return await self.ctx.update_one(self._sql.defer, {**lease.params(), "delay": delay_s})
 
     async def api_done(self, lease: Lease) -> bool:
-        """The API answered: the job no longer holds one of the account's slots."""
+        """The API answered with the image: ``sent → posting`` (the upload may begin once this
+        returned True), and the job no longer holds one of the account's slots."""
         return await self.ctx.update_one(self._sql.api_done, lease.params())
 
     async def holds(self, lease: Lease) -> bool:

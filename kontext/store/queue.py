@@ -150,9 +150,10 @@ class QueueStore:
         servers the bot no longer serves (blocked by the owner, or outside
         ``ALLOWED_GUILD_IDS``) are never claimed: their ids come back in ``Claim.refused``.
 
-        ``done``: a job of this worker whose API call just ended: its slot is freed in the same
-        transaction (:meth:`kontext.store.leases.LeaseStore.api_done`), so a freed slot is
-        taken again in one round trip.
+        ``done``: a job of this worker whose API call just answered with the image: it moves to
+        ``posting`` and frees its slot in the same transaction
+        (:meth:`kontext.store.leases.LeaseStore.api_done`, told in ``Claim.done_posting``), so a
+        freed slot is taken again in one round trip.
         """
         every = [limits] if isinstance(limits, AccountLimits) else list(limits)
         return await self.db.transact(
@@ -169,8 +170,14 @@ class QueueStore:
     ) -> Claim:
         """:meth:`claim_next` inside a transaction (the ledger's reserve claims in its own)."""
         self._lock_queue(conn)
-        if done is not None:
-            api_done_tx(conn, self.ctx.dialect, done)
+        posting = done is not None and api_done_tx(conn, self.ctx.dialect, done)
+        claim = self._claim_any(conn, worker_id, every, lease_s)
+        claim.done_posting = posting
+        return claim
+
+    def _claim_any(
+        self, conn: Connection, worker_id: str, every: list[AccountLimits], lease_s: float
+    ) -> Claim:
         q = self._queue_sql
         now = float(execute(conn, q.now, {}).scalar_one())
         known = {lim.account: lim for lim in every}

@@ -245,6 +245,8 @@ class Claim:
     #: waiting jobs of servers the bot no longer serves (blocked by the owner, or not in
     #: ``ALLOWED_GUILD_IDS``): never claimed; the caller refunds them
     refused: list[int] = field(default_factory=list)
+    #: with ``done``: whether that job's row moved ``sent → posting`` in the same transaction
+    done_posting: bool = False
 
 
 @dataclass(slots=True)

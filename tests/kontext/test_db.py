@@ -593,11 +593,12 @@ async def test_fast_path_matches_sqlalchemy(tmp_path: Path, monkeypatch: pytest.
         limits = AccountLimits(OWNER_ACCOUNT, 4, 100)
         first = await store.queue.claim_next("w", limits, lease_s=30)
         assert first.job is not None and first.lease is not None
-        second = await store.queue.claim_next("w", limits, lease_s=30, done=first.lease)
-        assert second.job is not None and second.lease is not None
-        assert await store.leases.api_done(second.lease)
         assert await store.leases.mark_sent(first.lease)
-        assert await store.leases.mark_posting(first.lease)
+        second = await store.queue.claim_next("w", limits, lease_s=30, done=first.lease)
+        assert second.job is not None and second.lease is not None and second.done_posting
+        assert await store.leases.mark_sent(second.lease)
+        assert await store.leases.api_done(second.lease)
+        assert not await store.leases.mark_posting(first.lease)  # already posting
         assert await store.ledger.commit(
             first.job.id, result_message_id=9, result_channel_id=5, lease=first.lease
         )

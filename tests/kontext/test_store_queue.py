@@ -60,7 +60,11 @@ async def test_global_concurrency_and_rpm_hold_across_workers(store_factory: Any
     full = await store.queue.claim_next("a", limits(concurrent=2), lease_s=30)
     assert full.job is None and not full.empty and full.wait_s == 0
     assert first.lease is not None
+    assert not await store.leases.api_done(first.lease)  # never sent: nothing answered
+    assert await store.leases.mark_sent(first.lease)
     assert await store.leases.api_done(first.lease)  # its API call ended: the slot is free
+    job = await store.jobs.get(first.job.id)
+    assert job is not None and job.state == "posting" and job.posting_at and job.api_done_at
     third = await store.queue.claim_next("b", limits(concurrent=2), lease_s=30)
     assert third.job is not None
     # three starts in the window: with rpm 3 the next one waits about a minute
