@@ -35,8 +35,8 @@ from tests.dbutil import make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
 from tests.e2e.procbot import BotProcess, start_bot
 
-#: a job in any other state is unfinished (works with today's ``running`` and the new
-#: ``claimed``/``sent``/``posting``)
+#: a job in any other state is unfinished (``accepted``, ``claimed``, ``sent``, ``posting``; also
+#: the old ``running`` of a database before revision 0003)
 FINISHED = frozenset({JobState.POSTED, JobState.REFUNDED, JobState.FAILED})
 STARTING_CREDITS = 100
 READ_MESSAGE_HISTORY = 1 << 16

@@ -181,7 +181,7 @@ async def test_h1_a_takeover_that_cannot_read_the_channel_ends_the_job_and_frees
     a bound, and its API slot (MAX_CONCURRENT_JOBS=1) does not stop another member's job
     meanwhile.
 
-    Today the takeover lets the lease go and tries again, forever: the job stays ``running``
+    Before the job states, the takeover let the lease go and tried again, forever: the job stayed ``running``
     (its epoch climbing with each hand-over)."""
     async with world(tmp_path, latency=0.2) as w:
         # the stated bound for a channel that cannot be read, shortened for the test
@@ -239,7 +239,8 @@ async def test_m1_a_takeover_refund_keeps_the_budget_share_of_a_sent_request(
     next process refunds the member; the owner's and the server's budgets keep the call's
     share (Segmind may bill it) and the job stays marked as charged.
 
-    Today the taken-over job is rebuilt as "never sent", and the refund gives the budget back."""
+    Before the job states, the taken-over job was rebuilt as "never sent", and the refund gave the
+    budget back."""
     async with world(tmp_path, latency=60) as w:
         member = w.member("member")
         rec, _ = await crash_mid_call(w, member)
@@ -273,9 +274,9 @@ async def test_m3_a_process_that_takes_its_own_job_over_submits_it_once(tmp_path
     channel is slow. The first task, now stale, sees its lease gone when the result comes.
 
     Whatever either task does, the generation is submitted once, billed once, posted once.
-    Today the stale task's clean-up drops the takeover's new lease (bookkeeping by job id), the
-    takeover then finds its lease not fresh, believes nothing was sent and requeues the job,
-    and it is generated a second time."""
+    Before the fix, the stale task's clean-up dropped the takeover's new lease (bookkeeping by
+    job id), the takeover then found its lease not fresh, believed nothing was sent and
+    requeued the job, and it was generated a second time."""
     async with world(tmp_path, latency=2.0) as w:
         env = {"SEGMIND_API_MODE": "async", "KONTEXT_LEASE_SECONDS": "4"}
         bot = await w.start("only", **env)
@@ -333,7 +334,7 @@ async def test_l6_a_401_on_the_owner_key_leaves_waiting_jobs_on_servers_own_keys
     """Server S brings its own key (one generation at a time): S's first job is at Segmind,
     its second waits for S's slot. A job on the owner's key is answered 401 and pauses the
     owner's account. S's waiting job does not need the owner's account: it runs once S's slot
-    frees, on S's key. Today the pause refunds every waiting job, S's included."""
+    frees, on S's key. Before the fix, the pause refunded every waiting job, S's included."""
     encryption = Fernet.generate_key().decode()
     async with world(tmp_path, latency=3.0) as w:
         server = w.demu.add_guild(name="Own Key Server")

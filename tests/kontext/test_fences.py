@@ -81,8 +81,8 @@ async def _until(check: Any, timeout: float, what: str) -> None:
 async def test_l1_a_takeover_does_not_overwrite_a_renewal_that_raced_it(tmp_path: Path) -> None:
     """The holder's lease has just expired. Its renewal and another process's takeover run at
     once: the takeover reads the job as expired, the renewal commits, then the takeover's
-    update runs. Today the update matches on the epoch alone (renew keeps it) and both win:
-    the holder goes on with a lease the database has given to someone else."""
+    update runs. Before the fix the update matched on the epoch alone (renew keeps it) and
+    both won: the holder went on with a lease the database had given to someone else."""
     async with open_test_store(
         "postgres", make_settings(cooldown_seconds=0), tmp_dir=tmp_path
     ) as store:
