@@ -11,6 +11,7 @@ no request goes to it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,7 +28,12 @@ T = TypeVar("T")
 
 RESULT_HOST_DOMAINS: tuple[str, ...] = ("segmind.com",)
 """Domains (and their subdomains, over https) a result image may come from, beside the base URL's
-own origin. The API reference names no other storage or CDN host."""
+own origin and Segmind's S3 buckets (:data:`SEGMIND_BUCKET`)."""
+
+SEGMIND_BUCKET = re.compile(r"segmind[a-z0-9.-]*\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com")
+"""Segmind's own S3 buckets (virtual-hosted style, e.g. ``segmind-resources.s3.amazonaws.com``,
+the storage its API pages link to): bucket names are global, so a ``segmind…`` bucket is theirs
+to name. Results are served from storage of this kind; the API reference names no other host."""
 
 MAX_RESULT_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -43,8 +49,9 @@ def result_url_allowed(url: str | URL, base_url: str) -> bool:
     if target.origin() == URL(base_url).origin():
         return True
     host = (target.host or "").lower().rstrip(".")
-    return target.scheme == "https" and target.port == 443 and any(
-        host == domain or host.endswith("." + domain) for domain in RESULT_HOST_DOMAINS
+    return target.scheme == "https" and target.port == 443 and (
+        any(host == domain or host.endswith("." + domain) for domain in RESULT_HOST_DOMAINS)
+        or SEGMIND_BUCKET.fullmatch(host) is not None
     )
 
 

@@ -1320,6 +1320,12 @@ def test_the_api_own_hosts() -> None:
     assert not result_url_allowed("https://cdn.segmind.com:8443/x.jpg", prod)
     assert not result_url_allowed("https://notsegmind.com/x.jpg", prod)
     assert not result_url_allowed("https://bucket.s3.amazonaws.com/x.jpg", prod)
+    # Segmind's own S3 buckets (virtual-hosted), and no look-alike
+    assert result_url_allowed("https://segmind-resources.s3.amazonaws.com/output/x.jpg", prod)
+    assert result_url_allowed("https://segmind-outputs.s3.us-east-1.amazonaws.com/x.jpg", prod)
+    assert not result_url_allowed("https://segmind-x.s3.amazonaws.com.evil.io/x.jpg", prod)
+    assert not result_url_allowed("https://evilsegmind.s3.amazonaws.com/x.jpg", prod)
+    assert not result_url_allowed("http://segmind-resources.s3.amazonaws.com/x.jpg", prod)
 
 
 async def test_a_redirect_within_the_api_host_is_followed(
