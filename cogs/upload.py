@@ -18,6 +18,12 @@ from typing import Any
 import aiohttp
 import discord
 from discord.http import Route
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+)
 
 from cogs.base import KontextBotBase
 from kontext.errors import PostFateUnknown, ResultNotDelivered
@@ -69,9 +75,13 @@ async def post_once(
     if bot_auth:
         headers["Authorization"] = f"Bot {bot.http.token}"
     session = bot.services.http
-    for attempt in range(POST_RATE_LIMIT_TRIES):
+    sent = 0
+
+    async def attempt() -> dict[str, Any]:
+        nonlocal sent
         for file in files:
-            file.reset(seek=attempt)
+            file.reset(seek=sent)  # the first try reads from where the file is; later ones again
+        sent += 1
         form = aiohttp.FormData(quote_fields=False)
         for part in multipart:
             form.add_field(**part)
@@ -92,26 +102,55 @@ async def post_once(
                         return data
                     raise PostFateUnknown(f"HTTP {status} without the message")
                 if status == 429 and response.headers.get("Via") and isinstance(data, dict):
-                    retry_after = float(data.get("retry_after") or 1.0)
-                elif status == 403:
+                    raise _RateLimited(float(data.get("retry_after") or 1.0))
+                if status == 403:
                     raise discord.Forbidden(response, data)
-                elif status == 404:
+                if status == 404:
                     raise discord.NotFound(response, data)
-                elif 400 <= status < 500:  # a 429 from the edge (a ban) included
+                if 400 <= status < 500:  # a 429 from the edge (a ban) included
                     raise discord.HTTPException(response, data)
-                else:
-                    raise PostFateUnknown(f"HTTP {status}")
+                raise PostFateUnknown(f"HTTP {status}")
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise ResultNotDelivered(f"no connection to Discord: {type(exc).__name__}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PostFateUnknown(f"the upload's answer was lost: {type(exc).__name__}") from exc
         except asyncio.CancelledError as exc:
             raise PostFateUnknown("cancelled during the upload") from exc
-        if retry_after > POST_RATE_LIMIT_MAX_WAIT_S or attempt + 1 == POST_RATE_LIMIT_TRIES:
-            raise ResultNotDelivered(f"rate limited (retry after {retry_after:.1f} s)")
-        log.warning("a result post was rate limited; again in %.2f s", retry_after)
-        try:
-            await asyncio.sleep(retry_after)
-        except asyncio.CancelledError as exc:
-            raise PostFateUnknown("cancelled during the upload") from exc
-    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    try:
+        # a 429 proves nothing was created: the only answer that is waited out and sent again
+        async for tried in AsyncRetrying(
+            retry=retry_if_exception(_waitable),
+            stop=stop_after_attempt(POST_RATE_LIMIT_TRIES),
+            wait=_asked_wait,
+            before_sleep=_log_rate_limited,
+            reraise=True,
+        ):
+            with tried:
+                return await attempt()
+    except _RateLimited as exc:
+        raise ResultNotDelivered(f"rate limited (retry after {exc.retry_after:.1f} s)") from exc
+    except asyncio.CancelledError as exc:  # while waiting out a 429: it was not posted yet, but
+        raise PostFateUnknown("cancelled during the upload") from exc  # the task is stopping
+    raise AssertionError("unreachable")  # pragma: no cover - the retrying returns or raises
+
+
+class _RateLimited(Exception):
+    """Discord answered 429 to the upload: nothing was created."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"429, retry after {retry_after:.2f} s")
+        self.retry_after = retry_after
+
+
+def _waitable(exc: BaseException) -> bool:
+    return isinstance(exc, _RateLimited) and exc.retry_after <= POST_RATE_LIMIT_MAX_WAIT_S
+
+
+def _asked_wait(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc.retry_after if isinstance(exc, _RateLimited) else 1.0
+
+
+def _log_rate_limited(state: RetryCallState) -> None:
+    log.warning("a result post was rate limited; again in %.2f s", _asked_wait(state))

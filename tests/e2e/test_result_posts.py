@@ -205,6 +205,25 @@ async def test_a_rate_limited_post_waits_and_posts_once(posted: Posted) -> None:
     assert copy["id"] in posted.h.last_status(posted.rec)  # the private status links to it
 
 
+async def test_a_post_rate_limited_too_long_or_too_often_is_not_delivered(
+    posted: Posted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 proves nothing was created: past the longest wait, or its tries, the post is not
+    delivered (refunded by the pipeline), never sent again later."""
+    from cogs import upload
+
+    job_id = posted.rec.id + 1
+    long = posted.h.discord.fail_next("POST", WEBHOOK_POST, 429, retry_after=60.0)
+    with pytest.raises(ResultNotDelivered):
+        await posted.interaction_sink(job_id).deliver(posted.result(job_id))
+    assert long.hits == 1 and posted.copies(job_id) == []
+    monkeypatch.setattr(upload, "POST_RATE_LIMIT_TRIES", 3)
+    often = posted.h.discord.fail_next("POST", WEBHOOK_POST, 429, retry_after=0.01, times=None)
+    with pytest.raises(ResultNotDelivered):
+        await posted.interaction_sink(job_id).deliver(posted.result(job_id))
+    assert often.hits == 3 and posted.copies(job_id) == []
+
+
 # --- the search ----------------------------------------------------------------------------
 
 
