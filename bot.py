@@ -207,8 +207,8 @@ class KontextBot(KontextBotBase):
     def queue_snapshot(self) -> dict[str, int | bool]:
         q = self.queue
         return {
-            "waiting": q.waiting_count,
-            "running": q.running_count,
+            "waiting": q.estimates.waiting_count,
+            "running": q.estimates.running_count,
             "paused": q.paused,
             "accepting": self.pipeline.accepting,
         }

@@ -83,7 +83,7 @@ class Executor:
 
     async def _report_generating(self, run: JobRun, started: float) -> None:
         async def show() -> None:
-            await run.sink.generating(self._clock() - started, self.queue.estimate_duration())
+            await run.sink.generating(self._clock() - started, self.queue.estimates.estimate_duration())
 
         await asyncio.sleep(GENERATING_STATUS_AFTER_S)  # the API request goes out first
         while True:
@@ -140,7 +140,7 @@ class Executor:
             # sent → posting and the slot freed (the next job may start, in any process), in
             # one transaction that runs while the image is fitted
             answered = self._api_done(lease)
-            self.queue.record_duration(api_seconds)
+            self.queue.estimates.record_duration(api_seconds)
             self.metrics.api_latency.observe(api_seconds)
             run.timings["api_done"] = self._clock() - run.t0
             await stop_progress(ticker, run.progress)
@@ -256,7 +256,7 @@ class Executor:
             log.warning("job %s: could not let its lease go (%s)", lease.job_id, exc)
         if not run.posting:
             with contextlib.suppress(Exception):
-                await run.sink.generating(-1.0, self.queue.estimate_duration())
+                await run.sink.generating(-1.0, self.queue.estimates.estimate_duration())
         return self.settlement.finish(JobOutcome(run.spec.job_id, Outcome.HANDED_OVER), run)
 
     async def _balance_after(self, run: JobRun) -> int:

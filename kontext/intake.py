@@ -183,7 +183,7 @@ class Intake:
         await asyncio.sleep(QUEUED_STATUS_AFTER_S)
         while run.lease is None and run.done is not None and not run.done.done():
             try:
-                view = await self.queue.view(account=run.spec.account)
+                view = await self.queue.estimates.view(account=run.spec.account)
             except Exception as exc:  # noqa: BLE001 - the database is away: look again later
                 log.debug("job %s: queue view failed: %s", job_id, exc)
                 await asyncio.sleep(run.progress.interval)
@@ -192,11 +192,11 @@ class Intake:
             if pos == 0:
                 if await self._claimed_elsewhere(run):
                     return
-                await asyncio.sleep(self.queue.view_s)
+                await asyncio.sleep(self.queue.estimates.view_s)
                 continue
             if shown != (pos, total):
                 shown = (pos, total)
-                eta = self.queue.eta(view, pos)
+                eta = self.queue.estimates.eta(view, pos)
 
                 async def show(pos: int = pos, total: int = total, eta: float = eta) -> None:
                     if run.lease is None:

@@ -134,8 +134,8 @@ class JobLauncher:
     async def quote(self, spec: JobSpec, cost: int) -> Quote:
         """The member's balance before and after, and the wait at the queue's current length."""
         status = await self.store.credits.member_status(spec.guild_id, spec.user_id)
-        waiting = self.queue.waiting_count
-        eta = self.queue.estimate_duration() * (1 + waiting // max(1, self.queue.max_concurrent))
+        waiting = self.queue.estimates.waiting_count
+        eta = self.queue.estimates.estimate_duration() * (1 + waiting // max(1, self.queue.max_concurrent))
         return Quote(
             cost=cost, balance=status.balance, after=status.balance - cost, eta_s=eta, waiting=waiting
         )

@@ -83,7 +83,7 @@ class JobPipeline:
     Composed of small parts, each built here with what it needs: :class:`Settlement` (the money
     edges), :class:`AccountGuard` (API accounts), :class:`PostingSettler` (a post's fate),
     :class:`Executor` (a leased job's steps) and :class:`Recovery` (takeovers); the pipeline
-    itself does the intake, serves the queue's events (:class:`kontext.queue.QueueHandler`) and
+    itself does the intake, serves the queue's events (:class:`kontext.queue_events.QueueHandler`) and
     shuts down. ``progress_interval_s`` is the least time between two progress edits of one
     job; ``probe_interval_s`` how often a paused API account is probed; ``settle_s`` the bound
     on settling a post whose channel cannot be read. ``accounts`` picks each job's API account
@@ -191,7 +191,7 @@ class JobPipeline:
         if account != OWNER_ACCOUNT and await self.store.queue.account_paused(account):
             raise GuildKeyRefused(f"{account} paused")
 
-    # --- the queue's events (kontext.queue.QueueHandler) -----------------------------------------
+    # --- the queue's events (kontext.queue_events.QueueHandler) -----------------------------------
 
     def on_claim(self, job: Job, lease: Lease) -> None:
         """This process claimed ``job``: run it (with the member's live sink if it came here)."""

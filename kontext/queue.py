@@ -17,8 +17,8 @@ The events go to a :class:`QueueHandler` (the pipeline) given to :meth:`SharedQu
 Leases are kept **by lease** (job id and epoch): forgetting or losing an old lease of a job never
 touches a newer one this process holds.
 
-Positions and ETAs come from :meth:`view` (the whole bot's queue, read at most every
-``view_s``).
+Positions, durations and ETAs come from its :class:`~kontext.queue_estimates.QueueEstimates`
+(``queue.estimates``: the whole bot's queue, read at most every ``view_s``).
 """
 
 from __future__ import annotations
@@ -26,41 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from kontext.accounts import Accounts
-from kontext.store.types import AccountLimits, Claim, Job, Lease, QueueView
+from kontext.queue_estimates import QueueEstimates
+from kontext.queue_events import QueueHandler
+from kontext.store.types import AccountLimits, Claim, Lease
 
 log = logging.getLogger("kontext.queue")
 
 #: a lease is renewed this many times per life
 RENEWALS_PER_LEASE = 6
-
-
-class QueueHandler(Protocol):
-    """What the queue tells the pipeline (every method is called from the queue's loops)."""
-
-    def on_claim(self, job: Job, lease: Lease) -> None:
-        """This process claimed ``job`` under ``lease``: run it."""
-
-    def on_taken_over(self, job: Job, lease: Lease) -> None:
-        """This process took ``job`` over from a stopped one: settle it from its row."""
-
-    def on_lost(self, lease: Lease) -> None:
-        """``lease`` is no longer this process's: stop its job here."""
-
-    async def on_expired(self, job: Job) -> None:
-        """``job`` waited past ``MAX_QUEUE_WAIT_SECONDS``."""
-
-    async def on_refused(self, job: Job) -> None:
-        """``job`` waits for a server the bot no longer serves."""
-
-    def on_paused(self, paused: bool) -> None:
-        """The owner's account was paused or resumed (by any process)."""
 
 
 @dataclass(slots=True)
@@ -96,9 +74,14 @@ class SharedQueue:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.max_wait_s = max_wait_s
-        self.view_s = view_s
-        self._default_duration = default_duration_s
-        self._durations: deque[float] = deque(maxlen=50)
+        #: positions, durations and ETAs of the whole bot's queue
+        self.estimates = QueueEstimates(
+            store,
+            limits=limits,
+            view_s=view_s,
+            default_duration_s=default_duration_s,
+            on_owner_paused=self._set_paused,
+        )
         self._held: dict[int, _Held] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -107,10 +90,6 @@ class SharedQueue:
         self._paused = False
         self._changing_pause = False
         self._idle = False  # the last claim found nothing waiting, anywhere
-        self._view: QueueView | None = None
-        self._view_at = float("-inf")
-        self._view_lock = asyncio.Lock()
-        self._other_views: dict[str, tuple[float, QueueView]] = {}
         self._holds: set[asyncio.Task[Any]] = set()
         #: every account's limits (the owner's and servers' own keys); the owner's alone if None
         self.accounts = accounts
@@ -237,64 +216,6 @@ class SharedQueue:
         if not task.cancelled() and task.exception() is not None:
             log.warning("could not record the API's rate limit: %s", task.exception())
 
-    # --- durations, positions, ETAs ----------------------------------------------------------------
-
-    def estimate_duration(self) -> float:
-        """The rolling median of recent real API durations here (a default before any)."""
-        if not self._durations:
-            return self._default_duration
-        return float(statistics.median(self._durations))
-
-    def record_duration(self, seconds: float) -> None:
-        if seconds > 0:
-            self._durations.append(seconds)
-
-    async def view(self, *, max_age: float | None = None, account: str | None = None) -> QueueView:
-        """The whole bot's queue, read at most every ``view_s`` seconds (shared by callers).
-
-        ``account``: a server's own account's queue instead of the owner's.
-        """
-        age = self.view_s if max_age is None else max_age
-        if account is not None and account != self.limits.account:
-            cached = self._other_views.get(account)
-            if cached is None or time.monotonic() - cached[0] >= age:
-                cached = (time.monotonic(), await self.store.queue.view(account))
-                self._other_views[account] = cached
-            return cached[1]
-        async with self._view_lock:
-            if self._view is None or time.monotonic() - self._view_at >= age:
-                self._view = await self.store.queue.view(self.limits.account)
-                self._view_at = time.monotonic()
-                self._set_paused(self._view.paused)
-            return self._view
-
-    @property
-    def waiting_count(self) -> int:
-        return len(self._view.waiting) if self._view is not None else 0
-
-    @property
-    def running_count(self) -> int:
-        return len(self._view.running_started) if self._view is not None else 0
-
-    def eta(self, view: QueueView, position: int) -> float:
-        """Seconds until the job at ``position`` (1-based; 0 = running) has its result."""
-        est = self.estimate_duration()
-        running_left = sorted(max(0.0, est - (view.now - s)) for s in view.running_started)
-        held = max(0.0, view.blocked_until - view.now)
-        # the RPM window: the p-th next start waits for the (rpm - p + 1)-th newest start to age
-        starts, rpm = view.recent_starts, self.limits.rpm
-        index = len(starts) - rpm + max(1, position) - 1
-        if 0 <= index < len(starts):
-            held = max(held, starts[index] + 60.0 - view.now)
-        slots = self.limits.max_concurrent
-        free = max(0, slots - len(running_left))
-        if position <= free:
-            return held + est
-        idx = position - free - 1
-        rounds, slot = divmod(idx, slots)
-        first_free = running_left[slot] if slot < len(running_left) else 0.0
-        return max(first_free, held) + rounds * est + est
-
     # --- the loops ---------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
@@ -335,7 +256,7 @@ class SharedQueue:
             await self._requeue_quietly(lease)
             return False
         self.hold(lease, sent=sent)
-        self._view_at = float("-inf")  # positions moved
+        self.estimates.invalidate()  # positions moved
         return True
 
     async def _every_account(self) -> list[AccountLimits]:
@@ -355,7 +276,7 @@ class SharedQueue:
             await self._requeue_quietly(claim.lease)
             return True
         self.hold(claim.lease, sent=sent)
-        self._view_at = float("-inf")  # positions moved
+        self.estimates.invalidate()  # positions moved
         try:
             assert self._handler is not None
             self._handler.on_claim(claim.job, claim.lease)

@@ -198,7 +198,7 @@ def _assemble(
         accounts=accounts,
     )
     metrics.bind_queue(
-        lambda: queue.waiting_count, lambda: queue.running_count, lambda: queue.paused
+        lambda: queue.estimates.waiting_count, lambda: queue.estimates.running_count, lambda: queue.paused
     )
     return Services(
         settings=s,

@@ -117,8 +117,8 @@ async def test_progress_edits_are_throttled_and_show_elapsed_and_estimate(
     async with harness(segmind_latency=2.0) as h:
         # the estimate is the rolling median of real durations: seed it with three
         for d in (1.0, 2.0, 30.0):
-            h.bot.queue.record_duration(d)
-        assert h.bot.queue.estimate_duration() == 2.0
+            h.bot.queue.estimates.record_duration(d)
+        assert h.bot.queue.estimates.estimate_duration() == 2.0
         rec = await h.kontext()
         assert h.outcomes[rec.id].status == "posted"
         times = progress_edit_times(h, rec)
@@ -127,7 +127,7 @@ async def test_progress_edits_are_throttled_and_show_elapsed_and_estimate(
         assert all(g >= interval * 0.9 for g in gaps), gaps
         bars = [e["content"] for e in rec.edits if (e.get("content") or "").startswith("🎨")]
         assert "of ~2 s" in bars[0] and "▱" in bars[0]
-        assert h.bot.queue.estimate_duration() > 1.9  # the job's own ~2 s joined the median
+        assert h.bot.queue.estimates.estimate_duration() > 1.9  # the job's own ~2 s joined the median
 
 
 async def test_default_interval_allows_at_most_one_progress_edit_per_3_s() -> None:

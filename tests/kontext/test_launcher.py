@@ -134,7 +134,7 @@ async def test_a_quote_when_the_server_wants_one(services: Services) -> None:
     quote = await services.launcher.quote(prepared.spec, 3)
     balance = (await services.store.credits.member_status(GUILD, 20)).balance
     assert (quote.cost, quote.balance, quote.after, quote.waiting) == (3, balance, balance - 3, 0)
-    assert quote.eta_s == services.queue.estimate_duration()
+    assert quote.eta_s == services.queue.estimates.estimate_duration()
 
 
 async def test_no_new_job_while_shutting_down(services: Services) -> None:
