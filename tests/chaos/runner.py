@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from emulators.discord import EPHEMERAL, DiscordEmulator, InteractionRecord
+from emulators.discord import DiscordEmulator, InteractionRecord
 from emulators.discord.faults import FaultRule
 from emulators.segmind import SegmindEmulator
 from kontext.schema import jobs
@@ -33,14 +33,13 @@ from kontext.vocab import JobState
 from tests.chaos.schedule import Fault, Job, Plan
 from tests.dbutil import make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
-from tests.e2e.procbot import BotProcess, start_bot
+from tests.e2e.procbot import BotProcess, result_ids, result_posts, start_bot
 
 #: a job in any other state is unfinished (``accepted``, ``claimed``, ``sent``, ``posting``; also
 #: the old ``running`` of a database before revision 0003)
 FINISHED = frozenset({JobState.POSTED, JobState.REFUNDED, JobState.FAILED})
 STARTING_CREDITS = 100
 READ_MESSAGE_HISTORY = 1 << 16
-RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
 #: where a result is uploaded: the interaction's follow-up, or the channel (the fallback)
 UPLOAD_ROUTES = {"followup": r"^/webhooks/\d+/[^/]+$", "channel": r"^/channels/\d+/messages$"}
 #: seconds after the schedule ends (and every fault is lifted) by which every job is finished
@@ -414,24 +413,10 @@ class Run:
 
     def posted(self) -> Counter[int]:
         """Result messages per job id in every channel (live, public)."""
-        seen: Counter[int] = Counter()
-        for msg in self.demu.all_messages():
-            if not msg["flags"] & EPHEMERAL:
-                for job_id in result_ids(msg):
-                    seen[job_id] += 1
-        return seen
+        return result_posts(self.demu)
 
     def logs(self) -> dict[str, str]:
         return {b.name: b.log() for b in self.every_bot}
-
-
-def result_ids(msg: dict[str, Any]) -> list[int]:
-    ids = []
-    for att in msg.get("attachments") or []:
-        m = RESULT_NAME.match(att.get("filename") or "")
-        if m:
-            ids.append(int(m.group(1)))
-    return ids
 
 
 @contextlib.asynccontextmanager

@@ -15,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emulators.discord import DiscordEmulator
+from emulators.discord import EPHEMERAL, DiscordEmulator
 from emulators.segmind import SegmindEmulator
 from kontext.settings import ENV_NAMES
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY
@@ -39,6 +41,30 @@ BASE_ENV = {
     "PORT": "",
 }
 
+
+#: a result's file name: ``kontext-<job id>.<ext>``
+RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
+
+
+def result_ids(msg: dict[str, Any]) -> list[int]:
+    """The jobs whose result ``msg`` (an emulator's message) carries."""
+    ids = []
+    for att in msg.get("attachments") or []:
+        m = RESULT_NAME.match(att.get("filename") or "")
+        if m:
+            ids.append(int(m.group(1)))
+    return ids
+
+
+def result_posts(demu: DiscordEmulator, channel: int | None = None) -> Counter[int]:
+    """How many public messages (of ``channel``, or every channel) carry each job's result."""
+    seen: Counter[int] = Counter()
+    for msg in demu.all_messages():
+        if msg["flags"] & EPHEMERAL or (channel and int(msg["channel_id"]) != channel):
+            continue
+        for job_id in result_ids(msg):
+            seen[job_id] += 1
+    return seen
 
 @dataclass
 class BotProcess:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -30,17 +29,16 @@ from typing import Any
 from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
-from emulators.discord import EPHEMERAL, DiscordEmulator, InteractionRecord
+from emulators.discord import DiscordEmulator, InteractionRecord
 from emulators.segmind import SegmindEmulator
 from kontext.schema import budget_days, guild_budget_days, jobs
 from kontext.store import Store
 from tests.dbutil import make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
-from tests.e2e.procbot import BotProcess, logs, start_bot, wait_connected
+from tests.e2e.procbot import BotProcess, logs, result_posts, start_bot, wait_connected
 
 FINISHED = ("posted", "refunded", "failed")
 LEASE = "2"  # seconds: a killed process's job is taken over after this (by the DB's clock)
-RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
 #: how long, in these tests' settings, a job whose channel cannot be read may stay unfinished
 UNREADABLE_CHANNEL_BOUND_S = 20.0
 
@@ -81,15 +79,7 @@ class World:
 
     def posted(self) -> Counter[int]:
         """Public messages carrying each job's result (``kontext-<job id>.<ext>``)."""
-        seen: Counter[int] = Counter()
-        for msg in self.demu.all_messages():
-            if msg["flags"] & EPHEMERAL:
-                continue
-            for att in msg.get("attachments") or []:
-                m = RESULT_NAME.match(att.get("filename") or "")
-                if m:
-                    seen[int(m.group(1))] += 1
-        return seen
+        return result_posts(self.demu)
 
     def submits(self) -> int:
         """Generation requests Segmind received (v1 calls and v2 submits)."""

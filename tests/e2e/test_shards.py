@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 import socket
 import time
@@ -36,7 +35,6 @@ import aiohttp
 import pytest
 
 from emulators.discord import (
-    EPHEMERAL,
     DiscordEmulator,
     GatewayConnection,
     InteractionRecord,
@@ -45,10 +43,9 @@ from emulators.segmind import SegmindEmulator
 from kontext.store import Store
 from tests.dbutil import backend_url, make_settings
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
-from tests.e2e.procbot import BotProcess, logs, start_bot, wait_logged
+from tests.e2e.procbot import BotProcess, logs, result_posts, start_bot, wait_logged
 
 SHARDS = 2
-RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
 
 
 def shard_of(guild_id: int, count: int = SHARDS) -> int:
@@ -139,15 +136,7 @@ class World:
 
     def posted(self, channel: int | None = None) -> Counter[int]:
         """How many public messages carry each job's result (``kontext-<job id>.<ext>``)."""
-        seen: Counter[int] = Counter()
-        for msg in self.demu.all_messages():
-            if msg["flags"] & EPHEMERAL or (channel and int(msg["channel_id"]) != channel):
-                continue
-            for att in msg.get("attachments") or []:
-                m = RESULT_NAME.match(att.get("filename") or "")
-                if m:
-                    seen[int(m.group(1))] += 1
-        return seen
+        return result_posts(self.demu, channel)
 
     def logs(self) -> str:
         return logs(*self.bots)

@@ -41,18 +41,17 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from emulators.discord import EPHEMERAL, DiscordEmulator, GatewayConnection, InteractionRecord
+from emulators.discord import DiscordEmulator, GatewayConnection, InteractionRecord
 from emulators.segmind import SegmindEmulator
 from kontext.schema import LEASED_STATES, jobs
 from kontext.store import Store
 from kontext.store.types import OWNER_ACCOUNT, AccountLimits
 from tests.dbutil import _dsn, backend_url, ensure_postgres, make_settings, temp_postgres_url
 from tests.e2e.harness import DISCORD_TOKEN, SEGMIND_KEY, make_image
-from tests.e2e.procbot import BotProcess, logs, start_bot
+from tests.e2e.procbot import BotProcess, logs, result_posts, start_bot
 
 LEASE = "2"  # seconds: a killed process's running jobs move on after this (by the DB's clock)
 RESTART_TEXT = "The bot restarted while your image was being made"
-RESULT_NAME = re.compile(r"^kontext-(\d+)\.")
 
 
 # --- the world: emulators, a database, bot processes ---------------------------------------------
@@ -114,15 +113,7 @@ class Fleet:
 
     def posted(self) -> Counter[int]:
         """How many public messages carry each job's result (``kontext-<job id>.<ext>``)."""
-        seen: Counter[int] = Counter()
-        for msg in self.demu.all_messages():
-            if msg["flags"] & EPHEMERAL:
-                continue
-            for att in msg.get("attachments") or []:
-                m = RESULT_NAME.match(att.get("filename") or "")
-                if m:
-                    seen[int(m.group(1))] += 1
-        return seen
+        return result_posts(self.demu)
 
     def calls_per_prompt(self) -> Counter[str]:
         return Counter(str((c.payload or {}).get("prompt")) for c in self.semu.calls)
