@@ -106,7 +106,6 @@ async def post_result(
     result: ResultInfo,
     locale: str | None,
     *,
-    view: discord.ui.View | None,
     bot_auth: bool,
     content: str | None = None,
     allowed_mentions: discord.AllowedMentions | None = None,
@@ -114,10 +113,11 @@ async def post_result(
 ) -> dict[str, Any]:
     """The result (embed, file, buttons) posted once at ``route`` (:func:`post_once`).
 
-    The buttons are :class:`discord.ui.DynamicItem` ones (``cogs.results``), answered by their
-    custom id wherever they are: the view needs no registering with the message.
+    The buttons (:mod:`cogs.result_buttons`) are answered by their custom id by the persistent
+    ``ResultButton`` of :mod:`cogs.results`: the view needs no registering with the message.
     """
     missing: Any = discord.utils.MISSING
+    view = await result_view(bot, result)
     params = handle_message_parameters(
         content=missing if content is None else content,
         embed=result_embed(result, locale),

@@ -19,7 +19,7 @@ from discord.http import Route
 
 from cogs.base import KontextBotBase
 from cogs.common import locale_of
-from cogs.result_message import delivery_of, jump_url, post_result, result_view
+from cogs.result_message import delivery_of, jump_url, post_result
 from kontext.errors import KontextError, ResultNotDelivered
 from kontext.i18n import t
 from kontext.jobs import Delivery, ResultInfo
@@ -83,7 +83,6 @@ class ChannelSink:
 
     async def deliver(self, result: ResultInfo) -> Delivery:
         """Post the result in the channel with a mention, once (:func:`post_once`)."""
-        view = await result_view(self.bot, result)
         route = Route("POST", "/channels/{channel_id}/messages", channel_id=self.channel_id)
         try:
             data = await post_result(
@@ -91,7 +90,6 @@ class ChannelSink:
                 route,
                 result,
                 self.locale,
-                view=view,
                 bot_auth=True,
                 content=f"<@{self.user_id}>",
                 allowed_mentions=discord.AllowedMentions(users=True),
@@ -271,7 +269,6 @@ class InteractionSink:
         """Post the result as a public follow-up, once (:func:`post_once`); through the channel
         when the interaction's token has died (a 4xx that proves nothing was posted)."""
         if await self._ready_for_followup():
-            view = await result_view(self.bot, result)
             route = Route(
                 "POST",
                 "/webhooks/{webhook_id}/{webhook_token}",
@@ -284,8 +281,7 @@ class InteractionSink:
                     route,
                     result,
                     self.locale,
-                    view=view,
-                    bot_auth=False,
+                        bot_auth=False,
                     query={"wait": "true"},
                 )
             except discord.HTTPException as exc:
